@@ -1,0 +1,3 @@
+from condery.cli import main
+
+raise SystemExit(main())

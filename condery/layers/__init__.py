@@ -1,0 +1,26 @@
+"""Conda packages to image layers. Knows conda and tarballs, nothing of HTTP or OCI JSON.
+
+A layer leaves this package as a `LayerBlob`: a gzip file on local disk plus the two
+digests an image needs (the compressed blob digest and the uncompressed diff_id).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class LayerBlob:
+    digest: str  # "sha256:<hex>" of the gzip stream: the blob's address
+    diff_id: str  # "sha256:<hex>" of the uncompressed tar: the image config's rootfs entry
+    size: int  # bytes of the gzip stream
+    path: Path  # local file holding the gzip stream until the store takes it
+
+
+class PackageError(ValueError):
+    """A package cannot be turned into a layer: bad archive, bad hash, unsafe path.
+
+    The message is shown to the registry's client, so it names the package and the
+    reason, and never leaks a local path.
+    """

@@ -1,0 +1,1 @@
+"""OCI and HTTP: names, tags, manifests, the pull API. Knows nothing of package internals."""

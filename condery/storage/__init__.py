@@ -1,0 +1,116 @@
+"""Storage: blobs by digest and small JSON records, behind one interface.
+
+Two kinds of things are stored:
+- blobs, content-addressed (`sha256:<hex>`): layers, image configs, manifests;
+- records, small JSON documents under a (kind, key) pair: layer cache entries by
+  package key, manifest records by canonical name/tag/platform, base image records.
+
+Every write is atomic: a reader sees a whole blob or none, never a part. Blobs are
+written from a local file that the caller already hashed; the store re-checks nothing
+about content, so callers must only put what they verified.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+if TYPE_CHECKING:
+    from condery.config import StorageConfig
+
+DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
+RECORD_KEY_RE = re.compile(r"^[A-Za-z0-9._@:+=,-]+(/[A-Za-z0-9._@:+=,-]+)*$")
+
+
+class StorageError(RuntimeError):
+    """The backend failed (I/O, network); the request may be retried."""
+
+
+def check_digest(digest: str) -> str:
+    """Return `digest` if it is a well-formed sha256 digest, else raise ValueError."""
+    if not DIGEST_RE.match(digest):
+        raise ValueError(f"not a sha256 digest: {digest!r}")
+    return digest
+
+
+def check_record_key(key: str) -> str:
+    """Keys become paths (filesystem) or object names (S3): no '..', no empty parts."""
+    if not RECORD_KEY_RE.match(key) or any(part in (".", "..") for part in key.split("/")):
+        raise ValueError(f"invalid record key: {key!r}")
+    return key
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    digest: str
+    size: int
+
+
+class Store(abc.ABC):
+    """The storage interface. All methods are coroutines; I/O stays off the event loop."""
+
+    # -- blobs ---------------------------------------------------------------
+    @abc.abstractmethod
+    async def blob_info(self, digest: str) -> BlobInfo | None:
+        """Size of a stored blob, or None when it is not stored."""
+
+    @abc.abstractmethod
+    def read_blob(
+        self, digest: str, offset: int = 0, length: int | None = None, chunk_size: int = 1 << 20
+    ) -> AsyncIterator[bytes]:
+        """Stream bytes [offset, offset+length) of a blob. Raises KeyError if absent."""
+
+    @abc.abstractmethod
+    async def put_blob_file(self, digest: str, path: Path) -> None:
+        """Store the file at `path` (already hashed to `digest`) atomically.
+
+        The file may be moved or removed by this call. Storing an existing digest is a
+        no-op (content addressing makes it the same bytes).
+        """
+
+    async def put_blob_bytes(self, digest: str, data: bytes) -> None:
+        """Store a small blob (configs, manifests) held in memory."""
+        await self._put_small_blob(digest, data)
+
+    @abc.abstractmethod
+    async def _put_small_blob(self, digest: str, data: bytes) -> None: ...
+
+    async def get_blob_bytes(self, digest: str) -> bytes:
+        """Read a small blob whole. Raises KeyError if absent."""
+        return b"".join([chunk async for chunk in self.read_blob(digest)])
+
+    async def blob_redirect_url(self, digest: str) -> str | None:
+        """A URL the client may fetch the blob from directly (S3 presigned), or None."""
+        return None
+
+    # -- records -------------------------------------------------------------
+    @abc.abstractmethod
+    async def get_record(self, kind: str, key: str) -> dict[str, Any] | None:
+        """A JSON record, or None when absent."""
+
+    @abc.abstractmethod
+    async def put_record(self, kind: str, key: str, value: dict[str, Any]) -> None:
+        """Write a JSON record atomically (last writer wins)."""
+
+    @abc.abstractmethod
+    async def list_records(self, kind: str, prefix: str = "") -> list[str]:
+        """Keys of the records of `kind` whose key starts with `prefix`, sorted."""
+
+    async def close(self) -> None:
+        """Release connections; the store is not used after this."""
+
+
+def open_store(config: "StorageConfig") -> Store:
+    """The Store for a storage configuration."""
+    if config.backend == "filesystem":
+        from condery.storage.filesystem import FilesystemStore
+
+        return FilesystemStore(Path(config.path))
+    if config.backend == "s3":
+        from condery.storage.s3 import S3Store  # type: ignore[import-not-found]
+
+        return S3Store(config)
+    raise ValueError(f"unknown storage backend {config.backend!r}")
