@@ -1,0 +1,103 @@
+"""Solving an environment with py-rattler against the configured channels.
+
+The solve targets the image's platform, not the machine condery runs on, so the virtual
+packages are declared here (glibc from the base image) instead of detected locally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Sequence
+
+import rattler
+from rattler import BuildString, Channel, GenericVirtualPackage, PackageName, Version
+from rattler.exceptions import InvalidMatchSpecError, SolverError
+
+# glibc assumed when the base image does not tell (scratch): conda-forge's own floor.
+DEFAULT_GLIBC = "2.17"
+# The kernel is the host's, unknown at build time; pixi assumes the same floor.
+ASSUMED_LINUX = "4.18"
+_ARCHSPEC = {"linux-64": "x86_64", "linux-aarch64": "aarch64", "linux-ppc64le": "ppc64le"}
+
+
+class SolveError(ValueError):
+    """The specs cannot be solved; the message is the solver's own explanation."""
+
+
+class SpecError(ValueError):
+    """A spec is not a valid conda MatchSpec."""
+
+
+@dataclass(frozen=True)
+class SolveRequest:
+    specs: tuple[str, ...]
+    platform: str  # conda subdir, e.g. "linux-64"
+    glibc: str | None = None  # from the base image; None means DEFAULT_GLIBC
+    exclude_newer: datetime | None = None  # snapshot tags: the end of that UTC day
+
+
+def channel(name_or_url: str) -> Channel:
+    """`conda-forge`, `https://...`, `file:///...` or a local path as a rattler Channel."""
+    if name_or_url.startswith("/"):
+        name_or_url = Path(name_or_url).as_uri()
+    return Channel(name_or_url)
+
+
+def virtual_packages(platform: str, glibc: str | None) -> list[GenericVirtualPackage]:
+    def vp(name: str, version: str, build: str = "0") -> GenericVirtualPackage:
+        return GenericVirtualPackage(PackageName(name), Version(version), BuildString(build))
+
+    packages = [vp("__unix", "0")]
+    if platform.startswith("linux-"):
+        packages += [vp("__linux", ASSUMED_LINUX), vp("__glibc", glibc or DEFAULT_GLIBC)]
+    if platform in _ARCHSPEC:
+        packages.append(vp("__archspec", "1", _ARCHSPEC[platform]))
+    return packages
+
+
+def check_specs(specs: Sequence[str]) -> None:
+    """Raise SpecError for a spec rattler cannot parse (before any network I/O)."""
+    for spec in specs:
+        try:
+            rattler.MatchSpec(spec)
+        except (InvalidMatchSpecError, ValueError) as exc:
+            raise SpecError(f"invalid package spec {spec!r}: {exc}") from None
+
+
+async def solve(
+    request: SolveRequest,
+    channels: Sequence[str],
+    gateway: rattler.Gateway,
+    timeout: float,
+) -> list[rattler.RepoDataRecord]:
+    """The environment's records in topological order (dependencies first)."""
+    check_specs(request.specs)
+    try:
+        records = await asyncio.wait_for(
+            rattler.solve(
+                [channel(c) for c in channels],
+                list(request.specs),
+                gateway=gateway,
+                platforms=[request.platform, "noarch"],
+                virtual_packages=virtual_packages(request.platform, request.glibc),
+                exclude_newer=request.exclude_newer,
+                # Records without a timestamp cannot be placed in time, so a snapshot
+                # solve keeps them (old channels often lack timestamps).
+                timestamp_policy="allow-missing",
+                timeout=timedelta(seconds=timeout),
+            ),
+            timeout=timeout + 30,
+        )
+    except SolverError as exc:
+        raise SolveError(str(exc).strip()) from None
+    except asyncio.TimeoutError:
+        raise SolveError(f"the solve took longer than {timeout:.0f} s") from None
+    except Exception as exc:  # rattler raises its own types for fetch failures
+        raise SolveError(f"cannot solve: {exc}".strip()) from None
+    # sort_topologically hands back plain PackageRecords; keep the RepoDataRecords
+    # (they carry the URL and channel) in that order.
+    by_name = {record.name.normalized: record for record in records}
+    return [by_name[r.name.normalized] for r in rattler.PackageRecord.sort_topologically(records)]
