@@ -1,0 +1,155 @@
+"""Command line: `condery serve`, `condery build NAME --output oci:DIR`, `condery solve NAME`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from aiohttp import web
+from tqdm import tqdm
+
+from condery.build import ImageService
+from condery.config import Config, ConfigError, load_config
+from condery.layers.env_layer import explicit_lock
+from condery.registry.errors import RegistryError
+from condery.registry.names import NameInvalid, parse_name
+from condery.registry.oci_layout import write_oci_layout
+from condery.registry.server import create_app
+from condery.registry.tags import Digest, parse_reference
+from condery.state import AppState
+
+log = logging.getLogger("condery")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="condery", description=__doc__)
+    parser.add_argument("--config", help="YAML configuration file (keys also as CONDERY_<KEY>)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the registry")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+
+    build = commands.add_parser("build", help="build an image into an OCI layout")
+    build.add_argument("name", help="image name, e.g. python/numpy/scipy.gt.1.0")
+    build.add_argument("--tag", default="latest", help="latest (default) or YYYY-MM-DD")
+    build.add_argument("--output", required=True, help="oci:DIR[:TAG]")
+
+    solve = commands.add_parser("solve", help="print the explicit lock of a name")
+    solve.add_argument("name")
+    solve.add_argument("--tag", default="latest")
+    solve.add_argument("--platform", help="conda subdir (default: the first configured platform)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("botocore", "aiobotocore", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        config = load_config(
+            args.config,
+            host=getattr(args, "host", None),
+            port=getattr(args, "port", None),
+        )
+        if args.command == "serve":
+            web.run_app(_serve_app(config), host=config.host, port=config.port, print=None)
+            return 0
+        if args.command == "build":
+            return asyncio.run(_build(config, args.name, args.tag, args.output))
+        return asyncio.run(_solve(config, args.name, args.tag, args.platform))
+    except (ConfigError, NameInvalid, RegistryError, ValueError) as exc:
+        print(f"condery: {getattr(exc, 'message', None) or exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _serve_app(config: Config) -> web.Application:
+    state = await AppState.open(config)
+    app = create_app(ImageService(state), state.store)
+
+    async def close(_: web.Application) -> None:
+        await state.close()
+
+    app.on_cleanup.append(close)
+    log.info(
+        "condery serving %s on http://%s:%d (store: %s)",
+        ", ".join(config.channels),
+        config.host,
+        config.port,
+        config.storage.path if config.storage.backend == "filesystem" else config.storage.bucket,
+    )
+    return app
+
+
+def _reference(tag: str):
+    reference = parse_reference(tag)
+    if isinstance(reference, Digest):
+        raise ValueError("build and solve take a tag (latest or YYYY-MM-DD), not a digest")
+    return reference
+
+
+class _Bar:
+    """BuildProgress drawn with tqdm: one bar over every package of every platform."""
+
+    def __init__(self) -> None:
+        self.bar = tqdm(total=0, unit="pkg", desc="solving", file=sys.stderr)
+        self.built = 0
+
+    def solved(self, platform: str, packages: int) -> None:
+        self.bar.total += packages
+        self.bar.set_description(f"layers ({platform})")
+        self.bar.refresh()
+
+    def layer_done(self, platform: str, package: str, built: bool) -> None:
+        self.built += built
+        self.bar.set_postfix_str(package[:40])
+        self.bar.update(1)
+
+
+async def _build(config: Config, name: str, tag: str, output: str) -> int:
+    if not output.startswith("oci:"):
+        raise ValueError("--output takes oci:DIR[:TAG]")
+    target, _, out_tag = output[4:].partition(":")
+    state = await AppState.open(config)
+    try:
+        service = ImageService(state)
+        request = parse_name(name, config.meta_packages)
+        bar = _Bar()
+        try:
+            ref, images = await service.build(request, _reference(tag), progress=bar)
+        finally:
+            bar.bar.close()
+        info = await state.store.blob_info(ref.oci_digest)
+        assert info is not None
+        await write_oci_layout(state.store, ref.oci_digest, ref.oci_media_type, info.size, out_tag or tag, Path(target))
+        print(f"{request.canonical_name}:{tag} -> {target} ({ref.oci_digest}, {bar.built} layers built)")
+        return 0
+    finally:
+        await state.close()
+
+
+async def _solve(config: Config, name: str, tag: str, platform: str | None) -> int:
+    state = await AppState.open(config)
+    try:
+        subdir = platform or config.platforms[0]
+        request = parse_name(name, config.meta_packages)
+        try:
+            records = await ImageService(state).solve(request, _reference(tag), subdir)
+        except Exception as exc:  # SolveError, SpecError: print the solver's words
+            print(f"condery: {exc}", file=sys.stderr)
+            return 1
+        sys.stdout.write(explicit_lock(records, subdir))
+        return 0
+    finally:
+        await state.close()
