@@ -134,11 +134,7 @@ class ImageService:
     async def resolve(self, request: ImageRequest, reference: Latest | Snapshot) -> ImageRef:
         tag = tag_of(reference)
         if isinstance(reference, Snapshot) and reference.exclude_newer > datetime.now(timezone.utc):
-            raise errors.RegistryError(
-                "MANIFEST_UNKNOWN",
-                f"snapshot {tag} has not ended yet (UTC); use :latest or a past day",
-                status=404,
-            )
+            raise errors.ManifestUnknown(f"snapshot {tag} has not ended yet (UTC); use :latest or a past day")
         key = image_record_key(request, tag)
         record = await self.store.get_record("images", key)
         if record is not None and self._fresh(record, reference):
@@ -180,21 +176,15 @@ class ImageService:
                     timeout=self.config.build_timeout,
                 )
         except SpecError as exc:
-            raise errors.RegistryError("NAME_INVALID", str(exc), status=400) from None
+            raise errors.NameInvalid(str(exc)) from None
         except SolveError as exc:
-            raise errors.RegistryError(
-                "MANIFEST_UNKNOWN", f"cannot solve {request.canonical_name}: {exc}", status=404
-            ) from None
+            raise errors.ManifestUnknown(f"cannot solve {request.canonical_name}: {exc}") from None
         except PackageError as exc:
-            raise errors.RegistryError(
-                "MANIFEST_UNKNOWN", f"cannot build {request.canonical_name}: {exc}", status=404
-            ) from None
+            raise errors.ManifestUnknown(f"cannot build {request.canonical_name}: {exc}") from None
         except BaseImageError as exc:
-            raise errors.RegistryError("UNKNOWN", f"base image: {exc}", status=502) from None
+            raise errors.Unavailable(f"base image {self.config.base_image}: {exc}") from None
         except asyncio.TimeoutError:
-            raise errors.RegistryError(
-                "UNKNOWN", f"building took longer than {self.config.build_timeout} s", status=503
-            ) from None
+            raise errors.Unavailable(f"building took longer than {self.config.build_timeout} s") from None
         return await self._top_level(request, images), list(images)
 
     async def _build_and_record(self, request: ImageRequest, reference: Latest | Snapshot) -> ImageRef:
