@@ -1,0 +1,185 @@
+"""Image names: a path of components, each one conda spec or one meta-package.
+
+    numpy                -> numpy
+    scipy.gt.1.0         -> scipy >1.0
+    python.eq.3.11       -> python 3.11.*      (fuzzy, as `python=3.11` for conda)
+    numpy.ge.1.20.lt.2   -> numpy >=1.20,<2    (constraints chain with AND)
+    shell                -> the meta-package's specs, from configuration
+
+A component is split on dots. The first token always belongs to the package name, so
+packages called `eq`, `ge`, ... are expressible (`ge`, `ge.gt.1`). Every later token
+that is an operator word starts a constraint whose version runs to the next operator
+word or the end. Hence a package whose dotted name has an operator word after its first
+dot (`foo.lt`) cannot be named, and neither can a version containing an operator word
+as a dot-separated part; `spec_to_component` refuses both rather than produce a name
+that parses back differently.
+
+Canonical form: constraints sorted and de-duplicated inside a component, components
+sorted and de-duplicated in the name. `scipy/numpy` and `numpy/scipy` are one image.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+import rattler
+
+from condery.registry.errors import NameInvalid
+
+if TYPE_CHECKING:
+    from condery.config import MetaPackage
+
+# The OCI distribution spec's repository path component.
+COMPONENT_RE = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*")
+MAX_NAME_LENGTH = 255
+
+OPERATORS: dict[str, str] = {"eq": "", "ne": "!=", "gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+
+GRAMMAR_HINT = (
+    "expected components like numpy, scipy.gt.1.0, numpy.ge.1.20.lt.2, python.eq.3.11 "
+    "joined by '/'; operators eq ne gt ge lt le; each component lowercase [a-z0-9] "
+    "separated by '.', '_', '__' or '-'"
+)
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    canonical_name: str  # sorted, de-duplicated canonical components joined by "/"
+    components: tuple[str, ...]  # the canonical components
+    specs: tuple[str, ...]  # conda spec strings, canonical, sorted, de-duplicated
+    meta: tuple[str, ...]  # meta-package names used, sorted
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """Where the manifests of one resolved image are, in both media-type families."""
+
+    oci_digest: str
+    oci_media_type: str  # OCI manifest, or OCI index when several platforms
+    docker_digest: str
+    docker_media_type: str  # Docker schema2 manifest or manifest list
+
+
+@dataclass(frozen=True)
+class _Component:
+    canonical: str
+    spec: str
+
+
+def _invalid(name: str, reason: str) -> NameInvalid:
+    shown = name if len(name) <= 80 else name[:77] + "..."
+    return NameInvalid(f"invalid image name {shown!r}: {reason}; {GRAMMAR_HINT}")
+
+
+def _constraint_text(op: str, version: str) -> str:
+    # `eq` is fuzzy, like `python=3.11` on conda's command line.
+    return f"{version}.*" if op == "eq" else f"{OPERATORS[op]}{version}"
+
+
+def _build_spec(name: str, constraints: Sequence[tuple[str, str]]) -> str:
+    spec = name
+    if constraints:
+        spec += " " + ",".join(_constraint_text(op, v) for op, v in constraints)
+    try:
+        # Validates the package name and every version against conda's grammar.
+        rattler.MatchSpec(spec)
+    except Exception as exc:  # rattler's exception classes differ across versions
+        raise ValueError(f"{spec!r} is not a valid conda spec: {exc}") from None
+    return spec
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_component(component: str) -> _Component:
+    """Parse one non-meta component; raises ValueError with a short reason.
+
+    Cached because warm manifest GETs parse the same names over and over, and the
+    result is a pure function of the string.
+    """
+    if not COMPONENT_RE.fullmatch(component):
+        raise ValueError(f"component {component!r} does not match the OCI name grammar")
+    tokens = component.split(".")
+    first_op = next((i for i in range(1, len(tokens)) if tokens[i] in OPERATORS), len(tokens))
+    name = ".".join(tokens[:first_op])
+    constraints: list[tuple[str, str]] = []
+    i = first_op
+    while i < len(tokens):
+        op = tokens[i]
+        j = i + 1
+        while j < len(tokens) and tokens[j] not in OPERATORS:
+            j += 1
+        if j == i + 1:
+            raise ValueError(f"operator {op!r} in {component!r} needs a version after it")
+        constraints.append((op, ".".join(tokens[i + 1 : j])))
+        i = j
+    canonical_constraints = sorted(set(constraints))
+    spec = _build_spec(name, canonical_constraints)
+    return _Component(_join_component(name, canonical_constraints), spec)
+
+
+def _join_component(name: str, constraints: Sequence[tuple[str, str]]) -> str:
+    return ".".join([name, *(f"{op}.{version}" for op, version in constraints)])
+
+
+def component_to_spec(component: str) -> str:
+    """The conda spec of one component: "numpy.ge.1.20.lt.2" -> "numpy >=1.20,<2".
+
+    Raises ValueError when the component does not parse.
+    """
+    return _parse_component(component).spec
+
+
+def spec_to_component(name: str, constraints: Sequence[tuple[str, str]]) -> str:
+    """The component for a package name and (op, version) constraints, op in OPERATORS.
+
+    Inverse of `component_to_spec`. Raises ValueError for what a component cannot
+    express: an operator word after the name's first dot or inside a version, or
+    characters outside the OCI grammar.
+    """
+    for op, version in constraints:
+        if op not in OPERATORS:
+            raise ValueError(f"unknown operator {op!r}; expected one of {' '.join(OPERATORS)}")
+        if not version or any(part in OPERATORS for part in version.split(".")):
+            raise ValueError(f"version {version!r} cannot be written in an image name")
+    if any(part in OPERATORS for part in name.split(".")[1:]):
+        raise ValueError(f"package name {name!r} cannot be written in an image name")
+    component = _join_component(name, sorted(set(constraints)))
+    parsed = _parse_component(component)  # validates grammar and conda syntax
+    return parsed.canonical
+
+
+def parse_name(name: str, meta_packages: Mapping[str, "MetaPackage"]) -> ImageRequest:
+    """The image request a repository name stands for. Raises NameInvalid."""
+    if not isinstance(name, str) or not name:
+        raise _invalid(str(name), "the name is empty")
+    if len(name) > MAX_NAME_LENGTH:
+        raise _invalid(name, f"longer than {MAX_NAME_LENGTH} characters")
+    canonical: set[str] = set()
+    specs: set[str] = set()
+    meta: set[str] = set()
+    for part in name.split("/"):
+        if not part:
+            raise _invalid(name, "empty component (leading, trailing or double '/')")
+        if not COMPONENT_RE.fullmatch(part):
+            raise _invalid(name, f"component {part!r} does not match the OCI name grammar")
+        package = meta_packages.get(part)
+        if package is not None:
+            canonical.add(part)
+            meta.add(part)
+            specs.update(package.specs)
+            continue
+        try:
+            parsed = _parse_component(part)
+        except ValueError as exc:
+            raise _invalid(name, str(exc)) from None
+        canonical.add(parsed.canonical)
+        specs.add(parsed.spec)
+    components = tuple(sorted(canonical))
+    return ImageRequest(
+        canonical_name="/".join(components),
+        components=components,
+        specs=tuple(sorted(specs)),
+        meta=tuple(sorted(meta)),
+    )

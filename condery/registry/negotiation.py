@@ -1,0 +1,61 @@
+"""Media types, and which manifest family (OCI or Docker schema 2) a client gets.
+
+Clients send several `Accept:` lines (skopeo sends six), each possibly a comma-separated
+list with q-values, so every value is read. OCI is served unless the client prefers
+Docker types: it accepts no OCI manifest type, or ranks them strictly lower.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Literal
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+
+OCI_MANIFEST_TYPES = frozenset({OCI_MANIFEST, OCI_INDEX})
+DOCKER_MANIFEST_TYPES = frozenset({DOCKER_MANIFEST, DOCKER_MANIFEST_LIST})
+
+Variant = Literal["oci", "docker"]
+
+
+def parse_accept(accept_values: Iterable[str]) -> dict[str, float]:
+    """Media type (lowercased, parameters dropped) -> the highest q it was given."""
+    accepted: dict[str, float] = {}
+    for header in accept_values:
+        for item in header.split(","):
+            media_type, *params = (part.strip() for part in item.split(";"))
+            if not media_type:
+                continue
+            q = 1.0
+            for param in params:
+                key, _, value = param.partition("=")
+                if key.strip().lower() == "q":
+                    try:
+                        q = min(max(float(value), 0.0), 1.0)
+                    except ValueError:
+                        q = 0.0  # an unreadable q does not make a type acceptable
+            media_type = media_type.lower()
+            accepted[media_type] = max(q, accepted.get(media_type, 0.0))
+    return accepted
+
+
+def _best(accepted: dict[str, float], types: frozenset[str]) -> float:
+    wildcard = max(accepted.get("*/*", 0.0), accepted.get("application/*", 0.0))
+    return max([wildcard, *(accepted.get(t, 0.0) for t in types)])
+
+
+def choose_variant(accept_values: list[str]) -> Variant:
+    """"oci" or "docker" for the client's Accept header values (all of its lines)."""
+    accepted = parse_accept(accept_values)
+    oci = _best(accepted, OCI_MANIFEST_TYPES)
+    docker = _best(accepted, DOCKER_MANIFEST_TYPES)
+    # No Accept, or only types we cannot serve (Docker schema 1): OCI, the default.
+    return "docker" if docker > oci else "oci"

@@ -1,0 +1,371 @@
+"""The OCI distribution pull API over aiohttp.
+
+    GET       /v2/                            200 {}
+    GET HEAD  /v2/<name>/manifests/<ref>      tag: resolve (builds if needed); digest: stored
+    GET HEAD  /v2/<name>/blobs/<digest>       streamed, Range, or a 307 to the store's URL
+    GET       /v2/<name>/tags/list            ?n=&last=, Link rel="next"
+    GET       /v2/<name>/referrers/<digest>   always an empty index: condery stores no referrers
+    push (POST/PUT/PATCH/DELETE)              UNSUPPORTED (405)
+
+Names contain slashes, so one tail route takes everything under /v2/ and the operation
+is found from the end of the path. Every answer, errors included, carries
+`Docker-Distribution-API-Version: registry/2.0`; every error is the spec's JSON body.
+
+Handlers never cancel builds: aiohttp does not cancel handlers when a client hangs up
+(handler_cancellation is off by default), and the service shields its builds anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Mapping, Protocol
+from urllib.parse import quote
+
+from aiohttp import hdrs, web
+
+from condery.config import MetaPackage
+from condery.registry.errors import (
+    BlobUnknown,
+    DigestInvalid,
+    ManifestUnknown,
+    NameUnknown,
+    PaginationNumberInvalid,
+    RangeInvalid,
+    RegistryError,
+    Unavailable,
+    Unsupported,
+    error_body,
+)
+from condery.registry.names import ImageRef, ImageRequest, parse_name
+from condery.registry.negotiation import OCI_INDEX, choose_variant
+from condery.registry.tags import SHA256_DIGEST_RE, Digest, Latest, Snapshot, parse_reference
+from condery.storage import Store, StorageError
+
+log = logging.getLogger("condery.registry")
+
+API_VERSION_HEADER = "Docker-Distribution-API-Version"
+API_VERSION = "registry/2.0"
+# For AppRunner/run_app: one short line per request (peer, request line, status, bytes, seconds).
+ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs'
+
+READ_METHODS = frozenset({hdrs.METH_GET, hdrs.METH_HEAD})
+# Manifests are at most 4 MiB by the spec; keep only small ones in memory.
+MANIFEST_CACHE_ENTRIES = 1024
+MANIFEST_CACHE_MAX_ITEM = 256 * 1024
+BLOB_CACHE_CONTROL = "public, max-age=31536000, immutable"
+
+_UPLOADS_RE = re.compile(r"(?P<name>.+)/blobs/uploads(?:/[^/]*)?")
+_MANIFEST_RE = re.compile(r"(?P<name>.+)/manifests/(?P<ref>[^/]+)")
+_BLOB_RE = re.compile(r"(?P<name>.+)/blobs/(?P<digest>[^/]+)")
+_TAGS_RE = re.compile(r"(?P<name>.+)/tags/list")
+_REFERRERS_RE = re.compile(r"(?P<name>.+)/referrers/(?P<digest>[^/]+)")
+_RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
+# Set once a blob response has started: an error can then only cut the connection.
+_STREAMING = web.RequestKey("condery_streaming", bool) if hasattr(web, "RequestKey") else "condery_streaming"
+
+
+class ImageService(Protocol):
+    """What the HTTP layer needs from the builder (condery.build satisfies it)."""
+
+    meta_packages: Mapping[str, MetaPackage]
+
+    async def resolve(self, request: ImageRequest, reference: Latest | Snapshot) -> ImageRef:
+        """The image for a name and tag, built if needed; raises RegistryError."""
+        ...
+
+    async def manifest_media_type(self, digest: str) -> str | None:
+        """The mediaType of a manifest or index stored by digest, None if unknown."""
+        ...
+
+    async def tags(self, request: ImageRequest) -> list[str]:
+        """Tags known for the request's canonical name."""
+        ...
+
+
+class RangeNotSatisfiable(Exception):
+    """The Range header is well-formed but selects no byte of the blob."""
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """(first, last) inclusive byte positions for a Range header, or None for all.
+
+    Malformed or multi-range headers are ignored (RFC 9110 allows it) and the whole blob
+    is served; a single range that selects nothing raises RangeNotSatisfiable.
+    """
+    if header is None:
+        return None
+    match = _RANGE_RE.fullmatch(header.strip().replace(" ", ""))
+    if match is None:
+        return None
+    first_text, last_text = match.groups()
+    if not first_text and not last_text:
+        return None
+    if not first_text:  # suffix: the last n bytes
+        suffix = int(last_text)
+        if suffix == 0 or size == 0:
+            raise RangeNotSatisfiable
+        return max(size - suffix, 0), size - 1
+    first = int(first_text)
+    last = int(last_text) if last_text else size - 1
+    if first >= size or last < first:
+        raise RangeNotSatisfiable
+    return first, min(last, size - 1)
+
+
+@dataclass
+class _ManifestCache:
+    """Small LRU of manifest bytes by digest: content-addressed, so never stale."""
+
+    entries: int = MANIFEST_CACHE_ENTRIES
+    max_item: int = MANIFEST_CACHE_MAX_ITEM
+
+    def __post_init__(self) -> None:
+        self._data: OrderedDict[str, bytes] = OrderedDict()
+
+    def get(self, digest: str) -> bytes | None:
+        data = self._data.get(digest)
+        if data is not None:
+            self._data.move_to_end(digest)
+        return data
+
+    def put(self, digest: str, data: bytes) -> None:
+        if len(data) > self.max_item:
+            return
+        self._data[digest] = data
+        self._data.move_to_end(digest)
+        while len(self._data) > self.entries:
+            self._data.popitem(last=False)
+
+
+def error_response(error: RegistryError, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=error.status,
+        body=json.dumps(error_body([error])).encode(),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def _check_digest(digest: str) -> str:
+    if not SHA256_DIGEST_RE.fullmatch(digest):
+        shown = digest if len(digest) <= 80 else digest[:77] + "..."
+        raise DigestInvalid(f"invalid digest {shown!r}; expected sha256:<64 lowercase hex digits>")
+    return digest
+
+
+class PullAPI:
+    """The request handlers, holding the service and store they answer from."""
+
+    def __init__(self, service: ImageService, store: Store) -> None:
+        self.service = service
+        self.store = store
+        self.manifests = _ManifestCache()
+        self._routes: list[tuple[re.Pattern[str], Callable[..., Awaitable[web.StreamResponse]]]] = [
+            (_UPLOADS_RE, self.push),
+            (_MANIFEST_RE, self.manifest),
+            (_BLOB_RE, self.blob),
+            (_TAGS_RE, self.tags_list),
+            (_REFERRERS_RE, self.referrers),
+        ]
+
+    async def base(self, request: web.Request) -> web.StreamResponse:
+        if request.method not in READ_METHODS:
+            raise Unsupported(f"{request.method} /v2/ is not supported: condery is pull-only")
+        return web.json_response({})
+
+    async def dispatch(self, request: web.Request) -> web.StreamResponse:
+        tail = request.match_info["tail"]
+        for pattern, handler in self._routes:
+            match = pattern.fullmatch(tail)
+            if match is not None:
+                return await handler(request, **match.groupdict())
+        raise NameUnknown(f"no such endpoint: {request.path[:120]}; condery serves the OCI pull API")
+
+    async def push(self, request: web.Request, name: str) -> web.StreamResponse:
+        raise Unsupported("condery builds images on demand; pushing is not supported")
+
+    def _request_for(self, name: str) -> ImageRequest:
+        return parse_name(name, self.service.meta_packages)
+
+    def _read_only(self, request: web.Request, what: str) -> None:
+        if request.method not in READ_METHODS:
+            raise Unsupported(f"{request.method} of {what} is not supported: condery is pull-only")
+
+    async def manifest(self, request: web.Request, name: str, ref: str) -> web.StreamResponse:
+        self._read_only(request, "manifests")
+        image_request = self._request_for(name)
+        reference = parse_reference(ref)
+        if isinstance(reference, Digest):
+            digest = reference.digest
+            media_type = await self.service.manifest_media_type(digest)
+            if media_type is None:
+                raise ManifestUnknown(f"manifest {digest} is not known to this registry")
+        else:
+            image = await self.service.resolve(image_request, reference)
+            if choose_variant(request.headers.getall(hdrs.ACCEPT, [])) == "docker":
+                digest, media_type = image.docker_digest, image.docker_media_type
+            else:
+                digest, media_type = image.oci_digest, image.oci_media_type
+        body = await self._manifest_bytes(digest)
+        headers = {
+            hdrs.CONTENT_TYPE: media_type,
+            "Docker-Content-Digest": digest,
+            hdrs.ETAG: f'"{digest}"',
+        }
+        if _etag_matches(request, digest):
+            return web.Response(status=304, headers=headers)
+        return web.Response(body=body, headers=headers)
+
+    async def _manifest_bytes(self, digest: str) -> bytes:
+        body = self.manifests.get(digest)
+        if body is None:
+            try:
+                body = await self.store.get_blob_bytes(digest)
+            except KeyError:
+                raise ManifestUnknown(f"manifest {digest} is missing from storage") from None
+            self.manifests.put(digest, body)
+        return body
+
+    async def blob(self, request: web.Request, name: str, digest: str) -> web.StreamResponse:
+        self._read_only(request, "blobs")
+        self._request_for(name)
+        _check_digest(digest)
+        info = await self.store.blob_info(digest)
+        if info is None:
+            raise BlobUnknown(f"blob {digest} is not known to this registry")
+        headers = {
+            hdrs.CONTENT_TYPE: "application/octet-stream",
+            "Docker-Content-Digest": digest,
+            hdrs.ETAG: f'"{digest}"',
+            hdrs.ACCEPT_RANGES: "bytes",
+            hdrs.CACHE_CONTROL: BLOB_CACHE_CONTROL,
+        }
+        if request.method == hdrs.METH_GET:
+            url = await self.store.blob_redirect_url(digest)
+            if url is not None:
+                return web.Response(status=307, headers={hdrs.LOCATION: url, "Docker-Content-Digest": digest})
+        try:
+            byte_range = parse_range(request.headers.get(hdrs.RANGE), info.size)
+        except RangeNotSatisfiable:
+            return error_response(
+                RangeInvalid(f"range {request.headers[hdrs.RANGE][:80]!r} is outside the blob ({info.size} bytes)"),
+                headers={hdrs.CONTENT_RANGE: f"bytes */{info.size}", hdrs.ACCEPT_RANGES: "bytes"},
+            )
+        if byte_range is None:
+            status, offset, length = 200, 0, info.size
+        else:
+            status, offset, length = 206, byte_range[0], byte_range[1] - byte_range[0] + 1
+            headers[hdrs.CONTENT_RANGE] = f"bytes {byte_range[0]}-{byte_range[1]}/{info.size}"
+        if status == 200 and _etag_matches(request, digest):
+            return web.Response(status=304, headers=headers)
+        response = web.StreamResponse(status=status, headers=headers)
+        response.content_length = length
+        if request.method == hdrs.METH_HEAD or length == 0:
+            await response.prepare(request)
+            await response.write_eof()
+            return response
+        chunks = self.store.read_blob(digest, offset, length).__aiter__()
+        try:
+            first = await chunks.__anext__()
+        except (KeyError, StopAsyncIteration):
+            # Removed between blob_info and now: still time to answer with an error.
+            raise BlobUnknown(f"blob {digest} is not known to this registry") from None
+        await response.prepare(request)
+        # From here on the status is sent: a failure can only cut the connection, and the
+        # client sees a body shorter than Content-Length.
+        request[_STREAMING] = True
+        await response.write(first)
+        async for chunk in chunks:
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+
+    async def tags_list(self, request: web.Request, name: str) -> web.StreamResponse:
+        self._read_only(request, "tags")
+        image_request = self._request_for(name)
+        n_text = request.query.get("n")
+        n: int | None = None
+        if n_text is not None:
+            try:
+                n = int(n_text)
+            except ValueError:
+                n = -1
+            if n < 0:
+                raise PaginationNumberInvalid(f"n must be a non-negative integer, not {n_text[:40]!r}")
+        tags = sorted(set(await self.service.tags(image_request)))
+        last = request.query.get("last")
+        if last is not None:
+            tags = [tag for tag in tags if tag > last]
+        headers: dict[str, str] = {}
+        if n is not None and len(tags) > n:
+            tags = tags[:n]
+            if tags:
+                link = f"/v2/{name}/tags/list?n={n}&last={quote(tags[-1], safe='')}"
+                headers[hdrs.LINK] = f'<{link}>; rel="next"'
+        return web.json_response({"name": name, "tags": tags}, headers=headers)
+
+    async def referrers(self, request: web.Request, name: str, digest: str) -> web.StreamResponse:
+        self._read_only(request, "referrers")
+        self._request_for(name)
+        _check_digest(digest)
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
+        return web.Response(body=json.dumps(index).encode(), content_type=OCI_INDEX)
+
+
+def _etag_matches(request: web.Request, digest: str) -> bool:
+    if_none_match = request.headers.get(hdrs.IF_NONE_MATCH)
+    if not if_none_match:
+        return False
+    tags = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
+    return f'"{digest}"' in tags or "*" in tags
+
+
+@web.middleware
+async def _error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except RegistryError as error:
+        return error_response(error)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        if exc.status == 404:
+            error: RegistryError = NameUnknown(
+                f"no such endpoint: {request.path[:120]}; condery serves the OCI pull API under /v2/"
+            )
+        elif exc.status == 405:
+            error = Unsupported(f"{request.method} {request.path[:120]} is not supported")
+        else:
+            error = RegistryError(exc.reason, status=exc.status)
+        return error_response(error)
+    except StorageError:
+        if request.get(_STREAMING):
+            raise
+        log.exception("%s %s: storage failed", request.method, request.path[:120])
+        return error_response(Unavailable())
+    except Exception:
+        if request.get(_STREAMING):
+            raise
+        log.exception("%s %s: internal error", request.method, request.path[:120])
+        return error_response(RegistryError())
+
+
+async def _add_api_version(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers[API_VERSION_HEADER] = API_VERSION
+
+
+def create_app(service: ImageService, store: Store) -> web.Application:
+    """The pull API as an aiohttp application."""
+    api = PullAPI(service, store)
+    app = web.Application(middlewares=[_error_middleware])
+    app.on_response_prepare.append(_add_api_version)
+    app.router.add_route("*", "/v2", api.base)
+    app.router.add_route("*", "/v2/", api.base)
+    app.router.add_route("*", "/v2/{tail:.+}", api.dispatch)
+    return app
