@@ -1,0 +1,293 @@
+"""A pull-only client of the OCI distribution protocol, for fetching base images.
+
+The upstream is treated as hostile: every manifest and blob is checked against the
+digest we asked for, sizes are bounded, and a blob reaches the caller only as a local
+file whose sha256 and size already matched. Anonymous bearer tokens (Docker Hub style)
+are fetched when the registry answers 401.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from condery.registry.manifest import INDEX_TYPES, MANIFEST_TYPES
+
+MANIFEST_ACCEPT = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+)
+MAX_MANIFEST_SIZE = 4 << 20  # Distribution's own limit for a manifest PUT
+MAX_TOKEN_SIZE = 1 << 20
+_CHUNK = 1 << 20
+_FLUSH = 8 << 20  # bytes gathered before one hand-off to the writer thread
+
+_DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
+_REPO_RE = re.compile(r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$")
+_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+_HOST_RE = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
+_CHALLENGE_PARAM_RE = re.compile(r'([A-Za-z_]+)\s*=\s*(?:"([^"]*)"|([^\s,]+))')
+
+
+class UpstreamError(RuntimeError):
+    """The upstream registry failed, refused, or sent something that does not verify."""
+
+
+@dataclass(frozen=True)
+class ImageReference:
+    """REGISTRY/REPOSITORY[:TAG][@DIGEST], normalised the way Docker does."""
+
+    registry: str  # host[:port] actually contacted (docker.io -> registry-1.docker.io)
+    repository: str
+    tag: str | None
+    digest: str | None
+
+    @classmethod
+    def parse(cls, text: str) -> "ImageReference":
+        rest, digest = text, None
+        if "@" in rest:
+            rest, digest = rest.split("@", 1)
+            if not _DIGEST_RE.match(digest):
+                raise ValueError(f"{text!r}: {digest!r} is not a sha256 digest")
+        tag = None
+        last_slash = rest.rfind("/")
+        colon = rest.rfind(":")
+        if colon > last_slash:  # a colon after the last slash is a tag, not a port
+            rest, tag = rest[:colon], rest[colon + 1 :]
+            if not _TAG_RE.match(tag):
+                raise ValueError(f"{text!r}: invalid tag {tag!r}")
+        first, _, remainder = rest.partition("/")
+        # Docker's rule: the first component is a registry if it looks like a host.
+        if remainder and ("." in first or ":" in first or first == "localhost" or first.startswith("[")):
+            registry, repository = first, remainder
+        else:
+            registry, repository = "docker.io", rest
+        if not _HOST_RE.match(registry):
+            raise ValueError(f"{text!r}: invalid registry host {registry!r}")
+        if registry in ("docker.io", "index.docker.io", "registry-1.docker.io"):
+            registry = "registry-1.docker.io"
+            if "/" not in repository:
+                repository = "library/" + repository
+        if not _REPO_RE.match(repository) or len(repository) > 255:
+            raise ValueError(f"{text!r}: invalid repository name {repository!r}")
+        if tag is None and digest is None:
+            tag = "latest"
+        return cls(registry, repository, tag, digest)
+
+    def __str__(self) -> str:
+        text = f"{self.registry}/{self.repository}"
+        if self.tag:
+            text += f":{self.tag}"
+        if self.digest:
+            text += f"@{self.digest}"
+        return text
+
+
+def is_loopback_host(host: str) -> bool:
+    """Loopback hosts (127.0.0.0/8, localhost, ::1) speak plain HTTP; all others HTTPS."""
+    name = urlsplit(f"//{host}").hostname or ""
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def base_url(registry: str) -> str:
+    return ("http" if is_loopback_host(registry) else "https") + f"://{registry}"
+
+
+@dataclass(frozen=True)
+class FetchedManifest:
+    data: bytes
+    media_type: str
+    digest: str
+
+
+def parse_bearer_challenge(header: str) -> dict[str, str]:
+    """The parameters of a `WWW-Authenticate: Bearer realm=..,service=..,scope=..` header."""
+    scheme, _, params = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        raise UpstreamError(
+            f"upstream asks for {scheme or 'unknown'} authentication; only anonymous bearer tokens are supported"
+        )
+    values = {m.group(1).lower(): m.group(2) if m.group(2) is not None else m.group(3)
+              for m in _CHALLENGE_PARAM_RE.finditer(params)}
+    if "realm" not in values:
+        raise UpstreamError("upstream bearer challenge has no realm")
+    return values
+
+
+class UpstreamClient:
+    """Pulls manifests and blobs from registries, with per-repository anonymous tokens."""
+
+    def __init__(self, session: aiohttp.ClientSession, *, read_timeout: float = 60.0) -> None:
+        self._session = session
+        self._tokens: dict[tuple[str, str], str] = {}
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=read_timeout)
+
+    async def _token(self, ref: ImageReference, challenge: str) -> str:
+        params = parse_bearer_challenge(challenge)
+        realm = params["realm"]
+        parts = urlsplit(realm)
+        # A registry chooses where our token request goes: keep it to https, or to
+        # loopback when the registry itself is on loopback (tests, local mirrors).
+        if parts.scheme != "https" and not (
+            parts.scheme == "http" and is_loopback_host(parts.netloc) and is_loopback_host(ref.registry)
+        ):
+            raise UpstreamError(f"refusing token realm {realm!r}: not https")
+        query = {"scope": params.get("scope") or f"repository:{ref.repository}:pull"}
+        if params.get("service"):
+            query["service"] = params["service"]
+        try:
+            async with self._session.get(realm, params=query, timeout=self._timeout) as resp:
+                if resp.status != 200:
+                    raise UpstreamError(f"token server {parts.netloc} answered {resp.status}")
+                body = await _read_limited(resp, MAX_TOKEN_SIZE, "token response")
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"token server {parts.netloc}: {exc}") from exc
+        try:
+            doc = json.loads(body)
+            token = doc.get("token") or doc.get("access_token")
+        except (ValueError, AttributeError):
+            token = None
+        if not isinstance(token, str) or not token or any(c in token for c in "\r\n "):
+            raise UpstreamError("token server sent no usable token")
+        return token
+
+    async def _get(self, ref: ImageReference, path: str, headers: Mapping[str, str]) -> aiohttp.ClientResponse:
+        """GET with one bearer-token retry; the caller must release the response."""
+        url = f"{base_url(ref.registry)}/v2/{ref.repository}/{path}"
+        key = (ref.registry, ref.repository)
+        for attempt in range(2):
+            request_headers = dict(headers)
+            if key in self._tokens:
+                request_headers["Authorization"] = f"Bearer {self._tokens[key]}"
+            try:
+                resp = await self._session.get(url, headers=request_headers, timeout=self._timeout)
+            except aiohttp.ClientError as exc:
+                raise UpstreamError(f"{ref.registry}: {exc}") from exc
+            if resp.status == 401 and attempt == 0:
+                challenge = resp.headers.get("WWW-Authenticate", "")
+                resp.release()
+                self._tokens[key] = await self._token(ref, challenge)
+                continue
+            if resp.status != 200:
+                resp.release()
+                raise UpstreamError(f"{ref.registry}/{ref.repository}: GET {path} answered {resp.status}")
+            return resp
+        raise AssertionError("unreachable")
+
+    async def get_manifest(self, ref: ImageReference, reference: str) -> FetchedManifest:
+        """The manifest or index named by a tag or digest; a digest reference is verified."""
+        if not (_DIGEST_RE.match(reference) or _TAG_RE.match(reference)):
+            raise ValueError(f"invalid manifest reference {reference!r}")
+        resp = await self._get(ref, f"manifests/{reference}", {"Accept": ", ".join(MANIFEST_ACCEPT)})
+        async with resp:
+            data = await _read_limited(resp, MAX_MANIFEST_SIZE, "manifest")
+            header_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        if _DIGEST_RE.match(reference) and digest != reference:
+            raise UpstreamError(
+                f"{ref.registry}/{ref.repository}: manifest {reference} has digest {digest}"
+            )
+        try:
+            body_type = json.loads(data).get("mediaType")
+        except (ValueError, AttributeError):
+            raise UpstreamError(f"{ref}: manifest is not a JSON object") from None
+        media_type = body_type if isinstance(body_type, str) and body_type else header_type
+        if media_type not in MANIFEST_TYPES | INDEX_TYPES:
+            raise UpstreamError(f"{ref}: unsupported manifest type {media_type!r}")
+        return FetchedManifest(data, media_type, digest)
+
+    async def get_small_blob(self, ref: ImageReference, digest: str, size: int, limit: int) -> bytes:
+        """A blob held in memory (an image config), checked against digest and size."""
+        if size > limit:
+            raise UpstreamError(f"{ref}: blob {digest} of {size} bytes is over the {limit} byte limit")
+        resp = await self._get(ref, f"blobs/{_checked(digest)}", {})
+        async with resp:
+            data = await _read_limited(resp, size, f"blob {digest}")
+        _verify(ref, digest, size, len(data), hashlib.sha256(data).hexdigest())
+        return data
+
+    async def fetch_blob(self, ref: ImageReference, digest: str, size: int, directory: Path) -> Path:
+        """Stream a blob into a new file under `directory`, hashing as it arrives.
+
+        Returns the file only when its sha256 and size match; otherwise the file is
+        removed and UpstreamError raised.
+        """
+        resp = await self._get(ref, f"blobs/{_checked(digest)}", {})
+        fd, name = tempfile.mkstemp(dir=directory, prefix="upstream-")
+        path = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                hasher = hashlib.sha256()
+                received = 0
+                pending: list[bytes] = []
+                pending_size = 0
+                async with resp:
+                    async for chunk in resp.content.iter_chunked(_CHUNK):
+                        received += len(chunk)
+                        if received > size:
+                            raise UpstreamError(f"{ref}: blob {digest} is longer than its {size} bytes")
+                        pending.append(chunk)
+                        pending_size += len(chunk)
+                        if pending_size >= _FLUSH:
+                            await asyncio.to_thread(_write_and_hash, handle, hasher, pending)
+                            pending, pending_size = [], 0
+                await asyncio.to_thread(_write_and_hash, handle, hasher, pending)
+            _verify(ref, digest, size, received, hasher.hexdigest())
+        except aiohttp.ClientError as exc:
+            path.unlink(missing_ok=True)
+            raise UpstreamError(f"{ref}: blob {digest}: {exc}") from exc
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return path
+
+
+def _write_and_hash(handle, hasher, chunks: list[bytes]) -> None:  # type: ignore[no-untyped-def]
+    for chunk in chunks:
+        hasher.update(chunk)
+        handle.write(chunk)
+
+
+def _checked(digest: str) -> str:
+    if not _DIGEST_RE.match(digest):
+        raise UpstreamError(f"not a sha256 digest: {digest!r}")
+    return digest
+
+
+def _verify(ref: ImageReference, digest: str, size: int, received: int, hexdigest: str) -> None:
+    if received != size:
+        raise UpstreamError(f"{ref}: blob {digest} has {received} bytes, expected {size}")
+    if "sha256:" + hexdigest != digest:
+        raise UpstreamError(f"{ref}: blob {digest} does not match its digest (got sha256:{hexdigest})")
+
+
+async def _read_limited(resp: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
+    """The body, refusing anything over `limit` bytes before reading it all."""
+    if resp.content_length is not None and resp.content_length > limit:
+        raise UpstreamError(f"{what} of {resp.content_length} bytes is over the {limit} byte limit")
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in resp.content.iter_chunked(64 << 10):
+        total += len(chunk)
+        if total > limit:
+            raise UpstreamError(f"{what} is over the {limit} byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
