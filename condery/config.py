@@ -17,9 +17,15 @@ import yaml
 
 # debian:bookworm-slim's multi-platform index, pinned so that the default image is
 # reproducible; bump it on purpose (and say so in the changelog).
+# Digest source: Renovate's digest bump for debian:bookworm-slim in
+# https://github.com/MathiasPius/kronform/pull/323 (df52e55 -> 8820086) and
+# https://github.com/void-community/Void/pull/1411, full value as pinned in public
+# Dockerfiles (e.g. `FROM debian:bookworm-slim@sha256:88200866...`), one of which notes it
+# is the OCI index digest (debian:bookworm-20260824-slim). Not re-checked against Docker
+# Hub from this machine (no access): verify with `skopeo inspect --raw` when bumping.
 DEFAULT_BASE_IMAGE = (
     "docker.io/library/debian:bookworm-slim"
-    "@sha256:e5865e6858dacc255bead044a7f2d0ad8c362433cfaa5acefb670c1edf54dfef"
+    "@sha256:88200866dfff7ea7f5cbcb6ec7c8a701889efe6fe859fe64d6990e4b07ea4171"
 )
 
 
