@@ -1,0 +1,265 @@
+"""Reproducible image layers: deterministic tar, deterministic gzip, both hashed while streaming.
+
+The same tree gives the same bytes on any machine and any day: entries sorted by archive
+path, mtime 0, owner root with empty names, modes normalised to 0755/0644 (exec bit kept),
+symlinks kept, hardlinks written as regular files, PAX format, and a gzip header with no
+time and no file name. Nothing is held in memory beyond tarfile's and zlib's buffers.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import posixpath
+import stat
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator, Sequence
+
+from condery.layers import LayerBlob, PackageError
+
+# Measured on this machine (installed trees; seconds for tar+gzip, bytes of gzip):
+#   openssl-1.1.1i, 14.1 MB: level 1 0.15 s 5.02 MB | 6 0.40 s 4.43 MB | 9 2.9 s 4.38 MB
+#   ncurses-6.2,     6.0 MB: level 1 0.18 s 1.57 MB | 6 0.23 s 1.35 MB | 9 0.9 s 1.32 MB
+# A layer is built once and then downloaded by every client that pulls any image with
+# that package, so bytes matter more than build time: level 6 (zlib's default) is 12-14%
+# smaller than level 1 for ~0.25 s per 14 MB, while level 9 costs 7x more for ~1%.
+GZIP_LEVEL = 6
+
+_DIR_MODE = 0o755
+_FILE_MODE = 0o644
+_EXEC_MODE = 0o755
+_LINK_MODE = 0o777
+
+
+class _HashingWriter:
+    """A write-only file object that hashes and counts what passes through it."""
+
+    def __init__(self, sink: BinaryIO) -> None:
+        self._sink = sink
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        self._sink.write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self._sink.flush()
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One tar member before it is written: what a layer may contain and nothing more."""
+
+    name: str  # archive path, no leading "/", no trailing "/"
+    kind: str  # "dir" | "file" | "symlink"
+    mode: int = _DIR_MODE
+    size: int = 0
+    linkname: str = ""
+    source: Path | None = None  # file content, for kind == "file"
+
+
+def check_member_name(name: str) -> None:
+    """Refuse archive paths that could land outside the image root when unpacked."""
+    if not name or name.startswith("/") or "\0" in name:
+        raise PackageError(f"unsafe path in layer: {name!r}")
+    parts = name.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise PackageError(f"unsafe path in layer: {name!r}")
+
+
+def check_symlink(name: str, target: str) -> None:
+    """Refuse a symlink whose target climbs above the image root.
+
+    Relative targets such as `../lib/libz.so` are the norm in conda packages; absolute
+    targets name a path of the container's own filesystem, which runtimes resolve
+    inside the rootfs, so they are kept too.
+    """
+    if not target or "\0" in target:
+        raise PackageError(f"symlink {name!r} has an empty or invalid target")
+    if target.startswith("/"):
+        return
+    depth = name.count("/")  # directories between the root and the link
+    for part in target.split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                raise PackageError(f"symlink {name!r} points outside the image root: {target!r}")
+        elif part not in ("", "."):
+            depth += 1
+
+
+def _normal_mode(st_mode: int) -> int:
+    return _EXEC_MODE if st_mode & 0o111 else _FILE_MODE
+
+
+def _parents(name: str) -> Iterator[str]:
+    parts = name.split("/")
+    for i in range(1, len(parts)):
+        yield "/".join(parts[:i])
+
+
+def _scan(root: Path, arcname_prefix: str, extra_dirs: Sequence[str]) -> list[_Entry]:
+    """Every entry under root, placed at arcname_prefix, with parent directories, sorted."""
+    prefix = arcname_prefix.strip("/")
+    entries: dict[str, _Entry] = {}
+
+    def add_dir(name: str) -> None:
+        for parent in (*_parents(name), name):
+            check_member_name(parent)
+            existing = entries.get(parent)
+            if existing is not None and existing.kind != "dir":
+                raise PackageError(f"{parent!r} is both a directory and a {existing.kind}")
+            entries.setdefault(parent, _Entry(parent, "dir"))
+
+    if prefix:
+        add_dir(prefix)
+    for extra in extra_dirs:
+        add_dir(extra.strip("/"))
+    # os.walk does not follow symlinked directories: a link is one entry, never a way out.
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        for item in (*dirnames, *filenames):
+            rel = item if rel_dir == "." else f"{rel_dir}/{item}"
+            rel = rel.replace(os.sep, "/")
+            name = f"{prefix}/{rel}" if prefix else rel
+            check_member_name(name)
+            path = Path(dirpath, item)
+            st = path.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                target = os.readlink(path)
+                check_symlink(name, target)
+                entries[name] = _Entry(name, "symlink", _LINK_MODE, linkname=target)
+            elif stat.S_ISDIR(st.st_mode):
+                add_dir(name)
+            elif stat.S_ISREG(st.st_mode):
+                entries[name] = _Entry(name, "file", _normal_mode(st.st_mode), st.st_size, source=path)
+            else:
+                raise PackageError(f"{name!r} is not a file, directory or symlink")
+    return [entries[k] for k in sorted(entries)]
+
+
+class _LayerWriter:
+    """tar -> sha256 (diff_id) -> gzip -> sha256 (digest) -> file, in one stream."""
+
+    def __init__(self, out_path: Path) -> None:
+        self._out_path = out_path
+        self._raw = open(out_path, "wb")
+        self._gz_hash = _HashingWriter(self._raw)
+        # filename="" keeps the name out of the header; mtime=0 keeps the time out.
+        self._gzip = gzip.GzipFile(filename="", mode="wb", fileobj=self._gz_hash,  # type: ignore[arg-type]
+                                   compresslevel=GZIP_LEVEL, mtime=0)
+        self._tar_hash = _HashingWriter(self._gzip)  # type: ignore[arg-type]
+        self._tar = tarfile.open(fileobj=self._tar_hash, mode="w|", format=tarfile.PAX_FORMAT)  # type: ignore[call-overload]
+
+    def add(self, entry: _Entry, content: BinaryIO | None = None) -> None:
+        info = tarfile.TarInfo(entry.name)
+        info.mtime = 0
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        info.mode = entry.mode
+        if entry.kind == "dir":
+            info.type = tarfile.DIRTYPE
+        elif entry.kind == "symlink":
+            info.type = tarfile.SYMTYPE
+            info.linkname = entry.linkname
+        else:
+            info.type = tarfile.REGTYPE
+            info.size = entry.size
+        if entry.kind == "file" and content is None:
+            assert entry.source is not None
+            with open(entry.source, "rb") as f:
+                self._tar.addfile(info, f)
+        else:
+            self._tar.addfile(info, content)
+
+    def close(self) -> LayerBlob:
+        self._tar.close()
+        self._gzip.close()
+        self._raw.close()
+        return LayerBlob(
+            digest="sha256:" + self._gz_hash.sha256.hexdigest(),
+            diff_id="sha256:" + self._tar_hash.sha256.hexdigest(),
+            size=self._gz_hash.size,
+            path=self._out_path,
+        )
+
+    def abort(self) -> None:
+        self._raw.close()
+        self._out_path.unlink(missing_ok=True)
+
+
+def write_layer(root: Path, arcname_prefix: str, out_path: Path, *,
+                extra_dirs: Sequence[str] = ()) -> LayerBlob:
+    """Write every entry under `root` as a layer rooted at `arcname_prefix` (e.g. "opt/conda").
+
+    The prefix's parent directories are emitted too, and so are `extra_dirs` (archive
+    paths of directories to create even when `root` has nothing there). Raises
+    PackageError for unsafe entries (special files, symlinks above the image root).
+    """
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"layer root {root} is not a directory")
+    entries = _scan(Path(root), arcname_prefix, extra_dirs)
+    writer = _LayerWriter(Path(out_path))
+    try:
+        for entry in entries:
+            writer.add(entry)
+        return writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _member_entry(member: tarfile.TarInfo) -> _Entry:
+    """Validate a member read back from a layer and describe it as an _Entry."""
+    name = member.name.rstrip("/")
+    check_member_name(name)
+    if member.isdir():
+        return _Entry(name, "dir")
+    if member.issym():
+        check_symlink(name, member.linkname)
+        return _Entry(name, "symlink", _LINK_MODE, linkname=member.linkname)
+    if member.isreg():
+        return _Entry(name, "file", _normal_mode(member.mode), member.size)
+    raise PackageError(f"{name!r} in a layer is not a file, directory or symlink")
+
+
+def concat_layers(layers: Sequence[Path], out_path: Path) -> LayerBlob:
+    """One layer with the entries of several gzip layers, as if they were applied in order.
+
+    Directories are written once (first occurrence); for any other path the last layer
+    that has it wins, as it would when the layers are stacked. A path that is a
+    directory in one layer and a file or symlink in another is refused. Two streamed
+    passes: the first finds which occurrence of each path to keep, the second copies.
+    """
+    kinds: dict[str, str] = {}
+    keep: dict[str, tuple[int, int]] = {}  # path -> (layer index, member index) to write
+    for li, layer in enumerate(layers):
+        with tarfile.open(layer, mode="r|gz") as tar:
+            for mi, member in enumerate(tar):
+                entry = _member_entry(member)
+                seen = kinds.get(entry.name)
+                if seen is not None and (seen == "dir") != (entry.kind == "dir"):
+                    raise PackageError(f"{entry.name!r} is a {seen} in one layer and a {entry.kind} in another")
+                kinds[entry.name] = entry.kind
+                if entry.kind != "dir" or entry.name not in keep:
+                    keep[entry.name] = (li, mi)
+    wanted = set(keep.values())
+    writer = _LayerWriter(Path(out_path))
+    try:
+        for li, layer in enumerate(layers):
+            with tarfile.open(layer, mode="r|gz") as tar:
+                for mi, member in enumerate(tar):
+                    if (li, mi) not in wanted:
+                        continue
+                    entry = _member_entry(member)
+                    writer.add(entry, tar.extractfile(member) if entry.kind == "file" else None)
+        return writer.close()
+    except BaseException:
+        writer.abort()
+        raise

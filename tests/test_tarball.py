@@ -1,0 +1,155 @@
+"""Deterministic layer tarballs: byte-identical output, safe members, streamed digests."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from condery.layers import PackageError
+from condery.layers.tarball import concat_layers, write_layer
+
+
+def make_tree(root: Path, *, mtime: int = 1234567890) -> Path:
+    (root / "bin").mkdir(parents=True)
+    (root / "lib" / "sub").mkdir(parents=True)
+    (root / "bin" / "tool").write_bytes(b"#!/bin/sh\necho hi\n")
+    (root / "bin" / "tool").chmod(0o4750)  # setuid and odd bits are normalised away
+    (root / "lib" / "libx.so.1").write_bytes(b"\x7fELF" + bytes(range(256)) * 100)
+    (root / "lib" / "libx.so.1").chmod(0o600)
+    os.symlink("libx.so.1", root / "lib" / "libx.so")
+    os.symlink("../lib/libx.so.1", root / "bin" / "libx-link")
+    os.link(root / "lib" / "libx.so.1", root / "lib" / "sub" / "hard")
+    (root / "empty").mkdir()
+    (root / ("d" * 120)).mkdir()
+    (root / ("d" * 120) / ("f" * 120)).write_bytes(b"long name")
+    (root / "ünïcode.txt").write_bytes(b"u")
+    for p in root.rglob("*"):
+        os.utime(p, (mtime, mtime), follow_symlinks=False)
+    return root
+
+
+def members(path: Path) -> dict[str, tarfile.TarInfo]:
+    with tarfile.open(path, "r:gz") as tar:
+        return {m.name: m for m in tar.getmembers()}
+
+
+def test_layer_is_deterministic_and_normalised(tmp_path: Path) -> None:
+    a = write_layer(make_tree(tmp_path / "a", mtime=1), "opt/conda", tmp_path / "a.tgz")
+    b = write_layer(make_tree(tmp_path / "b", mtime=2_000_000_000), "opt/conda", tmp_path / "b.tgz")
+    assert a.digest == b.digest and a.diff_id == b.diff_id
+    assert (tmp_path / "a.tgz").read_bytes() == (tmp_path / "b.tgz").read_bytes()
+
+    data = (tmp_path / "a.tgz").read_bytes()
+    assert a.size == len(data)
+    assert a.digest == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert a.diff_id == "sha256:" + hashlib.sha256(gzip.decompress(data)).hexdigest()
+    assert data[4:8] == b"\0\0\0\0"  # gzip MTIME
+    assert data[3] & 0x08 == 0  # no FNAME flag
+
+    ms = members(tmp_path / "a.tgz")
+    names = list(ms)
+    assert names == sorted(names)
+    assert names[:2] == ["opt", "opt/conda"]
+    for m in ms.values():
+        assert m.mtime == 0 and m.uid == 0 and m.gid == 0 and m.uname == "" and m.gname == ""
+        assert m.name == "opt" or m.name.startswith("opt/conda")
+    assert ms["opt/conda/bin/tool"].mode == 0o755
+    assert ms["opt/conda/lib/libx.so.1"].mode == 0o644
+    assert ms["opt/conda/empty"].isdir() and ms["opt/conda/empty"].mode == 0o755
+    assert ms["opt/conda/lib/libx.so"].issym() and ms["opt/conda/lib/libx.so"].linkname == "libx.so.1"
+    hard = ms["opt/conda/lib/sub/hard"]
+    assert hard.isreg() and hard.size == ms["opt/conda/lib/libx.so.1"].size
+    assert f"opt/conda/{'d' * 120}/{'f' * 120}" in ms
+    assert "opt/conda/ünïcode.txt" in ms
+
+
+def test_layer_extracts_with_gnu_tar(tmp_path: Path) -> None:
+    blob = write_layer(make_tree(tmp_path / "t"), "opt/conda", tmp_path / "t.tgz")
+    out = tmp_path / "x"
+    out.mkdir()
+    subprocess.run(["tar", "-xzf", str(blob.path), "-C", str(out)], check=True)
+    assert (out / "opt/conda/bin/tool").read_bytes() == b"#!/bin/sh\necho hi\n"
+    assert os.access(out / "opt/conda/bin/tool", os.X_OK)
+    assert (out / "opt/conda/bin/libx-link").resolve() == (out / "opt/conda/lib/libx.so.1").resolve()
+
+
+def test_extra_dirs_and_empty_prefix(tmp_path: Path) -> None:
+    root = tmp_path / "r"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "f").write_text("x")
+    blob = write_layer(root, "", tmp_path / "l.tgz", extra_dirs=["opt/conda/etc/conda/activate.d"])
+    assert list(members(blob.path)) == [
+        "etc", "etc/f", "opt", "opt/conda", "opt/conda/etc", "opt/conda/etc/conda",
+        "opt/conda/etc/conda/activate.d",
+    ]
+
+
+@pytest.mark.parametrize("target", ["../../../../etc/shadow", "a/../../../../../x"])
+def test_symlink_above_root_is_refused(tmp_path: Path, target: str) -> None:
+    root = tmp_path / "r"
+    (root / "lib").mkdir(parents=True)
+    os.symlink(target, root / "lib" / "evil")
+    with pytest.raises(PackageError, match="outside the image root"):
+        write_layer(root, "opt/conda", tmp_path / "l.tgz")
+    assert not (tmp_path / "l.tgz").exists()
+
+
+def test_symlinks_inside_root_are_kept(tmp_path: Path) -> None:
+    root = tmp_path / "r"
+    (root / "lib").mkdir(parents=True)
+    os.symlink("../../../etc/ssl/certs", root / "lib" / "certs")  # /etc/ssl/certs in the image
+    os.symlink("/etc/ssl/cert.pem", root / "lib" / "abs")
+    ms = members(write_layer(root, "opt/conda", tmp_path / "l.tgz").path)
+    assert ms["opt/conda/lib/certs"].linkname == "../../../etc/ssl/certs"
+    assert ms["opt/conda/lib/abs"].linkname == "/etc/ssl/cert.pem"
+
+
+def test_special_files_are_refused(tmp_path: Path) -> None:
+    root = tmp_path / "r"
+    root.mkdir()
+    os.mkfifo(root / "fifo")
+    with pytest.raises(PackageError, match="not a file"):
+        write_layer(root, "opt/conda", tmp_path / "l.tgz")
+
+
+def test_concat_layers(tmp_path: Path) -> None:
+    def layer(name: str, files: dict[str, bytes]) -> Path:
+        root = tmp_path / name
+        for rel, content in files.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(content)
+        return write_layer(root, "opt/conda", tmp_path / f"{name}.tgz").path
+
+    a = layer("a", {"bin/a": b"A", "share/x": b"old"})
+    b = layer("b", {"bin/b": b"B", "share/x": b"new", "lib/l": b"L"})
+    blob = concat_layers([a, b], tmp_path / "ab.tgz")
+    again = concat_layers([a, b], tmp_path / "ab2.tgz")
+    assert blob.digest == again.digest
+
+    with tarfile.open(blob.path, "r:gz") as tar:
+        names = tar.getnames()
+        assert len(names) == len(set(names))  # directories once, files once
+        assert set(names) == {"opt", "opt/conda", "opt/conda/bin", "opt/conda/bin/a", "opt/conda/bin/b",
+                              "opt/conda/share", "opt/conda/share/x", "opt/conda/lib", "opt/conda/lib/l"}
+        assert tar.extractfile("opt/conda/share/x").read() == b"new"  # the later layer wins
+        assert tar.extractfile("opt/conda/bin/a").read() == b"A"
+
+    c = layer("c", {"bin/a/inner": b"dir now"})
+    with pytest.raises(PackageError, match="bin/a"):
+        concat_layers([a, c], tmp_path / "ac.tgz")
+    assert not (tmp_path / "ac.tgz").exists()
+
+
+def test_concat_refuses_unsafe_members(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.tgz"
+    with tarfile.open(bad, "w:gz") as tar:
+        info = tarfile.TarInfo("opt/../../etc/passwd")
+        tar.addfile(info)
+    with pytest.raises(PackageError, match="unsafe path"):
+        concat_layers([bad], tmp_path / "out.tgz")
