@@ -1,0 +1,342 @@
+"""One conda package -> one image layer.
+
+Steps, each of which can refuse the package with a PackageError:
+
+1. fetch: the archive goes to `<package_cache>/archives/<sha256>/<file name>` and is
+   hashed before every use. py-rattler 0.28's installer does NOT check a download against
+   the repodata sha256 (a channel whose repodata names the wrong hash installs silently,
+   see tests/test_package_layer.py::test_sha256_mismatch_is_refused), so we fetch and
+   verify ourselves and hand rattler only the verified local file.
+2. inspect: index.json must name the package the repodata promised; every path in
+   paths.json and every entry point must stay inside the prefix. rattler joins these
+   paths onto the target directory as they are, so this check keeps a hostile package
+   from writing outside the staging directory.
+3. install: rattler links the one package into an empty staging directory, replacing
+   prefix placeholders with the image's prefix (not the staging path). A `noarch: python`
+   package is installed next to the environment's python record (ignored, so not
+   installed) so that its files land in that python's site-packages.
+4. scrub and tar (in a thread): staging-only files go, the conda-meta record loses every
+   build-machine path, and the tree becomes a reproducible layer at the prefix.
+
+rattler's own extraction cache is a fresh directory per build, so two channels that
+publish different archives under one name-version-build cannot poison each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import rattler
+import rattler.package_streaming as package_streaming
+
+from condery.layers import LayerBlob, PackageError
+from condery.layers.tarball import check_member_name, write_layer
+
+log = logging.getLogger(__name__)
+
+# Bump when the layer contents change for the same package (scrubbing, tar layout...),
+# so that layers cached under the old layout are not reused.
+LAYOUT_VERSION = "v1"
+
+# Keys of rattler's conda-meta record that hold paths of the machine that built the
+# layer, or facts about this one install rather than the package.
+_BUILD_MACHINE_KEYS = (
+    "extracted_package_dir",
+    "package_tarball_full_path",
+    "requested_spec",
+    "requested_specs",
+    "link",
+    "installed_system_menus",
+    "indexed_timestamp",  # when a channel was indexed, not a fact of the package
+)
+_STAGING_ONLY = ("CACHEDIR.TAG", "conda-meta/history")
+_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+!-]*\.(conda|tar\.bz2)$")
+_ENTRY_POINT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
+_HASH_CHUNK = 1 << 20
+
+
+def dist_name(record: rattler.PackageRecord) -> str:
+    return f"{record.name.normalized}-{record.version}-{record.build}"
+
+
+def _sha256_hex(record: rattler.RepoDataRecord) -> str:
+    if record.sha256 is None:
+        raise PackageError(f"{dist_name(record)}: the channel gives no sha256, so it cannot be verified")
+    return record.sha256.hex()
+
+
+def _is_noarch_python(record: rattler.PackageRecord) -> bool:
+    return bool(record.noarch.python)
+
+
+def python_site_packages(python_record: rattler.RepoDataRecord | None) -> str | None:
+    """Where `noarch: python` packages go for this python, e.g. "lib/python3.11/site-packages"."""
+    if python_record is None:
+        return None
+    # Newer python builds say so themselves (free-threading builds use python3.13t).
+    if python_record.python_site_packages_path:
+        return python_record.python_site_packages_path
+    major, minor = rattler.Version(str(python_record.version)).as_major_minor()
+    return f"lib/python{major}.{minor}/site-packages"
+
+
+def layer_key(record: rattler.RepoDataRecord, prefix: str, site_packages: str | None) -> str:
+    """A storage-safe key for the layer of `record` installed at `prefix`.
+
+    Everything that changes the layer's bytes is in it: the package (by sha256), the
+    prefix (placeholders), the site-packages path (noarch python only; ignored for any
+    other package so that e.g. zlib's layer is shared by every python version), and
+    the layout version.
+    """
+    sha = _sha256_hex(record)
+    rest = {"prefix": prefix, "site_packages": site_packages if _is_noarch_python(record) else None}
+    digest = hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+    return f"{LAYOUT_VERSION}/{sha}/{digest[:32]}"
+
+
+def _check_prefix(prefix: str) -> None:
+    if not prefix.startswith("/"):
+        raise ValueError(f"prefix must be an absolute path, not {prefix!r}")
+    check_member_name(prefix.strip("/"))
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+async def _download(url: str, dest: Path) -> None:
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        await asyncio.to_thread(shutil.copyfile, unquote(parsed.path), dest)
+    elif parsed.scheme in ("http", "https"):
+        await package_streaming.download_to_path(rattler.Client(), url, dest)
+    else:
+        raise PackageError(f"unsupported package URL scheme {parsed.scheme!r}")
+
+
+async def fetch_verified(record: rattler.RepoDataRecord, package_cache_dir: Path) -> Path:
+    """The package archive on local disk, its sha256 checked against the repodata."""
+    sha = _sha256_hex(record)
+    dist = dist_name(record)
+    if not _FILE_NAME.match(record.file_name):
+        raise PackageError(f"{dist}: unexpected archive file name {record.file_name!r}")
+    path = Path(package_cache_dir) / "archives" / sha / record.file_name
+    if path.exists():
+        if await asyncio.to_thread(_hash_file, path) == sha:
+            return path
+        log.warning("cached archive of %s does not match its sha256; fetching it again", dist)
+        path.unlink()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".download-")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        try:
+            await _download(record.url, tmp)
+        except PackageError:
+            raise
+        except Exception as exc:
+            log.info("download of %s from %s failed: %s", dist, record.url, exc)
+            raise PackageError(f"{dist}: download failed from {record.url}") from exc
+        actual = await asyncio.to_thread(_hash_file, tmp)
+        if actual != sha:
+            raise PackageError(f"{dist}: sha256 mismatch: repodata says {sha}, archive is {actual}")
+        os.replace(tmp, path)  # atomic: concurrent builds see a whole, verified file or none
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+@dataclass(frozen=True)
+class _Inspection:
+    paths: tuple[str, ...]
+    entry_points: tuple[str, ...]
+
+
+async def _inspect(record: rattler.RepoDataRecord, archive: Path) -> _Inspection:
+    dist = dist_name(record)
+    try:
+        pkg = await package_streaming.PackageArchive.from_path(archive)
+        index = await pkg.index_json()
+        info = await pkg.read_files(["info/link.json", "info/paths.json", "info/files"])
+    except Exception as exc:
+        raise PackageError(f"{dist}: not a valid conda package ({_first_line(exc)})") from exc
+    found = (index.name.normalized, str(index.version), index.build)
+    expected = (record.name.normalized, str(record.version), record.build)
+    if found != expected:
+        raise PackageError(f"{dist}: the archive holds {'-'.join(found)}, not what the repodata says")
+
+    # Read paths.json ourselves: it is the list rattler links, and old packages without
+    # it fall back to info/files, as rattler does.
+    softlinks: set[str] = set()
+    if info["info/paths.json"] is not None:
+        try:
+            entries = json.loads(info["info/paths.json"])["paths"]
+            paths = [e["_path"] for e in entries]
+            softlinks = {e["_path"] for e in entries if e.get("path_type") == "softlink"}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PackageError(f"{dist}: unreadable info/paths.json") from exc
+    elif info["info/files"] is not None:
+        paths = [p for p in info["info/files"].decode("utf-8", "replace").splitlines() if p]
+    else:
+        raise PackageError(f"{dist}: has neither info/paths.json nor info/files")
+    for p in paths:
+        if not isinstance(p, str):
+            raise PackageError(f"{dist}: bad path entry {p!r}")
+        check_member_name(p)
+        # A file below a symlinked directory would be written through the link.
+        parts = p.split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in softlinks:
+                raise PackageError(f"{dist}: {p!r} lies below the symlink {'/'.join(parts[:i])!r}")
+
+    entry_points: list[str] = []
+    if info["info/link.json"] is not None:
+        try:
+            link = json.loads(info["info/link.json"])
+            noarch = link.get("noarch") or {}
+            entry_points = list(noarch.get("entry_points") or [])
+        except (ValueError, AttributeError) as exc:
+            raise PackageError(f"{dist}: unreadable info/link.json") from exc
+    for ep in entry_points:
+        name = ep.split("=", 1)[0].strip() if isinstance(ep, str) else ""
+        if not _ENTRY_POINT_NAME.match(name) or name in (".", ".."):
+            raise PackageError(f"{dist}: unsafe entry point {ep!r}")
+    return _Inspection(tuple(paths), tuple(entry_points))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _public_message(exc: BaseException, *hidden: Path) -> str:
+    """rattler's error, without the local directories it mentions."""
+    text = _first_line(exc)
+    for path in hidden:
+        text = text.replace(str(path), "<local>")
+    return text
+
+
+def _scrub_record(data: dict[str, Any], record: rattler.RepoDataRecord) -> dict[str, Any]:
+    for key in _BUILD_MACHINE_KEYS:
+        data.pop(key, None)
+    # The install saw our verified local copy; the image must name the real source.
+    data["url"] = record.url
+    data["channel"] = record.channel
+    data["fn"] = record.file_name
+    return data
+
+
+def _contains_path(value: Any, needles: tuple[str, ...]) -> bool:
+    if isinstance(value, str):
+        return any(n in value for n in needles)
+    if isinstance(value, dict):
+        return any(_contains_path(v, needles) for v in value.values())
+    if isinstance(value, list):
+        return any(_contains_path(v, needles) for v in value)
+    return False
+
+
+def _finish_layer(record: rattler.RepoDataRecord, staging: Path, target: Path, *, prefix: str,
+                  keep_unrecorded: bool, hidden: tuple[Path, ...], out_path: Path) -> LayerBlob:
+    """Scrub the installed tree and write the layer (blocking; run in a thread)."""
+    dist = dist_name(record)
+    for rel in _STAGING_ONLY:
+        (target / rel).unlink(missing_ok=True)
+    meta_files = sorted((target / "conda-meta").glob("*.json"))
+    if [m.name for m in meta_files] != [f"{dist}.json"]:
+        raise PackageError(f"{dist}: the installer wrote unexpected records {[m.name for m in meta_files]}")
+    meta = meta_files[0]
+    data = _scrub_record(json.loads(meta.read_text()), record)
+    # Both directories are unique to this build, so a hit is a real leak, never a channel URL.
+    needles = tuple(str(p) for p in (*hidden, staging))
+    if _contains_path(data, needles):
+        raise PackageError(f"{dist}: the conda-meta record still holds a local path")
+    meta.unlink()  # may be a hardlink into rattler's cache: never write through it
+    meta.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    if not keep_unrecorded:
+        # Only what the package declares (and its record) goes into the layer.
+        wanted = {str(f) for f in data.get("files", [])} | {f"conda-meta/{dist}.json"}
+        _prune(target, wanted)
+    return write_layer(target, prefix.strip("/"), out_path)
+
+
+def _prune(target: Path, wanted: set[str]) -> None:
+    for dirpath, dirnames, filenames in os.walk(target, topdown=False):
+        rel_dir = os.path.relpath(dirpath, target)
+        for item in (*filenames, *[d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]):
+            rel = item if rel_dir == "." else f"{rel_dir}/{item}"
+            if rel not in wanted:
+                log.debug("dropping unrecorded %s", rel)
+                os.unlink(os.path.join(dirpath, item))
+        if rel_dir != "." and not os.listdir(dirpath):
+            os.rmdir(dirpath)
+
+
+async def build_package_layer(record: rattler.RepoDataRecord, *, python_record: rattler.RepoDataRecord | None,
+                              prefix: str, platform: str, work_dir: Path, package_cache_dir: Path,
+                              allow_scripts: bool = False) -> LayerBlob:
+    """Build the layer of one package at `prefix`; the gzip file is left in `work_dir`.
+
+    Package scripts (post-link) run only if `allow_scripts`: they are code from the
+    channel running on this host. With scripts off, the layer holds exactly the files
+    the package records plus its conda-meta record.
+    """
+    _check_prefix(prefix)
+    dist = dist_name(record)
+    noarch_python = _is_noarch_python(record)
+    if noarch_python and python_record is None:
+        raise PackageError(f"{dist} is a noarch: python package, but the environment has no python")
+    archive = await fetch_verified(record, package_cache_dir)
+    await _inspect(record, archive)
+
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=work_dir, prefix=f".stage-{record.name.normalized}-"))
+    fd, out_name = tempfile.mkstemp(dir=work_dir, prefix=f"{dist}-", suffix=".tar.gz")
+    os.close(fd)
+    out_path = Path(out_name)
+    try:
+        local = rattler.RepoDataRecord(record, record.file_name, archive.as_uri(), record.channel)
+        records = [local]
+        if noarch_python and python_record is not None:
+            records.append(python_record)
+        target = staging / "prefix"
+        try:
+            await rattler.install(
+                records, target, cache_dir=staging / "cache", installed_packages=[],
+                ignored_packages={"python"} if len(records) > 1 else None,
+                platform=rattler.Platform(platform), execute_link_scripts=allow_scripts,
+                show_progress=False, alternative_target_prefix=prefix,
+            )
+        except Exception as exc:
+            log.info("install of %s failed: %s", dist, exc)
+            raise PackageError(f"{dist}: install failed: "
+                               f"{_public_message(exc, staging, work_dir, Path(package_cache_dir))}") from exc
+        return await asyncio.to_thread(
+            _finish_layer, record, staging, target, prefix=prefix, keep_unrecorded=allow_scripts,
+            hidden=(archive.parent, archive.parent.resolve(), staging.resolve()),
+            out_path=out_path,
+        )
+    except BaseException:
+        out_path.unlink(missing_ok=True)
+        raise
+    finally:
+        await asyncio.to_thread(shutil.rmtree, staging, True)
