@@ -1,0 +1,542 @@
+"""The pull API over HTTP, against a real FilesystemStore holding real blobs.
+
+The ImageService here is a small in-test class answering for blobs the test stored: this
+is the HTTP layer's unit test. End-to-end tests through skopeo/podman against the real
+builder live in test_e2e.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import pytest
+from aiohttp import ClientResponse, ClientTimeout
+from aiohttp.test_utils import TestClient
+
+from condery.config import DEFAULT_META_PACKAGES, MetaPackage
+from condery.registry.errors import ManifestUnknown, RegistryError, TooManyRequests
+from condery.registry.names import ImageRef, ImageRequest
+from condery.registry.negotiation import (
+    DOCKER_CONFIG,
+    DOCKER_LAYER_GZIP,
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_LAYER_GZIP,
+    OCI_MANIFEST,
+)
+from condery.registry.server import create_app, parse_range, RangeNotSatisfiable
+from condery.registry.tags import Latest, Snapshot
+from condery.storage import StorageError
+from condery.storage.filesystem import FilesystemStore
+
+SKOPEO_ACCEPT = [
+    OCI_MANIFEST,
+    DOCKER_MANIFEST,
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    "application/vnd.docker.distribution.manifest.v1+json",
+    DOCKER_MANIFEST_LIST,
+    OCI_INDEX,
+]
+UNKNOWN_DIGEST = "sha256:" + "0" * 64
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def make_layer() -> bytes:
+    """A real gzip'd tar, bigger than the store's 1 MiB read chunk."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        payload = os.urandom(3 * 1024 * 1024 + 17)
+        info = tarfile.TarInfo("opt/conda/lib/libdata.so")
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    return gzip.compress(buffer.getvalue(), mtime=0)
+
+
+def make_manifest(media_type: str, config_type: str, layer_type: str, config: bytes, layer: bytes) -> bytes:
+    document = {
+        "schemaVersion": 2,
+        "mediaType": media_type,
+        "config": {"mediaType": config_type, "digest": sha256(config), "size": len(config)},
+        "layers": [{"mediaType": layer_type, "digest": sha256(layer), "size": len(layer)}],
+    }
+    return json.dumps(document, sort_keys=True).encode()
+
+
+@dataclass
+class Image:
+    layer: bytes
+    config: bytes
+    oci: bytes
+    docker: bytes
+    index: bytes
+
+    @property
+    def ref(self) -> ImageRef:
+        return ImageRef(sha256(self.oci), OCI_MANIFEST, sha256(self.docker), DOCKER_MANIFEST)
+
+
+@dataclass
+class InTestService:
+    """Answers for the image the test stored; records what it was asked."""
+
+    image: Image
+    meta_packages: Mapping[str, MetaPackage] = field(default_factory=lambda: dict(DEFAULT_META_PACKAGES))
+    known_tags: dict[str, list[str]] = field(default_factory=dict)
+    failure: BaseException | None = None
+    gate: asyncio.Event | None = None
+    resolved: list[tuple[ImageRequest, Latest | Snapshot]] = field(default_factory=list)
+    finished: int = 0
+
+    async def resolve(self, request: ImageRequest, reference: Latest | Snapshot) -> ImageRef:
+        self.resolved.append((request, reference))
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.failure is not None:
+            raise self.failure
+        if "nothing-provides-this" in request.specs:
+            raise ManifestUnknown("nothing provides nothing-provides-this needed by the request")
+        self.finished += 1
+        return self.image.ref
+
+    async def manifest_media_type(self, digest: str) -> str | None:
+        return {
+            sha256(self.image.oci): OCI_MANIFEST,
+            sha256(self.image.docker): DOCKER_MANIFEST,
+            sha256(self.image.index): OCI_INDEX,
+        }.get(digest)
+
+    async def tags(self, request: ImageRequest) -> list[str]:
+        return list(self.known_tags.get(request.canonical_name, []))
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> FilesystemStore:
+    return FilesystemStore(tmp_path / "store")
+
+
+@pytest.fixture(scope="module")
+def layer() -> bytes:
+    return make_layer()
+
+
+@pytest.fixture
+async def image(store: FilesystemStore, layer: bytes) -> Image:
+    config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers"}}).encode()
+    oci = make_manifest(OCI_MANIFEST, OCI_CONFIG, OCI_LAYER_GZIP, config, layer)
+    docker = make_manifest(DOCKER_MANIFEST, DOCKER_CONFIG, DOCKER_LAYER_GZIP, config, layer)
+    index = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [{"mediaType": OCI_MANIFEST, "digest": sha256(oci), "size": len(oci)}],
+        }
+    ).encode()
+    for blob in (layer, config, oci, docker, index):
+        await store.put_blob_bytes(sha256(blob), blob)
+    return Image(layer, config, oci, docker, index)
+
+
+@pytest.fixture
+def service(image: Image) -> InTestService:
+    return InTestService(image)
+
+
+@pytest.fixture
+async def client(aiohttp_client: Any, service: InTestService, store: FilesystemStore) -> TestClient:
+    return await aiohttp_client(create_app(service, store))
+
+
+async def assert_error(response: ClientResponse, status: int, code: str) -> dict[str, Any]:
+    assert response.status == status, await response.text()
+    assert response.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+    assert response.content_type == "application/json"
+    body = await response.json()
+    assert [e["code"] for e in body["errors"]] == [code]
+    assert set(body["errors"][0]) == {"code", "message", "detail"}
+    assert "Traceback" not in json.dumps(body)
+    return body["errors"][0]
+
+
+# -- /v2/ ----------------------------------------------------------------------------
+
+
+async def test_base(client: TestClient) -> None:
+    for path in ("/v2/", "/v2"):
+        response = await client.get(path)
+        assert response.status == 200
+        assert await response.json() == {}
+        assert response.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+    response = await client.head("/v2/")
+    assert response.status == 200
+    await assert_error(await client.post("/v2/"), 405, "UNSUPPORTED")
+
+
+async def test_unknown_paths_are_404_in_error_format(client: TestClient) -> None:
+    await assert_error(await client.get("/"), 404, "NAME_UNKNOWN")
+    await assert_error(await client.get("/v1/_ping"), 404, "NAME_UNKNOWN")
+    await assert_error(await client.get("/v2/numpy/somewhere"), 404, "NAME_UNKNOWN")
+    await assert_error(await client.get("/v2/numpy/tags"), 404, "NAME_UNKNOWN")
+    await assert_error(await client.get("/v2/_catalog"), 404, "NAME_UNKNOWN")
+
+
+# -- manifests -----------------------------------------------------------------------
+
+
+async def test_manifest_by_tag_with_skopeo_accept_lines(client: TestClient, service: InTestService) -> None:
+    response = await client.get(
+        "/v2/scipy/numpy/manifests/latest", headers=[("Accept", a) for a in SKOPEO_ACCEPT]
+    )
+    assert response.status == 200
+    body = await response.read()
+    assert body == service.image.oci
+    digest = sha256(body)
+    assert response.headers["Content-Type"] == OCI_MANIFEST == json.loads(body)["mediaType"]
+    assert response.headers["Docker-Content-Digest"] == digest
+    assert response.headers["Content-Length"] == str(len(body))
+    assert response.headers["ETag"] == f'"{digest}"'
+    assert response.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+    [(request, reference)] = service.resolved
+    assert request.canonical_name == "numpy/scipy" and request.specs == ("numpy", "scipy")
+    assert reference == Latest()
+
+
+async def test_docker_only_client_gets_the_docker_manifest(client: TestClient, service: InTestService) -> None:
+    response = await client.get(
+        "/v2/numpy/manifests/latest", headers=[("Accept", DOCKER_MANIFEST), ("Accept", DOCKER_MANIFEST_LIST)]
+    )
+    assert response.status == 200
+    assert await response.read() == service.image.docker
+    assert response.headers["Content-Type"] == DOCKER_MANIFEST
+    assert response.headers["Docker-Content-Digest"] == sha256(service.image.docker)
+
+
+async def test_no_accept_gets_oci(client: TestClient, service: InTestService) -> None:
+    response = await client.get("/v2/numpy/manifests/latest", skip_auto_headers=["Accept"])
+    assert response.status == 200
+    assert response.headers["Content-Type"] == OCI_MANIFEST
+
+
+async def test_head_manifest_builds_like_get(client: TestClient, service: InTestService) -> None:
+    response = await client.head("/v2/numpy/manifests/latest", headers={"Accept": OCI_MANIFEST})
+    assert response.status == 200
+    assert await response.read() == b""
+    assert response.headers["Content-Length"] == str(len(service.image.oci))
+    assert response.headers["Docker-Content-Digest"] == sha256(service.image.oci)
+    assert response.headers["Content-Type"] == OCI_MANIFEST
+    assert len(service.resolved) == 1 and service.finished == 1
+
+
+async def test_snapshot_tag(client: TestClient, service: InTestService) -> None:
+    response = await client.get("/v2/numpy.ge.1.20/manifests/2024-06-01")
+    assert response.status == 200
+    [(request, reference)] = service.resolved
+    assert isinstance(reference, Snapshot) and reference.day.isoformat() == "2024-06-01"
+    assert request.specs == ("numpy >=1.20",)
+
+
+async def test_manifest_by_digest(client: TestClient, service: InTestService) -> None:
+    for blob, media_type in (
+        (service.image.oci, OCI_MANIFEST),
+        (service.image.docker, DOCKER_MANIFEST),
+        (service.image.index, OCI_INDEX),
+    ):
+        digest = sha256(blob)
+        # The digest decides, not Accept.
+        response = await client.get(f"/v2/numpy/manifests/{digest}", headers={"Accept": DOCKER_MANIFEST})
+        assert response.status == 200
+        assert await response.read() == blob
+        assert response.headers["Content-Type"] == media_type
+        assert response.headers["Docker-Content-Digest"] == digest
+        head = await client.head(f"/v2/numpy/manifests/{digest}")
+        assert head.status == 200 and head.headers["Content-Length"] == str(len(blob))
+    assert service.resolved == []
+    await assert_error(await client.get(f"/v2/numpy/manifests/{UNKNOWN_DIGEST}"), 404, "MANIFEST_UNKNOWN")
+
+
+async def test_manifest_known_to_service_but_missing_from_store(
+    client: TestClient, service: InTestService, tmp_path: Path
+) -> None:
+    (tmp_path / "store" / "blobs" / "sha256" / sha256(service.image.docker)[7:]).unlink()
+    response = await client.get(f"/v2/numpy/manifests/{sha256(service.image.docker)}")
+    await assert_error(response, 404, "MANIFEST_UNKNOWN")
+
+
+async def test_if_none_match(client: TestClient, service: InTestService) -> None:
+    digest = sha256(service.image.oci)
+    response = await client.get("/v2/numpy/manifests/latest", headers={"If-None-Match": f'"{digest}"'})
+    assert response.status == 304
+    assert response.headers["Docker-Content-Digest"] == digest
+    response = await client.get("/v2/numpy/manifests/latest", headers={"If-None-Match": '"sha256:other"'})
+    assert response.status == 200
+
+
+async def test_invalid_tag_is_manifest_unknown_without_solving(client: TestClient, service: InTestService) -> None:
+    for ref in ("v1.0", "2024-02-30", "2999-01-01", "sha256:abc", "Latest"):
+        error = await assert_error(await client.get(f"/v2/numpy/manifests/{ref}"), 404, "MANIFEST_UNKNOWN")
+        assert error["message"]
+    assert (await client.head("/v2/numpy/manifests/nope")).status == 404
+    assert service.resolved == []
+
+
+async def test_invalid_name(client: TestClient, service: InTestService) -> None:
+    for path in ("/v2/NumPy/manifests/latest", "/v2/numpy.ge/manifests/latest", "/v2/a..b/tags/list"):
+        error = await assert_error(await client.get(path), 400, "NAME_INVALID")
+        assert "numpy.ge.1.20.lt.2" in error["message"]
+    too_long = "/".join(["numpy"] * 60)
+    await assert_error(await client.get(f"/v2/{too_long}/manifests/latest"), 400, "NAME_INVALID")
+    await assert_error(await client.get(f"/v2/Bad/blobs/{UNKNOWN_DIGEST}"), 400, "NAME_INVALID")
+    assert service.resolved == []
+
+
+async def test_unsolvable_is_manifest_unknown_with_the_explanation(client: TestClient) -> None:
+    error = await assert_error(
+        await client.get("/v2/numpy/nothing-provides-this/manifests/latest"), 404, "MANIFEST_UNKNOWN"
+    )
+    assert "nothing provides nothing-provides-this" in error["message"]
+
+
+async def test_service_registry_errors_pass_through(client: TestClient, service: InTestService) -> None:
+    service.failure = TooManyRequests("too many builds in progress, retry later")
+    error = await assert_error(await client.get("/v2/numpy/manifests/latest"), 429, "TOOMANYREQUESTS")
+    assert error["message"] == "too many builds in progress, retry later"
+    service.failure = RegistryError("denied by policy", code="DENIED", status=403)
+    await assert_error(await client.get("/v2/numpy/manifests/latest"), 403, "DENIED")
+
+
+async def test_unexpected_failure_is_500_without_traceback(
+    client: TestClient, service: InTestService, caplog: pytest.LogCaptureFixture
+) -> None:
+    service.failure = RuntimeError("secret internal detail at /root/somewhere")
+    with caplog.at_level(logging.ERROR, logger="condery.registry"):
+        response = await client.get("/v2/numpy/manifests/latest")
+        error = await assert_error(response, 500, "UNKNOWN")
+    assert "secret" not in json.dumps(error)
+    # The traceback goes to the log instead.
+    assert any(record.exc_info and "secret internal detail" in str(record.exc_info[1]) for record in caplog.records)
+
+
+async def test_storage_failure_is_503(client: TestClient, service: InTestService) -> None:
+    service.failure = StorageError("disk full")
+    error = await assert_error(await client.get("/v2/numpy/manifests/latest"), 503, "UNKNOWN")
+    assert "disk full" not in error["message"]
+
+
+async def test_client_hangup_does_not_cancel_the_build(client: TestClient, service: InTestService) -> None:
+    service.gate = asyncio.Event()
+    with pytest.raises(asyncio.TimeoutError):
+        await client.get("/v2/numpy/manifests/latest", timeout=ClientTimeout(total=0.3))
+    assert len(service.resolved) == 1 and service.finished == 0
+    service.gate.set()
+    for _ in range(100):
+        if service.finished:
+            break
+        await asyncio.sleep(0.01)
+    assert service.finished == 1
+
+
+async def test_name_with_route_words(client: TestClient, service: InTestService) -> None:
+    # Names are split on the last /manifests/, so packages called manifests or blobs work.
+    response = await client.get("/v2/manifests/blobs/manifests/latest")
+    assert response.status == 200
+    assert service.resolved[0][0].canonical_name == "blobs/manifests"
+
+
+# -- blobs ---------------------------------------------------------------------------
+
+
+async def test_blob_get_streams_whole_blob(client: TestClient, service: InTestService) -> None:
+    layer = service.image.layer
+    response = await client.get(f"/v2/scipy/numpy/blobs/{sha256(layer)}")
+    assert response.status == 200
+    body = await response.read()
+    assert sha256(body) == sha256(layer)
+    assert response.headers["Content-Length"] == str(len(layer))
+    assert response.headers["Docker-Content-Digest"] == sha256(layer)
+    assert response.headers["Accept-Ranges"] == "bytes"
+    assert response.headers["Content-Type"] == "application/octet-stream"
+    assert response.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+
+
+async def test_blob_head(client: TestClient, service: InTestService) -> None:
+    config = service.image.config
+    response = await client.head(f"/v2/numpy/blobs/{sha256(config)}")
+    assert response.status == 200
+    assert await response.read() == b""
+    assert response.headers["Content-Length"] == str(len(config))
+    assert response.headers["Docker-Content-Digest"] == sha256(config)
+    response = await client.head(f"/v2/numpy/blobs/{UNKNOWN_DIGEST}")
+    assert response.status == 404
+
+
+@pytest.mark.parametrize(
+    ("header", "first", "last"),
+    [
+        ("bytes=0-99", 0, 99),
+        ("bytes=100-", 100, None),
+        ("bytes=-100", -100, None),
+        ("bytes=1048570-1048590", 1048570, 1048590),  # across the store's chunk boundary
+        ("bytes=5-999999999", 5, None),  # the end is clamped
+        ("bytes=-999999999", 0, None),  # a suffix longer than the blob is the whole blob
+    ],
+)
+async def test_blob_ranges(
+    client: TestClient, service: InTestService, header: str, first: int, last: int | None
+) -> None:
+    layer = service.image.layer
+    expected = layer[first : None if last is None else last + 1]
+    response = await client.get(f"/v2/numpy/blobs/{sha256(layer)}", headers={"Range": header})
+    assert response.status == 206
+    assert await response.read() == expected
+    start = first if first >= 0 else len(layer) + first
+    assert response.headers["Content-Range"] == f"bytes {start}-{start + len(expected) - 1}/{len(layer)}"
+    assert response.headers["Content-Length"] == str(len(expected))
+
+
+@pytest.mark.parametrize("header", ["bytes=99999999-", "bytes=-0", "bytes=10-5"])
+async def test_unsatisfiable_range(client: TestClient, service: InTestService, header: str) -> None:
+    layer = service.image.layer
+    response = await client.get(f"/v2/numpy/blobs/{sha256(layer)}", headers={"Range": header})
+    await assert_error(response, 416, "RANGE_INVALID")
+    assert response.headers["Content-Range"] == f"bytes */{len(layer)}"
+
+
+@pytest.mark.parametrize("header", ["items=0-5", "bytes=0-1,5-6", "bytes=abc", "bytes=-"])
+async def test_ignored_range_headers_serve_the_whole_blob(
+    client: TestClient, service: InTestService, header: str
+) -> None:
+    config = service.image.config
+    response = await client.get(f"/v2/numpy/blobs/{sha256(config)}", headers={"Range": header})
+    assert response.status == 200
+    assert await response.read() == config
+
+
+def test_parse_range_edges() -> None:
+    assert parse_range(None, 10) is None
+    assert parse_range("bytes=0-0", 10) == (0, 0)
+    assert parse_range("bytes=9-", 10) == (9, 9)
+    assert parse_range("bytes=-1", 10) == (9, 9)
+    with pytest.raises(RangeNotSatisfiable):
+        parse_range("bytes=0-", 0)
+    with pytest.raises(RangeNotSatisfiable):
+        parse_range("bytes=10-", 10)
+
+
+async def test_blob_errors(client: TestClient) -> None:
+    for bad in ("sha256:abc", "md5:" + "0" * 32, "sha256:" + "A" * 64, "latest"):
+        await assert_error(await client.get(f"/v2/numpy/blobs/{bad}"), 400, "DIGEST_INVALID")
+    await assert_error(await client.get(f"/v2/numpy/blobs/{UNKNOWN_DIGEST}"), 404, "BLOB_UNKNOWN")
+
+
+async def test_blob_redirect(aiohttp_client: Any, service: InTestService, tmp_path: Path) -> None:
+    class RedirectingStore(FilesystemStore):
+        """A filesystem store that also has a direct URL for each blob, as S3 does."""
+
+        async def blob_redirect_url(self, digest: str) -> str | None:
+            return f"http://blobs.example.invalid/{digest}?signature=x"
+
+    store = RedirectingStore(tmp_path / "store")
+    client = await aiohttp_client(create_app(service, store))
+    digest = sha256(service.image.layer)
+    response = await client.get(f"/v2/numpy/blobs/{digest}", allow_redirects=False)
+    assert response.status == 307
+    assert response.headers["Location"] == f"http://blobs.example.invalid/{digest}?signature=x"
+    # An unknown blob is still BLOB_UNKNOWN, not a redirect to nothing.
+    await assert_error(
+        await client.get(f"/v2/numpy/blobs/{UNKNOWN_DIGEST}", allow_redirects=False), 404, "BLOB_UNKNOWN"
+    )
+
+
+# -- tags ----------------------------------------------------------------------------
+
+
+async def test_tags_list_and_pagination(client: TestClient, service: InTestService) -> None:
+    tags = ["latest", "2024-06-01", "2024-05-01", "2023-01-01", "2024-06-01"]
+    service.known_tags["numpy/scipy"] = tags
+    response = await client.get("/v2/scipy/numpy/tags/list")
+    assert response.status == 200
+    assert await response.json() == {"name": "scipy/numpy", "tags": sorted(set(tags))}
+    assert "Link" not in response.headers
+
+    seen: list[str] = []
+    url = "/v2/scipy/numpy/tags/list?n=2"
+    pages = 0
+    while url:
+        response = await client.get(url)
+        assert response.status == 200
+        page = (await response.json())["tags"]
+        assert len(page) <= 2
+        seen += page
+        pages += 1
+        link = response.headers.get("Link")
+        if link:
+            assert link.endswith('>; rel="next"')
+            url = link[1 : link.index(">")]
+            assert url.startswith("/v2/scipy/numpy/tags/list?n=2&last=")
+        else:
+            url = ""
+    assert seen == sorted(set(tags)) and pages == 2
+
+    response = await client.get("/v2/scipy/numpy/tags/list?last=2024-05-01")
+    assert (await response.json())["tags"] == ["2024-06-01", "latest"]
+    response = await client.get("/v2/scipy/numpy/tags/list?n=0")
+    assert (await response.json())["tags"] == []
+
+
+async def test_tags_list_unknown_name_is_empty(client: TestClient) -> None:
+    response = await client.get("/v2/pandas/tags/list")
+    assert response.status == 200
+    assert await response.json() == {"name": "pandas", "tags": []}
+
+
+async def test_tags_list_bad_n(client: TestClient) -> None:
+    for n in ("-1", "abc", "1.5", ""):
+        await assert_error(await client.get(f"/v2/numpy/tags/list?n={n}"), 400, "PAGINATION_NUMBER_INVALID")
+
+
+# -- referrers -----------------------------------------------------------------------
+
+
+async def test_referrers_is_an_empty_index(client: TestClient, service: InTestService) -> None:
+    response = await client.get(f"/v2/numpy/referrers/{sha256(service.image.oci)}")
+    assert response.status == 200
+    assert response.headers["Content-Type"] == OCI_INDEX
+    assert await response.json() == {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
+    await assert_error(await client.get("/v2/numpy/referrers/sha256:nope"), 400, "DIGEST_INVALID")
+
+
+# -- push ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v2/numpy/blobs/uploads/"),
+        ("POST", f"/v2/numpy/blobs/uploads/?digest={UNKNOWN_DIGEST}"),
+        ("GET", "/v2/numpy/blobs/uploads/some-upload-id"),
+        ("PATCH", "/v2/numpy/blobs/uploads/some-upload-id"),
+        ("PUT", f"/v2/numpy/blobs/uploads/some-upload-id?digest={UNKNOWN_DIGEST}"),
+        ("DELETE", "/v2/numpy/blobs/uploads/some-upload-id"),
+        ("PUT", "/v2/numpy/manifests/latest"),
+        ("DELETE", "/v2/numpy/manifests/latest"),
+        ("DELETE", f"/v2/numpy/blobs/{UNKNOWN_DIGEST}"),
+        ("PUT", "/v2/numpy/tags/list"),
+    ],
+)
+async def test_push_is_unsupported(client: TestClient, service: InTestService, method: str, path: str) -> None:
+    await assert_error(await client.request(method, path, data=b"{}"), 405, "UNSUPPORTED")
+    assert service.resolved == []
