@@ -176,8 +176,8 @@ async def _inspect(record: rattler.RepoDataRecord, archive: Path) -> _Inspection
         info = await pkg.read_files(["info/link.json", "info/paths.json", "info/files"])
     except Exception as exc:
         raise PackageError(f"{dist}: not a valid conda package ({_first_line(exc)})") from exc
-    found = (index.name.normalized, str(index.version), index.build)
-    expected = (record.name.normalized, str(record.version), record.build)
+    found = (index.name.normalized, str(index.version), str(index.build))
+    expected = (record.name.normalized, str(record.version), str(record.build))
     if found != expected:
         raise PackageError(f"{dist}: the archive holds {'-'.join(found)}, not what the repodata says")
 
@@ -305,7 +305,12 @@ async def build_package_layer(record: rattler.RepoDataRecord, *, python_record: 
     if noarch_python and python_record is None:
         raise PackageError(f"{dist} is a noarch: python package, but the environment has no python")
     archive = await fetch_verified(record, package_cache_dir)
-    await _inspect(record, archive)
+    try:
+        await _inspect(record, archive)
+    except PackageError:
+        # Verified but unusable: keep nothing of it.
+        shutil.rmtree(archive.parent, ignore_errors=True)
+        raise
 
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -323,7 +328,7 @@ async def build_package_layer(record: rattler.RepoDataRecord, *, python_record: 
             await rattler.install(
                 records, target, cache_dir=staging / "cache", installed_packages=[],
                 ignored_packages={"python"} if len(records) > 1 else None,
-                platform=rattler.Platform(platform), execute_link_scripts=allow_scripts,
+                platform=rattler.Subdir(platform), execute_link_scripts=allow_scripts,
                 show_progress=False, alternative_target_prefix=prefix,
             )
         except Exception as exc:
