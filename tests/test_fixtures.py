@@ -1,0 +1,207 @@
+"""The test world itself works: packages install and run, the base image runs, channels solve,
+and an image assembled by hand (base + conda packages at /opt/conda) runs its programs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import rattler
+from rattler import BuildString, Channel, GenericVirtualPackage, PackageName, PathsJson, Version
+
+from tests.fixtures.base_image import BASE_PATH, BASE_TAG, DEBIAN_PACKAGES, download_debs, make_rootfs, resolve_debs, write_layout
+from tests.fixtures.channel import HELLO_PLACEHOLDER
+from tests.fixtures.clients import (
+    Podman,
+    bundle_env,
+    bundle_process,
+    docker_registry,
+    oci_validate,
+    run_in_rootfs,
+    skopeo_copy,
+    skopeo_inspect_raw,
+    skopeo_push,
+    umoci_unpack,
+)
+from tests.fixtures.procs import cache_root
+from tests.fixtures.python_package import python_version
+
+PLATFORMS = ["linux-64", "noarch"]
+VIRTUAL_PACKAGES = [
+    GenericVirtualPackage(PackageName("__glibc"), Version("2.36"), BuildString("0")),
+    GenericVirtualPackage(PackageName("__unix"), Version("0"), BuildString("0")),
+    GenericVirtualPackage(PackageName("__linux"), Version("6.1"), BuildString("0")),
+]
+
+
+async def solve(channel: Path, specs: list[str]) -> list[rattler.RepoDataRecord]:
+    return await rattler.solve(
+        [Channel(channel.as_uri())], specs, platforms=PLATFORMS, virtual_packages=VIRTUAL_PACKAGES
+    )
+
+
+# --- the python package ---
+
+
+def test_python_package_records_placeholders(python_pkg: Path) -> None:
+    paths = {e.relative_path.as_posix(): e for e in PathsJson.from_package_archive(python_pkg).paths}
+    ver = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    interpreter = paths[f"bin/python{ver}"]
+    assert interpreter.prefix_placeholder is not None
+    assert interpreter.prefix_placeholder.placeholder == sys.base_prefix
+    assert "binary" in str(interpreter.prefix_placeholder.file_mode)
+    sysconfigdata = next(p for p in paths if "_sysconfigdata_" in p)
+    assert "text" in str(paths[sysconfigdata].prefix_placeholder.file_mode)
+    site_packages = [p for p in paths if "/site-packages/" in p]
+    assert site_packages == [f"lib/python{ver}/site-packages/README.txt"]
+    assert not any(f"/python{ver}/test/" in p or "__pycache__" in p or "/idlelib/" in p for p in paths)
+
+
+async def test_python_package_runs_at_its_install_prefix(fixture_channel: Path, short_tmp: Path) -> None:
+    records = await solve(fixture_channel, ["python"])
+    assert [(r.name.normalized, str(r.version)) for r in records] == [("python", python_version())]
+    prefix = short_tmp / "env"
+    await rattler.install(records, prefix, cache_dir=short_tmp / "pkgs", show_progress=False)
+    result = subprocess.run(
+        [prefix / "bin" / "python", "-c", "import sys, json; print(sys.prefix)"],
+        capture_output=True,
+        text=True,
+        env={"PATH": BASE_PATH},  # nothing of the test interpreter's environment
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(prefix)
+
+
+# --- the channels ---
+
+
+async def test_fixture_channel_solves_python_tqdm_xz(fixture_channel: Path) -> None:
+    records = {r.name.normalized: r for r in await solve(fixture_channel, ["python", "tqdm", "xz"])}
+    assert set(records) == {"python", "tqdm", "xz", "libgcc-ng", "_libgcc_mutex"}
+    assert records["libgcc-ng"].license == "stand-in"
+    assert records["tqdm"].noarch.python
+
+
+async def test_edge_case_packages_install_and_run(fixture_channel: Path, short_tmp: Path) -> None:
+    specs = ["condery-hello", "condery-symlinks", "condery-noarch", "condery-empty"]
+    records = await solve(fixture_channel, specs)
+    prefix = short_tmp / "env"
+    await rattler.install(records, prefix, cache_dir=short_tmp / "pkgs", show_progress=False)
+
+    hello = subprocess.run([prefix / "bin" / "condery-hello"], capture_output=True, text=True, check=True)
+    assert hello.stdout.strip() == str(prefix)
+    assert (prefix / "etc/condery-hello/prefix.txt").read_text() == f"prefix={prefix}\n"
+    assert HELLO_PLACEHOLDER.encode() not in (prefix / "bin" / "condery-hello").read_bytes()
+
+    share = prefix / "share" / "condery-symlinks"
+    assert os.readlink(share / "dangling") == "does-not-exist" and not (share / "dangling").exists()
+    assert (share / "same-dir-link").read_text() == "the target\n"
+    assert (prefix / "bin" / "condery-symlinks-target").read_text() == "the target\n"
+
+    noarch = subprocess.run([prefix / "bin" / "condery-noarch-hello"], capture_output=True, text=True)
+    assert noarch.returncode == 0, noarch.stderr
+    assert noarch.stdout.strip() == "hello from condery-noarch"
+    assert json.loads((prefix / "conda-meta" / "condery-empty-1.0-0.json").read_text())["files"] == []
+
+
+async def test_malformed_channel_indexes_but_its_package_is_unusable(malformed_channel: Path, short_tmp: Path) -> None:
+    (record,) = await solve(malformed_channel, ["ca-certificates"])
+    package = malformed_channel / "linux-64" / record.file_name
+    assert record.sha256.hex() == hashlib.sha256(package.read_bytes()).hexdigest()
+    with pytest.raises(Exception, match="(?i)zip|component|archive"):
+        await rattler.install([record], short_tmp / "env", cache_dir=short_tmp / "pkgs", show_progress=False)
+
+
+async def test_bad_hash_channel_records_a_wrong_sha256(bad_hash_channel: Path) -> None:
+    (record,) = await solve(bad_hash_channel, ["condery-badhash"])
+    data = (bad_hash_channel / "linux-64" / record.file_name).read_bytes()
+    assert record.sha256.hex() != hashlib.sha256(data).hexdigest()
+    assert record.md5.hex() == hashlib.md5(data).hexdigest()  # noqa: S324 - only the sha256 lies
+
+
+# --- the base image ---
+
+
+def test_base_layout_validates_and_runs_sh(base_layout: Path, tmp_path: Path) -> None:
+    oci_validate(base_layout)
+    rootfs = umoci_unpack(base_layout, BASE_TAG, tmp_path / "bundle")
+    process = bundle_process(tmp_path / "bundle")
+    assert process["args"] == ["/bin/sh"]
+    assert bundle_env(tmp_path / "bundle")["PATH"] == BASE_PATH
+    assert stat.S_IMODE((rootfs / "tmp").lstat().st_mode) == 0o1777
+    assert os.readlink(rootfs / "lib64") == "usr/lib64"
+
+    result = run_in_rootfs(rootfs, ["/bin/sh", "-c", "echo ok; id user; ls /proc/self/exe >/dev/null"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["ok", "uid=1000(user) gid=1000(user) groups=1000(user)"]
+
+
+def test_base_layout_is_reproducible(base_layout: Path, tmp_path: Path) -> None:
+    # The .debs are in the cache already (base_layout downloaded them): no network here.
+    debs = download_debs(resolve_debs(DEBIAN_PACKAGES), cache_root() / "debs")
+    make_rootfs(debs, tmp_path / "rootfs")
+    write_layout(tmp_path / "rootfs", tmp_path / "layout", tag=BASE_TAG, description=", ".join(p.name for p in debs))
+    assert (tmp_path / "layout" / "index.json").read_bytes() == (base_layout / "index.json").read_bytes()
+
+
+def test_clients_pull_the_base_from_the_reference_registry(base_layout: Path, tmp_path: Path, podman: Podman) -> None:
+    with docker_registry(tmp_path / "registry") as location:
+        ref = f"{location}/debian:{BASE_TAG}"
+        skopeo_push(base_layout, BASE_TAG, ref)
+        index = json.loads((base_layout / "index.json").read_text())
+        raw = skopeo_inspect_raw(ref)
+        assert "sha256:" + hashlib.sha256(raw).hexdigest() == index["manifests"][0]["digest"]
+
+        pulled = skopeo_copy(ref, tmp_path / "pulled", "x")
+        oci_validate(pulled)
+        rootfs = umoci_unpack(pulled, "x", tmp_path / "bundle")
+        assert run_in_rootfs(rootfs, ["/bin/sh", "-c", "echo ok"]).stdout == "ok\n"
+
+        podman.pull(ref)
+        result = podman.run(ref, ["/bin/sh", "-c", "echo from podman; id -u"], user="1000")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == "from podman\n1000\n"
+
+
+# --- the whole image idea, by hand ---
+
+
+async def test_conda_packages_at_opt_conda_run_on_the_base(
+    base_layout: Path, fixture_channel: Path, tmp_path: Path
+) -> None:
+    """What condery automates: the base, plus conda packages installed for /opt/conda.
+
+    Nothing had to be added to the base for these to run: the libgcc-ng stand-in is
+    enough because libc6/libgcc-s1 come from Debian, and xz/python carry their own libs.
+    """
+    rootfs = umoci_unpack(base_layout, BASE_TAG, tmp_path / "bundle")
+    records = await solve(fixture_channel, ["python", "tqdm", "xz", "condery-hello", "condery-noarch"])
+    await rattler.install(
+        records,
+        rootfs / "opt" / "conda",
+        alternative_target_prefix="/opt/conda",
+        cache_dir=tmp_path / "pkgs",
+        show_progress=False,
+    )
+    env = {"PATH": f"/opt/conda/bin:{BASE_PATH}", "HOME": "/root"}
+
+    def run(*argv: str) -> str:
+        result = run_in_rootfs(rootfs, list(argv), env=env)
+        assert result.returncode == 0, f"{argv}: {result.stderr}"
+        return result.stdout.strip()
+
+    assert run("/opt/conda/bin/python", "-c", "import tqdm, sys; print(sys.prefix, tqdm.__version__)") == (
+        "/opt/conda 4.54.1"
+    )
+    assert run("/opt/conda/bin/tqdm", "--version") == "4.54.1"
+    assert run("/opt/conda/bin/xz", "--version").startswith("xz (XZ Utils) 5.2.5")
+    assert run("condery-hello") == "/opt/conda"
+    assert run("condery-noarch-hello") == "hello from condery-noarch"
+    assert run("sh", "-c", "echo data | xz | xz -d") == "data"
