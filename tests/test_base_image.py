@@ -35,13 +35,13 @@ from condery.registry.upstream import (
 )
 from condery.storage.filesystem import FilesystemStore
 from tests.fixtures.base_image import glibc_base_layout
-from tests.fixtures.upstream import (
+from tests.fixtures.upstream import (  # the two registry fixtures are used by name
     Layout,
     Registry,
     gzip_bytes,
     make_tar,
-    token_registry,  # noqa: F401 - pytest fixture
-    upstream_registry,  # noqa: F401 - pytest fixture
+    token_registry,  # noqa: F401
+    upstream_registry,  # noqa: F401
     write_layout,
 )
 

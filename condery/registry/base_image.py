@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -90,9 +89,10 @@ async def resolve_base_image(
     if spec.startswith("oci:"):
         layout = _Layout.from_spec(spec[len("oci:") :])
         # A layout can change under the same path: key the work by what it holds now.
-        root: FetchedManifest | None = await asyncio.to_thread(layout.root_manifest)
-        key = _record_key(f"oci-manifest:{root.digest}", platform)
-        source, reference = layout, root.digest
+        layout_root = await asyncio.to_thread(layout.root_manifest)
+        key = _record_key(f"oci-manifest:{layout_root.digest}", platform)
+        root: FetchedManifest | None = layout_root
+        source, reference = layout, layout_root.digest
     else:
         try:
             ref = ImageReference.parse(spec)
@@ -333,7 +333,7 @@ async def _import(
     with tempfile.TemporaryDirectory(prefix="condery-base-") as tmp:
         staged: list[Path | None] = []
         glibc: str | None = None
-        for layer, diff_id in zip(layers, diff_ids):
+        for layer, diff_id in zip(layers, diff_ids, strict=True):
             present = await store.blob_info(layer.digest) is not None
             path = await (_copy_from_store(store, layer.digest, Path(tmp)) if present
                           else source.fetch_blob(layer, Path(tmp)))
@@ -345,9 +345,9 @@ async def _import(
                 path.unlink()
             staged.append(None if present else path)
         await store.put_blob_bytes(config_desc.digest, config_bytes)
-        for layer, path in zip(layers, staged):
-            if path is not None:
-                await store.put_blob_file(layer.digest, path)
+        for layer, staged_path in zip(layers, staged, strict=True):
+            if staged_path is not None:
+                await store.put_blob_file(layer.digest, staged_path)
 
     image = BaseImage(config, layers, tuple(diff_ids), glibc)
     record = {
@@ -445,8 +445,8 @@ def scan_layer(path: Path) -> LayerScan:
                     elif _LIBC_SO.match(name) and member.isfile() and member.size <= _MAX_LIBC_READ:
                         found = _BANNER.search(_read_member(tar, member))
                         banner = found.group(1).decode() if found else banner
-                    elif (found := _VERSIONED_LIB.match(name)) and member.isfile():
-                        filename = found.group(1)
+                    elif (versioned := _VERSIONED_LIB.match(name)) and member.isfile():
+                        filename = versioned.group(1)
                     elif (_LIBC_SO.match(name) or _LD_SO.match(name)) and member.issym():
                         target = _VERSIONED_TARGET.search(member.linkname)
                         filename = target.group(1) if target else filename
