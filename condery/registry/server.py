@@ -335,15 +335,7 @@ async def _error_middleware(
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        if exc.status == 404:
-            error: RegistryError = NameUnknown(
-                f"no such endpoint: {request.path[:120]}; condery serves the OCI pull API under /v2/"
-            )
-        elif exc.status == 405:
-            error = Unsupported(f"{request.method} {request.path[:120]} is not supported")
-        else:
-            error = RegistryError(exc.reason, status=exc.status)
-        return error_response(error)
+        return error_response(_http_exception_error(request, exc))
     except StorageError:
         if request.get(_STREAMING):
             raise
@@ -354,6 +346,15 @@ async def _error_middleware(
             raise
         log.exception("%s %s: internal error", request.method, request.path[:120])
         return error_response(RegistryError())
+
+
+def _http_exception_error(request: web.Request, exc: web.HTTPException) -> RegistryError:
+    """The spec's error for aiohttp's own 4xx (unmatched route, wrong method)."""
+    if exc.status == 404:
+        return NameUnknown(f"no such endpoint: {request.path[:120]}; condery serves the OCI pull API under /v2/")
+    if exc.status == 405:
+        return Unsupported(f"{request.method} {request.path[:120]} is not supported")
+    return RegistryError(exc.reason, status=exc.status)
 
 
 async def _add_api_version(request: web.Request, response: web.StreamResponse) -> None:
