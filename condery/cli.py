@@ -18,7 +18,7 @@ from condery.layers.env_layer import explicit_lock
 from condery.registry.errors import RegistryError
 from condery.registry.names import NameInvalid, parse_name
 from condery.registry.oci_layout import write_oci_layout
-from condery.registry.server import create_app
+from condery.registry.server import ACCESS_LOG_FORMAT, create_app
 from condery.registry.tags import Digest, parse_reference
 from condery.state import AppState
 
@@ -62,7 +62,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             port=getattr(args, "port", None),
         )
         if args.command == "serve":
-            web.run_app(_serve_app(config), host=config.host, port=config.port, print=None)
+            web.run_app(
+                _serve_app(config),
+                host=config.host,
+                port=config.port,
+                print=None,
+                access_log_format=ACCESS_LOG_FORMAT,
+            )
             return 0
         if args.command == "build":
             return asyncio.run(_build(config, args.name, args.tag, args.output))

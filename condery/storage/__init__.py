@@ -31,14 +31,14 @@ class StorageError(RuntimeError):
 
 def check_digest(digest: str) -> str:
     """Return `digest` if it is a well-formed sha256 digest, else raise ValueError."""
-    if not DIGEST_RE.match(digest):
+    if not DIGEST_RE.fullmatch(digest):
         raise ValueError(f"not a sha256 digest: {digest!r}")
     return digest
 
 
 def check_record_key(key: str) -> str:
     """Keys become paths (filesystem) or object names (S3): no '..', no empty parts."""
-    if not RECORD_KEY_RE.match(key) or any(part in (".", "..") for part in key.split("/")):
+    if not RECORD_KEY_RE.fullmatch(key) or any(part in (".", "..") for part in key.split("/")):
         raise ValueError(f"invalid record key: {key!r}")
     return key
 
