@@ -124,6 +124,7 @@ class ImageService:
         self.store = state.store
         self._images: SingleFlight[ImageRef] = SingleFlight()
         self._layers: SingleFlight[LayerEntry] = SingleFlight()
+        self._bases: SingleFlight[BaseImage] = SingleFlight()
         self._repodata_fresh_at = 0.0
 
     @property
@@ -205,8 +206,14 @@ class ImageService:
         return ref
 
     async def solve(self, request: ImageRequest, reference: Latest | Snapshot, subdir: str) -> list[rattler.RepoDataRecord]:
-        base = await resolve_base_image(self.config.base_image, oci_platform(subdir), self.store, self.state.http)
-        return await self._solve(request, reference, subdir, base)
+        return await self._solve(request, reference, subdir, await self._base(subdir))
+
+    async def _base(self, subdir: str) -> BaseImage:
+        """The base image for a platform, fetched once however many builds need it."""
+        platform = oci_platform(subdir)
+        return await self._bases.run(
+            subdir, lambda: resolve_base_image(self.config.base_image, platform, self.store, self.state.http)
+        )
 
     async def _solve(
         self, request: ImageRequest, reference: Latest | Snapshot, subdir: str, base: BaseImage
@@ -240,7 +247,7 @@ class ImageService:
         progress: BuildProgress | None,
     ) -> PlatformImage:
         platform = oci_platform(subdir)
-        base = await resolve_base_image(self.config.base_image, platform, self.store, self.state.http)
+        base = await self._base(subdir)
         records = await self._solve(request, reference, subdir, base)
         if progress:
             progress.solved(subdir, len(records))
