@@ -1,0 +1,136 @@
+"""The image's last layer: what belongs to this environment rather than to one package.
+
+- `<prefix>/conda-meta/history`: conda's own format, so `conda list --revisions` and
+  `conda install` later in a derived image see how the environment was made.
+- `<prefix>/conda-meta/explicit.txt`: an `@EXPLICIT` lock (URL + sha256 per package) from
+  which `conda create --file` or `micromamba create --file` rebuild the same environment.
+- `<prefix>/etc/condery/activate.sh`: sets CONDA_PREFIX and PATH and sources the packages'
+  `etc/conda/activate.d/*.sh` when a shell starts, not at build time (those scripts read
+  the container's environment). `/etc/profile.d/condery.sh` sources it for login shells;
+  non-login shells get it through BASH_ENV/ENV in the image config.
+
+The layer depends only on the arguments, so it is reproducible like the package layers.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+import rattler
+
+from condery.layers import LayerBlob, PackageError
+from condery.layers.tarball import write_layer
+
+# The prefix is pasted into shell scripts: keep it to characters that need no quoting.
+_SHELL_SAFE_PREFIX = re.compile(r"^(/[A-Za-z0-9._+-]+)+$")
+_ANACONDA_CLOUD = "https://conda.anaconda.org/"
+
+
+def _check_prefix(prefix: str) -> str:
+    if not _SHELL_SAFE_PREFIX.match(prefix) or any(p in (".", "..") for p in prefix.split("/")):
+        raise ValueError(f"prefix {prefix!r} must be an absolute path of [A-Za-z0-9._+-] components")
+    return prefix
+
+
+def _dist(record: rattler.PackageRecord) -> str:
+    return f"{record.name.normalized}-{record.version}-{record.build}"
+
+
+def channel_name(channel_url: str) -> str:
+    """How conda names a channel in history: "conda-forge" for anaconda.org, else its URL."""
+    url = channel_url.rstrip("/")
+    if url.startswith(_ANACONDA_CLOUD):
+        return url[len(_ANACONDA_CLOUD):]
+    return url
+
+
+def explicit_lock(records: Sequence[rattler.RepoDataRecord], platform: str) -> str:
+    """conda's explicit environment file, dependencies before dependents."""
+    lines = [f"# platform: {platform}", "@EXPLICIT"]
+    # rattler returns plain PackageRecords (no URL); names are unique in a solve.
+    by_name = {r.name.normalized: r for r in records}
+    if len(by_name) != len(records):
+        raise ValueError("explicit_lock needs records with unique names")
+    for sorted_record in rattler.PackageRecord.sort_topologically(list(records)):
+        record = by_name[sorted_record.name.normalized]
+        if record.sha256 is None:
+            raise PackageError(f"{_dist(record)}: the channel gives no sha256, so it cannot be locked")
+        lines.append(f"{record.url}#sha256:{record.sha256.hex()}")
+    return "\n".join(lines) + "\n"
+
+
+def history(records: Sequence[rattler.RepoDataRecord], requested_specs: Sequence[str], created: datetime,
+            command: str) -> str:
+    """One revision of conda-meta/history, as `conda create` writes it."""
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=timezone.utc)
+    stamp = created.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    added = sorted(f"+{channel_name(r.channel)}/{r.subdir}::{_dist(r)}" for r in records)
+    one_line_command = " ".join(command.split())
+    # conda reads the spec list back with ast.literal_eval, hence Python's list syntax.
+    return "\n".join([
+        f"==> {stamp} <==",
+        f"# cmd: {one_line_command}",
+        *added,
+        f"# update specs: {[str(s) for s in requested_specs]!r}",
+    ]) + "\n"
+
+
+def activate_script(prefix: str) -> str:
+    return f"""\
+# Activation of the conda environment at {prefix} (written by condery).
+# POSIX sh: sourced by bash (BASH_ENV, /etc/profile.d) and by dash/busybox sh (ENV).
+export CONDA_PREFIX={prefix}
+export CONDA_DEFAULT_ENV={prefix}
+export CONDA_SHLVL=1
+# Always, because /etc/profile of a login shell resets PATH.
+case ":${{PATH:-}}:" in
+    *:{prefix}/bin:*) ;;
+    *) export PATH="{prefix}/bin${{PATH:+:$PATH}}" ;;
+esac
+# Once per process tree, as `conda activate` in a parent shell would: children inherit
+# what the scripts export.
+if [ "${{CONDERY_ACTIVATED:-}}" != "{prefix}" ]; then
+    export CONDERY_ACTIVATED={prefix}
+    for _condery_script in {prefix}/etc/conda/activate.d/*.sh; do
+        if [ -r "$_condery_script" ]; then
+            . "$_condery_script"
+        fi
+    done
+    unset _condery_script
+fi
+"""
+
+
+def profile_script(prefix: str) -> str:
+    return f"""\
+# Login shells: activate the conda environment at {prefix} (written by condery).
+if [ -r {prefix}/etc/condery/activate.sh ]; then
+    . {prefix}/etc/condery/activate.sh
+fi
+"""
+
+
+def build_env_layer(records: Sequence[rattler.RepoDataRecord], *, requested_specs: Sequence[str], prefix: str,
+                    platform: str, created: datetime, out_path: Path, command: str) -> LayerBlob:
+    """Write the environment layer to `out_path` (blocking; small)."""
+    _check_prefix(prefix)
+    out_path = Path(out_path)
+    files = {
+        "conda-meta/history": history(records, requested_specs, created, command),
+        "conda-meta/explicit.txt": explicit_lock(records, platform),
+        "etc/condery/activate.sh": activate_script(prefix),
+    }
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".env-") as tmp:
+        root = Path(tmp)
+        env = root / prefix.strip("/")
+        for rel, text in files.items():
+            (env / rel).parent.mkdir(parents=True, exist_ok=True)
+            (env / rel).write_text(text)
+        (root / "etc" / "profile.d").mkdir(parents=True)
+        (root / "etc" / "profile.d" / "condery.sh").write_text(profile_script(prefix))
+        return write_layer(root, "", out_path)
