@@ -4,6 +4,7 @@ and an image assembled by hand (base + conda packages at /opt/conda) runs its pr
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -15,8 +16,17 @@ from pathlib import Path
 import pytest
 import rattler
 from rattler import BuildString, Channel, GenericVirtualPackage, PackageName, PathsJson, Version
+from rattler.platform.subdir import SubdirLiteral
 
-from tests.fixtures.base_image import BASE_PATH, BASE_TAG, DEBIAN_PACKAGES, download_debs, make_rootfs, resolve_debs, write_layout
+from tests.fixtures.base_image import (
+    BASE_PATH,
+    BASE_TAG,
+    DEBIAN_PACKAGES,
+    download_debs,
+    make_rootfs,
+    resolve_debs,
+    write_layout,
+)
 from tests.fixtures.channel import HELLO_PLACEHOLDER
 from tests.fixtures.clients import (
     Podman,
@@ -33,7 +43,7 @@ from tests.fixtures.clients import (
 from tests.fixtures.procs import cache_root
 from tests.fixtures.python_package import python_version
 
-PLATFORMS = ["linux-64", "noarch"]
+PLATFORMS: list[SubdirLiteral] = ["linux-64", "noarch"]
 VIRTUAL_PACKAGES = [
     GenericVirtualPackage(PackageName("__glibc"), Version("2.36"), BuildString("0")),
     GenericVirtualPackage(PackageName("__unix"), Version("0"), BuildString("0")),
@@ -41,10 +51,22 @@ VIRTUAL_PACKAGES = [
 ]
 
 
-async def solve(channel: Path, specs: list[str]) -> list[rattler.RepoDataRecord]:
-    return await rattler.solve(
-        [Channel(channel.as_uri())], specs, platforms=PLATFORMS, virtual_packages=VIRTUAL_PACKAGES
+# Tests are synchronous on purpose: they run real processes, which would block a loop.
+def solve(channel: Path, specs: list[str]) -> list[rattler.RepoDataRecord]:
+    return asyncio.run(
+        rattler.solve([Channel(channel.as_uri())], specs, platforms=PLATFORMS, virtual_packages=VIRTUAL_PACKAGES)
     )
+
+
+def install(records: list[rattler.RepoDataRecord], prefix: Path, cache: Path, image_prefix: str | None = None) -> None:
+    asyncio.run(
+        rattler.install(records, prefix, cache_dir=cache, alternative_target_prefix=image_prefix, show_progress=False)
+    )
+
+
+def hex_of(digest: bytes | None) -> str:
+    assert digest is not None
+    return digest.hex()
 
 
 # --- the python package ---
@@ -57,20 +79,21 @@ def test_python_package_records_placeholders(python_pkg: Path) -> None:
     assert interpreter.prefix_placeholder is not None
     assert interpreter.prefix_placeholder.placeholder == sys.base_prefix
     assert "binary" in str(interpreter.prefix_placeholder.file_mode)
-    sysconfigdata = next(p for p in paths if "_sysconfigdata_" in p)
-    assert "text" in str(paths[sysconfigdata].prefix_placeholder.file_mode)
+    sysconfigdata = paths[next(p for p in paths if "_sysconfigdata_" in p)].prefix_placeholder
+    assert sysconfigdata is not None and "text" in str(sysconfigdata.file_mode)
     site_packages = [p for p in paths if "/site-packages/" in p]
     assert site_packages == [f"lib/python{ver}/site-packages/README.txt"]
     assert not any(f"/python{ver}/test/" in p or "__pycache__" in p or "/idlelib/" in p for p in paths)
 
 
-async def test_python_package_runs_at_its_install_prefix(fixture_channel: Path, short_tmp: Path) -> None:
-    records = await solve(fixture_channel, ["python"])
+def test_python_package_runs_at_its_install_prefix(fixture_channel: Path, short_tmp: Path) -> None:
+    records = solve(fixture_channel, ["python"])
     assert [(r.name.normalized, str(r.version)) for r in records] == [("python", python_version())]
     prefix = short_tmp / "env"
-    await rattler.install(records, prefix, cache_dir=short_tmp / "pkgs", show_progress=False)
+    install(records, prefix, short_tmp / "pkgs")
     result = subprocess.run(
         [prefix / "bin" / "python", "-c", "import sys, json; print(sys.prefix)"],
+        check=False,
         capture_output=True,
         text=True,
         env={"PATH": BASE_PATH},  # nothing of the test interpreter's environment
@@ -82,18 +105,18 @@ async def test_python_package_runs_at_its_install_prefix(fixture_channel: Path, 
 # --- the channels ---
 
 
-async def test_fixture_channel_solves_python_tqdm_xz(fixture_channel: Path) -> None:
-    records = {r.name.normalized: r for r in await solve(fixture_channel, ["python", "tqdm", "xz"])}
+def test_fixture_channel_solves_python_tqdm_xz(fixture_channel: Path) -> None:
+    records = {r.name.normalized: r for r in solve(fixture_channel, ["python", "tqdm", "xz"])}
     assert set(records) == {"python", "tqdm", "xz", "libgcc-ng", "_libgcc_mutex"}
     assert records["libgcc-ng"].license == "stand-in"
     assert records["tqdm"].noarch.python
 
 
-async def test_edge_case_packages_install_and_run(fixture_channel: Path, short_tmp: Path) -> None:
+def test_edge_case_packages_install_and_run(fixture_channel: Path, short_tmp: Path) -> None:
     specs = ["condery-hello", "condery-symlinks", "condery-noarch", "condery-empty"]
-    records = await solve(fixture_channel, specs)
+    records = solve(fixture_channel, specs)
     prefix = short_tmp / "env"
-    await rattler.install(records, prefix, cache_dir=short_tmp / "pkgs", show_progress=False)
+    install(records, prefix, short_tmp / "pkgs")
 
     hello = subprocess.run([prefix / "bin" / "condery-hello"], capture_output=True, text=True, check=True)
     assert hello.stdout.strip() == str(prefix)
@@ -105,25 +128,25 @@ async def test_edge_case_packages_install_and_run(fixture_channel: Path, short_t
     assert (share / "same-dir-link").read_text() == "the target\n"
     assert (prefix / "bin" / "condery-symlinks-target").read_text() == "the target\n"
 
-    noarch = subprocess.run([prefix / "bin" / "condery-noarch-hello"], capture_output=True, text=True)
+    noarch = subprocess.run([prefix / "bin" / "condery-noarch-hello"], check=False, capture_output=True, text=True)
     assert noarch.returncode == 0, noarch.stderr
     assert noarch.stdout.strip() == "hello from condery-noarch"
     assert json.loads((prefix / "conda-meta" / "condery-empty-1.0-0.json").read_text())["files"] == []
 
 
-async def test_malformed_channel_indexes_but_its_package_is_unusable(malformed_channel: Path, short_tmp: Path) -> None:
-    (record,) = await solve(malformed_channel, ["ca-certificates"])
+def test_malformed_channel_indexes_but_its_package_is_unusable(malformed_channel: Path, short_tmp: Path) -> None:
+    (record,) = solve(malformed_channel, ["ca-certificates"])
     package = malformed_channel / "linux-64" / record.file_name
-    assert record.sha256.hex() == hashlib.sha256(package.read_bytes()).hexdigest()
+    assert hex_of(record.sha256) == hashlib.sha256(package.read_bytes()).hexdigest()
     with pytest.raises(Exception, match="(?i)zip|component|archive"):
-        await rattler.install([record], short_tmp / "env", cache_dir=short_tmp / "pkgs", show_progress=False)
+        install([record], short_tmp / "env", short_tmp / "pkgs")
 
 
-async def test_bad_hash_channel_records_a_wrong_sha256(bad_hash_channel: Path) -> None:
-    (record,) = await solve(bad_hash_channel, ["condery-badhash"])
+def test_bad_hash_channel_records_a_wrong_sha256(bad_hash_channel: Path) -> None:
+    (record,) = solve(bad_hash_channel, ["condery-badhash"])
     data = (bad_hash_channel / "linux-64" / record.file_name).read_bytes()
-    assert record.sha256.hex() != hashlib.sha256(data).hexdigest()
-    assert record.md5.hex() == hashlib.md5(data).hexdigest()  # noqa: S324 - only the sha256 lies
+    assert hex_of(record.sha256) != hashlib.sha256(data).hexdigest()
+    assert hex_of(record.md5) == hashlib.md5(data).hexdigest()  # only the sha256 lies
 
 
 # --- the base image ---
@@ -173,23 +196,15 @@ def test_clients_pull_the_base_from_the_reference_registry(base_layout: Path, tm
 # --- the whole image idea, by hand ---
 
 
-async def test_conda_packages_at_opt_conda_run_on_the_base(
-    base_layout: Path, fixture_channel: Path, tmp_path: Path
-) -> None:
+def test_conda_packages_at_opt_conda_run_on_the_base(base_layout: Path, fixture_channel: Path, tmp_path: Path) -> None:
     """What condery automates: the base, plus conda packages installed for /opt/conda.
 
     Nothing had to be added to the base for these to run: the libgcc-ng stand-in is
     enough because libc6/libgcc-s1 come from Debian, and xz/python carry their own libs.
     """
     rootfs = umoci_unpack(base_layout, BASE_TAG, tmp_path / "bundle")
-    records = await solve(fixture_channel, ["python", "tqdm", "xz", "condery-hello", "condery-noarch"])
-    await rattler.install(
-        records,
-        rootfs / "opt" / "conda",
-        alternative_target_prefix="/opt/conda",
-        cache_dir=tmp_path / "pkgs",
-        show_progress=False,
-    )
+    records = solve(fixture_channel, ["python", "tqdm", "xz", "condery-hello", "condery-noarch"])
+    install(records, rootfs / "opt" / "conda", tmp_path / "pkgs", image_prefix="/opt/conda")
     env = {"PATH": f"/opt/conda/bin:{BASE_PATH}", "HOME": "/root"}
 
     def run(*argv: str) -> str:
