@@ -82,6 +82,9 @@ def channel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_conda_package(ch, "badentry", "1.0", "pyh0", noarch="python", depends=["python"],
                         files=[PkgFile("site-packages/b.py", b"")], entry_points=["../../x = b:main"])
     write_conda_package(ch, "wrongname", "1.0", "h0", files=[])
+    write_conda_package(ch, "scripted", "1.0", "h0", files=[
+        PkgFile("bin/.scripted-post-link.sh", b'echo ran > "$PREFIX/share-scripted-ran"\n', 0o755),
+    ])
     index_channel(ch)
     # Point repodata's wrongname entry at hello's archive (with its true hash).
     repodata_path = ch / "linux-64" / "repodata.json"
@@ -236,6 +239,22 @@ def test_layer_key(channel: Path) -> None:
     # Only noarch python layers depend on the python version.
     assert layer_key(hello, PREFIX, "lib/python3.11/site-packages") == layer_key(hello, PREFIX, None)
     assert python_site_packages(None) is None
+
+
+async def test_link_scripts_run_only_when_allowed(channel: Path, tmp_path: Path) -> None:
+    scripted = by_name(await solve(channel, ["scripted"]), "scripted")
+
+    def names(blob: LayerBlob) -> set[str]:
+        with tarfile.open(blob.path, "r:gz") as tar:
+            return set(tar.getnames())
+
+    off = await build(scripted, tmp_path / "off")
+    check_layer_basics(off, scripted, tmp_path)
+    assert "opt/conda/share-scripted-ran" not in names(off)
+    on = await build_package_layer(scripted, python_record=None, prefix=PREFIX, platform="linux-64",
+                                   work_dir=tmp_path / "on", package_cache_dir=tmp_path / "pkgs",
+                                   allow_scripts=True)
+    assert "opt/conda/share-scripted-ran" in names(on)
 
 
 async def test_sha256_mismatch_is_refused(channel: Path, tmp_path: Path) -> None:

@@ -32,7 +32,6 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -162,13 +161,8 @@ async def fetch_verified(record: rattler.RepoDataRecord, package_cache_dir: Path
     return path
 
 
-@dataclass(frozen=True)
-class _Inspection:
-    paths: tuple[str, ...]
-    entry_points: tuple[str, ...]
-
-
-async def _inspect(record: rattler.RepoDataRecord, archive: Path) -> _Inspection:
+async def _inspect(record: rattler.RepoDataRecord, archive: Path) -> None:
+    """Refuse an archive that is not the promised package or would write outside the prefix."""
     dist = dist_name(record)
     try:
         pkg = await package_streaming.PackageArchive.from_path(archive)
@@ -217,7 +211,6 @@ async def _inspect(record: rattler.RepoDataRecord, archive: Path) -> _Inspection
         name = ep.split("=", 1)[0].strip() if isinstance(ep, str) else ""
         if not _ENTRY_POINT_NAME.match(name) or name in (".", ".."):
             raise PackageError(f"{dist}: unsafe entry point {ep!r}")
-    return _Inspection(tuple(paths), tuple(entry_points))
 
 
 def _first_line(exc: BaseException) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import posixpath
 import stat
 import tarfile
 from dataclasses import dataclass
