@@ -169,7 +169,8 @@ async def _inspect(record: rattler.RepoDataRecord, archive: Path) -> None:
         index = await pkg.index_json()
         info = await pkg.read_files(["info/link.json", "info/paths.json", "info/files"])
     except Exception as exc:
-        raise PackageError(f"{dist}: not a valid conda package ({_first_line(exc)})") from exc
+        raise PackageError(f"{dist}: not a valid conda package "
+                           f"({_public_message(exc, archive.parent)})") from exc
     found = (index.name.normalized, str(index.version), str(index.build))
     expected = (record.name.normalized, str(record.version), str(record.build))
     if found != expected:
@@ -192,7 +193,10 @@ async def _inspect(record: rattler.RepoDataRecord, archive: Path) -> None:
     for p in paths:
         if not isinstance(p, str):
             raise PackageError(f"{dist}: bad path entry {p!r}")
-        check_member_name(p)
+        try:
+            check_member_name(p)
+        except PackageError as exc:
+            raise PackageError(f"{dist}: {exc}") from None
         # A file below a symlinked directory would be written through the link.
         parts = p.split("/")
         for i in range(1, len(parts)):
