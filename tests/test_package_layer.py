@@ -158,6 +158,14 @@ async def test_condapkg_channel_solves(channel: Path) -> None:
     assert by_name(records, "libfoo").file_name.endswith(".conda")
 
 
+@pytest.mark.parametrize("fmt", ["tar.bz2", "conda"])
+def test_condapkg_output_is_deterministic(tmp_path: Path, fmt: str) -> None:
+    files = [PkgFile("bin/x", b"x", 0o755), PkgFile("bin/y", symlink_to="x")]
+    a = write_conda_package(tmp_path / "a", "det", "1", "h0", files=files, fmt=fmt)
+    b = write_conda_package(tmp_path / "b", "det", "1", "h0", files=list(reversed(files)), fmt=fmt)
+    assert a.name == f"det-1-h0.{fmt}" and a.read_bytes() == b.read_bytes()
+
+
 async def test_text_placeholder_and_symlinks(channel: Path, tmp_path: Path) -> None:
     hello = by_name(await solve(channel, ["hello"]), "hello")
     blob = await build(hello, tmp_path)
