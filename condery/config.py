@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -183,6 +184,7 @@ def load_config(
     if unknown:
         raise ConfigError(f"unknown configuration keys: {sorted(unknown)}")
     config = Config(**{k: _coerce(k, v) for k, v in values.items()})
-    if not config.prefix.startswith("/") or config.prefix.rstrip("/") == "":
-        raise ConfigError(f"prefix must be an absolute path below /, not {config.prefix!r}")
+    # The prefix is pasted into activation scripts and binary placeholders: keep it plain.
+    if not re.fullmatch(r"(/[A-Za-z0-9._+-]+)+", config.prefix) or "/../" in config.prefix + "/":
+        raise ConfigError(f"prefix must be an absolute path of [A-Za-z0-9._+-] parts, not {config.prefix!r}")
     return config
