@@ -33,7 +33,7 @@ from condery.layers import LayerBlob, PackageError
 from condery.layers.env_layer import build_env_layer, explicit_lock
 from condery.layers.grouping import group_layers
 from condery.layers.package_layer import build_package_layer, layer_key, python_site_packages
-from condery.layers.solve import SolveError, SolveRequest, SpecError, solve
+from condery.layers.solve import SolveError, SolveRequest, SpecError, channel, solve
 from condery.layers.tarball import concat_layers
 from condery.registry import errors
 from condery.registry.base_image import BaseImage, BaseImageError, resolve_base_image
@@ -220,7 +220,8 @@ class ImageService:
     ) -> list[rattler.RepoDataRecord]:
         if isinstance(reference, Latest) and time.monotonic() - self._repodata_fresh_at > self.config.latest_ttl:
             # `latest` means the channels as they are now: drop repodata older than the TTL.
-            self.state.gateway.clear_repodata_cache()
+            for name in self.config.channels:
+                self.state.gateway.clear_repodata_cache(channel(name))
             self._repodata_fresh_at = time.monotonic()
         records = await solve(
             SolveRequest(
@@ -274,7 +275,7 @@ class ImageService:
         ours = [*layers, env_entry]
         settings = self._settings(request, records, created, lock)
         history = [f"conda: {', '.join(entry.packages)}" for entry in ours]
-        config_bytes = image_config(base.config, [*base.diff_ids, *(e.diff_id for e in ours)], settings, platform, history)
+        config_bytes = image_config(base.config, [e.diff_id for e in ours], settings, platform, history)
         config = Descriptor(OCI_CONFIG, sha256_digest(config_bytes), len(config_bytes))
         await self.store.put_blob_bytes(config.digest, config_bytes)
 

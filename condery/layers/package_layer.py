@@ -60,7 +60,7 @@ _BUILD_MACHINE_KEYS = (
     "indexed_timestamp",  # when a channel was indexed, not a fact of the package
 )
 _STAGING_ONLY = ("CACHEDIR.TAG", "conda-meta/history")
-_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+!-]*\.(conda|tar\.bz2)$")
+_FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+!-]*\.(conda|tar\.bz2)$")  # _libgcc_mutex, _openmp_mutex
 _ENTRY_POINT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
 _HASH_CHUNK = 1 << 20
 

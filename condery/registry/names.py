@@ -103,6 +103,9 @@ def _parse_component(component: str) -> _Component:
     tokens = component.split(".")
     first_op = next((i for i in range(1, len(tokens)) if tokens[i] in OPERATORS), len(tokens))
     name = ".".join(tokens[:first_op])
+    unknown = _unknown_operator(tokens[:first_op])
+    if unknown:
+        raise ValueError(f"unknown operator {unknown!r} in {component!r}; operators are {' '.join(OPERATORS)}")
     constraints: list[tuple[str, str]] = []
     i = first_op
     while i < len(tokens):
@@ -117,6 +120,19 @@ def _parse_component(component: str) -> _Component:
     canonical_constraints = sorted(set(constraints))
     spec = _build_spec(name, canonical_constraints)
     return _Component(_join_component(name, canonical_constraints), spec)
+
+
+def _unknown_operator(name_tokens: Sequence[str]) -> str | None:
+    """A word in operator position that is not an operator (`xz.gtx.1`, `numpy.geq.1`).
+
+    Package names keep their dots (`ruamel.yaml`), so any word could be part of a name;
+    but a later all-letter word followed by a part that starts with a digit reads as a
+    mistyped operator, and answering NAME_INVALID beats solving for `xz.gtx.1`.
+    """
+    for word, after in zip(name_tokens[1:], name_tokens[2:]):
+        if word.isalpha() and after[:1].isdigit():
+            return word
+    return None
 
 
 def _join_component(name: str, constraints: Sequence[tuple[str, str]]) -> str:
@@ -143,7 +159,7 @@ def spec_to_component(name: str, constraints: Sequence[tuple[str, str]]) -> str:
             raise ValueError(f"unknown operator {op!r}; expected one of {' '.join(OPERATORS)}")
         if not version or any(part in OPERATORS for part in version.split(".")):
             raise ValueError(f"version {version!r} cannot be written in an image name")
-    if any(part in OPERATORS for part in name.split(".")[1:]):
+    if any(part in OPERATORS for part in name.split(".")[1:]) or _unknown_operator(name.split(".")):
         raise ValueError(f"package name {name!r} cannot be written in an image name")
     component = _join_component(name, sorted(set(constraints)))
     parsed = _parse_component(component)  # validates grammar and conda syntax
