@@ -76,7 +76,8 @@ async def baseline_build(work: Path, records: list) -> float:
     started = time.perf_counter()
     prefix = work / "env" / "opt" / "conda"
     await rattler.install(
-        records, prefix, cache_dir=work / "baseline-pkgs", show_progress=False, platform=rattler.Platform("linux-64")
+        records, prefix, cache_dir=work / "baseline-pkgs", show_progress=False, platform=rattler.Platform("linux-64"),
+        alternative_target_prefix="/opt/conda",
     )
     subprocess.run(
         f"tar -C {work / 'env'} -cf - . | gzip -6 > {work / 'layer.tar.gz'}", shell=True, check=True
