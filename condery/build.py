@@ -48,7 +48,7 @@ from condery.registry.manifest import (
     sha256_digest,
 )
 from condery.registry.names import ImageRef, ImageRequest
-from condery.registry.negotiation import (
+from condery.registry.media_types import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
     OCI_INDEX,

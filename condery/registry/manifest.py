@@ -16,23 +16,24 @@ from typing import Any, Mapping, Sequence
 
 from condery.registry.platforms import OciPlatform
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
-OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
-OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
-OCI_LAYER_NONDIST_GZIP = "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+from condery.registry.media_types import (  # noqa: F401 (re-exported for callers)
+    OCI_MANIFEST,
+    OCI_INDEX,
+    OCI_CONFIG,
+    OCI_LAYER_TAR,
+    OCI_LAYER_GZIP,
+    OCI_LAYER_ZSTD,
+    OCI_LAYER_NONDIST_GZIP,
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    DOCKER_CONFIG,
+    DOCKER_LAYER_GZIP,
+    DOCKER_LAYER_FOREIGN_GZIP,
+    MANIFEST_TYPES,
+    INDEX_TYPES,
+    CONFIG_TYPES,
+)
 
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
-DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
-DOCKER_LAYER_FOREIGN_GZIP = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
-
-MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
-INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
-CONFIG_TYPES = frozenset({OCI_CONFIG, DOCKER_CONFIG})
 # Layer media types a base image may bring; each maps to its OCI and Docker spelling
 # (None: Docker schema 2 has no way to say it).
 _LAYER_TYPES: dict[str, tuple[str, str | None]] = {

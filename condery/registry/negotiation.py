@@ -9,16 +9,16 @@ from __future__ import annotations
 
 from typing import Iterable, Literal
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
-OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
-
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
-DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+from condery.registry.media_types import (  # noqa: F401 (re-exported for callers)
+    OCI_MANIFEST,
+    OCI_INDEX,
+    OCI_CONFIG,
+    OCI_LAYER_GZIP,
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    DOCKER_CONFIG,
+    DOCKER_LAYER_GZIP,
+)
 
 OCI_MANIFEST_TYPES = frozenset({OCI_MANIFEST, OCI_INDEX})
 DOCKER_MANIFEST_TYPES = frozenset({DOCKER_MANIFEST, DOCKER_MANIFEST_LIST})

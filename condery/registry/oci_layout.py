@@ -9,9 +9,6 @@ from pathlib import Path
 
 from condery.storage import Store
 
-INDEX_TYPES = ("application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json")
-
-
 async def write_oci_layout(store: Store, digest: str, media_type: str, size: int, tag: str, out_dir: Path) -> None:
     """Copy a manifest (or index) and every blob it reaches into the layout at out_dir.
 
