@@ -183,7 +183,7 @@ class ImageService:
         except PackageError as exc:
             raise errors.ManifestUnknown(f"cannot build {request.canonical_name}: {exc}") from None
         except BaseImageError as exc:
-            raise errors.Unavailable(f"base image {self.config.base_image}: {exc}") from None
+            raise errors.Unavailable(str(exc)) from None
         except asyncio.TimeoutError:
             raise errors.Unavailable(f"building took longer than {self.config.build_timeout} s") from None
         return await self._top_level(request, images), list(images)
