@@ -84,9 +84,10 @@ async def solve(
                 platforms=[request.platform, "noarch"],
                 virtual_packages=virtual_packages(request.platform, request.glibc),
                 exclude_newer=request.exclude_newer,
-                # Records without a timestamp cannot be placed in time, so a snapshot
-                # solve keeps them (old channels often lack timestamps).
-                timestamp_policy="allow-missing",
+                # A snapshot is the channel as it was: rattler places each record by its
+                # upload time (indexed_timestamp) and falls back to the build timestamp
+                # for channels that do not record uploads; records with neither are left out.
+                timestamp_policy="require-timestamp",
                 timeout=timedelta(seconds=timeout),
             ),
             timeout=timeout + 30,
