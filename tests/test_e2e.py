@@ -21,6 +21,7 @@ import yaml
 
 from tests.fixtures.clients import oci_validate, run_in_rootfs, skopeo_copy, umoci_unpack
 from tests.fixtures.procs import free_port, running
+from tests.fixtures.seaweed import seaweed  # noqa: F401 (fixture)
 from tests.fixtures.upstream import token_registry, upstream_registry  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.e2e
@@ -249,3 +250,32 @@ def test_base_image_from_upstream_registry(
         assert result.returncode == 0 and "5.2.5" in result.stdout, result.stderr
     if upstream.token_server is not None:
         assert any("library/debian:pull" in str(r) for r in upstream.token_server.requests)
+
+
+def test_s3_store_with_redirects(tmp_path: Path, fixture_channel, base_layout, seaweed) -> None:
+    """The same pull with the store in a real S3 server; blob GETs are 307s to presigned URLs."""
+    bucket = seaweed.create_bucket()
+    argv, _, port = serve(
+        tmp_path, [str(fixture_channel)], f"oci:{base_layout}:bookworm",
+        storage={"backend": "s3", "bucket": bucket, "endpoint_url": seaweed.endpoint_url,
+                 "region": "us-east-1", "redirect": True},
+    )
+    url = f"http://127.0.0.1:{port}"
+    with running(argv, url=url + "/v2/", env=seaweed.env, log_path=tmp_path / "condery.log", timeout=60):
+        registry = Registry(url, f"127.0.0.1:{port}", tmp_path / "unused")
+        rootfs = unpack(registry, "xz", tmp_path)
+        result = run_in_rootfs(rootfs, ["/opt/conda/bin/xz", "--version"])
+        assert result.returncode == 0 and "5.2.5" in result.stdout, result.stderr
+        status, headers, body = registry.get("/v2/xz/manifests/latest")
+        layer = json.loads(body)["layers"][-1]["digest"]
+        opener = urllib.request.build_opener(NoRedirect)
+        try:
+            opener.open(f"{url}/v2/xz/blobs/{layer}")
+            raise AssertionError("expected a redirect")
+        except urllib.error.HTTPError as error:
+            assert error.code == 307 and seaweed.endpoint_url in error.headers["Location"]
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):  # noqa: ANN002, ANN003
+        return None

@@ -110,7 +110,7 @@ def open_store(config: "StorageConfig") -> Store:
 
         return FilesystemStore(Path(config.path))
     if config.backend == "s3":
-        from condery.storage.s3 import S3Store  # type: ignore[import-not-found]
+        from condery.storage.s3 import S3Store
 
         return S3Store(config)
     raise ValueError(f"unknown storage backend {config.backend!r}")
