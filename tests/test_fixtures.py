@@ -28,11 +28,11 @@ from tests.fixtures.base_image import (
     write_layout,
 )
 from tests.fixtures.channel import HELLO_PLACEHOLDER
+from tests.fixtures.upstream import upstream_registry  # noqa: F401 (fixture)
 from tests.fixtures.clients import (
     Podman,
     bundle_env,
     bundle_process,
-    docker_registry,
     oci_validate,
     run_in_rootfs,
     skopeo_copy,
@@ -174,23 +174,25 @@ def test_base_layout_is_reproducible(base_layout: Path, tmp_path: Path) -> None:
     assert (tmp_path / "layout" / "index.json").read_bytes() == (base_layout / "index.json").read_bytes()
 
 
-def test_clients_pull_the_base_from_the_reference_registry(base_layout: Path, tmp_path: Path, podman: Podman) -> None:
-    with docker_registry(tmp_path / "registry") as location:
-        ref = f"{location}/debian:{BASE_TAG}"
-        skopeo_push(base_layout, BASE_TAG, ref)
-        index = json.loads((base_layout / "index.json").read_text())
-        raw = skopeo_inspect_raw(ref)
-        assert "sha256:" + hashlib.sha256(raw).hexdigest() == index["manifests"][0]["digest"]
+def test_clients_pull_the_base_from_the_reference_registry(
+    base_layout: Path, tmp_path: Path, podman: Podman, upstream_registry
+) -> None:
+    location = upstream_registry.host
+    ref = f"{location}/debian:{BASE_TAG}"
+    skopeo_push(base_layout, BASE_TAG, ref)
+    index = json.loads((base_layout / "index.json").read_text())
+    raw = skopeo_inspect_raw(ref)
+    assert "sha256:" + hashlib.sha256(raw).hexdigest() == index["manifests"][0]["digest"]
 
-        pulled = skopeo_copy(ref, tmp_path / "pulled", "x")
-        oci_validate(pulled)
-        rootfs = umoci_unpack(pulled, "x", tmp_path / "bundle")
-        assert run_in_rootfs(rootfs, ["/bin/sh", "-c", "echo ok"]).stdout == "ok\n"
+    pulled = skopeo_copy(ref, tmp_path / "pulled", "x")
+    oci_validate(pulled)
+    rootfs = umoci_unpack(pulled, "x", tmp_path / "bundle")
+    assert run_in_rootfs(rootfs, ["/bin/sh", "-c", "echo ok"]).stdout == "ok\n"
 
-        podman.pull(ref)
-        result = podman.run(ref, ["/bin/sh", "-c", "echo from podman; id -u"], user="1000")
-        assert result.returncode == 0, result.stderr
-        assert result.stdout == "from podman\n1000\n"
+    podman.pull(ref)
+    result = podman.run(ref, ["/bin/sh", "-c", "echo from podman; id -u"], user="1000")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "from podman\n1000\n"
 
 
 # --- the whole image idea, by hand ---
