@@ -7,12 +7,14 @@ packages, and skopeo, oci-image-tool, umoci, bwrap and podman do what users do.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,13 +81,20 @@ def serve(tmp: Path, channels: list[str], base_image: str, **extra) -> tuple[lis
     return argv, tmp / "store", port
 
 
+@contextlib.contextmanager
+def condery(tmp: Path, channels: list[str], base_image: str, env: dict | None = None, **extra) -> Iterator[Registry]:
+    """A `condery serve` process for one test, stopped by pid afterwards."""
+    argv, store, port = serve(tmp, channels, base_image, **extra)
+    url = f"http://127.0.0.1:{port}"
+    with running(argv, url=url + "/v2/", env=env, log_path=tmp / "condery.log", timeout=60):
+        yield Registry(url, f"127.0.0.1:{port}", store)
+
+
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory, fixture_channel, base_layout):
     tmp = tmp_path_factory.mktemp("condery")
-    argv, store, port = serve(tmp, [str(fixture_channel)], f"oci:{base_layout}:bookworm")
-    url = f"http://127.0.0.1:{port}"
-    with running(argv, url=url + "/v2/", log_path=tmp / "condery.log", timeout=60):
-        yield Registry(url, f"127.0.0.1:{port}", store)
+    with condery(tmp, [str(fixture_channel)], f"oci:{base_layout}:bookworm") as running_registry:
+        yield running_registry
 
 
 def unpack(registry: Registry, name: str, tmp: Path) -> Path:
@@ -178,10 +187,8 @@ def test_podman_pull_and_run(registry: Registry, podman) -> None:
 
 
 def test_malformed_package_refused_and_nothing_stored(tmp_path: Path, base_layout, malformed_channel) -> None:
-    argv, store, port = serve(tmp_path, [str(malformed_channel)], f"oci:{base_layout}:bookworm")
-    url = f"http://127.0.0.1:{port}"
-    with running(argv, url=url + "/v2/", log_path=tmp_path / "condery.log", timeout=60):
-        registry = Registry(url, f"127.0.0.1:{port}", store)
+    with condery(tmp_path, [str(malformed_channel)], f"oci:{base_layout}:bookworm") as registry:
+        store = registry.store
         status, code, message = registry.error_code("/v2/ca-certificates/manifests/latest")
         assert (status, code) == (404, "MANIFEST_UNKNOWN")
         assert "ca-certificates" in message
@@ -193,10 +200,7 @@ def test_malformed_package_refused_and_nothing_stored(tmp_path: Path, base_layou
 
 
 def test_sha256_mismatch_refused(tmp_path: Path, base_layout, bad_hash_channel) -> None:
-    argv, store, port = serve(tmp_path, [str(bad_hash_channel)], f"oci:{base_layout}:bookworm")
-    url = f"http://127.0.0.1:{port}"
-    with running(argv, url=url + "/v2/", log_path=tmp_path / "condery.log", timeout=60):
-        registry = Registry(url, f"127.0.0.1:{port}", store)
+    with condery(tmp_path, [str(bad_hash_channel)], f"oci:{base_layout}:bookworm") as registry:
         status, code, message = registry.error_code("/v2/condery-badhash/manifests/latest")
         assert (status, code) == (404, "MANIFEST_UNKNOWN")
         assert "sha256" in message.lower()
@@ -241,10 +245,7 @@ def test_base_image_from_upstream_registry(
     ).stdout
     pinned = f"{upstream.host}/library/debian:bookworm@sha256:{hashlib.sha256(manifest).hexdigest()}"
 
-    argv, store, port = serve(tmp_path, [str(fixture_channel)], pinned)
-    url = f"http://127.0.0.1:{port}"
-    with running(argv, url=url + "/v2/", log_path=tmp_path / "condery.log", timeout=60):
-        registry = Registry(url, f"127.0.0.1:{port}", store)
+    with condery(tmp_path, [str(fixture_channel)], pinned) as registry:
         rootfs = unpack(registry, "xz", tmp_path)
         result = run_in_rootfs(rootfs, ["/opt/conda/bin/xz", "--version"])
         assert result.returncode == 0 and "5.2.5" in result.stdout, result.stderr
@@ -255,14 +256,11 @@ def test_base_image_from_upstream_registry(
 def test_s3_store_with_redirects(tmp_path: Path, fixture_channel, base_layout, seaweed) -> None:
     """The same pull with the store in a real S3 server; blob GETs are 307s to presigned URLs."""
     bucket = seaweed.create_bucket()
-    argv, _, port = serve(
-        tmp_path, [str(fixture_channel)], f"oci:{base_layout}:bookworm",
-        storage={"backend": "s3", "bucket": bucket, "endpoint_url": seaweed.endpoint_url,
-                 "region": "us-east-1", "redirect": True},
-    )
-    url = f"http://127.0.0.1:{port}"
-    with running(argv, url=url + "/v2/", env=seaweed.env, log_path=tmp_path / "condery.log", timeout=60):
-        registry = Registry(url, f"127.0.0.1:{port}", tmp_path / "unused")
+    storage = {"backend": "s3", "bucket": bucket, "endpoint_url": seaweed.endpoint_url,
+               "region": "us-east-1", "redirect": True}
+    with condery(tmp_path, [str(fixture_channel)], f"oci:{base_layout}:bookworm", env=seaweed.env,
+                 storage=storage) as registry:
+        url = registry.url
         rootfs = unpack(registry, "xz", tmp_path)
         result = run_in_rootfs(rootfs, ["/opt/conda/bin/xz", "--version"])
         assert result.returncode == 0 and "5.2.5" in result.stdout, result.stderr
