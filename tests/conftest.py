@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# Fixtures that live beside the servers they start (docker-registry, SeaweedFS).
+pytest_plugins = ["tests.fixtures.upstream", "tests.fixtures.seaweed"]
+
 from tests.fixtures.base_image import glibc_base_layout
 from tests.fixtures.channel import build_bad_hash_channel, build_fixture_channel, build_malformed_channel
 from tests.fixtures.clients import Podman

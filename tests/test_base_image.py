@@ -24,7 +24,8 @@ from condery.registry.base_image import (
     resolve_base_image,
     scan_layer,
 )
-from condery.registry.manifest import OCI_MANIFEST, sha256_digest
+from condery.registry.media_types import OCI_MANIFEST
+from condery.registry.manifest import sha256_digest
 from condery.registry.platforms import OciPlatform
 from condery.registry.upstream import (
     ImageReference,
@@ -35,13 +36,11 @@ from condery.registry.upstream import (
 )
 from condery.storage.filesystem import FilesystemStore
 from tests.fixtures.base_image import glibc_base_layout
-from tests.fixtures.upstream import (  # the two registry fixtures are used by name
+from tests.fixtures.upstream import (
     Layout,
     Registry,
     gzip_bytes,
     make_tar,
-    token_registry,  # noqa: F401
-    upstream_registry,  # noqa: F401
     write_layout,
 )
 

@@ -23,8 +23,6 @@ import yaml
 
 from tests.fixtures.clients import oci_validate, run_in_rootfs, skopeo_copy, umoci_unpack
 from tests.fixtures.procs import free_port, running
-from tests.fixtures.seaweed import seaweed  # noqa: F401 (fixture)
-from tests.fixtures.upstream import token_registry, upstream_registry  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.e2e
 

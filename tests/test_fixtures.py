@@ -28,7 +28,6 @@ from tests.fixtures.base_image import (
     write_layout,
 )
 from tests.fixtures.channel import HELLO_PLACEHOLDER
-from tests.fixtures.upstream import upstream_registry  # noqa: F401 (fixture)
 from tests.fixtures.clients import (
     Podman,
     bundle_env,

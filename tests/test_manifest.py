@@ -11,8 +11,7 @@ from typing import Any
 
 import pytest
 
-from condery.registry.manifest import (
-    DEFAULT_PATH,
+from condery.registry.media_types import (
     DOCKER_CONFIG,
     DOCKER_LAYER_FOREIGN_GZIP,
     DOCKER_LAYER_GZIP,
@@ -24,6 +23,9 @@ from condery.registry.manifest import (
     OCI_LAYER_NONDIST_GZIP,
     OCI_LAYER_ZSTD,
     OCI_MANIFEST,
+)
+from condery.registry.manifest import (
+    DEFAULT_PATH,
     Descriptor,
     ImageSettings,
     ManifestError,

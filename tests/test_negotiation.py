@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from condery.registry.negotiation import (
+from condery.registry.media_types import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
     OCI_INDEX,
     OCI_MANIFEST,
-    choose_variant,
-    parse_accept,
 )
+from condery.registry.negotiation import choose_variant, parse_accept
 
 DOCKER_V1 = "application/vnd.docker.distribution.manifest.v1+json"
 DOCKER_V1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"

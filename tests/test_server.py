@@ -26,7 +26,7 @@ from aiohttp.test_utils import TestClient
 from condery.config import DEFAULT_META_PACKAGES, MetaPackage
 from condery.registry.errors import ManifestUnknown, RegistryError, TooManyRequests
 from condery.registry.names import ImageRef, ImageRequest
-from condery.registry.negotiation import (
+from condery.registry.media_types import (
     DOCKER_CONFIG,
     DOCKER_LAYER_GZIP,
     DOCKER_MANIFEST,

@@ -19,7 +19,7 @@ from condery.config import StorageConfig
 from condery.storage import StorageError, Store, open_store
 from condery.storage.filesystem import FilesystemStore
 from condery.storage.s3 import PART_SIZE, S3Store
-from tests.fixtures.seaweed import SeaweedS3, seaweed  # noqa: F401 - the fixture
+from tests.fixtures.seaweed import SeaweedS3
 
 BAD_DIGESTS = ["sha256:abc", "sha512:" + "0" * 128, "sha256:" + "A" * 64, "sha256:" + "0" * 64 + "\n", "../etc/passwd"]
 BAD_KEYS = ["", "/a", "a/", "a//b", "..", "a/../b", "./a", "a b", "a\nb", "a?b", "ä"]
@@ -35,11 +35,11 @@ def unique_kind() -> str:
 
 
 @pytest.fixture(scope="session")
-def s3_bucket(seaweed: SeaweedS3) -> str:  # noqa: F811 - the imported fixture
+def s3_bucket(seaweed: SeaweedS3) -> str:
     return seaweed.create_bucket()
 
 
-def s3_config(seaweed: SeaweedS3, bucket: str, redirect: bool = False) -> StorageConfig:  # noqa: F811
+def s3_config(seaweed: SeaweedS3, bucket: str, redirect: bool = False) -> StorageConfig:
     # No region: the default chain (none configured in tests) must still work.
     return StorageConfig(backend="s3", bucket=bucket, endpoint_url=seaweed.endpoint_url, redirect=redirect)
 
@@ -222,7 +222,7 @@ async def test_invalid_record_keys_are_rejected(store: Store, bad: str) -> None:
 # -- S3 only ---------------------------------------------------------------------------
 
 
-async def test_s3_presigned_redirect_downloads_the_blob(seaweed: SeaweedS3, s3_bucket: str) -> None:  # noqa: F811
+async def test_s3_presigned_redirect_downloads_the_blob(seaweed: SeaweedS3, s3_bucket: str) -> None:
     store = S3Store(s3_config(seaweed, s3_bucket, redirect=True))
     try:
         data = os.urandom(100_000)
@@ -236,7 +236,7 @@ async def test_s3_presigned_redirect_downloads_the_blob(seaweed: SeaweedS3, s3_b
         await store.close()
 
 
-async def test_s3_records_are_sorted_json(seaweed: SeaweedS3, s3_bucket: str) -> None:  # noqa: F811
+async def test_s3_records_are_sorted_json(seaweed: SeaweedS3, s3_bucket: str) -> None:
     store = S3Store(s3_config(seaweed, s3_bucket))
     try:
         kind = unique_kind()
@@ -247,7 +247,7 @@ async def test_s3_records_are_sorted_json(seaweed: SeaweedS3, s3_bucket: str) ->
         await store.close()
 
 
-async def test_s3_missing_bucket_is_a_clear_error(seaweed: SeaweedS3) -> None:  # noqa: F811
+async def test_s3_missing_bucket_is_a_clear_error(seaweed: SeaweedS3) -> None:
     store = S3Store(s3_config(seaweed, "condery-no-such-bucket"))
     try:
         with pytest.raises(StorageError, match="condery-no-such-bucket.*does not exist"):
@@ -256,7 +256,7 @@ async def test_s3_missing_bucket_is_a_clear_error(seaweed: SeaweedS3) -> None:  
         await store.close()
 
 
-async def test_s3_unreachable_endpoint_is_a_storage_error(seaweed: SeaweedS3) -> None:  # noqa: F811
+async def test_s3_unreachable_endpoint_is_a_storage_error(seaweed: SeaweedS3) -> None:
     from tests.fixtures.procs import free_port
 
     store = S3Store(StorageConfig(backend="s3", bucket="any-bucket", endpoint_url=f"http://127.0.0.1:{free_port()}"))
@@ -269,7 +269,7 @@ async def test_s3_unreachable_endpoint_is_a_storage_error(seaweed: SeaweedS3) ->
 
 
 async def test_s3_rejects_content_that_does_not_match_its_digest(
-    seaweed: SeaweedS3, s3_bucket: str  # noqa: F811
+    seaweed: SeaweedS3, s3_bucket: str
 ) -> None:
     store = S3Store(s3_config(seaweed, s3_bucket))
     try:

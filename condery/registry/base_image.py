@@ -36,13 +36,15 @@ from typing import IO, Any, Mapping, Protocol
 
 import aiohttp
 
-from condery.registry.manifest import (
+from condery.registry.media_types import (
     CONFIG_TYPES,
     INDEX_TYPES,
-    LAYER_TYPES,
     MANIFEST_TYPES,
     OCI_INDEX,
     OCI_MANIFEST,
+)
+from condery.registry.manifest import (
+    LAYER_TYPES,
     Descriptor,
     ManifestError,
     parse_descriptor,

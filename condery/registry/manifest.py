@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 
 from condery.registry.platforms import OciPlatform
 
-from condery.registry.media_types import (  # noqa: F401 (re-exported for callers)
+from condery.registry.media_types import (
     OCI_MANIFEST,
     OCI_INDEX,
     OCI_CONFIG,
@@ -29,8 +29,6 @@ from condery.registry.media_types import (  # noqa: F401 (re-exported for caller
     DOCKER_CONFIG,
     DOCKER_LAYER_GZIP,
     DOCKER_LAYER_FOREIGN_GZIP,
-    MANIFEST_TYPES,
-    INDEX_TYPES,
     CONFIG_TYPES,
 )
 

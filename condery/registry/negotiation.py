@@ -9,15 +9,11 @@ from __future__ import annotations
 
 from typing import Iterable, Literal
 
-from condery.registry.media_types import (  # noqa: F401 (re-exported for callers)
+from condery.registry.media_types import (
     OCI_MANIFEST,
     OCI_INDEX,
-    OCI_CONFIG,
-    OCI_LAYER_GZIP,
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
-    DOCKER_CONFIG,
-    DOCKER_LAYER_GZIP,
 )
 
 OCI_MANIFEST_TYPES = frozenset({OCI_MANIFEST, OCI_INDEX})

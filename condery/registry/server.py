@@ -41,7 +41,8 @@ from condery.registry.errors import (
     error_body,
 )
 from condery.registry.names import ImageRef, ImageRequest, parse_name
-from condery.registry.negotiation import OCI_INDEX, choose_variant
+from condery.registry.media_types import OCI_INDEX
+from condery.registry.negotiation import choose_variant
 from condery.registry.tags import SHA256_DIGEST_RE, Digest, Latest, Snapshot, parse_reference
 from condery.storage import Store, StorageError
 

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from condery.registry.manifest import INDEX_TYPES, MANIFEST_TYPES
+from condery.registry.media_types import INDEX_TYPES, MANIFEST_TYPES
 
 MANIFEST_ACCEPT = (
     "application/vnd.oci.image.index.v1+json",
