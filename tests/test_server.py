@@ -332,7 +332,9 @@ async def test_unexpected_failure_is_500_without_traceback(
 
 async def test_storage_failure_is_503(client: TestClient, service: InTestService) -> None:
     service.failure = StorageError("disk full")
-    error = await assert_error(await client.get("/v2/numpy/manifests/latest"), 503, "UNKNOWN")
+    response = await client.get("/v2/numpy/manifests/latest")
+    assert response.headers["Retry-After"].isdigit()
+    error = await assert_error(response, 503, "UNAVAILABLE")
     assert "disk full" not in error["message"]
 
 

@@ -24,6 +24,9 @@ class RegistryError(Exception):
     code: str = "UNKNOWN"
     status: int = 500
     default_message: ClassVar[str] = "internal error"
+    # Seconds a client should wait before retrying (the `Retry-After` header); set on
+    # the errors that describe a passing condition (503, 429).
+    retry_after: int | None = None
 
     def __init__(
         self,
@@ -32,6 +35,7 @@ class RegistryError(Exception):
         *,
         code: str | None = None,
         status: int | None = None,
+        retry_after: int | None = None,
     ) -> None:
         self.message = message if message is not None else self.default_message
         self.detail = detail
@@ -39,6 +43,8 @@ class RegistryError(Exception):
             self.code = code
         if status is not None:
             self.status = status
+        if retry_after is not None:
+            self.retry_after = retry_after
         super().__init__(f"{self.code}: {self.message}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -99,6 +105,7 @@ class Unsupported(RegistryError):
 
 class TooManyRequests(RegistryError):
     code, status, default_message = "TOOMANYREQUESTS", 429, "too many requests"
+    retry_after = 10
 
 
 class PaginationNumberInvalid(RegistryError):
@@ -110,12 +117,14 @@ class RangeInvalid(RegistryError):
 
 
 class Unavailable(RegistryError):
-    """The backend (storage, upstream registry) failed; the client may retry.
+    """A passing fault (channel, upstream base, store, timeout, disk full); retry later.
 
-    The code stays UNKNOWN: UNAVAILABLE is CNCF Distribution's, not the OCI spec's.
+    UNAVAILABLE is CNCF Distribution's code (the OCI spec has none for this); DESIGN.md
+    makes it condery's contract so that clients can tell a passing fault from a "no".
     """
 
-    code, status, default_message = "UNKNOWN", 503, "service temporarily unavailable, retry later"
+    code, status, default_message = "UNAVAILABLE", 503, "service temporarily unavailable, retry later"
+    retry_after = 30
 
 
 def error_body(errors: Iterable[RegistryError]) -> dict[str, list[dict[str, Any]]]:

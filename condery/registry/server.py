@@ -143,11 +143,14 @@ class _ManifestCache:
 
 
 def error_response(error: RegistryError, headers: Mapping[str, str] | None = None) -> web.Response:
+    all_headers = dict(headers or {})
+    if error.retry_after is not None:
+        all_headers[hdrs.RETRY_AFTER] = str(error.retry_after)
     return web.Response(
         status=error.status,
         body=json.dumps(error_body([error])).encode(),
         content_type="application/json",
-        headers=headers,
+        headers=all_headers,
     )
 
 
