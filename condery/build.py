@@ -32,6 +32,7 @@ from condery.config import MetaPackage
 from condery.layers import LayerBlob, PackageError
 from condery.layers.env_layer import build_env_layer, explicit_lock
 from condery.layers.grouping import group_layers
+from condery.layers.members import PackageLimits
 from condery.layers.package_layer import build_package_layer, layer_key, python_site_packages
 from condery.layers.solve import SolveError, SolveRequest, SpecError, channel, solve
 from condery.layers.tarball import concat_layers
@@ -361,6 +362,7 @@ class ImageService:
                     work_dir=self.state.work_dir,
                     package_cache_dir=self.config.package_cache_dir,
                     allow_scripts=self.config.allow_package_scripts,
+                    limits=PackageLimits(self.config.max_package_unpacked_size, self.config.max_package_files),
                 )
             return await self._store_layer(key, blob, (record.file_name,))
 
