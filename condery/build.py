@@ -34,7 +34,7 @@ from condery.layers.env_layer import build_env_layer, explicit_lock
 from condery.layers.grouping import group_layers
 from condery.layers.members import PackageLimits
 from condery.layers.package_layer import build_package_layer, layer_key, python_site_packages
-from condery.layers.solve import SolveError, SolveRequest, SpecError, channel, solve
+from condery.layers.solve import ChannelUnavailable, SolveError, SolveRequest, SpecError, channel, solve
 from condery.layers.tarball import concat_layers
 from condery.registry import errors
 from condery.registry.base_image import BaseImage, BaseImageError, resolve_base_image
@@ -179,6 +179,8 @@ class ImageService:
                 )
         except SpecError as exc:
             raise errors.NameInvalid(str(exc)) from None
+        except ChannelUnavailable as exc:
+            raise errors.Unavailable(f"cannot solve {request.canonical_name}: {exc}") from None
         except SolveError as exc:
             raise errors.ManifestUnknown(f"cannot solve {request.canonical_name}: {exc}") from None
         except PackageError as exc:

@@ -27,6 +27,11 @@ class SolveError(ValueError):
     """The specs cannot be solved; the message is the solver's own explanation."""
 
 
+class ChannelUnavailable(SolveError):
+    """A channel could not be read (unreachable, timed out, missing): a passing fault,
+    not an answer about the specs."""
+
+
 class SpecError(ValueError):
     """A spec is not a valid conda MatchSpec."""
 
@@ -44,6 +49,18 @@ def channel(name_or_url: str) -> Channel:
     if name_or_url.startswith("/"):
         name_or_url = Path(name_or_url).as_uri()
     return Channel(name_or_url)
+
+
+def public_message(text: str, channels: Sequence[str]) -> str:
+    """rattler's words without the server's file system: a local channel is named by its
+    directory's name, never its path."""
+    for name in channels:
+        if name.startswith(("/", "file:")):
+            url = channel(name).base_url
+            path = Path(url.removeprefix("file://")).as_posix().rstrip("/")
+            shown = f"local channel {Path(path).name}"
+            text = text.replace(url, shown).replace(url.rstrip("/"), shown).replace(path, shown)
+    return text
 
 
 def virtual_packages(platform: str, glibc: str | None) -> list[GenericVirtualPackage]:
@@ -93,11 +110,12 @@ async def solve(
             timeout=timeout + 30,
         )
     except SolverError as exc:
-        raise SolveError(str(exc).strip()) from None
+        raise SolveError(public_message(str(exc).strip(), channels)) from None
     except asyncio.TimeoutError:
         raise SolveError(f"the solve took longer than {timeout:.0f} s") from None
     except Exception as exc:  # rattler raises its own types for fetch failures
-        raise SolveError(f"cannot solve: {exc}".strip()) from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ChannelUnavailable(f"cannot read the channels: {public_message(first, channels)}") from None
     # sort_topologically hands back plain PackageRecords; keep the RepoDataRecords
     # (they carry the URL and channel) in that order.
     by_name = {record.name.normalized: record for record in records}
