@@ -29,7 +29,7 @@ from typing import Mapping, Protocol, Sequence
 import rattler
 
 from condery.config import MetaPackage
-from condery.layers import LayerBlob, PackageError
+from condery.layers import LayerBlob, PackageError, PackageUnavailable
 from condery.layers.env_layer import build_env_layer, explicit_lock
 from condery.layers.grouping import group_layers
 from condery.layers.members import PackageLimits
@@ -183,6 +183,8 @@ class ImageService:
             raise errors.Unavailable(f"cannot solve {request.canonical_name}: {exc}") from None
         except SolveError as exc:
             raise errors.ManifestUnknown(f"cannot solve {request.canonical_name}: {exc}") from None
+        except PackageUnavailable as exc:
+            raise errors.Unavailable(f"cannot build {request.canonical_name}: {exc}") from None
         except PackageError as exc:
             raise errors.ManifestUnknown(f"cannot build {request.canonical_name}: {exc}") from None
         except BaseImageError as exc:
