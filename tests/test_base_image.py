@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from condery.config import Config
 from condery.registry.base_image import (
     RECORD_KIND,
     SCRATCH,
@@ -45,6 +46,7 @@ from tests.fixtures.upstream import (
 )
 
 AMD64 = OciPlatform("linux", "amd64")
+BUDGET = Config.layer_budget  # the default configuration's
 S390X = OciPlatform("linux", "s390x")
 LIBC_BANNER = b"\x00GNU C Library (Debian GLIBC 2.36-9+deb12u7) stable release version 2.36.\n\x00"
 
@@ -83,7 +85,7 @@ async def assert_layers_stored(store: FilesystemStore, layout: Layout) -> None:
 
 async def test_resolve_by_tag(upstream_registry: Registry, layout: Layout, store, session) -> None:
     upstream_registry.push(layout.path, "base/img:v1", "v1")
-    image = await resolve_base_image(f"{upstream_registry.host}/base/img:v1", AMD64, store, session)
+    image = await resolve_base_image(f"{upstream_registry.host}/base/img:v1", AMD64, store, session, layer_budget=BUDGET)
     assert [layer.digest for layer in image.layers] == list(layout.layer_digests)
     assert image.diff_ids == layout.diff_ids
     assert image.config is not None and image.config["rootfs"]["diff_ids"] == list(layout.diff_ids)
@@ -98,22 +100,22 @@ async def test_resolve_index_by_digest_picks_platform(
     upstream_registry.push(layout.path, "base/multi:v1", "v1", all_platforms=True)
     assert layout.index_digest is not None
     spec = f"{upstream_registry.host}/base/multi:v1@{layout.index_digest}"
-    amd64 = await resolve_base_image(spec, AMD64, store, session)
-    s390x = await resolve_base_image(spec, S390X, store, session)
+    amd64 = await resolve_base_image(spec, AMD64, store, session, layer_budget=BUDGET)
+    s390x = await resolve_base_image(spec, S390X, store, session, layer_budget=BUDGET)
     assert amd64.config["architecture"] == "amd64" and s390x.config["architecture"] == "s390x"
     assert amd64.layers == s390x.layers
     # digest alone, no tag, works too
-    by_digest = await resolve_base_image(f"{upstream_registry.host}/base/multi@{layout.index_digest}", AMD64, store, session)
+    by_digest = await resolve_base_image(f"{upstream_registry.host}/base/multi@{layout.index_digest}", AMD64, store, session, layer_budget=BUDGET)
     assert by_digest == amd64
     with pytest.raises(BaseImageError, match="no manifest for linux/ppc64le"):
-        await resolve_base_image(spec, OciPlatform("linux", "ppc64le"), store, session)
+        await resolve_base_image(spec, OciPlatform("linux", "ppc64le"), store, session, layer_budget=BUDGET)
 
 
 async def test_wrong_digest_pin_is_refused(upstream_registry: Registry, layout: Layout, store, session) -> None:
     upstream_registry.push(layout.path, "base/img:v1", "v1")
     pin = sha256_digest(b"some other image")
     with pytest.raises(BaseImageError, match="404"):
-        await resolve_base_image(f"{upstream_registry.host}/base/img:v1@{pin}", AMD64, store, session)
+        await resolve_base_image(f"{upstream_registry.host}/base/img:v1@{pin}", AMD64, store, session, layer_budget=BUDGET)
     assert stored_blobs(store) == [] and await store.list_records(RECORD_KIND) == []
 
 
@@ -121,7 +123,7 @@ async def test_token_auth_flow(token_registry: Registry, layout: Layout, store, 
     token_registry.push(layout.path, "base/img:v1", "v1")
     assert token_registry.token_server is not None
     pushes = len(token_registry.token_server.requests)
-    image = await resolve_base_image(f"{token_registry.host}/base/img:v1", AMD64, store, session)
+    image = await resolve_base_image(f"{token_registry.host}/base/img:v1", AMD64, store, session, layer_budget=BUDGET)
     assert image.glibc_version == "2.36"
     ours = token_registry.token_server.requests[pushes:]
     # one token for the whole pull: reused for the manifest, config and layers
@@ -139,12 +141,12 @@ async def test_without_token_the_registry_refuses(token_registry: Registry, sess
 async def test_second_resolve_hits_the_cache(upstream_registry: Registry, layout: Layout, store, session) -> None:
     upstream_registry.push(layout.path, "base/img:v1", "v1")
     spec = f"{upstream_registry.host}/base/img:v1"
-    first = await resolve_base_image(spec, AMD64, store, session)
+    first = await resolve_base_image(spec, AMD64, store, session, layer_budget=BUDGET)
     upstream_registry.stop()
-    assert await resolve_base_image(spec, AMD64, store, session) == first
+    assert await resolve_base_image(spec, AMD64, store, session, layer_budget=BUDGET) == first
     # a spec that was never resolved does need the (now stopped) registry
     with pytest.raises(BaseImageError):
-        await resolve_base_image(f"{upstream_registry.host}/base/img:v2", AMD64, store, session)
+        await resolve_base_image(f"{upstream_registry.host}/base/img:v2", AMD64, store, session, layer_budget=BUDGET)
 
 
 async def test_corrupted_blob_is_refused(
@@ -159,7 +161,7 @@ async def test_corrupted_blob_is_refused(
     content[len(content) // 2] ^= 0xFF
     blob.write_bytes(bytes(content))
     with pytest.raises(BaseImageError, match="does not match its digest"):
-        await resolve_base_image(f"{upstream_registry.host}/base/img:v1", AMD64, store, session)
+        await resolve_base_image(f"{upstream_registry.host}/base/img:v1", AMD64, store, session, layer_budget=BUDGET)
     assert stored_blobs(store) == [] and await store.list_records(RECORD_KIND) == []
 
 
@@ -185,7 +187,7 @@ async def test_manifest_not_matching_its_pin_is_refused(aiohttp_server, store, s
         f"/v2/evil/img/manifests/{pin}": (manifest, {"Content-Type": OCI_MANIFEST}),
     })
     with pytest.raises(BaseImageError, match="has digest"):
-        await resolve_base_image(f"127.0.0.1:{server.port}/evil/img@{pin}", AMD64, store, session)
+        await resolve_base_image(f"127.0.0.1:{server.port}/evil/img@{pin}", AMD64, store, session, layer_budget=BUDGET)
     assert stored_blobs(store) == []
 
 
@@ -194,7 +196,7 @@ async def test_oversized_manifest_is_refused(aiohttp_server, store, session) -> 
         "/v2/evil/img/manifests/latest": (b"{" + b" " * (5 << 20) + b"}", {"Content-Type": OCI_MANIFEST}),
     })
     with pytest.raises(BaseImageError, match="over the .* byte limit"):
-        await resolve_base_image(f"127.0.0.1:{server.port}/evil/img", AMD64, store, session)
+        await resolve_base_image(f"127.0.0.1:{server.port}/evil/img", AMD64, store, session, layer_budget=BUDGET)
 
 
 async def test_layer_not_matching_diff_id_is_refused(aiohttp_server, store, session) -> None:
@@ -214,7 +216,7 @@ async def test_layer_not_matching_diff_id_is_refused(aiohttp_server, store, sess
         f"/v2/evil/img/blobs/{sha256_digest(layer)}": (layer, {}),
     })
     with pytest.raises(BaseImageError, match="unpacks to"):
-        await resolve_base_image(f"127.0.0.1:{server.port}/evil/img:latest", AMD64, store, session)
+        await resolve_base_image(f"127.0.0.1:{server.port}/evil/img:latest", AMD64, store, session, layer_budget=BUDGET)
     assert stored_blobs(store) == []
 
 
@@ -222,18 +224,18 @@ async def test_layer_not_matching_diff_id_is_refused(aiohttp_server, store, sess
 
 
 async def test_oci_layout(layout: Layout, store, session) -> None:
-    image = await resolve_base_image(f"oci:{layout.path}:v1", AMD64, store, session)
+    image = await resolve_base_image(f"oci:{layout.path}:v1", AMD64, store, session, layer_budget=BUDGET)
     assert [layer.digest for layer in image.layers] == list(layout.layer_digests)
     assert image.glibc_version == "2.36"
     await assert_layers_stored(store, layout)
     # the only entry is the default tag; the nested index is followed to our platform
-    assert await resolve_base_image(f"oci:{layout.path}", AMD64, store, session) == image
-    s390x = await resolve_base_image(f"oci:{layout.path}:v1", S390X, store, session)
+    assert await resolve_base_image(f"oci:{layout.path}", AMD64, store, session, layer_budget=BUDGET) == image
+    s390x = await resolve_base_image(f"oci:{layout.path}:v1", S390X, store, session, layer_budget=BUDGET)
     assert s390x.config["architecture"] == "s390x"
     with pytest.raises(BaseImageError, match="no single image tagged v2"):
-        await resolve_base_image(f"oci:{layout.path}:v2", AMD64, store, session)
+        await resolve_base_image(f"oci:{layout.path}:v2", AMD64, store, session, layer_budget=BUDGET)
     with pytest.raises(BaseImageError, match="not an OCI image layout"):
-        await resolve_base_image(f"oci:{layout.path}/nowhere", AMD64, store, session)
+        await resolve_base_image(f"oci:{layout.path}/nowhere", AMD64, store, session, layer_budget=BUDGET)
 
 
 async def test_oci_layout_with_corrupted_blob(layout: Layout, store, session) -> None:
@@ -242,7 +244,7 @@ async def test_oci_layout_with_corrupted_blob(layout: Layout, store, session) ->
     content[-1] ^= 0xFF  # gzip's trailing length byte: still the same size
     blob.write_bytes(bytes(content))
     with pytest.raises(BaseImageError, match="does not match its digest"):
-        await resolve_base_image(f"oci:{layout.path}:v1", AMD64, store, session)
+        await resolve_base_image(f"oci:{layout.path}:v1", AMD64, store, session, layer_budget=BUDGET)
     assert stored_blobs(store) == [] and await store.list_records(RECORD_KIND) == []
 
 
@@ -250,20 +252,20 @@ async def test_real_debian_glibc_base(store, session, tmp_path: Path) -> None:
     source = glibc_base_layout()
     copy = tmp_path / "debian"
     shutil.copytree(source, copy)
-    image = await resolve_base_image(f"oci:{copy}:bookworm", AMD64, store, session)
+    image = await resolve_base_image(f"oci:{copy}:bookworm", AMD64, store, session, layer_budget=BUDGET)
     assert image.glibc_version == "2.36"
     assert len(image.layers) == 1 and image.config["config"]["Cmd"] == ["/bin/sh"]
 
 
 async def test_scratch(store, session) -> None:
-    image = await resolve_base_image("scratch", AMD64, store, session)
+    image = await resolve_base_image("scratch", AMD64, store, session, layer_budget=BUDGET)
     assert image == SCRATCH and image.config is None and image.layers == () and image.glibc_version is None
 
 
 async def test_platform_mismatch_of_a_single_manifest(upstream_registry: Registry, layout: Layout, store, session) -> None:
     upstream_registry.push(layout.path, "base/img:v1", "v1")  # pushes only the amd64 manifest
     with pytest.raises(BaseImageError, match="not linux/s390x"):
-        await resolve_base_image(f"{upstream_registry.host}/base/img:v1", S390X, store, session)
+        await resolve_base_image(f"{upstream_registry.host}/base/img:v1", S390X, store, session, layer_budget=BUDGET)
 
 
 # --- pieces ---------------------------------------------------------------------------
