@@ -124,7 +124,7 @@ async def resolve_base_image(
         message = str(exc) or "timed out"
         if len(message) > _MAX_MESSAGE:
             message = message[:_MAX_MESSAGE] + "..."
-        log.warning("base image %s: %s", spec if spec.startswith("oci:") else _describe(spec), message)
+        log.warning("%s: %s", f"base image {spec}" if spec.startswith("oci:") else _describe(spec), message)
         raise BaseImageError(f"{_describe(spec)}: {message}") from None
 
 
@@ -344,6 +344,12 @@ class _Layout:
         return Path(name)
 
 
+def _short(value: object) -> str:
+    """A value from an untrusted document, quoted for a message and kept short."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _check_bytes(data: bytes, digest: str, size: int | None) -> None:
     if size is not None and len(data) != size:
         raise ManifestError(f"blob {digest} has {len(data)} bytes, expected {size}")
@@ -387,7 +393,7 @@ def parse_image_manifest(doc: dict[str, Any], layer_budget: int) -> tuple[Descri
     """
     config_desc = parse_descriptor(doc.get("config"))
     if config_desc.media_type not in CONFIG_TYPES:
-        raise ManifestError(f"config media type {config_desc.media_type!r} is not an image config")
+        raise ManifestError(f"config media type {_short(config_desc.media_type)} is not an image config")
     raw_layers = doc.get("layers")
     if not isinstance(raw_layers, list):
         raise ManifestError("manifest has no layers list")
@@ -396,7 +402,7 @@ def parse_image_manifest(doc: dict[str, Any], layer_budget: int) -> tuple[Descri
     layers = tuple(parse_descriptor(d) for d in raw_layers)
     for layer in layers:
         if layer.media_type not in LAYER_TYPES:
-            raise ManifestError(f"unsupported layer media type {layer.media_type!r}")
+            raise ManifestError(f"unsupported layer media type {_short(layer.media_type)}")
     total = sum(layer.size for layer in distinct_layers(layers))
     if total > MAX_BASE_SIZE:
         raise ManifestError(f"the base's layers add up to {total} bytes, over the {MAX_BASE_SIZE} byte limit")
@@ -430,7 +436,7 @@ def checked_config(config: dict[str, Any], layers: tuple[Descriptor, ...], platf
     ):
         raise ManifestError("image config's rootfs.diff_ids do not match the manifest's layers")
     if (config.get("os"), config.get("architecture")) != (platform.os, platform.architecture):
-        raise ManifestError(f"image is for {config.get('os')}/{config.get('architecture')}, not {platform}")
+        raise ManifestError(f"image is for {str(config.get('os'))[:40]}/{str(config.get('architecture'))[:40]}, not {platform}")
     by_digest: dict[str, str] = {}
     for layer, diff_id in zip(layers, diff_ids, strict=True):
         if by_digest.setdefault(layer.digest, diff_id) != diff_id:
@@ -467,7 +473,7 @@ async def _import(
         child = _select_platform(_load_json(manifest.data, "index"), platform)
         manifest = await source.get_manifest(child.digest)
     if manifest.media_type not in MANIFEST_TYPES:
-        raise ManifestError(f"unsupported manifest type {manifest.media_type!r}")
+        raise ManifestError(f"unsupported manifest type {_short(manifest.media_type)}")
     doc = _load_json(manifest.data, "manifest")
     config_desc, layers = parse_image_manifest(doc, layer_budget)
 
