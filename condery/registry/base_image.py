@@ -436,11 +436,18 @@ def checked_config(config: dict[str, Any], layers: tuple[Descriptor, ...], platf
     ):
         raise ManifestError("image config's rootfs.diff_ids do not match the manifest's layers")
     if (config.get("os"), config.get("architecture")) != (platform.os, platform.architecture):
-        raise ManifestError(f"image is for {str(config.get('os'))[:40]}/{str(config.get('architecture'))[:40]}, not {platform}")
+        found = f"{str(config.get('os'))[:40]}/{str(config.get('architecture'))[:40]}"
+        raise ManifestError(f"image is for {found}, not {platform}")
     by_digest: dict[str, str] = {}
     for layer, diff_id in zip(layers, diff_ids, strict=True):
         if by_digest.setdefault(layer.digest, diff_id) != diff_id:
             raise ManifestError(f"layer {layer.digest} is listed with two different diff_ids")
+    _check_settings(config)
+    return by_digest
+
+
+def _check_settings(config: dict[str, Any]) -> None:
+    """The fields registry/manifest.image_config copies from a base, with the types it needs."""
     settings = config.get("config")
     if settings is not None and not isinstance(settings, dict):
         raise ManifestError("image config's 'config' is not an object")
@@ -462,7 +469,6 @@ def checked_config(config: dict[str, Any], layers: tuple[Descriptor, ...], platf
             raise ManifestError(f"image config's {key} is not an object")
     if not isinstance(config.get("history", []), list):
         raise ManifestError("image config's history is not a list")
-    return by_digest
 
 
 async def _import(
