@@ -176,8 +176,8 @@ def _describe(spec: str) -> str:
 
 def _too_many_layers(count: int, layer_budget: int) -> BaseImageError:
     return BaseImageError(
-        f"the base image has {count} layers; with layer_budget {layer_budget} it may have at most "
-        f"{max(0, layer_budget - OWN_LAYERS)} (each image adds at least {OWN_LAYERS} layers of its own)"
+        f"{count} layers; with layer_budget {layer_budget} a base may have at most "
+        f"{max(0, layer_budget - OWN_LAYERS)} (every image adds at least {OWN_LAYERS} layers of its own)"
     )
 
 
