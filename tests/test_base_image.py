@@ -7,6 +7,7 @@ oversized manifest) come from a small aiohttp server that lies on purpose.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import hashlib
 import json
@@ -758,3 +759,28 @@ def test_scan_layer_fuzz(data: bytes, magic: bytes, tmp_path: Path) -> None:
         scan_layer(path)
     except ManifestError:
         pass
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        pytest.param(b"Content-Type: " + OCI_MANIFEST.encode() + b"\r\nContent-Length: 1000\r\n\r\n{\"schemaVe",
+                     id="body cut short"),
+        pytest.param(b"X-Padding: " + b"a" * (1 << 20) + b"\r\nContent-Length: 2\r\n\r\n{}", id="1 MB header"),
+        pytest.param(b"Transfer-Encoding: chunked\r\n\r\nzz\r\n", id="bad chunked encoding"),
+    ],
+)
+async def test_upstream_speaking_broken_http(reply: bytes, store, session) -> None:
+    """A registry whose answer to the manifest GET is not well-formed HTTP."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\n" + reply)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        with pytest.raises(BaseImageError, match="base image 127.0.0.1"):
+            await resolve_base_image(f"127.0.0.1:{port}/evil/img", AMD64, store, session, layer_budget=BUDGET)

@@ -299,9 +299,12 @@ async def _read_limited(resp: aiohttp.ClientResponse, limit: int, what: str) -> 
         raise UpstreamError(f"{what} of {resp.content_length} bytes is over the {limit} byte limit")
     chunks: list[bytes] = []
     total = 0
-    async for chunk in resp.content.iter_chunked(64 << 10):
-        total += len(chunk)
-        if total > limit:
-            raise UpstreamError(f"{what} is over the {limit} byte limit")
-        chunks.append(chunk)
+    try:
+        async for chunk in resp.content.iter_chunked(64 << 10):
+            total += len(chunk)
+            if total > limit:
+                raise UpstreamError(f"{what} is over the {limit} byte limit")
+            chunks.append(chunk)
+    except aiohttp.ClientError as exc:  # a body cut short or stalled: as failed as a refusal
+        raise UpstreamError(f"{what}: {exc}") from exc
     return b"".join(chunks)
