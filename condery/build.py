@@ -217,7 +217,10 @@ class ImageService:
         """The base image for a platform, fetched once however many builds need it."""
         platform = oci_platform(subdir)
         return await self._bases.run(
-            subdir, lambda: resolve_base_image(self.config.base_image, platform, self.store, self.state.http)
+            subdir,
+            lambda: resolve_base_image(
+                self.config.base_image, platform, self.store, self.state.http, layer_budget=self.config.layer_budget
+            ),
         )
 
     async def _solve(
