@@ -239,3 +239,17 @@ async def test_unreachable_channel_is_a_passing_fault(tmp_path: Path) -> None:
     with pytest.raises(PackageUnavailable, match="small-1.0-h0: download failed from http://127.0.0.1"):
         await build(records[0], tmp_path)
     assert_nothing_left(tmp_path)
+
+
+async def test_package_hardlinks_stay_hardlinks(tmp_path: Path) -> None:
+    """A package whose archive holds tar hardlinks gives a layer that holds them once."""
+    ch = tmp_path / "ch"
+    big = secrets.token_bytes(2 << 20)
+    write_conda_package(ch, "linked", "1.0", "h0", files=[
+        PkgFile("lib/a-data", big), *(PkgFile(f"lib/b-link{i:02d}", hardlink_to="lib/a-data") for i in range(20))])
+    index_channel(ch)
+    blob = await build(await record_of(ch, "linked"), tmp_path)
+    assert blob.size < len(big) + (256 << 10)
+    with tarfile.open(blob.path, "r:gz") as tar:
+        links = [m for m in tar.getmembers() if m.islnk()]
+    assert len(links) == 20 and {m.linkname for m in links} == {"opt/conda/lib/a-data"}

@@ -13,7 +13,9 @@ import pytest
 import rattler
 
 from condery.layers import LayerBlob, PackageError
+from condery.layers.tarball import LAYER_MTIME
 from condery.layers.package_layer import (
+    LAYOUT_VERSION,
     build_package_layer,
     layer_key,
     python_site_packages,
@@ -129,7 +131,7 @@ def check_layer_basics(blob: LayerBlob, record: rattler.RepoDataRecord, *local_p
         names = tar.getnames()
         assert names[:2] == ["opt", "opt/conda"]
         assert all(n.startswith("opt/conda/") for n in names[2:]), names
-        assert all(m.mtime == 0 and m.uid == 0 for m in tar.getmembers())
+        assert all(m.mtime == LAYER_MTIME and m.uid == 0 for m in tar.getmembers())
         meta_names = [n for n in names if n.startswith("opt/conda/conda-meta/")]
         assert meta_names == [f"opt/conda/conda-meta/{dist}.json"]
         raw = tar.extractfile(meta_names[0]).read().decode()
@@ -239,7 +241,7 @@ def test_layer_key(channel: Path) -> None:
     records = asyncio.run(solve(channel, ["pyth", "hello"]))
     pyth, hello, python = (by_name(records, n) for n in ("pyth", "hello", "python"))
     key = layer_key(pyth, PREFIX, "lib/python3.11/site-packages")
-    assert key.startswith(f"v1/{pyth.sha256.hex()}/")
+    assert key.startswith(f"{LAYOUT_VERSION}/{pyth.sha256.hex()}/")
     assert all(c.isalnum() or c == "/" for c in key)
     assert key == layer_key(pyth, PREFIX, "lib/python3.11/site-packages")
     assert key != layer_key(pyth, PREFIX, "lib/python3.12/site-packages")

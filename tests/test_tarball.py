@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from condery.layers import PackageError
-from condery.layers.tarball import concat_layers, write_layer
+from condery.layers.tarball import LAYER_MTIME, concat_layers, write_layer
 
 
 def make_tree(root: Path, *, mtime: int = 1234567890) -> Path:
@@ -57,14 +57,14 @@ def test_layer_is_deterministic_and_normalised(tmp_path: Path) -> None:
     assert names == sorted(names)
     assert names[:2] == ["opt", "opt/conda"]
     for m in ms.values():
-        assert m.mtime == 0 and m.uid == 0 and m.gid == 0 and m.uname == "" and m.gname == ""
+        assert m.mtime == LAYER_MTIME and m.uid == 0 and m.gid == 0 and m.uname == "" and m.gname == ""
         assert m.name == "opt" or m.name.startswith("opt/conda")
     assert ms["opt/conda/bin/tool"].mode == 0o755
     assert ms["opt/conda/lib/libx.so.1"].mode == 0o644
     assert ms["opt/conda/empty"].isdir() and ms["opt/conda/empty"].mode == 0o755
     assert ms["opt/conda/lib/libx.so"].issym() and ms["opt/conda/lib/libx.so"].linkname == "libx.so.1"
-    hard = ms["opt/conda/lib/sub/hard"]
-    assert hard.isreg() and hard.size == ms["opt/conda/lib/libx.so.1"].size
+    hard = ms["opt/conda/lib/sub/hard"]  # a hardlink of lib/libx.so.1, which sorts first
+    assert hard.islnk() and hard.linkname == "opt/conda/lib/libx.so.1"
     assert f"opt/conda/{'d' * 120}/{'f' * 120}" in ms
     assert "opt/conda/ünïcode.txt" in ms
 
@@ -153,3 +153,51 @@ def test_concat_refuses_unsafe_members(tmp_path: Path) -> None:
         tar.addfile(info)
     with pytest.raises(PackageError, match="unsafe path"):
         concat_layers([bad], tmp_path / "out.tgz")
+
+
+def test_hardlinks_are_written_once(tmp_path: Path) -> None:
+    """One 2 MiB file with 20 links is 2 MiB in the layer, not 42, and unpacks as links."""
+    root = tmp_path / "root"
+    (root / "lib").mkdir(parents=True)
+    (root / "lib" / "big").write_bytes(os.urandom(2 << 20))
+    for i in range(20):
+        os.link(root / "lib" / "big", root / "lib" / f"link{i:02d}")
+    blob = write_layer(root, "opt/conda", tmp_path / "layer.tgz")
+    assert blob.size < (2 << 20) + (64 << 10)
+    out = tmp_path / "out"
+    out.mkdir()
+    subprocess.run(["tar", "-xzf", str(blob.path), "-C", str(out)], check=True)
+    inodes = {(out / "opt/conda/lib" / n).stat().st_ino for n in ["big", *(f"link{i:02d}" for i in range(20))]}
+    assert len(inodes) == 1
+
+
+def test_layer_dates_are_zip_safe(tmp_path: Path) -> None:
+    """mtime 0 (1970) makes zipfile refuse files copied out of an image; 1980 does not."""
+    import zipfile
+
+    blob = write_layer(make_tree(tmp_path / "t"), "opt/conda", tmp_path / "l.tgz")
+    out = tmp_path / "out"
+    out.mkdir()
+    subprocess.run(["tar", "-xzf", str(blob.path), "-C", str(out)], check=True)
+    with zipfile.ZipFile(tmp_path / "z.zip", "w") as zf:
+        zf.write(out / "opt/conda/bin/tool", "tool")
+
+
+def test_concat_keeps_hardlinks(tmp_path: Path) -> None:
+    root = tmp_path / "a"
+    root.mkdir()
+    (root / "f").write_bytes(b"x" * 1000)
+    os.link(root / "f", root / "g")
+    first = write_layer(root, "opt/conda", tmp_path / "a.tgz")
+    other = tmp_path / "b"
+    other.mkdir()
+    (other / "h").write_bytes(b"y")
+    second = write_layer(other, "opt/conda", tmp_path / "b.tgz")
+    merged = concat_layers([first.path, second.path], tmp_path / "m.tgz")
+    ms = members(merged.path)
+    assert ms["opt/conda/g"].islnk() and ms["opt/conda/g"].linkname == "opt/conda/f"
+    # A later layer replacing the link's target cannot be expressed in one layer: refused.
+    (other / "f").write_bytes(b"z")
+    replacing = write_layer(other, "opt/conda", tmp_path / "c.tgz")
+    with pytest.raises(PackageError, match="another layer replaces"):
+        concat_layers([first.path, replacing.path], tmp_path / "n.tgz")

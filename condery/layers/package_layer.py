@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 # Bump when the layer contents change for the same package (scrubbing, tar layout...),
 # so that layers cached under the old layout are not reused.
-LAYOUT_VERSION = "v1"
+LAYOUT_VERSION = "v2"  # v2: tar hardlinks, mtime 1980-01-01
 
 # Keys of rattler's conda-meta record that hold paths of the machine that built the
 # layer, or facts about this one install rather than the package.

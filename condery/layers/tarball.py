@@ -1,9 +1,11 @@
 """Reproducible image layers: deterministic tar, deterministic gzip, both hashed while streaming.
 
 The same tree gives the same bytes on any machine and any day: entries sorted by archive
-path, mtime 0, owner root with empty names, modes normalised to 0755/0644 (exec bit kept),
-symlinks kept, hardlinks written as regular files, PAX format, and a gzip header with no
-time and no file name. Nothing is held in memory beyond tarfile's and zlib's buffers.
+path, one fixed mtime (1980-01-01: zip and other tools refuse earlier dates), owner root
+with empty names, modes normalised to 0755/0644 (exec bit kept), symlinks kept, files
+that are hardlinks of each other written once plus tar hardlinks to the first name (so a
+2 MiB file with 20 links stays 2 MiB), PAX format, and a gzip header with no time and no
+file name. Nothing is held in memory beyond tarfile's and zlib's buffers.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ _DIR_MODE = 0o755
 _FILE_MODE = 0o644
 _EXEC_MODE = 0o755
 _LINK_MODE = 0o777
+# 1980-01-01T00:00:00Z: the earliest time every consumer accepts (zipfile refuses older).
+LAYER_MTIME = 315532800
 
 
 class _HashingWriter:
@@ -58,7 +62,7 @@ class _Entry:
     """One tar member before it is written: what a layer may contain and nothing more."""
 
     name: str  # archive path, no leading "/", no trailing "/"
-    kind: str  # "dir" | "file" | "symlink"
+    kind: str  # "dir" | "file" | "symlink" | "hardlink" (linkname: an earlier file entry)
     mode: int = _DIR_MODE
     size: int = 0
     linkname: str = ""
@@ -120,6 +124,7 @@ def _scan(root: Path, arcname_prefix: str, extra_dirs: Sequence[str]) -> list[_E
     """Every entry under root, placed at arcname_prefix, with parent directories, sorted."""
     prefix = arcname_prefix.strip("/")
     entries: dict[str, _Entry] = {}
+    inodes: dict[str, tuple[int, int]] = {}  # files with more than one link
 
     def add_dir(name: str) -> None:
         for parent in (*_parents(name), name):
@@ -151,9 +156,22 @@ def _scan(root: Path, arcname_prefix: str, extra_dirs: Sequence[str]) -> list[_E
                 add_dir(name)
             elif stat.S_ISREG(st.st_mode):
                 entries[name] = _Entry(name, "file", _normal_mode(st.st_mode), st.st_size, source=path)
+                if st.st_nlink > 1:
+                    inodes[name] = (st.st_dev, st.st_ino)
             else:
                 raise PackageError(f"{name!r} is not a file, directory or symlink")
-    return [entries[k] for k in sorted(entries)]
+    ordered = [entries[k] for k in sorted(entries)]
+    # Files sharing an inode: the first in archive order carries the bytes, the rest link to it.
+    first_of: dict[tuple[int, int], str] = {}
+    for i, entry in enumerate(ordered):
+        inode = inodes.get(entry.name)
+        if inode is None:
+            continue
+        if inode in first_of:
+            ordered[i] = _Entry(entry.name, "hardlink", entry.mode, linkname=first_of[inode])
+        else:
+            first_of[inode] = entry.name
+    return ordered
 
 
 def _open_regular(path: Path, size: int) -> BinaryIO:
@@ -190,7 +208,7 @@ class _LayerWriter:
 
     def add(self, entry: _Entry, content: BinaryIO | None = None) -> None:
         info = tarfile.TarInfo(entry.name)
-        info.mtime = 0
+        info.mtime = LAYER_MTIME
         info.uid = info.gid = 0
         info.uname = info.gname = ""
         info.mode = entry.mode
@@ -198,6 +216,9 @@ class _LayerWriter:
             info.type = tarfile.DIRTYPE
         elif entry.kind == "symlink":
             info.type = tarfile.SYMTYPE
+            info.linkname = entry.linkname
+        elif entry.kind == "hardlink":
+            info.type = tarfile.LNKTYPE
             info.linkname = entry.linkname
         else:
             info.type = tarfile.REGTYPE
@@ -261,7 +282,10 @@ def _member_entry(member: tarfile.TarInfo) -> _Entry:
         return _Entry(name, "symlink", _LINK_MODE, linkname=member.linkname)
     if member.isreg():
         return _Entry(name, "file", _normal_mode(member.mode), member.size)
-    raise PackageError(f"{name!r} in a layer is not a file, directory or symlink")
+    if member.islnk():
+        check_member_name(member.linkname)
+        return _Entry(name, "hardlink", _normal_mode(member.mode), linkname=member.linkname)
+    raise PackageError(f"{name!r} in a layer is not a file, directory, symlink or hardlink")
 
 
 def concat_layers(layers: Sequence[Path], out_path: Path) -> LayerBlob:
@@ -293,6 +317,10 @@ def concat_layers(layers: Sequence[Path], out_path: Path) -> LayerBlob:
                     if (li, mi) not in wanted:
                         continue
                     entry = _member_entry(member)
+                    if entry.kind == "hardlink" and keep.get(entry.linkname, (-1, mi))[0] != li:
+                        # Its target was replaced by a later layer: stacking would keep the
+                        # old bytes under this name, which one merged layer cannot express.
+                        raise PackageError(f"the hardlink {entry.name!r} points at a file another layer replaces")
                     writer.add(entry, tar.extractfile(member) if entry.kind == "file" else None)
         return writer.close()
     except BaseException:
