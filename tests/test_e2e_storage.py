@@ -23,6 +23,7 @@ import yaml
 from tests.fixtures.clients import ClientError, skopeo_copy
 from tests.fixtures.procs import running
 from tests.test_e2e import OCI_MANIFEST, Registry, condery, serve
+from tests.test_storage import age
 
 pytestmark = pytest.mark.e2e
 
@@ -104,13 +105,6 @@ def test_disk_full_is_503_and_leaves_nothing(tmp_path: Path, fixture_channel, ba
         filler.unlink()
         pull_ok(registry, "tzdata/xz", tmp_path / "after")
         assert list((store / "tmp").iterdir()) == []
-
-
-def age(path: Path, seconds: float) -> None:
-    """Set the mtime of `path` and everything under it `seconds` into the past."""
-    when = time.time() - seconds
-    for entry in [path, *path.rglob("*")] if path.is_dir() else [path]:
-        os.utime(entry, (when, when), follow_symlinks=False)
 
 
 def test_sigkill_mid_build_litter_is_cleaned_at_restart(tmp_path: Path, fixture_channel, base_layout) -> None:
