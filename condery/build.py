@@ -190,8 +190,8 @@ class ImageService:
         except asyncio.TimeoutError:  # before OSError: it is one
             raise errors.Unavailable(f"building took longer than {self.config.build_timeout} s") from None
         except StorageError as exc:  # path-free by contract
-            reason = store_fault_reason(exc)
-            raise errors.Unavailable(f"cannot build {request.canonical_name}: {reason + ': ' if reason else ''}{exc}") from None
+            cause = f"{store_fault_reason(exc) or 'the store failed'}: {exc}"
+            raise errors.Unavailable(f"cannot build {request.canonical_name}: {cause}") from None
         except OSError as exc:  # the work directory's disk (ENOSPC, EIO, ...); its message names paths
             if (reason := store_fault_reason(exc)) is None:
                 raise

@@ -204,7 +204,8 @@ class S3Store(Store):
                         # At most one part's worth, the same memory bound as a multipart upload.
                         await self._put_object(key, await asyncio.to_thread(path.read_bytes), digest)
                 except OSError as exc:
-                    raise StorageError(f"cannot read blob {digest} to store it: {os_error_text(exc)}", exc.errno) from exc
+                    reason = os_error_text(exc)
+                    raise StorageError(f"cannot read blob {digest} to store it: {reason}", exc.errno) from exc
         finally:
             # The file is consumed either way: a failed upload must not leave it in the
             # work directory (the Store contract).
