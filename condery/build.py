@@ -61,6 +61,7 @@ from condery.registry.platforms import OciPlatform, oci_platform
 from condery.registry.tags import Latest, Snapshot
 from condery.singleflight import SingleFlight
 from condery.state import AppState
+from condery.storage import StorageError, store_fault_reason
 
 log = logging.getLogger("condery.build")
 
@@ -186,11 +187,20 @@ class ImageService:
         except PackageUnavailable as exc:
             raise errors.Unavailable(f"cannot build {request.canonical_name}: {exc}") from None
         except PackageError as exc:
+            if (reason := store_fault_reason(exc)) is not None:  # a full disk, not a bad package
+                raise errors.Unavailable(f"cannot build {request.canonical_name}: {reason}") from None
             raise errors.ManifestUnknown(f"cannot build {request.canonical_name}: {exc}") from None
         except BaseImageError as exc:
             raise errors.Unavailable(str(exc)) from None
-        except asyncio.TimeoutError:
+        except asyncio.TimeoutError:  # before OSError: it is one
             raise errors.Unavailable(f"building took longer than {self.config.build_timeout} s") from None
+        except StorageError as exc:  # path-free by contract
+            cause = f"{store_fault_reason(exc) or 'the store failed'}: {exc}"
+            raise errors.Unavailable(f"cannot build {request.canonical_name}: {cause}") from None
+        except OSError as exc:  # the work directory's disk (ENOSPC, EIO, ...); its message names paths
+            if (reason := store_fault_reason(exc)) is None:
+                raise
+            raise errors.Unavailable(f"cannot build {request.canonical_name}: {reason}") from None
         return await self._top_level(request, images), list(images)
 
     async def _build_and_record(self, request: ImageRequest, reference: Latest | Snapshot) -> ImageRef:

@@ -1,4 +1,5 @@
-"""Command line: `condery serve`, `condery build NAME --output oci:DIR`, `condery solve NAME`."""
+"""Command line: `condery serve`, `condery build NAME --output oci:DIR`, `condery solve NAME`,
+`condery verify [--repair]`."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from condery.registry.oci_layout import write_oci_layout
 from condery.registry.server import ACCESS_LOG_FORMAT, create_app
 from condery.registry.tags import Digest, parse_reference
 from condery.state import AppState
+from condery.storage import StorageError, open_store
+from condery.storage.verify import verify_store
 
 log = logging.getLogger("condery")
 
@@ -45,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     solve.add_argument("name")
     solve.add_argument("--tag", default="latest")
     solve.add_argument("--platform", help="conda subdir (default: the first configured platform)")
+
+    verify = commands.add_parser("verify", help="hash every stored blob; report (or --repair) corrupt ones")
+    # SUPPRESS: without a value here, keep the one given before the subcommand.
+    verify.add_argument("--config", default=argparse.SUPPRESS, help="YAML configuration file")
+    verify.add_argument("--repair", action="store_true", help="remove corrupt blobs (rebuilt when next needed)")
     return parser
 
 
@@ -75,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "build":
             return asyncio.run(_build(config, args.name, args.tag, args.output))
+        if args.command == "verify":
+            return asyncio.run(_verify(config, args.repair))
         return asyncio.run(_solve(config, args.name, args.tag, args.platform))
     except (ConfigError, NameInvalid, RegistryError, ValueError) as exc:
         print(f"condery: {redact_text(str(getattr(exc, 'message', None) or exc))}", file=sys.stderr)
@@ -162,3 +172,22 @@ async def _solve(config: Config, name: str, tag: str, platform: str | None) -> i
         return 0
     finally:
         await state.close()
+
+
+async def _verify(config: Config, repair: bool) -> int:
+    """Exit 0 when every blob matches its digest (or the corrupt ones were removed), else 1."""
+    store = open_store(config.storage)
+    try:
+        report = await verify_store(
+            store, repair, on_corrupt=lambda digest: print(f"corrupt: {digest}", flush=True)
+        )
+    except StorageError as exc:
+        print(f"condery: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await store.close()
+    summary = f"{report.checked} blobs checked, {len(report.corrupt)} corrupt"
+    if repair:
+        summary += f", {report.removed} removed (rebuilt when next needed)"
+    print(summary)
+    return 1 if len(report.corrupt) > report.removed else 0

@@ -7,7 +7,9 @@ from a Config and pass it down.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +18,14 @@ import aiohttp
 import rattler
 
 from condery.config import Config
-from condery.storage import Store, open_store
+from condery.storage import Store, StorageError, open_store
 from condery.storage.filesystem import FilesystemStore
+from condery.storage.litter import remove_stale, stale_age
+
+log = logging.getLogger("condery")
+# The S3 backend's local work directories: <system temp dir>/condery-work-<pid>-<random>.
+WORK_DIR_PREFIX = "condery-work-"
+STAGING_CLEAN_TIMEOUT = 20  # seconds
 
 
 @dataclass
@@ -29,15 +37,19 @@ class AppState:
     work_dir: Path  # staging for layer builds; on the store's filesystem when it has one
     build_slots: asyncio.Semaphore  # concurrent image builds
     cpu_slots: asyncio.Semaphore  # concurrent package layer builds (CPU-bound)
+    owns_work_dir: bool = False  # a private temporary directory, removed on close
 
     @classmethod
     async def open(cls, config: Config) -> "AppState":
         store = open_store(config.storage)
+        max_age = stale_age(config.build_timeout)
         if isinstance(store, FilesystemStore):
             work_dir = store.staging_dir()
         else:
-            work_dir = Path(tempfile.mkdtemp(prefix="condery-work-"))
+            await asyncio.to_thread(_remove_orphan_work_dirs)
+            work_dir = Path(tempfile.mkdtemp(prefix=f"{WORK_DIR_PREFIX}{os.getpid()}-"))
         config.package_cache_dir.mkdir(parents=True, exist_ok=True)
+        await _clean_litter(store, config.package_cache_dir, max_age)
         return cls(
             config=config,
             store=store,
@@ -49,8 +61,53 @@ class AppState:
             work_dir=work_dir,
             build_slots=asyncio.Semaphore(config.max_concurrent_builds),
             cpu_slots=asyncio.Semaphore(os.cpu_count() or 2),
+            owns_work_dir=not isinstance(store, FilesystemStore),
         )
 
     async def close(self) -> None:
         await self.http.close()
         await self.store.close()
+        if self.owns_work_dir:
+            await asyncio.to_thread(shutil.rmtree, self.work_dir, True)
+
+
+def _remove_orphan_work_dirs() -> None:
+    """Remove the work directories of condery processes that are gone (killed).
+
+    Each directory is named after its process id, so a live process's directory is
+    never touched however long it has been idle; a directory whose process is gone is
+    removed whatever its age.
+    """
+    for entry in Path(tempfile.gettempdir()).glob(WORK_DIR_PREFIX + "*"):
+        pid_text = entry.name[len(WORK_DIR_PREFIX):].split("-", 1)[0]
+        if not pid_text.isdigit() or _process_alive(int(pid_text)):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        log.info("removed the work directory of a stopped condery process (pid %s)", pid_text)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
+
+
+async def _clean_litter(store: Store, package_cache_dir: Path, max_age: float) -> None:
+    """Remove what killed processes left in the store's staging and the package cache.
+
+    Best effort: a store that cannot be reached now is reported by the requests that
+    need it (and /readyz), not by refusing to start.
+    """
+    try:
+        # Bounded: an unreachable S3 endpoint must not hold up the start for minutes.
+        staged = await asyncio.wait_for(store.clean_staging(max_age), STAGING_CLEAN_TIMEOUT)
+    except (StorageError, asyncio.TimeoutError) as exc:
+        log.warning("cannot clean the store's staging area: %s", exc)
+        staged = 0
+    downloads = await asyncio.to_thread(remove_stale, package_cache_dir, max_age, "archives/*/.download-*")
+    if staged or downloads:
+        log.info("removed crash litter: %d staging entries, %d partial downloads", staged, downloads)

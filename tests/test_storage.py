@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import hashlib
 import json
 import os
+import subprocess
 import tempfile
 import threading
+import time
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -16,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from condery.config import StorageConfig
-from condery.storage import StorageError, Store, open_store
+from condery.storage import StorageError, Store, open_store, store_fault_reason
 from condery.storage.filesystem import FilesystemStore
+from condery.storage.litter import remove_stale, stale_age
 from condery.storage.s3 import PART_SIZE, S3Store
 from tests.fixtures.seaweed import SeaweedS3
 
@@ -351,3 +356,207 @@ async def test_filesystem_never_shows_a_partial_blob(tmp_path: Path, other_devic
     assert not source.exists()
     assert list((store.root / "tmp").iterdir()) == []
     assert await store.get_blob_bytes(digest) == data
+
+
+# -- integrity and crash litter (both backends) -----------------------------------------
+
+
+def plant(store: Store, digest: str, data: bytes, request: pytest.FixtureRequest) -> None:
+    """Put `data` under `digest` behind the store's back, as rot or a bad copy would."""
+    if isinstance(store, FilesystemStore):
+        (store.root / "blobs" / "sha256" / digest.split(":", 1)[1]).write_bytes(data)
+    else:
+        assert isinstance(store, S3Store)
+        client = request.getfixturevalue("seaweed").client()
+        client.put_object(Bucket=store.bucket, Key=store._blob_key(digest), Body=data)
+
+
+async def test_verify_list_and_remove_blobs(store: Store, request: pytest.FixtureRequest) -> None:
+    good = os.urandom(5000)
+    await store.put_blob_bytes(digest_of(good), good)
+    bad_digest = digest_of(b"the real bytes")
+    plant(store, bad_digest, b"the real byte", request)  # one byte short
+
+    listed = {d async for d in store.list_blobs()}
+    assert {digest_of(good), bad_digest} <= listed
+    assert await store.verify_blob(digest_of(good)) is True
+    assert await store.verify_blob(bad_digest) is False
+    with pytest.raises(KeyError):
+        await store.verify_blob(digest_of(uuid.uuid4().bytes))
+
+    await store.remove_blob(bad_digest)
+    await store.remove_blob(bad_digest)  # absent: a no-op
+    assert await store.blob_info(bad_digest) is None
+    assert bad_digest not in {d async for d in store.list_blobs()}
+
+
+async def test_failed_put_names_the_blob_not_the_path(store: Store, tmp_path: Path) -> None:
+    # Storage errors reach clients (503 UNAVAILABLE): no server path in them.
+    missing = digest_of(b"nothing")
+    source = tmp_path / "vanishing"
+    with pytest.raises(StorageError) as caught:
+        await store.put_blob_file(missing, source)  # the file does not exist
+    assert str(tmp_path) not in str(caught.value)
+    assert missing in str(caught.value)
+
+
+# -- filesystem: disk full, corruption on first read, crash litter ----------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs (the tests run as root), to run out of space for real."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {mounted.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+async def test_filesystem_disk_full_leaves_no_temp_file(small_disk: Path, other_device_dir: Path) -> None:
+    store = FilesystemStore(small_disk / "store")
+    big = os.urandom(2 << 20)  # more than the disk holds
+    digest = digest_of(big)
+
+    with pytest.raises(StorageError) as caught:
+        await store.put_blob_bytes(digest, big)
+    assert caught.value.errno == errno.ENOSPC
+    assert str(caught.value) == f"cannot store blob {digest}: no space left on device"
+    assert list(store.tmp.iterdir()) == [] and blob_files(store) == []
+
+    source = write(other_device_dir / "layer", big)  # copied in across filesystems
+    with pytest.raises(StorageError) as caught:
+        await store.put_blob_file(digest, source)
+    assert caught.value.errno == errno.ENOSPC and str(small_disk) not in str(caught.value)
+    assert list(store.tmp.iterdir()) == [] and blob_files(store) == []
+    assert not source.exists()
+
+    # Full to the last block: even a record cannot be written, and leaves nothing.
+    with contextlib.suppress(OSError), open(small_disk / "filler", "wb", buffering=0) as filler:
+        while True:
+            filler.write(b"\0" * 4096)
+    with pytest.raises(StorageError) as caught:
+        await store.put_record("layers", "some/key", {"digest": digest})
+    assert str(caught.value) == "cannot store record layers/some/key: no space left on device"
+    assert list(store.tmp.iterdir()) == []
+    assert store_fault_reason(caught.value) == "the store is out of space"
+
+    (small_disk / "filler").unlink()
+    small = os.urandom(1000)
+    await store.put_blob_bytes(digest_of(small), small)  # works again once there is room
+    assert await store.get_blob_bytes(digest_of(small)) == small
+
+
+async def test_filesystem_corrupt_blob_is_dropped_on_first_read(tmp_path: Path) -> None:
+    data = os.urandom(300_000)
+    digest = digest_of(data)
+    await FilesystemStore(tmp_path / "store").put_blob_bytes(digest, data)
+    path = tmp_path / "store" / "blobs" / "sha256" / digest.split(":", 1)[1]
+    with open(path, "r+b") as handle:
+        handle.truncate(len(data) // 2)
+
+    restarted = FilesystemStore(tmp_path / "store")  # a new process trusts nothing it did not write
+    with pytest.raises(KeyError):
+        await read_all(restarted, digest, 10, 5)  # a range too: hashed whole first
+    assert not path.exists() and await restarted.blob_info(digest) is None
+
+    # Rebuilt (the builder re-puts it): served again, and good blobs are read as usual.
+    await restarted.put_blob_file(digest, write(tmp_path / "rebuilt", data))
+    assert await FilesystemStore(tmp_path / "store").get_blob_bytes(digest) == data
+
+
+async def test_filesystem_rebuilt_blob_replaces_an_unchecked_corrupt_copy(tmp_path: Path) -> None:
+    data = os.urandom(10_000)
+    digest = digest_of(data)
+    store = FilesystemStore(tmp_path / "store")
+    plant(store, digest, b"rot", None)  # type: ignore[arg-type]
+    await store.put_blob_file(digest, write(tmp_path / "layer", data))
+    assert await store.verify_blob(digest) is True
+
+
+def age(path: Path, seconds: float) -> None:
+    """Set the mtime of `path` and everything under it `seconds` into the past."""
+    when = time.time() - seconds
+    for entry in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        os.utime(entry, (when, when), follow_symlinks=False)
+
+
+async def test_filesystem_clean_staging_removes_only_stale_entries(tmp_path: Path) -> None:
+    store = FilesystemStore(tmp_path / "store")
+    stale_dir = store.tmp / ".stage-python-abc"
+    (stale_dir / "prefix" / "lib").mkdir(parents=True)
+    (stale_dir / "prefix" / "lib" / "libpython.so").write_bytes(b"x" * 1000)
+    stale_file = write(store.tmp / "xz-5.2.5-abc.tar.gz", b"partial")
+    age(stale_dir, 7200)
+    age(stale_file, 7200)
+    # Another replica's live build: an old directory with one freshly written file deep inside.
+    live_dir = store.tmp / ".stage-numpy-def"
+    (live_dir / "prefix" / "lib").mkdir(parents=True)
+    write(live_dir / "prefix" / "lib" / "old.so", b"y")
+    age(live_dir, 7200)
+    write(live_dir / "prefix" / "lib" / "new.so", b"z")
+    os.utime(live_dir / "prefix" / "lib", (time.time() - 7200,) * 2)
+    fresh_file = write(store.tmp / "w-fresh", b"being written")
+
+    assert await store.clean_staging(3600) == 2
+    assert sorted(p.name for p in store.tmp.iterdir()) == [".stage-numpy-def", "w-fresh"]
+    assert fresh_file.exists() and (live_dir / "prefix" / "lib" / "new.so").exists()
+
+
+def test_remove_stale_matches_partial_downloads_only(tmp_path: Path) -> None:
+    archives = tmp_path / "pkgs" / "archives" / ("a" * 64)
+    archives.mkdir(parents=True)
+    partial = write(archives / ".download-x1", b"half")
+    package = write(archives / "xz-5.2.5-h7b6447c_0.conda", b"whole")
+    age(partial, 7200)
+    age(package, 7200)
+    assert remove_stale(tmp_path / "pkgs", 3600, "archives/*/.download-*") == 1
+    assert not partial.exists() and package.exists()
+    assert stale_age(1800) == 3600 and stale_age(7200) == 14400
+
+
+# -- S3: crash litter ------------------------------------------------------------------
+
+
+async def test_s3_clean_staging_aborts_only_stale_multipart_uploads(seaweed: SeaweedS3, s3_bucket: str) -> None:
+    store = S3Store(s3_config(seaweed, s3_bucket))
+    client = seaweed.client()
+    key = "blobs/sha256/" + "f" * 64
+    upload = client.create_multipart_upload(Bucket=s3_bucket, Key=key)["UploadId"]
+
+    def open_uploads() -> set[str]:
+        listed = client.list_multipart_uploads(Bucket=s3_bucket, Prefix="blobs/")
+        return {u["UploadId"] for u in listed.get("Uploads", [])}
+
+    try:
+        assert upload in open_uploads()
+        await store.clean_staging(3600)  # just started: may be a live replica's
+        assert upload in open_uploads()
+        await asyncio.sleep(1.1)
+        assert await store.clean_staging(1) >= 1
+        assert upload not in open_uploads()
+    finally:
+        await store.close()
+
+
+async def test_s3_work_directory_is_removed_on_close_and_orphans_at_start(
+    seaweed: SeaweedS3, s3_bucket: str, tmp_path: Path
+) -> None:
+    from condery.config import Config
+    from condery.state import WORK_DIR_PREFIX, AppState
+
+    # A work directory left by a process that is gone (pid 2**22+1 is above Linux's pid_max).
+    orphan = Path(tempfile.gettempdir()) / f"{WORK_DIR_PREFIX}{2**22 + 1}-test"
+    (orphan / "stage").mkdir(parents=True, exist_ok=True)
+    config = Config(storage=s3_config(seaweed, s3_bucket), package_cache=str(tmp_path / "pkgs"))
+    state = await AppState.open(config)
+    try:
+        assert not orphan.exists()
+        assert state.work_dir.is_dir() and state.work_dir.name.startswith(f"{WORK_DIR_PREFIX}{os.getpid()}-")
+        write(state.work_dir / "leftover.tar.gz", b"x")
+    finally:
+        await state.close()
+    assert not state.work_dir.exists()

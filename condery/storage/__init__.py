@@ -5,14 +5,23 @@ Two kinds of things are stored:
 - records, small JSON documents under a (kind, key) pair: layer cache entries by
   package key, manifest records by canonical name/tag/platform, base image records.
 
-Every write is atomic: a reader sees a whole blob or none, never a part. Blobs are
-written from a local file that the caller already hashed; the store re-checks nothing
-about content, so callers must only put what they verified.
+Every write is atomic: a reader sees a whole blob or none, never a part, and a failed
+write leaves nothing behind (no temporary file, no partial object). Blobs are written
+from a local file that the caller already hashed; the store does not re-hash on the way
+in, so callers must only put what they verified. What is already stored may still rot
+(a disk error, a truncated copy, an operator's mistake): backends that hold the bytes
+themselves check a blob against its digest the first time a process reads it, and
+`verify_blob` checks one on demand (`condery verify`).
+
+StorageError messages reach clients and logs: they say what failed and why ("cannot
+store blob sha256:...: no space left on device"), never a server path or a secret.
 """
 
 from __future__ import annotations
 
 import abc
+import errno
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +35,47 @@ RECORD_KEY_RE = re.compile(r"^[A-Za-z0-9._@:+=,-]+(/[A-Za-z0-9._@:+=,-]+)*$")
 
 
 class StorageError(RuntimeError):
-    """The backend failed (I/O, network); the request may be retried."""
+    """The backend failed (I/O, network); the request may be retried.
+
+    `errno` is set when a local OSError caused it, so that callers can say "the store
+    is out of space" rather than just "storage failed".
+    """
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+# OSErrors that mean "the disk under the store or the work directory is in trouble",
+# a passing fault for the operator to fix, not a fault of the package being built.
+STORE_FAULT_REASONS: dict[int, str] = {
+    errno.ENOSPC: "the store is out of space",
+    errno.EDQUOT: "the store is out of space (quota exceeded)",
+    errno.EIO: "the store had an I/O error",
+    errno.EROFS: "the store is read-only",
+}
+
+
+def store_fault_reason(exc: BaseException) -> str | None:
+    """What a disk fault means for the registry's user, or None if `exc` is not one.
+
+    Looks at `exc` and the exceptions it was raised from, since builders wrap OSErrors
+    (a package install failing with ENOSPC is still a full disk, not a bad package).
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        code = getattr(current, "errno", None)
+        if isinstance(current, (OSError, StorageError)) and code in STORE_FAULT_REASONS:
+            return STORE_FAULT_REASONS[code]
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def os_error_text(exc: OSError) -> str:
+    """An OSError's reason without the file name it carries ("no space left on device")."""
+    return (exc.strerror or type(exc).__name__).lower()
 
 
 def check_digest(digest: str) -> str:
@@ -85,6 +134,34 @@ class Store(abc.ABC):
     async def blob_redirect_url(self, digest: str) -> str | None:
         """A URL the client may fetch the blob from directly (S3 presigned), or None."""
         return None
+
+    @abc.abstractmethod
+    async def remove_blob(self, digest: str) -> None:
+        """Remove a blob (a corrupt one); removing an absent blob is a no-op."""
+
+    @abc.abstractmethod
+    def list_blobs(self) -> AsyncIterator[str]:
+        """The digests of every stored blob, in no particular order."""
+
+    async def verify_blob(self, digest: str) -> bool:
+        """Whether the stored bytes hash to `digest` (reads the whole blob).
+
+        Raises KeyError if the blob is absent.
+        """
+        hasher = hashlib.sha256()
+        async for chunk in self.read_blob(digest):
+            hasher.update(chunk)
+        return "sha256:" + hasher.hexdigest() == digest
+
+    # -- crash litter ----------------------------------------------------------
+    async def clean_staging(self, max_age: float) -> int:
+        """Remove what crashed writers left behind, untouched for `max_age` seconds.
+
+        Called at start-up. Other replicas may share the store and be writing right
+        now, so only entries older than any live write can be are removed. Returns how
+        many entries were removed.
+        """
+        return 0
 
     # -- records -------------------------------------------------------------
     @abc.abstractmethod

@@ -5,20 +5,37 @@
     ROOT/tmp/                        staging for atomic writes (same filesystem)
 
 Atomicity comes from writing under ROOT/tmp and `os.replace`-ing into place, so a crash
-leaves at worst an orphan in tmp/, never a partial blob or record.
+leaves at worst an orphan in tmp/, never a partial blob or record; a failed write
+removes its own staged file, and start-up removes orphans once they are stale.
+Durability: a blob's bytes are fsynced before the rename that publishes it, and the
+directory after, so a power cut cannot leave a published name over missing bytes.
+
+Integrity: a blob is hashed the first time this process reads it (unless this process
+wrote it), before any byte is served; one that does not match its digest is removed
+and reported absent, so that the builder, which treats a missing blob as a cache miss,
+builds it again. Hashing before serving rather than while streaming costs one extra
+read per blob per process, but catches corruption before a client has received a
+status line, and covers Range requests, which never read a whole blob.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from condery.storage import BlobInfo, Store, StorageError, check_digest, check_record_key
+from condery.singleflight import SingleFlight
+from condery.storage import BlobInfo, Store, StorageError, check_digest, check_record_key, os_error_text
+from condery.storage.litter import remove_stale
+
+log = logging.getLogger("condery.storage")
+_HASH_CHUNK = 1 << 20
 
 
 class FilesystemStore(Store):
@@ -27,6 +44,9 @@ class FilesystemStore(Store):
         self.tmp = self.root / "tmp"
         for sub in ("blobs/sha256", "records", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        # Digests whose bytes this process wrote or hashed: trusted without hashing again.
+        self._verified: set[str] = set()
+        self._verifying: SingleFlight[bool] = SingleFlight()
 
     def _blob_path(self, digest: str) -> Path:
         return self.root / "blobs" / "sha256" / check_digest(digest).split(":", 1)[1]
@@ -49,6 +69,8 @@ class FilesystemStore(Store):
         self, digest: str, offset: int = 0, length: int | None = None, chunk_size: int = 1 << 20
     ) -> AsyncIterator[bytes]:
         path = self._blob_path(digest)
+        if digest not in self._verified and not await self._verified_once(digest):
+            raise KeyError(digest)
         try:
             handle = open(path, "rb")
         except FileNotFoundError:
@@ -65,32 +87,101 @@ class FilesystemStore(Store):
                     remaining -= len(chunk)
                 yield chunk
 
-    async def put_blob_file(self, digest: str, path: Path) -> None:
-        target = self._blob_path(digest)
-        if target.exists():
-            Path(path).unlink(missing_ok=True)
-            return
-        await asyncio.to_thread(self._move_in, Path(path), target)
+    async def _verified_once(self, digest: str) -> bool:
+        """Hash a blob not yet trusted by this process; remove it if it is corrupt.
 
-    def _move_in(self, source: Path, target: Path) -> None:
+        One hash per digest however many requests ask at once (single flight).
+        """
+
+        async def check() -> bool:
+            path = self._blob_path(digest)
+            try:
+                actual = await asyncio.to_thread(_hash_file, path)
+            except FileNotFoundError:
+                return False
+            except OSError as exc:
+                raise StorageError(f"cannot read blob {digest}: {os_error_text(exc)}", exc.errno) from exc
+            if actual == digest:
+                self._verified.add(digest)
+                return True
+            log.error("blob %s is corrupt (its bytes hash to %s); removing it so it is built again", digest, actual)
+            await self.remove_blob(digest)
+            return False
+
+        return await self._verifying.run(digest, check)
+
+    async def verify_blob(self, digest: str) -> bool:
+        try:
+            actual = await asyncio.to_thread(_hash_file, self._blob_path(digest))
+        except FileNotFoundError:
+            raise KeyError(digest) from None
+        except OSError as exc:
+            raise StorageError(f"cannot read blob {digest}: {os_error_text(exc)}", exc.errno) from exc
+        if actual == digest:
+            self._verified.add(digest)
+        return actual == digest
+
+    async def remove_blob(self, digest: str) -> None:
+        self._verified.discard(digest)
+        try:
+            await asyncio.to_thread(self._blob_path(digest).unlink, missing_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot remove blob {digest}: {os_error_text(exc)}", exc.errno) from exc
+
+    async def list_blobs(self) -> AsyncIterator[str]:
+        names = await asyncio.to_thread(os.listdir, self.root / "blobs" / "sha256")
+        for name in sorted(names):
+            digest = "sha256:" + name
+            try:
+                yield check_digest(digest)
+            except ValueError:
+                continue  # not a blob name (a stray file an operator put there)
+
+    async def put_blob_file(self, digest: str, path: Path) -> None:
+        """Move (or copy) `path` in; the file is gone afterwards, whether this worked or not.
+
+        Removing it on failure too is what keeps a full disk from also filling up with
+        the staged layers of every failed build.
+        """
+        target = self._blob_path(digest)
+        try:
+            # A stored copy this process has not hashed may be the corrupt one being
+            # rebuilt: replace it (atomically; the caller's bytes were hashed).
+            if digest in self._verified and target.exists():
+                return
+            await asyncio.to_thread(self._move_in, Path(path), target, digest)
+            self._verified.add(digest)  # the caller hashed it; we fsynced it
+        finally:
+            Path(path).unlink(missing_ok=True)
+
+    def _move_in(self, source: Path, target: Path, digest: str) -> None:
+        staged: str | None = None
         try:
             if source.stat().st_dev == self.tmp.stat().st_dev:
+                _fsync_file(source)
                 os.replace(source, target)
-                return
-            fd, staged = tempfile.mkstemp(dir=self.tmp, prefix="blob-")
-            os.close(fd)
-            shutil.copyfile(source, staged)
-            os.replace(staged, target)
-            source.unlink(missing_ok=True)
+            else:
+                fd, staged = tempfile.mkstemp(dir=self.tmp, prefix="blob-")
+                os.close(fd)
+                shutil.copyfile(source, staged)
+                _fsync_file(Path(staged))
+                os.replace(staged, target)
+                staged = None
+            _fsync_dir(target.parent)
         except OSError as exc:
-            raise StorageError(f"cannot store blob {target.name}: {exc}") from exc
+            raise StorageError(f"cannot store blob {digest}: {os_error_text(exc)}", exc.errno) from exc
+        finally:
+            if staged is not None:
+                Path(staged).unlink(missing_ok=True)
 
     async def _put_small_blob(self, digest: str, data: bytes) -> None:
         target = self._blob_path(digest)
-        if not target.exists():
-            await asyncio.to_thread(self._write_atomic, target, data)
+        if digest not in self._verified or not target.exists():
+            await asyncio.to_thread(self._write_atomic, target, data, f"blob {digest}")
+            self._verified.add(digest)
 
-    def _write_atomic(self, target: Path, data: bytes) -> None:
+    def _write_atomic(self, target: Path, data: bytes, what: str) -> None:
+        staged: str | None = None
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, staged = tempfile.mkstemp(dir=self.tmp, prefix="w-")
@@ -99,8 +190,16 @@ class FilesystemStore(Store):
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(staged, target)
+            staged = None
+            _fsync_dir(target.parent)
         except OSError as exc:
-            raise StorageError(f"cannot write {target}: {exc}") from exc
+            raise StorageError(f"cannot store {what}: {os_error_text(exc)}", exc.errno) from exc
+        finally:
+            if staged is not None:
+                Path(staged).unlink(missing_ok=True)
+
+    async def clean_staging(self, max_age: float) -> int:
+        return await asyncio.to_thread(remove_stale, self.tmp, max_age)
 
     async def get_record(self, kind: str, key: str) -> dict[str, Any] | None:
         path = self._record_path(kind, key)
@@ -112,7 +211,7 @@ class FilesystemStore(Store):
 
     async def put_record(self, kind: str, key: str, value: dict[str, Any]) -> None:
         data = json.dumps(value, sort_keys=True).encode()
-        await asyncio.to_thread(self._write_atomic, self._record_path(kind, key), data)
+        await asyncio.to_thread(self._write_atomic, self._record_path(kind, key), data, f"record {kind}/{key}")
 
     async def list_records(self, kind: str, prefix: str = "") -> list[str]:
         base = self.root / "records" / check_record_key(kind)
@@ -128,3 +227,28 @@ class FilesystemStore(Store):
             return sorted(keys)
 
         return await asyncio.to_thread(scan)
+
+
+def _hash_file(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            hasher.update(chunk)
+    return "sha256:" + hasher.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable (the directory entry is data of the directory)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -17,6 +17,7 @@ import contextlib
 import json
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -26,11 +27,13 @@ from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
 from condery.storage import (
+    DIGEST_RE,
     BlobInfo,
     StorageError,
     Store,
     check_digest,
     check_record_key,
+    os_error_text,
 )
 
 if TYPE_CHECKING:
@@ -191,17 +194,22 @@ class S3Store(Store):
     async def put_blob_file(self, digest: str, path: Path) -> None:
         key = self._blob_key(digest)
         path = Path(path)
-        if await self.blob_info(digest) is None:
-            try:
-                size = (await asyncio.to_thread(path.stat)).st_size
-                if size > PART_SIZE:
-                    await self._put_multipart(key, path, size)
-                else:
-                    # At most one part's worth, the same memory bound as a multipart upload.
-                    await self._put_object(key, await asyncio.to_thread(path.read_bytes), digest)
-            except OSError as exc:
-                raise StorageError(f"cannot read {path.name} to store it: {exc.strerror}") from exc
-        path.unlink(missing_ok=True)
+        try:
+            if await self.blob_info(digest) is None:
+                try:
+                    size = (await asyncio.to_thread(path.stat)).st_size
+                    if size > PART_SIZE:
+                        await self._put_multipart(key, path, size)
+                    else:
+                        # At most one part's worth, the same memory bound as a multipart upload.
+                        await self._put_object(key, await asyncio.to_thread(path.read_bytes), digest)
+                except OSError as exc:
+                    reason = os_error_text(exc)
+                    raise StorageError(f"cannot read blob {digest} to store it: {reason}", exc.errno) from exc
+        finally:
+            # The file is consumed either way: a failed upload must not leave it in the
+            # work directory (the Store contract).
+            path.unlink(missing_ok=True)
 
     async def _put_object(self, key: str, data: bytes, digest: str | None = None) -> None:
         extra: dict[str, Any] = {}
@@ -259,6 +267,43 @@ class S3Store(Store):
                 "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=REDIRECT_EXPIRY
             )
         return url
+
+    async def remove_blob(self, digest: str) -> None:
+        key = self._blob_key(digest)
+        client = await self._client()
+        with _failures(f"DELETE {key}"):
+            await client.delete_object(Bucket=self.bucket, Key=key)
+
+    async def list_blobs(self) -> AsyncIterator[str]:
+        client = await self._client()
+        with _failures("LIST blobs/sha256/"):
+            async for page in client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix="blobs/sha256/"
+            ):
+                for entry in page.get("Contents", []):
+                    digest = "sha256:" + entry["Key"].rsplit("/", 1)[-1]
+                    if DIGEST_RE.fullmatch(digest):
+                        yield digest
+
+    async def clean_staging(self, max_age: float) -> int:
+        """Abort multipart uploads that a killed replica left open (they are billed).
+
+        Uploads started less than `max_age` ago may belong to a live replica and stay.
+        """
+        client = await self._client()
+        cutoff = datetime.now(timezone.utc) - timedelta(seconds=max_age)
+        aborted = 0
+        with _failures("listing multipart uploads"):
+            async for page in client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix="blobs/"
+            ):
+                for upload in page.get("Uploads", []):
+                    if upload["Initiated"] < cutoff:
+                        await client.abort_multipart_upload(
+                            Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                        )
+                        aborted += 1
+        return aborted
 
     # -- records -------------------------------------------------------------
     async def get_record(self, kind: str, key: str) -> dict[str, Any] | None:
