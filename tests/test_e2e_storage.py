@@ -99,6 +99,13 @@ def test_disk_full_is_503_and_leaves_nothing(tmp_path: Path, fixture_channel, ba
             assert int(headers["Retry-After"]) > 0
             assert list((store / "tmp").iterdir()) == []  # no staging, no half-written file
 
+        # A package layer not built yet: rattler installs into the full disk (its errors do
+        # not always carry the errno); still a passing fault, not a verdict on zlib.
+        status, headers, body = manifest(registry, "zlib")
+        assert status == 503 and json.loads(body)["errors"][0]["code"] == "UNAVAILABLE", body
+        assert "/tmp" not in body.decode() and "Retry-After" in headers
+        assert list((store / "tmp").iterdir()) == []
+
         # What was built before is still served, whole.
         assert pull_ok(registry, "xz", tmp_path / "during") == built
 

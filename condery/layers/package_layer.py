@@ -249,12 +249,23 @@ _HOST_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)
 _OS_ERROR_RE = re.compile(r"\(os error (\d+)\)")
 
 
-def _host_fault(exc: BaseException) -> int | None:
+# Below this much free space in the work directory, a failed install is blamed on the disk.
+_LOW_SPACE = 64 << 20
+
+
+def _host_fault(exc: BaseException, work_dir: Path) -> int | None:
     if isinstance(exc, OSError) and exc.errno in _HOST_ERRNOS:
         return exc.errno
     for match in _OS_ERROR_RE.finditer(str(exc)):
         if int(match.group(1)) in _HOST_ERRNOS:
             return int(match.group(1))
+    # Some of rattler's errors drop the errno ("failed to create the prefix"): a disk with
+    # almost nothing left is the likelier cause than the package.
+    try:
+        if shutil.disk_usage(work_dir).free < _LOW_SPACE:
+            return errno.ENOSPC
+    except OSError:
+        pass
     return None
 
 
@@ -385,7 +396,7 @@ async def build_package_layer(record: rattler.RepoDataRecord, *, python_record: 
             )
         except Exception as exc:
             log.info("install of %s failed: %s", dist, exc)
-            fault = _host_fault(exc)
+            fault = _host_fault(exc, work_dir)
             if fault is not None:
                 # The host failed, not the package: a passing fault for the caller to report.
                 raise OSError(fault, f"{os.strerror(fault)} while installing {dist}") from None
