@@ -14,7 +14,14 @@ from typing import Sequence
 
 import rattler
 from rattler import BuildString, Channel, GenericVirtualPackage, PackageName, Version
-from rattler.exceptions import InvalidMatchSpecError, SolverError
+from rattler.exceptions import (
+    CacheDirError,
+    FetchRepoDataError,
+    GatewayError,
+    InvalidMatchSpecError,
+    IoError,
+    SolverError,
+)
 
 # glibc assumed when the base image does not tell (scratch): conda-forge's own floor.
 DEFAULT_GLIBC = "2.17"
@@ -25,6 +32,11 @@ _ARCHSPEC = {"linux-64": "x86_64", "linux-aarch64": "aarch64", "linux-ppc64le": 
 
 class SolveError(ValueError):
     """The specs cannot be solved; the message is the solver's own explanation."""
+
+
+class SolveUnavailable(Exception):
+    """The solve could not finish for a passing reason (it timed out, a channel could not
+    be read); unlike SolveError this says nothing about the specs, so retry later."""
 
 
 class SpecError(ValueError):
@@ -88,14 +100,22 @@ async def solve(
                 # upload time (indexed_timestamp) and falls back to the build timestamp
                 # for channels that do not record uploads; records with neither are left out.
                 timestamp_policy="require-timestamp",
+                # rattler stops its solver thread itself at the timeout (asyncio cannot);
+                # it then reports "Solve operation has been cancelled".
                 timeout=timedelta(seconds=timeout),
             ),
-            timeout=timeout + 30,
+            # Covers the repodata fetch too, which rattler's own timeout does not.
+            timeout=timeout,
         )
     except SolverError as exc:
-        raise SolveError(str(exc).strip()) from None
+        message = str(exc).strip()
+        if "cancelled" in message.lower():
+            raise SolveUnavailable(f"the solve took longer than {timeout:.0f} s") from None
+        raise SolveError(message) from None
     except asyncio.TimeoutError:
-        raise SolveError(f"the solve took longer than {timeout:.0f} s") from None
+        raise SolveUnavailable(f"the solve took longer than {timeout:.0f} s") from None
+    except (GatewayError, FetchRepoDataError, IoError, CacheDirError) as exc:
+        raise SolveUnavailable(f"cannot read the channels: {exc}".strip()) from None
     except Exception as exc:  # rattler raises its own types for fetch failures
         raise SolveError(f"cannot solve: {exc}".strip()) from None
     # sort_topologically hands back plain PackageRecords; keep the RepoDataRecords
