@@ -310,3 +310,20 @@ async def test_build_timeout_cancels_the_work(make_service, gated: GatedChannel)
     gated.packages.set()
     await asyncio.sleep(1)
     assert await service.store.list_records("layers") == []
+
+
+async def test_expired_latest_is_served_while_builds_are_refused(make_service, gated: GatedChannel) -> None:
+    # latest_ttl 0: every `latest` record is expired, so each pull wants a re-solve.
+    service = await make_service(latest_ttl=0, max_concurrent_builds=1, max_queued_builds=0)
+    gated.packages.set()
+    request = parse_name("condery-hello", service.meta_packages)
+    built = await service.resolve(request, Latest(), "10.0.0.1")
+    gated.packages.clear()
+    busy = start(service, "zlib", "10.0.0.2")
+    await until(lambda: service.builds.running == 1)
+    # The re-solve cannot start now (429): the last good image is served (stale-if-error).
+    assert await service.resolve(request, Latest(), "10.0.0.1") == built
+    with pytest.raises(errors.TooManyRequests):
+        await service.resolve(parse_name("condery-symlinks", service.meta_packages), Latest(), "10.0.0.1")
+    gated.packages.set()
+    await busy
