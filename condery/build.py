@@ -205,6 +205,7 @@ class ImageService:
         except SolveError as exc:
             message = f"cannot solve {request.canonical_name}: {exc}"
             # A definitive answer: repeating the name must not cost another solve for a while.
+            # Keyed by name and tag; the cache lives in this AppState, so with this config.
             self.state.failed_solves.remember(image_record_key(request, tag_of(reference)), message)
             raise errors.ManifestUnknown(message) from None
         except SolveUnavailable as exc:
