@@ -33,6 +33,7 @@ from condery.config import MetaPackage
 from condery.layers import LayerBlob, PackageError
 from condery.layers.env_layer import build_env_layer, explicit_lock
 from condery.layers.grouping import group_layers
+from condery.layers.members import PackageLimits
 from condery.layers.package_layer import build_package_layer, layer_key, python_site_packages
 from condery.layers.solve import SolveError, SolveRequest, SolveUnavailable, SpecError, channel, solve
 from condery.layers.tarball import concat_layers
@@ -202,14 +203,14 @@ class ImageService:
             )
         except SpecError as exc:
             raise errors.NameInvalid(str(exc)) from None
+        except SolveUnavailable as exc:  # a passing fault (channel, timeout): not remembered
+            raise errors.Unavailable(f"cannot solve {request.canonical_name}: {exc}") from None
         except SolveError as exc:
             message = f"cannot solve {request.canonical_name}: {exc}"
             # A definitive answer: repeating the name must not cost another solve for a while.
             # Keyed by name and tag; the cache lives in this AppState, so with this config.
             self.state.failed_solves.remember(image_record_key(request, tag_of(reference)), message)
             raise errors.ManifestUnknown(message) from None
-        except SolveUnavailable as exc:
-            raise errors.Unavailable(f"cannot solve {request.canonical_name} now: {exc}") from None
         except PackageError as exc:
             raise errors.ManifestUnknown(f"cannot build {request.canonical_name}: {exc}") from None
         except BaseImageError as exc:
@@ -391,6 +392,7 @@ class ImageService:
                     work_dir=self.state.work_dir,
                     package_cache_dir=self.config.package_cache_dir,
                     allow_scripts=self.config.allow_package_scripts,
+                    limits=PackageLimits(self.config.max_package_unpacked_size, self.config.max_package_files),
                 )
             return await self._store_layer(key, blob, (record.file_name,))
 

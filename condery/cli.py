@@ -15,6 +15,7 @@ from tqdm import tqdm
 from condery.build import ImageService
 from condery.config import Config, ConfigError, load_config
 from condery.layers.env_layer import explicit_lock
+from condery.redact import RedactingFilter, redact_text
 from condery.registry.errors import RegistryError
 from condery.registry.names import NameInvalid, parse_name
 from condery.registry.oci_layout import write_oci_layout
@@ -53,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())  # no channel credential in any log line
     for noisy in ("botocore", "aiobotocore", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
@@ -74,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_build(config, args.name, args.tag, args.output))
         return asyncio.run(_solve(config, args.name, args.tag, args.platform))
     except (ConfigError, NameInvalid, RegistryError, ValueError) as exc:
-        print(f"condery: {getattr(exc, 'message', None) or exc}", file=sys.stderr)
+        print(f"condery: {redact_text(str(getattr(exc, 'message', None) or exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -153,7 +156,7 @@ async def _solve(config: Config, name: str, tag: str, platform: str | None) -> i
         try:
             records = await ImageService(state).solve(request, _reference(tag), subdir)
         except Exception as exc:  # SolveError, SpecError: print the solver's words
-            print(f"condery: {exc}", file=sys.stderr)
+            print(f"condery: {redact_text(str(exc))}", file=sys.stderr)
             return 1
         sys.stdout.write(explicit_lock(records, subdir))
         return 0

@@ -94,6 +94,11 @@ class Config:
     # Where downloaded package archives are kept (verified by sha256 before use).
     package_cache: str | None = None  # default: <filesystem store>/pkgs or ~/.cache
     allow_package_scripts: bool = False  # run post-link scripts (untrusted code!)
+    # What one package may unpack to. conda-forge's largest packages (CUDA and PyTorch
+    # builds) unpack to 3-5 GB and tens of thousands of files; a bomb of 66 KB that
+    # inflates to gigabytes is refused from its tar headers. Sizes take 8GiB, 500MB, ...
+    max_package_unpacked_size: int = 8 << 30
+    max_package_files: int = 250_000
 
     @property
     def package_cache_dir(self) -> Path:
@@ -106,7 +111,9 @@ class Config:
 
 _SCALARS = {f.name: f for f in dataclasses.fields(Config)}
 # Integer keys where 0 would make the registry useless (0 failed_solve_ttl, 0 queue are fine).
-_AT_LEAST_ONE = frozenset({"layer_budget", "max_packages", "max_concurrent_builds", "max_builds_per_client"})
+_AT_LEAST_ONE = frozenset(
+    {"layer_budget", "max_packages", "max_concurrent_builds", "max_builds_per_client", "max_package_files"}
+)
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -148,6 +155,8 @@ def _coerce(key: str, value: Any) -> Any:
             )
         return metas
     default = _SCALARS[key].default
+    if key in _SIZE_KEYS:
+        return _parse_size(key, value)
     if isinstance(default, bool):
         if isinstance(value, str):
             return value.strip().lower() in ("1", "true", "yes", "on")
@@ -161,6 +170,25 @@ def _coerce(key: str, value: Any) -> Any:
             raise ConfigError(f"{key}: {number} is out of range")
         return number
     return None if value is None else str(value)
+
+
+_SIZE_KEYS = frozenset({"max_package_unpacked_size"})
+_SIZE_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
+               "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
+
+
+def _parse_size(key: str, value: Any) -> int:
+    """Bytes from an integer or a size such as "8GiB", "500MB", "2G"."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    else:
+        match = re.fullmatch(r"\s*(\d+)\s*([kmgt]i?)?b?\s*", str(value), re.IGNORECASE)
+        if match is None:
+            raise ConfigError(f"{key}: expected a size such as 8GiB or 500MB, got {value!r}")
+        number = int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()]
+    if number < 1:
+        raise ConfigError(f"{key}: {number} is out of range")
+    return number
 
 
 def load_config(

@@ -24,6 +24,7 @@ import rattler
 
 from condery.layers import LayerBlob, PackageError
 from condery.layers.tarball import write_layer
+from condery.redact import redact_url
 
 # The prefix is pasted into shell scripts: keep it to characters that need no quoting.
 _SHELL_SAFE_PREFIX = re.compile(r"^(/[A-Za-z0-9._+-]+)+$")
@@ -42,7 +43,7 @@ def _dist(record: rattler.PackageRecord) -> str:
 
 def channel_name(channel_url: str) -> str:
     """How conda names a channel in history: "conda-forge" for anaconda.org, else its URL."""
-    url = channel_url.rstrip("/")
+    url = redact_url(channel_url).rstrip("/")
     if url.startswith(_ANACONDA_CLOUD):
         return url[len(_ANACONDA_CLOUD):]
     return url
@@ -59,7 +60,8 @@ def explicit_lock(records: Sequence[rattler.RepoDataRecord], platform: str) -> s
         record = by_name[sorted_record.name.normalized]
         if record.sha256 is None:
             raise PackageError(f"{_dist(record)}: the channel gives no sha256, so it cannot be locked")
-        lines.append(f"{record.url}#sha256:{record.sha256.hex()}")
+        # Served without authentication: the URL must not carry the channel's credentials.
+        lines.append(f"{redact_url(record.url)}#sha256:{record.sha256.hex()}")
     return "\n".join(lines) + "\n"
 
 

@@ -25,6 +25,7 @@ publish different archives under one name-version-build cannot poison each other
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
 import logging
@@ -40,7 +41,9 @@ import rattler
 import rattler.package_streaming as package_streaming
 
 from condery.layers import LayerBlob, PackageError
+from condery.layers.members import PackageLimits, verify_archive
 from condery.layers.tarball import check_member_name, write_layer
+from condery.redact import redact_url, redact_values
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +153,8 @@ async def fetch_verified(record: rattler.RepoDataRecord, package_cache_dir: Path
         except PackageError:
             raise
         except Exception as exc:
-            log.info("download of %s from %s failed: %s", dist, record.url, exc)
-            raise PackageError(f"{dist}: download failed from {record.url}") from exc
+            log.info("download of %s from %s failed: %s", dist, redact_url(record.url), exc)
+            raise PackageError(f"{dist}: download failed from {public_channel(record.channel)}") from exc
         actual = await asyncio.to_thread(_hash_file, tmp)
         if actual != sha:
             raise PackageError(f"{dist}: sha256 mismatch: repodata says {sha}, archive is {actual}")
@@ -161,13 +164,14 @@ async def fetch_verified(record: rattler.RepoDataRecord, package_cache_dir: Path
     return path
 
 
-async def _inspect(record: rattler.RepoDataRecord, archive: Path) -> None:
-    """Refuse an archive that is not the promised package or would write outside the prefix."""
+async def _inspect(record: rattler.RepoDataRecord, archive: Path, limits: PackageLimits) -> None:
+    """Refuse an archive that is not the promised package, is not what it declares
+    (condery/layers/members.py), or would write outside the prefix."""
     dist = dist_name(record)
     try:
         pkg = await package_streaming.PackageArchive.from_path(archive)
         index = await pkg.index_json()
-        info = await pkg.read_files(["info/link.json", "info/paths.json", "info/files"])
+        info = await pkg.read_files(["info/link.json", "info/paths.json", "info/files", "info/has_prefix"])
     except Exception as exc:
         raise PackageError(f"{dist}: not a valid conda package "
                            f"({_public_message(exc, archive.parent)})") from exc
@@ -175,33 +179,11 @@ async def _inspect(record: rattler.RepoDataRecord, archive: Path) -> None:
     expected = (record.name.normalized, str(record.version), str(record.build))
     if found != expected:
         raise PackageError(f"{dist}: the archive holds {'-'.join(found)}, not what the repodata says")
-
-    # Read paths.json ourselves: it is the list rattler links, and old packages without
-    # it fall back to info/files, as rattler does.
-    softlinks: set[str] = set()
-    if info["info/paths.json"] is not None:
-        try:
-            entries = json.loads(info["info/paths.json"])["paths"]
-            paths = [e["_path"] for e in entries]
-            softlinks = {e["_path"] for e in entries if e.get("path_type") == "softlink"}
-        except (ValueError, KeyError, TypeError) as exc:
-            raise PackageError(f"{dist}: unreadable info/paths.json") from exc
-    elif info["info/files"] is not None:
-        paths = [p for p in info["info/files"].decode("utf-8", "replace").splitlines() if p]
-    else:
-        raise PackageError(f"{dist}: has neither info/paths.json nor info/files")
-    for p in paths:
-        if not isinstance(p, str):
-            raise PackageError(f"{dist}: bad path entry {p!r}")
-        try:
-            check_member_name(p)
-        except PackageError as exc:
-            raise PackageError(f"{dist}: {exc}") from None
-        # A file below a symlinked directory would be written through the link.
-        parts = p.split("/")
-        for i in range(1, len(parts)):
-            if "/".join(parts[:i]) in softlinks:
-                raise PackageError(f"{dist}: {p!r} lies below the symlink {'/'.join(parts[:i])!r}")
+    try:
+        await asyncio.to_thread(verify_archive, archive, info["info/paths.json"], info["info/files"],
+                                info["info/has_prefix"], limits)
+    except PackageError as exc:
+        raise PackageError(f"{dist}: {exc}") from None
 
     entry_points: list[str] = []
     if info["info/link.json"] is not None:
@@ -230,6 +212,21 @@ def _public_message(exc: BaseException, *hidden: Path) -> str:
     return text
 
 
+# rattler reports I/O failures as text ("... (os error 28)"); these errno values mean
+# the host is at fault (disk full, quota, I/O error, read-only), not the package.
+_HOST_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)
+_OS_ERROR_RE = re.compile(r"\(os error (\d+)\)")
+
+
+def _host_fault(exc: BaseException) -> int | None:
+    if isinstance(exc, OSError) and exc.errno in _HOST_ERRNOS:
+        return exc.errno
+    for match in _OS_ERROR_RE.finditer(str(exc)):
+        if int(match.group(1)) in _HOST_ERRNOS:
+            return int(match.group(1))
+    return None
+
+
 def _scrub_record(data: dict[str, Any], record: rattler.RepoDataRecord) -> dict[str, Any]:
     for key in _BUILD_MACHINE_KEYS:
         data.pop(key, None)
@@ -237,7 +234,15 @@ def _scrub_record(data: dict[str, Any], record: rattler.RepoDataRecord) -> dict[
     data["url"] = record.url
     data["channel"] = record.channel
     data["fn"] = record.file_name
-    return data
+    # Images are served to anyone: no channel credential may ride along in a URL.
+    return redact_values(data)
+
+
+def public_channel(channel_url: str) -> str:
+    """A channel as an error message may name it: no credentials, no server path."""
+    if channel_url.startswith("file:"):
+        return "a local channel"
+    return redact_url(channel_url)
 
 
 def _contains_path(value: Any, needles: tuple[str, ...]) -> bool:
@@ -272,7 +277,25 @@ def _finish_layer(record: rattler.RepoDataRecord, staging: Path, target: Path, *
         # Only what the package declares (and its record) goes into the layer.
         wanted = {str(f) for f in data.get("files", [])} | {f"conda-meta/{dist}.json"}
         _prune(target, wanted)
+        softlinks = {str(e.get("_path")) for e in (data.get("paths_data") or {}).get("paths", [])
+                     if isinstance(e, dict) and e.get("path_type") == "softlink"}
+        _check_symlinks(target, softlinks, dist)
     return write_layer(target, prefix.strip("/"), out_path)
+
+
+def _check_symlinks(target: Path, softlinks: set[str], dist: str) -> None:
+    """Second line of defence: the installed tree holds no symlink the package did not declare.
+
+    The archive was checked member by member before the install (members.py); this
+    catches an installer that made links of its own.
+    """
+    for dirpath, dirnames, filenames in os.walk(target):
+        for item in (*dirnames, *filenames):
+            path = os.path.join(dirpath, item)
+            if os.path.islink(path):
+                rel = os.path.relpath(path, target)
+                if rel not in softlinks:
+                    raise PackageError(f"{dist}: the install left an undeclared symlink {rel!r}")
 
 
 def _prune(target: Path, wanted: set[str]) -> None:
@@ -289,12 +312,13 @@ def _prune(target: Path, wanted: set[str]) -> None:
 
 async def build_package_layer(record: rattler.RepoDataRecord, *, python_record: rattler.RepoDataRecord | None,
                               prefix: str, platform: str, work_dir: Path, package_cache_dir: Path,
-                              allow_scripts: bool = False) -> LayerBlob:
+                              allow_scripts: bool = False, limits: PackageLimits = PackageLimits()) -> LayerBlob:
     """Build the layer of one package at `prefix`; the gzip file is left in `work_dir`.
 
     Package scripts (post-link) run only if `allow_scripts`: they are code from the
     channel running on this host. With scripts off, the layer holds exactly the files
-    the package records plus its conda-meta record.
+    the package records plus its conda-meta record. `limits` bound what the package may
+    unpack to; they are checked from the archive's headers before anything is written.
     """
     _check_prefix(prefix)
     dist = dist_name(record)
@@ -303,7 +327,7 @@ async def build_package_layer(record: rattler.RepoDataRecord, *, python_record: 
         raise PackageError(f"{dist} is a noarch: python package, but the environment has no python")
     archive = await fetch_verified(record, package_cache_dir)
     try:
-        await _inspect(record, archive)
+        await _inspect(record, archive, limits)
     except PackageError:
         # Verified but unusable: keep nothing of it.
         shutil.rmtree(archive.parent, ignore_errors=True)
@@ -330,6 +354,10 @@ async def build_package_layer(record: rattler.RepoDataRecord, *, python_record: 
             )
         except Exception as exc:
             log.info("install of %s failed: %s", dist, exc)
+            fault = _host_fault(exc)
+            if fault is not None:
+                # The host failed, not the package: a passing fault for the caller to report.
+                raise OSError(fault, f"{os.strerror(fault)} while installing {dist}") from None
             raise PackageError(f"{dist}: install failed: "
                                f"{_public_message(exc, staging, work_dir, Path(package_cache_dir))}") from exc
         return await asyncio.to_thread(

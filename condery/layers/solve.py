@@ -14,14 +14,7 @@ from typing import Sequence
 
 import rattler
 from rattler import BuildString, Channel, GenericVirtualPackage, PackageName, Version
-from rattler.exceptions import (
-    CacheDirError,
-    FetchRepoDataError,
-    GatewayError,
-    InvalidMatchSpecError,
-    IoError,
-    SolverError,
-)
+from rattler.exceptions import InvalidMatchSpecError, SolverError
 
 # glibc assumed when the base image does not tell (scratch): conda-forge's own floor.
 DEFAULT_GLIBC = "2.17"
@@ -34,9 +27,13 @@ class SolveError(ValueError):
     """The specs cannot be solved; the message is the solver's own explanation."""
 
 
-class SolveUnavailable(Exception):
-    """The solve could not finish for a passing reason (it timed out, a channel could not
-    be read); unlike SolveError this says nothing about the specs, so retry later."""
+class SolveUnavailable(SolveError):
+    """The solve could not finish for a passing reason (it took longer than the timeout, a
+    channel could not be read): not an answer about the specs, so retry later."""
+
+
+class ChannelUnavailable(SolveUnavailable):
+    """A channel could not be read (unreachable, timed out, missing)."""
 
 
 class SpecError(ValueError):
@@ -56,6 +53,18 @@ def channel(name_or_url: str) -> Channel:
     if name_or_url.startswith("/"):
         name_or_url = Path(name_or_url).as_uri()
     return Channel(name_or_url)
+
+
+def public_message(text: str, channels: Sequence[str]) -> str:
+    """rattler's words without the server's file system: a local channel is named by its
+    directory's name, never its path."""
+    for name in channels:
+        if name.startswith(("/", "file:")):
+            url = channel(name).base_url
+            path = Path(url.removeprefix("file://")).as_posix().rstrip("/")
+            shown = f"local channel {Path(path).name}"
+            text = text.replace(url, shown).replace(url.rstrip("/"), shown).replace(path, shown)
+    return text
 
 
 def virtual_packages(platform: str, glibc: str | None) -> list[GenericVirtualPackage]:
@@ -111,13 +120,12 @@ async def solve(
         message = str(exc).strip()
         if "cancelled" in message.lower():
             raise SolveUnavailable(f"the solve took longer than {timeout:.0f} s") from None
-        raise SolveError(message) from None
+        raise SolveError(public_message(message, channels)) from None
     except asyncio.TimeoutError:
         raise SolveUnavailable(f"the solve took longer than {timeout:.0f} s") from None
-    except (GatewayError, FetchRepoDataError, IoError, CacheDirError) as exc:
-        raise SolveUnavailable(f"cannot read the channels: {exc}".strip()) from None
     except Exception as exc:  # rattler raises its own types for fetch failures
-        raise SolveError(f"cannot solve: {exc}".strip()) from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ChannelUnavailable(f"cannot read the channels: {public_message(first, channels)}") from None
     # sort_topologically hands back plain PackageRecords; keep the RepoDataRecords
     # (they carry the URL and channel) in that order.
     by_name = {record.name.normalized: record for record in records}

@@ -8,6 +8,8 @@ time and no file name. Nothing is held in memory beyond tarfile's and zlib's buf
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import gzip
 import hashlib
 import os
@@ -63,13 +65,24 @@ class _Entry:
     source: Path | None = None  # file content, for kind == "file"
 
 
+def _has_control_character(text: str) -> bool:
+    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
+
+
 def check_member_name(name: str) -> None:
-    """Refuse archive paths that could land outside the image root when unpacked."""
-    if not name or name.startswith("/") or "\0" in name:
+    """Refuse archive paths that could do harm when a client unpacks the layer.
+
+    Outside the image root: absolute paths, `..`, empty parts. Another layer's files:
+    an OCI whiteout (`.wh.NAME` deletes NAME from the layers below, `.wh..wh..opq` a
+    whole directory). Confused tools and logs: newlines and other control characters.
+    """
+    if not name or name.startswith("/") or _has_control_character(name):
         raise PackageError(f"unsafe path in layer: {name!r}")
     parts = name.split("/")
     if any(p in ("", ".", "..") for p in parts):
         raise PackageError(f"unsafe path in layer: {name!r}")
+    if parts[-1].startswith(".wh."):
+        raise PackageError(f"whiteout name in layer: {name!r}")
 
 
 def check_symlink(name: str, target: str) -> None:
@@ -79,7 +92,7 @@ def check_symlink(name: str, target: str) -> None:
     targets name a path of the container's own filesystem, which runtimes resolve
     inside the rootfs, so they are kept too.
     """
-    if not target or "\0" in target:
+    if not target or _has_control_character(target):
         raise PackageError(f"symlink {name!r} has an empty or invalid target")
     if target.startswith("/"):
         return
@@ -143,6 +156,25 @@ def _scan(root: Path, arcname_prefix: str, extra_dirs: Sequence[str]) -> list[_E
     return [entries[k] for k in sorted(entries)]
 
 
+def _open_regular(path: Path, size: int) -> BinaryIO:
+    """Open a file scanned as regular, refusing it if it has since become anything else.
+
+    O_NOFOLLOW: a symlink swapped in after the scan is never read through, so a layer
+    holds the package's own bytes and nothing of the host.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise PackageError(f"{path.name!r} became a symlink while the layer was written") from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+        os.close(fd)
+        raise PackageError(f"{path.name!r} changed while the layer was written")
+    return os.fdopen(fd, "rb")
+
+
 class _LayerWriter:
     """tar -> sha256 (diff_id) -> gzip -> sha256 (digest) -> file, in one stream."""
 
@@ -172,7 +204,7 @@ class _LayerWriter:
             info.size = entry.size
         if entry.kind == "file" and content is None:
             assert entry.source is not None
-            with open(entry.source, "rb") as f:
+            with _open_regular(entry.source, entry.size) as f:
                 self._tar.addfile(info, f)
         else:
             self._tar.addfile(info, content)
@@ -189,7 +221,11 @@ class _LayerWriter:
         )
 
     def abort(self) -> None:
-        self._raw.close()
+        # Close the stream stack in order (a half-closed tarfile would write into a closed
+        # file when garbage-collected), then drop the partial output.
+        for close in (self._tar.close, self._gzip.close, self._raw.close):
+            with contextlib.suppress(Exception):
+                close()
         self._out_path.unlink(missing_ok=True)
 
 

@@ -47,6 +47,7 @@ from condery.registry.names import ImageRef, ImageRequest, parse_name
 from condery.registry.media_types import OCI_INDEX
 from condery.registry.negotiation import choose_variant
 from condery.registry.tags import SHA256_DIGEST_RE, Digest, Latest, Snapshot, parse_reference
+from condery.redact import redact_text
 from condery.storage import Store, StorageError
 
 log = logging.getLogger("condery.registry")
@@ -157,9 +158,10 @@ def error_response(error: RegistryError, headers: Mapping[str, str] | None = Non
     all_headers = dict(headers or {})
     if error.retry_after is not None:
         all_headers[hdrs.RETRY_AFTER] = str(error.retry_after)
+    # Solver and downloader errors quote channel URLs: no credential leaves in a body.
     return web.Response(
         status=error.status,
-        body=json.dumps(error_body([error])).encode(),
+        body=redact_text(json.dumps(error_body([error]))).encode(),
         content_type="application/json",
         headers=all_headers,
     )
