@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from condery.build import ImageService
-from condery.config import load_config
+from condery.config import ConfigError, load_config
 from condery.layers.solve import channel
 from condery.registry import errors
 from condery.registry.names import parse_name
@@ -327,3 +327,10 @@ async def test_expired_latest_is_served_while_builds_are_refused(make_service, g
         await service.resolve(parse_name("condery-symlinks", service.meta_packages), Latest(), "10.0.0.1")
     gated.packages.set()
     await busy
+
+
+def test_build_limit_settings() -> None:
+    config = load_config(None, environ={"CONDERY_MAX_QUEUED_BUILDS": "0", "CONDERY_FAILED_SOLVE_TTL": "5"})
+    assert (config.max_queued_builds, config.failed_solve_ttl, config.max_builds_per_client) == (0, 5, 2)
+    with pytest.raises(ConfigError, match="max_builds_per_client"):
+        load_config(None, environ={}, max_builds_per_client=0)
