@@ -30,7 +30,7 @@ import rattler
 
 from condery.admission import BuildQueue
 from condery.config import MetaPackage
-from condery.layers import LayerBlob, PackageError
+from condery.layers import LayerBlob, PackageError, PackageUnavailable
 from condery.layers.env_layer import build_env_layer, explicit_lock
 from condery.layers.grouping import group_layers
 from condery.layers.members import PackageLimits
@@ -211,6 +211,8 @@ class ImageService:
             # Keyed by name and tag; the cache lives in this AppState, so with this config.
             self.state.failed_solves.remember(image_record_key(request, tag_of(reference)), message)
             raise errors.ManifestUnknown(message) from None
+        except PackageUnavailable as exc:
+            raise errors.Unavailable(f"cannot build {request.canonical_name}: {exc}") from None
         except PackageError as exc:
             raise errors.ManifestUnknown(f"cannot build {request.canonical_name}: {exc}") from None
         except BaseImageError as exc:
@@ -243,7 +245,10 @@ class ImageService:
         """The base image for a platform, fetched once however many builds need it."""
         platform = oci_platform(subdir)
         return await self._bases.run(
-            subdir, lambda: resolve_base_image(self.config.base_image, platform, self.store, self.state.http)
+            subdir,
+            lambda: resolve_base_image(
+                self.config.base_image, platform, self.store, self.state.http, layer_budget=self.config.layer_budget
+            ),
         )
 
     async def _solve(

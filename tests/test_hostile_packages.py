@@ -201,3 +201,41 @@ def test_layer_writer_never_reads_through_a_symlink(tmp_path: Path, secret_dir: 
         for entry in entries:
             writer.add(entry)
     writer.abort()
+
+
+async def test_download_is_bounded_by_the_repodata_size(tmp_path: Path) -> None:
+    """A channel serving more bytes than its repodata promises is cut off, nothing kept."""
+    import json
+
+    from condery.layers.package_layer import fetch_verified
+    from tests.fixtures.token_channel import token_channel
+
+    ch = tmp_path / "ch"
+    write_conda_package(ch, "big", "1.0", "h0", files=[PkgFile("share/big", secrets.token_bytes(4 << 20))])
+    index_channel(ch)
+    repodata_path = ch / "linux-64" / "repodata.json"
+    repodata = json.loads(repodata_path.read_text())
+    repodata["packages"]["big-1.0-h0.tar.bz2"]["size"] = 1000
+    repodata_path.write_text(json.dumps(repodata))
+    with token_channel(ch, "tok", "u", "p") as channel:
+        records = await rattler.solve([rattler.Channel(channel.url.replace("u:p@", ""))], ["big"],
+                                      platforms=["linux-64", "noarch"])
+        with pytest.raises(PackageError, match="serves more than the 1000 bytes"):
+            await fetch_verified(records[0], tmp_path / "pkgs")
+    assert not [p for p in (tmp_path / "pkgs").rglob("*") if p.is_file()]
+
+
+async def test_unreachable_channel_is_a_passing_fault(tmp_path: Path) -> None:
+    from condery.layers import PackageUnavailable
+    from tests.fixtures.token_channel import token_channel
+
+    ch = tmp_path / "ch"
+    write_conda_package(ch, "small", "1.0", "h0", files=[PkgFile("share/s", b"s")])
+    index_channel(ch)
+    with token_channel(ch, "tok", "u", "p") as channel:
+        url = channel.url.replace("u:p@", "")
+        records = await rattler.solve([rattler.Channel(url)], ["small"], platforms=["linux-64", "noarch"])
+    # The server is gone now: the download fails for a passing reason, not the package's.
+    with pytest.raises(PackageUnavailable, match="small-1.0-h0: download failed from http://127.0.0.1"):
+        await build(records[0], tmp_path)
+    assert_nothing_left(tmp_path)

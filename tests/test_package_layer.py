@@ -91,7 +91,7 @@ def channel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repodata = json.loads(repodata_path.read_text())
     hello = repodata["packages"]["hello-1.0-h0.tar.bz2"]
     shutil.copy(ch / "linux-64" / "hello-1.0-h0.tar.bz2", ch / "linux-64" / "wrongname-1.0-h0.tar.bz2")
-    repodata["packages"]["wrongname-1.0-h0.tar.bz2"].update(sha256=hello["sha256"], md5=hello["md5"])
+    repodata["packages"]["wrongname-1.0-h0.tar.bz2"].update(sha256=hello["sha256"], md5=hello["md5"], size=hello["size"])
     repodata_path.write_text(json.dumps(repodata))
     return ch
 

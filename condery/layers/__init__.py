@@ -24,3 +24,8 @@ class PackageError(ValueError):
     The message is shown to the registry's client, so it names the package and the
     reason, and never leaks a local path.
     """
+
+
+class PackageUnavailable(PackageError):
+    """The package could not be fetched right now (network, channel down): a passing
+    fault, answered 503 rather than as a verdict on the package."""

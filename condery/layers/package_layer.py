@@ -40,7 +40,7 @@ from urllib.parse import unquote, urlparse
 import rattler
 import rattler.package_streaming as package_streaming
 
-from condery.layers import LayerBlob, PackageError
+from condery.layers import LayerBlob, PackageError, PackageUnavailable
 from condery.layers.members import PackageLimits, verify_archive
 from condery.layers.tarball import check_member_name, write_layer
 from condery.redact import redact_url, redact_values
@@ -66,6 +66,7 @@ _STAGING_ONLY = ("CACHEDIR.TAG", "conda-meta/history")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+!-]*\.(conda|tar\.bz2)$")  # _libgcc_mutex, _openmp_mutex
 _ENTRY_POINT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
 _HASH_CHUNK = 1 << 20
+_DOWNLOAD_POLL_SECONDS = 0.2
 
 
 def dist_name(record: rattler.PackageRecord) -> str:
@@ -121,18 +122,45 @@ def _hash_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-async def _download(url: str, dest: Path) -> None:
+class _TooLarge(Exception):
+    pass
+
+
+async def _download(url: str, dest: Path, max_bytes: int) -> None:
+    """Fetch `url` to `dest`, stopped as soon as it passes `max_bytes` (a hostile or broken
+    channel could otherwise fill the disk before the sha256 check ever runs)."""
     parsed = urlparse(url)
     if parsed.scheme == "file":
-        await asyncio.to_thread(shutil.copyfile, unquote(parsed.path), dest)
+        source = Path(unquote(parsed.path))
+        if source.stat().st_size > max_bytes:
+            raise _TooLarge
+        await asyncio.to_thread(shutil.copyfile, source, dest)
     elif parsed.scheme in ("http", "https"):
-        await package_streaming.download_to_path(rattler.Client(), url, dest)
+        # rattler streams to the file and offers no size cap: watch the file instead.
+        task = asyncio.ensure_future(package_streaming.download_to_path(rattler.Client(), url, dest))
+        try:
+            while not task.done():
+                await asyncio.wait([task], timeout=_DOWNLOAD_POLL_SECONDS)
+                if dest.stat().st_size > max_bytes:
+                    raise _TooLarge
+            task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if dest.stat().st_size > max_bytes:
+            raise _TooLarge
     else:
         raise PackageError(f"unsupported package URL scheme {parsed.scheme!r}")
 
 
-async def fetch_verified(record: rattler.RepoDataRecord, package_cache_dir: Path) -> Path:
-    """The package archive on local disk, its sha256 checked against the repodata."""
+async def fetch_verified(record: rattler.RepoDataRecord, package_cache_dir: Path,
+                         max_bytes: int = PackageLimits().max_unpacked_bytes) -> Path:
+    """The package archive on local disk, its sha256 checked against the repodata.
+
+    The download stops past the size the repodata gives (or `max_bytes` when it gives
+    none): more bytes than promised can only fail the sha256 check anyway.
+    """
     sha = _sha256_hex(record)
     dist = dist_name(record)
     if not _FILE_NAME.match(record.file_name):
@@ -148,13 +176,16 @@ async def fetch_verified(record: rattler.RepoDataRecord, package_cache_dir: Path
     os.close(fd)
     tmp = Path(tmp_name)
     try:
+        limit = record.size if record.size else max_bytes
         try:
-            await _download(record.url, tmp)
+            await _download(record.url, tmp, limit)
         except PackageError:
             raise
+        except _TooLarge:
+            raise PackageError(f"{dist}: the channel serves more than the {limit} bytes its repodata gives") from None
         except Exception as exc:
             log.info("download of %s from %s failed: %s", dist, redact_url(record.url), exc)
-            raise PackageError(f"{dist}: download failed from {public_channel(record.channel)}") from exc
+            raise PackageUnavailable(f"{dist}: download failed from {public_channel(record.channel)}") from exc
         actual = await asyncio.to_thread(_hash_file, tmp)
         if actual != sha:
             raise PackageError(f"{dist}: sha256 mismatch: repodata says {sha}, archive is {actual}")
@@ -325,7 +356,7 @@ async def build_package_layer(record: rattler.RepoDataRecord, *, python_record: 
     noarch_python = _is_noarch_python(record)
     if noarch_python and python_record is None:
         raise PackageError(f"{dist} is a noarch: python package, but the environment has no python")
-    archive = await fetch_verified(record, package_cache_dir)
+    archive = await fetch_verified(record, package_cache_dir, limits.max_unpacked_bytes)
     try:
         await _inspect(record, archive, limits)
     except PackageError:

@@ -26,15 +26,19 @@ import asyncio
 import gzip
 import hashlib
 import json
+import logging
 import os
 import re
+import stat
 import tarfile
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Mapping, Protocol
 
 import aiohttp
+import zstandard
 
 from condery.registry.media_types import (
     CONFIG_TYPES,
@@ -59,8 +63,20 @@ from condery.registry.upstream import (
 )
 from condery.storage import Store
 
+log = logging.getLogger("condery.base_image")
+
 RECORD_KIND = "base-images"
 MAX_CONFIG_SIZE = 8 << 20
+# What one base may make us download (the sum of its distinct layers' declared sizes)
+# and hash once decompressed. A module constant rather than a configuration key: the
+# largest real bases (CUDA devel images) are a few GB compressed and tens unpacked, so
+# these bounds only ever stop a hostile or broken base, never one an operator chose.
+MAX_BASE_SIZE = 20 << 30
+MAX_BASE_UNPACKED_SIZE = 64 << 30
+# Layers besides the base's that every image has: at least one of packages, and the
+# environment's own (build.py's grouping keeps the image within layer_budget).
+OWN_LAYERS = 2
+_MAX_MESSAGE = 500  # error text quotes untrusted JSON: keep the client's answer short
 _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 _DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
 _REF_NAME = "org.opencontainers.image.ref.name"
@@ -82,11 +98,39 @@ SCRATCH = BaseImage(config=None, layers=(), diff_ids=(), glibc_version=None)
 
 
 async def resolve_base_image(
-    spec: str, platform: OciPlatform, store: Store, session: aiohttp.ClientSession
+    spec: str,
+    platform: OciPlatform,
+    store: Store,
+    session: aiohttp.ClientSession,
+    *,
+    layer_budget: int,
 ) -> BaseImage:
+    """The base image for `platform`, imported into `store` on first use.
+
+    `layer_budget` is the configuration's: a base may bring at most
+    `layer_budget - OWN_LAYERS` layers, checked before anything is downloaded.
+    """
     spec = spec.strip()
     if spec == "scratch":
         return SCRATCH
+    try:
+        image = await _resolve(spec, platform, store, session, layer_budget)
+        if len(image.layers) > layer_budget - OWN_LAYERS:  # recorded under a larger budget
+            raise _too_many_layers(len(image.layers), layer_budget)
+        return image
+    except (BaseImageError, UpstreamError, ManifestError, asyncio.TimeoutError) as exc:
+        # One kind of error for every broken base; the client sees what failed, the log
+        # also where (a layout's path is the operator's, not the client's business).
+        message = str(exc) or "timed out"
+        if len(message) > _MAX_MESSAGE:
+            message = message[:_MAX_MESSAGE] + "..."
+        log.warning("%s: %s", f"base image {spec}" if spec.startswith("oci:") else _describe(spec), message)
+        raise BaseImageError(f"{_describe(spec)}: {message}") from None
+
+
+async def _resolve(
+    spec: str, platform: OciPlatform, store: Store, session: aiohttp.ClientSession, layer_budget: int
+) -> BaseImage:
     source: _Source
     if spec.startswith("oci:"):
         layout = _Layout.from_spec(spec[len("oci:") :])
@@ -96,10 +140,7 @@ async def resolve_base_image(
         root: FetchedManifest | None = layout_root
         source, reference = layout, layout_root.digest
     else:
-        try:
-            ref = ImageReference.parse(spec)
-        except ValueError as exc:
-            raise BaseImageError(f"base_image {spec!r}: {exc}") from None
+        ref = _parse_reference(spec)
         # An unpinned tag is resolved once: its record answers until someone removes it.
         root, key = None, _record_key(str(ref), platform)
         source, reference = _Registry(UpstreamClient(session), ref), ref.digest or ref.tag or "latest"
@@ -107,15 +148,37 @@ async def resolve_base_image(
     cached = await _from_record(store, key)
     if cached is not None:
         return cached
-    try:
-        if root is None:
-            root = await source.get_manifest(reference)
-        image, record = await _import(source, root, platform, store)
-    except (UpstreamError, ManifestError) as exc:
-        raise BaseImageError(f"base image {spec}: {exc}") from exc
+    if root is None:
+        root = await source.get_manifest(reference)
+    image, record = await _import(source, root, platform, store, layer_budget)
     record["spec"] = spec
     await store.put_record(RECORD_KIND, key, record)
     return image
+
+
+def _parse_reference(spec: str) -> ImageReference:
+    try:
+        return ImageReference.parse(spec)
+    except ValueError as exc:
+        raise BaseImageError(str(exc)) from None
+
+
+def _describe(spec: str) -> str:
+    """The base named for a client: no layout path, and nothing of a malformed reference
+    (it may hold a `user:password@`, which references cannot carry)."""
+    if spec.startswith("oci:"):
+        return "the base image's OCI layout"
+    try:
+        return f"base image {ImageReference.parse(spec)}"
+    except ValueError:
+        return "base_image"
+
+
+def _too_many_layers(count: int, layer_budget: int) -> BaseImageError:
+    return BaseImageError(
+        f"{count} layers; with layer_budget {layer_budget} a base may have at most "
+        f"{max(0, layer_budget - OWN_LAYERS)} (every image adds at least {OWN_LAYERS} layers of its own)"
+    )
 
 
 def _record_key(text: str, platform: OciPlatform) -> str:
@@ -135,7 +198,7 @@ async def _from_record(store: Store, key: str) -> BaseImage | None:
         glibc = record.get("glibc")
     except (KeyError, TypeError, ManifestError):
         return None  # an unreadable record is rebuilt, not trusted
-    for digest in (config_digest, *(layer.digest for layer in layers)):
+    for digest in {config_digest, *(layer.digest for layer in layers)}:
         if not isinstance(digest, str) or await store.blob_info(digest) is None:
             return None
     config = json.loads(await store.get_blob_bytes(config_digest))
@@ -181,7 +244,7 @@ class _Layout:
         else:
             path, tag = Path(text), None
         if not (path / "oci-layout").is_file() or not (path / "index.json").is_file():
-            raise BaseImageError(f"oci:{path}: not an OCI image layout (no oci-layout / index.json)")
+            raise BaseImageError("not an OCI image layout (no oci-layout / index.json)")
         return cls(path, tag)
 
     def _blob_path(self, digest: str) -> Path:
@@ -189,23 +252,42 @@ class _Layout:
             raise ManifestError(f"not a sha256 digest: {digest!r}")
         return self.path / "blobs" / "sha256" / digest.split(":", 1)[1]
 
-    def _read(self, path: Path, limit: int) -> bytes:
+    @staticmethod
+    def _open(path: Path, what: str) -> IO[bytes]:
+        """A layout file opened for reading, if it is a regular file.
+
+        O_NONBLOCK: a FIFO planted as a blob must not hang the open; a device
+        (/dev/zero behind a symlink) is refused instead of read without end.
+        """
         try:
-            with open(path, "rb") as handle:
-                data = handle.read(limit + 1)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
-            raise BaseImageError(f"oci:{self.path}: cannot read {path.name}: {exc.strerror}") from None
+            raise BaseImageError(f"cannot read {what}: {exc.strerror}") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise BaseImageError(f"{what} is not a regular file")
+            return os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _read(self, path: Path, limit: int, what: str) -> bytes:
+        with self._open(path, what) as handle:
+            try:
+                data = handle.read(limit + 1)
+            except OSError as exc:
+                raise BaseImageError(f"cannot read {what}: {exc.strerror}") from None
         if len(data) > limit:
-            raise BaseImageError(f"oci:{self.path}: {path.name} is over the {limit} byte limit")
+            raise BaseImageError(f"{what} is over the {limit} byte limit")
         return data
 
     def root_manifest(self) -> FetchedManifest:
         """The manifest or index that index.json names for our tag."""
         try:
-            index = json.loads(self._read(self.path / "index.json", MAX_MANIFEST_SIZE))
+            index = json.loads(self._read(self.path / "index.json", MAX_MANIFEST_SIZE, "index.json"))
             entries = [parse_descriptor(e) for e in index["manifests"]]
         except (ValueError, KeyError, TypeError) as exc:
-            raise BaseImageError(f"oci:{self.path}: malformed index.json ({exc})") from None
+            raise BaseImageError(f"malformed index.json ({exc})") from None
         if self.tag is not None:
             chosen = [e for e in entries if (e.annotations or {}).get(_REF_NAME) == self.tag]
         elif len(entries) == 1:
@@ -214,13 +296,11 @@ class _Layout:
             chosen = [e for e in entries if (e.annotations or {}).get(_REF_NAME) == "latest"]
         if len(chosen) != 1:
             names = sorted({(e.annotations or {}).get(_REF_NAME, "?") for e in entries})
-            raise BaseImageError(
-                f"oci:{self.path}: no single image tagged {self.tag or 'latest'} (tags: {', '.join(names)})"
-            )
+            raise BaseImageError(f"no single image tagged {self.tag or 'latest'} (tags: {', '.join(names)})")
         return self._manifest(chosen[0].digest)
 
     def _manifest(self, digest: str) -> FetchedManifest:
-        data = self._read(self._blob_path(digest), MAX_MANIFEST_SIZE)
+        data = self._read(self._blob_path(digest), MAX_MANIFEST_SIZE, f"manifest {digest}")
         _check_bytes(data, digest, None)
         doc = _load_json(data, f"manifest {digest}")
         media_type = doc.get("mediaType")
@@ -235,7 +315,7 @@ class _Layout:
     async def get_small_blob(self, desc: Descriptor, limit: int) -> bytes:
         if desc.size > limit:
             raise ManifestError(f"blob {desc.digest} of {desc.size} bytes is over the {limit} byte limit")
-        data = await asyncio.to_thread(self._read, self._blob_path(desc.digest), desc.size)
+        data = await asyncio.to_thread(self._read, self._blob_path(desc.digest), desc.size, f"blob {desc.digest}")
         _check_bytes(data, desc.digest, desc.size)
         return data
 
@@ -246,7 +326,7 @@ class _Layout:
         fd, name = tempfile.mkstemp(dir=directory, prefix="layout-")
         hasher, copied = hashlib.sha256(), 0
         try:
-            with os.fdopen(fd, "wb") as out, open(self._blob_path(desc.digest), "rb") as src:
+            with os.fdopen(fd, "wb") as out, self._open(self._blob_path(desc.digest), f"blob {desc.digest}") as src:
                 while chunk := src.read(1 << 20):
                     copied += len(chunk)
                     if copied > desc.size:
@@ -254,14 +334,20 @@ class _Layout:
                     hasher.update(chunk)
                     out.write(chunk)
             if copied != desc.size or "sha256:" + hasher.hexdigest() != desc.digest:
-                raise ManifestError(f"oci:{self.path}: blob {desc.digest} does not match its digest or size")
+                raise ManifestError(f"blob {desc.digest} does not match its digest or size")
         except OSError as exc:
             Path(name).unlink(missing_ok=True)
-            raise BaseImageError(f"oci:{self.path}: blob {desc.digest}: {exc.strerror}") from None
+            raise BaseImageError(f"blob {desc.digest}: {exc.strerror}") from None
         except BaseException:
             Path(name).unlink(missing_ok=True)
             raise
         return Path(name)
+
+
+def _short(value: object) -> str:
+    """A value from an untrusted document, quoted for a message and kept short."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _check_bytes(data: bytes, digest: str, size: int | None) -> None:
@@ -298,60 +384,126 @@ def _select_platform(index: dict[str, Any], platform: OciPlatform) -> Descriptor
     return (exact or candidates)[0]
 
 
+def parse_image_manifest(doc: dict[str, Any], layer_budget: int) -> tuple[Descriptor, tuple[Descriptor, ...]]:
+    """The config and layer descriptors of an untrusted image manifest, in order.
+
+    Refuses more layers than `layer_budget` leaves room for, and a base whose distinct
+    layers would make us download more than MAX_BASE_SIZE: both before a byte of them
+    is fetched.
+    """
+    config_desc = parse_descriptor(doc.get("config"))
+    if config_desc.media_type not in CONFIG_TYPES:
+        raise ManifestError(f"config media type {_short(config_desc.media_type)} is not an image config")
+    raw_layers = doc.get("layers")
+    if not isinstance(raw_layers, list):
+        raise ManifestError("manifest has no layers list")
+    if len(raw_layers) > layer_budget - OWN_LAYERS:
+        raise _too_many_layers(len(raw_layers), layer_budget)
+    layers = tuple(parse_descriptor(d) for d in raw_layers)
+    for layer in layers:
+        if layer.media_type not in LAYER_TYPES:
+            raise ManifestError(f"unsupported layer media type {_short(layer.media_type)}")
+    total = sum(layer.size for layer in distinct_layers(layers))
+    if total > MAX_BASE_SIZE:
+        raise ManifestError(f"the base's layers add up to {total} bytes, over the {MAX_BASE_SIZE} byte limit")
+    return config_desc, layers
+
+
+def distinct_layers(layers: tuple[Descriptor, ...]) -> list[Descriptor]:
+    """Each digest once, in the order of first appearance.
+
+    A manifest may list one blob several times (the image then has that layer several
+    times), but it is one download, one check and one stored blob.
+    """
+    seen: dict[str, Descriptor] = {}
+    for layer in layers:
+        first = seen.setdefault(layer.digest, layer)
+        if first.size != layer.size:
+            raise ManifestError(f"layer {layer.digest} is listed with sizes {first.size} and {layer.size}")
+    return list(seen.values())
+
+
+def checked_config(config: dict[str, Any], layers: tuple[Descriptor, ...], platform: OciPlatform) -> dict[str, str]:
+    """Each layer digest's diff_id, from an untrusted image config that must fit the manifest.
+
+    Also checks the fields that our own image config is built from, so that a base with a
+    malformed config is refused here rather than failing every build on top of it.
+    """
+    rootfs = config.get("rootfs")
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(diff_ids, list) or len(diff_ids) != len(layers) or not all(
+        isinstance(d, str) and _DIGEST_RE.match(d) for d in diff_ids
+    ):
+        raise ManifestError("image config's rootfs.diff_ids do not match the manifest's layers")
+    if (config.get("os"), config.get("architecture")) != (platform.os, platform.architecture):
+        found = f"{str(config.get('os'))[:40]}/{str(config.get('architecture'))[:40]}"
+        raise ManifestError(f"image is for {found}, not {platform}")
+    by_digest: dict[str, str] = {}
+    for layer, diff_id in zip(layers, diff_ids, strict=True):
+        if by_digest.setdefault(layer.digest, diff_id) != diff_id:
+            raise ManifestError(f"layer {layer.digest} is listed with two different diff_ids")
+    _check_settings(config)
+    return by_digest
+
+
+def _check_settings(config: dict[str, Any]) -> None:
+    """The fields registry/manifest.image_config copies from a base, with the types it needs."""
+    settings = config.get("config")
+    if settings is not None and not isinstance(settings, dict):
+        raise ManifestError("image config's 'config' is not an object")
+    settings = settings or {}
+    for key in ("Env", "Entrypoint", "Cmd"):
+        value = settings.get(key)
+        if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise ManifestError(f"image config's {key} is not a list of strings")
+    labels = settings.get("Labels")
+    if labels is not None and not (
+        isinstance(labels, dict) and all(isinstance(v, str) for v in labels.values())
+    ):
+        raise ManifestError("image config's Labels do not map strings to strings")
+    for key in ("User", "WorkingDir", "StopSignal"):
+        if settings.get(key) is not None and not isinstance(settings[key], str):
+            raise ManifestError(f"image config's {key} is not a string")
+    for key in ("ExposedPorts", "Volumes"):
+        if settings.get(key) is not None and not isinstance(settings[key], dict):
+            raise ManifestError(f"image config's {key} is not an object")
+    if not isinstance(config.get("history", []), list):
+        raise ManifestError("image config's history is not a list")
+
+
 async def _import(
-    source: _Source, root: FetchedManifest, platform: OciPlatform, store: Store
+    source: _Source, root: FetchedManifest, platform: OciPlatform, store: Store, layer_budget: int
 ) -> tuple[BaseImage, dict[str, Any]]:
     manifest = root
     if manifest.media_type in INDEX_TYPES:
         child = _select_platform(_load_json(manifest.data, "index"), platform)
         manifest = await source.get_manifest(child.digest)
     if manifest.media_type not in MANIFEST_TYPES:
-        raise ManifestError(f"unsupported manifest type {manifest.media_type!r}")
+        raise ManifestError(f"unsupported manifest type {_short(manifest.media_type)}")
     doc = _load_json(manifest.data, "manifest")
-    config_desc = parse_descriptor(doc.get("config"))
-    if config_desc.media_type not in CONFIG_TYPES:
-        raise ManifestError(f"config media type {config_desc.media_type!r} is not an image config")
-    raw_layers = doc.get("layers")
-    if not isinstance(raw_layers, list):
-        raise ManifestError("manifest has no layers list")
-    layers = tuple(parse_descriptor(d) for d in raw_layers)
-    for layer in layers:
-        if layer.media_type not in LAYER_TYPES:
-            raise ManifestError(f"unsupported layer media type {layer.media_type!r}")
+    config_desc, layers = parse_image_manifest(doc, layer_budget)
 
     config_bytes = await source.get_small_blob(config_desc, MAX_CONFIG_SIZE)
     config = _load_json(config_bytes, "image config")
-    diff_ids = (config.get("rootfs") or {}).get("diff_ids") if isinstance(config.get("rootfs"), dict) else None
-    if not isinstance(diff_ids, list) or len(diff_ids) != len(layers) or not all(
-        isinstance(d, str) and _DIGEST_RE.match(d) for d in diff_ids
-    ):
-        raise ManifestError("image config's rootfs.diff_ids do not match the manifest's layers")
-    if (config.get("os"), config.get("architecture")) != (platform.os, platform.architecture):
-        raise ManifestError(
-            f"image is for {config.get('os')}/{config.get('architecture')}, not {platform}"
-        )
+    diff_id_of = checked_config(config, layers, platform)
 
-    # Stage every layer first: nothing reaches the store unless all of it verified.
-    with tempfile.TemporaryDirectory(prefix="condery-base-") as tmp:
-        staged: list[Path | None] = []
-        glibc: str | None = None
-        for layer, diff_id in zip(layers, diff_ids, strict=True):
-            present = await store.blob_info(layer.digest) is not None
-            path = await (_copy_from_store(store, layer.digest, Path(tmp)) if present
-                          else source.fetch_blob(layer, Path(tmp)))
-            scan = await asyncio.to_thread(scan_layer, path)
-            if scan.diff_id != diff_id:
-                raise ManifestError(f"layer {layer.digest} unpacks to {scan.diff_id}, the config says {diff_id}")
-            glibc = scan.glibc_version or glibc
-            if present:
-                path.unlink()
-            staged.append(None if present else path)
+    # Stage every distinct layer first: nothing reaches the store unless all of it
+    # verified. Each blob is staged once, so the work directory holds each at most once.
+    try:
+        work = tempfile.TemporaryDirectory(prefix="condery-base-")
+    except OSError as exc:
+        raise BaseImageError(f"cannot stage the base image's layers: {exc.strerror}") from None
+    with work as tmp:
+        staged, scans = await _stage(source, store, layers, diff_id_of, Path(tmp))
         await store.put_blob_bytes(config_desc.digest, config_bytes)
-        for layer, staged_path in zip(layers, staged, strict=True):
-            if staged_path is not None:
-                await store.put_blob_file(layer.digest, staged_path)
+        for digest, staged_path in staged.items():
+            await store.put_blob_file(digest, staged_path)
+    glibc: str | None = None
+    for layer in layers:  # in the image's order: the last layer with evidence wins
+        glibc = scans[layer.digest].glibc_version or glibc
 
-    image = BaseImage(config, layers, tuple(diff_ids), glibc)
+    diff_ids = tuple(diff_id_of[layer.digest] for layer in layers)
+    image = BaseImage(config, layers, diff_ids, glibc)
     record = {
         "manifest": manifest.digest,
         "config": config_desc.digest,
@@ -360,6 +512,37 @@ async def _import(
         "glibc": glibc,
     }
     return image, record
+
+
+async def _stage(
+    source: _Source, store: Store, layers: tuple[Descriptor, ...], diff_id_of: Mapping[str, str], directory: Path
+) -> tuple[dict[str, Path], dict[str, "LayerScan"]]:
+    """Fetch (or copy from the store) and scan each distinct layer once.
+
+    Returns the staged files of the layers the store lacks, and every layer's scan.
+    """
+    staged: dict[str, Path] = {}
+    scans: dict[str, LayerScan] = {}
+    unpacked_room = MAX_BASE_UNPACKED_SIZE
+    for layer in distinct_layers(layers):
+        present = await store.blob_info(layer.digest) is not None
+        try:
+            path = await (_copy_from_store(store, layer.digest, directory) if present
+                          else source.fetch_blob(layer, directory))
+        except OSError as exc:  # the work directory (a full /tmp), not the source
+            raise BaseImageError(f"cannot stage layer {layer.digest}: {exc.strerror}") from None
+        scan = await asyncio.to_thread(scan_layer, path, unpacked_room)
+        unpacked_room -= scan.size
+        if scan.diff_id != diff_id_of[layer.digest]:
+            raise ManifestError(
+                f"layer {layer.digest} unpacks to {scan.diff_id}, the config says {diff_id_of[layer.digest]}"
+            )
+        scans[layer.digest] = scan
+        if present:
+            path.unlink()
+        else:
+            staged[layer.digest] = path
+    return staged, scans
 
 
 async def _copy_from_store(store: Store, digest: str, directory: Path) -> Path:
@@ -376,6 +559,7 @@ async def _copy_from_store(store: Store, digest: str, directory: Path) -> Path:
 class LayerScan:
     diff_id: str  # sha256 of the uncompressed tar
     glibc_version: str | None
+    size: int = 0  # bytes of the uncompressed tar
 
 
 _LIBC_SO = re.compile(r"^(?:usr/)?lib(?:32|64|x32)?/(?:[^/]+/)?libc\.so\.6$")
@@ -386,17 +570,38 @@ _DPKG_STATUS = re.compile(r"^var/lib/dpkg/(?:status|status\.d/[^/]+)$")
 _BANNER = re.compile(rb"GNU C Library [^\n]{0,200}?version (\d+\.\d+)")
 _MAX_LIBC_READ = 32 << 20
 _MAX_STATUS_READ = 64 << 20
+# tarfile reads a pax or GNU long-name header whole into memory, however large it says
+# it is; real ones are a few hundred bytes (xattrs included).
+_MAX_TAR_HEADER = 1 << 20
+# What a hostile layer stream can raise besides our own ManifestError: tar, gzip
+# (zlib.error is not an OSError), zstd, and a chain of extended headers deep enough to
+# exhaust the recursion tarfile reads them with.
+_STREAM_ERRORS = (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, zstandard.ZstdError, RecursionError)
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+        extended = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                    tarfile.SOLARIS_XHDTYPE)
+        if self.type in extended and self.size > _MAX_TAR_HEADER:
+            raise ManifestError(f"layer has a {self.size} byte extended tar header")
+        return super()._proc_member(tarfile_)  # type: ignore[misc]
 
 
 class _HashingReader:
-    """A read-only stream that hashes what passes through it."""
+    """A read-only stream that hashes what passes through it, up to `limit` bytes."""
 
-    def __init__(self, raw: IO[bytes]) -> None:
+    def __init__(self, raw: IO[bytes], limit: int) -> None:
         self.raw = raw
         self.hasher = hashlib.sha256()
+        self.size = 0
+        self.limit = limit
 
     def read(self, size: int = -1) -> bytes:
         data = self.raw.read(size)
+        self.size += len(data)
+        if self.size > self.limit:
+            raise ManifestError(f"the base image unpacks to more than {MAX_BASE_UNPACKED_SIZE} bytes")
         self.hasher.update(data)
         return data
 
@@ -412,10 +617,6 @@ def _decompressed(handle: IO[bytes]) -> IO[bytes]:
     if magic[:2] == b"\x1f\x8b":
         return gzip.GzipFile(fileobj=handle, mode="rb")  # type: ignore[return-value]
     if magic == b"\x28\xb5\x2f\xfd":
-        try:
-            import zstandard
-        except ImportError:
-            raise ManifestError("zstd-compressed base layers need the 'zstandard' package") from None
         return zstandard.ZstdDecompressor().stream_reader(handle, read_across_frames=True)  # type: ignore[return-value]
     return handle  # an uncompressed tar
 
@@ -432,13 +633,14 @@ def _dpkg_libc6_version(text: str) -> str | None:
     return None
 
 
-def scan_layer(path: Path) -> LayerScan:
-    """Hash a layer's uncompressed tar and look for the glibc version it carries."""
+def scan_layer(path: Path, limit: int = MAX_BASE_UNPACKED_SIZE) -> LayerScan:
+    """Hash a layer's uncompressed tar (at most `limit` bytes of it) and look for the
+    glibc version it carries. Anything unreadable is a ManifestError."""
     dpkg = banner = filename = None
     with open(path, "rb") as handle:
-        reader = _HashingReader(_decompressed(handle))
+        reader = _HashingReader(_decompressed(handle), limit)
         try:
-            with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
+            with tarfile.open(fileobj=reader, mode="r|", tarinfo=_BoundedTarInfo) as tar:  # type: ignore[call-overload]
                 for member in tar:
                     name = member.name.lstrip("/").removeprefix("./")
                     if member.isfile() and _DPKG_STATUS.match(name) and member.size <= _MAX_STATUS_READ:
@@ -452,10 +654,12 @@ def scan_layer(path: Path) -> LayerScan:
                     elif (_LIBC_SO.match(name) or _LD_SO.match(name)) and member.issym():
                         target = _VERSIONED_TARGET.search(member.linkname)
                         filename = target.group(1) if target else filename
-        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+            diff_id = reader.drain()
+        except ManifestError:
+            raise
+        except _STREAM_ERRORS as exc:
             raise ManifestError(f"layer is not a readable tar stream: {exc}") from None
-        diff_id = reader.drain()
-    return LayerScan(diff_id, dpkg or banner or filename)
+    return LayerScan(diff_id, dpkg or banner or filename, reader.size)
 
 
 def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:

@@ -61,14 +61,16 @@ class ImageReference:
         if "@" in rest:
             rest, digest = rest.split("@", 1)
             if not _DIGEST_RE.match(digest):
-                raise ValueError(f"{text!r}: {digest!r} is not a sha256 digest")
+                # Not echoed: "user:password@host/repo" lands here, and a reference
+                # has no place for credentials.
+                raise ValueError("what follows '@' is not a sha256 digest (credentials are not supported)")
         tag = None
         last_slash = rest.rfind("/")
         colon = rest.rfind(":")
         if colon > last_slash:  # a colon after the last slash is a tag, not a port
             rest, tag = rest[:colon], rest[colon + 1 :]
             if not _TAG_RE.match(tag):
-                raise ValueError(f"{text!r}: invalid tag {tag!r}")
+                raise ValueError(f"invalid tag {tag!r}")
         first, _, remainder = rest.partition("/")
         # Docker's rule: the first component is a registry if it looks like a host.
         if remainder and ("." in first or ":" in first or first == "localhost" or first.startswith("[")):
@@ -76,13 +78,13 @@ class ImageReference:
         else:
             registry, repository = "docker.io", rest
         if not _HOST_RE.match(registry):
-            raise ValueError(f"{text!r}: invalid registry host {registry!r}")
+            raise ValueError(f"invalid registry host {registry!r}")
         if registry in ("docker.io", "index.docker.io", "registry-1.docker.io"):
             registry = "registry-1.docker.io"
             if "/" not in repository:
                 repository = "library/" + repository
         if not _REPO_RE.match(repository) or len(repository) > 255:
-            raise ValueError(f"{text!r}: invalid repository name {repository!r}")
+            raise ValueError(f"invalid repository name {repository!r}")
         if tag is None and digest is None:
             tag = "latest"
         return cls(registry, repository, tag, digest)
@@ -149,17 +151,17 @@ class UpstreamClient:
         if parts.scheme != "https" and not (
             parts.scheme == "http" and is_loopback_host(parts.netloc) and is_loopback_host(ref.registry)
         ):
-            raise UpstreamError(f"refusing token realm {realm!r}: not https")
+            raise UpstreamError(f"refusing token realm {_origin(realm)}: not https")
         query = {"scope": params.get("scope") or f"repository:{ref.repository}:pull"}
         if params.get("service"):
             query["service"] = params["service"]
         try:
             async with self._session.get(realm, params=query, timeout=self._timeout) as resp:
                 if resp.status != 200:
-                    raise UpstreamError(f"token server {parts.netloc} answered {resp.status}")
+                    raise UpstreamError(f"token server {_origin(realm)} answered {resp.status}")
                 body = await _read_limited(resp, MAX_TOKEN_SIZE, "token response")
         except aiohttp.ClientError as exc:
-            raise UpstreamError(f"token server {parts.netloc}: {exc}") from exc
+            raise UpstreamError(f"token server {_origin(realm)}: {exc}") from exc
         try:
             doc = json.loads(body)
             token = doc.get("token") or doc.get("access_token")
@@ -260,6 +262,18 @@ class UpstreamClient:
         return path
 
 
+def _origin(url: str) -> str:
+    """scheme://host[:port] of a URL an upstream chose: its path and any user:password@
+    stay out of messages."""
+    parts = urlsplit(url)
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        port = ""
+    host = parts.hostname or "?"
+    return f"{parts.scheme}://{'[' + host + ']' if ':' in host else host}{port}"
+
+
 def _write_and_hash(handle, hasher, chunks: list[bytes]) -> None:  # type: ignore[no-untyped-def]
     for chunk in chunks:
         hasher.update(chunk)
@@ -285,9 +299,12 @@ async def _read_limited(resp: aiohttp.ClientResponse, limit: int, what: str) -> 
         raise UpstreamError(f"{what} of {resp.content_length} bytes is over the {limit} byte limit")
     chunks: list[bytes] = []
     total = 0
-    async for chunk in resp.content.iter_chunked(64 << 10):
-        total += len(chunk)
-        if total > limit:
-            raise UpstreamError(f"{what} is over the {limit} byte limit")
-        chunks.append(chunk)
+    try:
+        async for chunk in resp.content.iter_chunked(64 << 10):
+            total += len(chunk)
+            if total > limit:
+                raise UpstreamError(f"{what} is over the {limit} byte limit")
+            chunks.append(chunk)
+    except aiohttp.ClientError as exc:  # a body cut short or stalled: as failed as a refusal
+        raise UpstreamError(f"{what}: {exc}") from exc
     return b"".join(chunks)
