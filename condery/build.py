@@ -28,13 +28,14 @@ from typing import Mapping, Protocol, Sequence
 
 import rattler
 
+from condery.admission import BuildQueue
 from condery.config import MetaPackage
 from condery.layers import LayerBlob, PackageError, PackageUnavailable
 from condery.layers.env_layer import build_env_layer, explicit_lock
 from condery.layers.grouping import group_layers
 from condery.layers.members import PackageLimits
 from condery.layers.package_layer import build_package_layer, layer_key, python_site_packages
-from condery.layers.solve import ChannelUnavailable, SolveError, SolveRequest, SpecError, channel, solve
+from condery.layers.solve import SolveError, SolveRequest, SolveUnavailable, SpecError, channel, solve
 from condery.layers.tarball import concat_layers
 from condery.registry import errors
 from condery.registry.base_image import BaseImage, BaseImageError, resolve_base_image
@@ -124,8 +125,11 @@ class ImageService:
         self.state = state
         self.config = state.config
         self.store = state.store
-        self._images: SingleFlight[ImageRef] = SingleFlight()
-        self._layers: SingleFlight[LayerEntry] = SingleFlight()
+        # Image builds are single-flight inside the queue; its counts are for tests and
+        # the landing page.
+        self.builds: BuildQueue[ImageRef] = state.builds
+        # A layer build nobody waits for any more (its image builds timed out) is cancelled.
+        self._layers: SingleFlight[LayerEntry] = SingleFlight(cancel_abandoned=True)
         self._bases: SingleFlight[BaseImage] = SingleFlight()
         self._repodata_fresh_at = 0.0
 
@@ -134,7 +138,8 @@ class ImageService:
         return self.config.meta_packages
 
     # -- the registry's protocol ------------------------------------------------
-    async def resolve(self, request: ImageRequest, reference: Latest | Snapshot) -> ImageRef:
+    async def resolve(self, request: ImageRequest, reference: Latest | Snapshot, client: str = "local") -> ImageRef:
+        """The image for a name and tag; `client` (the peer address) is who pays for a cold build."""
         tag = tag_of(reference)
         if isinstance(reference, Snapshot) and reference.exclude_newer > datetime.now(timezone.utc):
             raise errors.ManifestUnknown(f"snapshot {tag} has not ended yet (UTC); use :latest or a past day")
@@ -142,7 +147,18 @@ class ImageService:
         record = await self.store.get_record("images", key)
         if record is not None and self._fresh(record, reference):
             return ImageRef(**record["ref"])
-        return await self._images.run(key, lambda: self._build_and_record(request, reference))
+        failure = self.state.failed_solves.get(key)
+        if failure is not None:
+            raise errors.ManifestUnknown(failure)
+        try:
+            return await self.builds.run(key, client, lambda: self._build_and_record(request, reference))
+        except (errors.TooManyRequests, errors.Unavailable) as exc:
+            if record is None:
+                raise
+            # stale-if-error: an expired `latest` is still a good image while the re-solve
+            # cannot happen now.
+            log.warning("%s: serving the previous image: %s", key, exc.message)
+            return ImageRef(**record["ref"])
 
     async def manifest_media_type(self, digest: str) -> str | None:
         record = await self.store.get_record("manifest-types", digest.split(":", 1)[-1])
@@ -166,24 +182,36 @@ class ImageService:
         reference: Latest | Snapshot,
         progress: BuildProgress | None = None,
     ) -> tuple[ImageRef, list[PlatformImage]]:
-        """Build (or reuse) every platform's image and store the top-level manifests."""
+        """Build (or reuse) every platform's image and store the top-level manifests.
+
+        The caller bounds concurrency (the server's BuildQueue; the CLI builds one image).
+        At `build_timeout` the work is cancelled, not only abandoned: the platforms' tasks,
+        and with them every layer build no other image build waits for. What cannot be
+        interrupted is code already running in a thread (a solve inside rattler, a layer's
+        unpack/tar/gzip): its result is dropped when it ends. That is bounded by rattler's
+        own solve timeout, by the package size limits, and by the default thread pool
+        (at most cpu count + 4 such threads at once, whatever was cancelled).
+        """
         try:
-            async with self.state.build_slots:
-                images = await asyncio.wait_for(
-                    asyncio.gather(
-                        *(
-                            self._build_platform(request, reference, subdir, progress)
-                            for subdir in self.config.platforms
-                        )
-                    ),
-                    timeout=self.config.build_timeout,
-                )
+            images = await asyncio.wait_for(
+                asyncio.gather(
+                    *(
+                        self._build_platform(request, reference, subdir, progress)
+                        for subdir in self.config.platforms
+                    )
+                ),
+                timeout=self.config.build_timeout,
+            )
         except SpecError as exc:
             raise errors.NameInvalid(str(exc)) from None
-        except ChannelUnavailable as exc:
+        except SolveUnavailable as exc:  # a passing fault (channel, timeout): not remembered
             raise errors.Unavailable(f"cannot solve {request.canonical_name}: {exc}") from None
         except SolveError as exc:
-            raise errors.ManifestUnknown(f"cannot solve {request.canonical_name}: {exc}") from None
+            message = f"cannot solve {request.canonical_name}: {exc}"
+            # A definitive answer: repeating the name must not cost another solve for a while.
+            # Keyed by name and tag; the cache lives in this AppState, so with this config.
+            self.state.failed_solves.remember(image_record_key(request, tag_of(reference)), message)
+            raise errors.ManifestUnknown(message) from None
         except PackageUnavailable as exc:
             raise errors.Unavailable(f"cannot build {request.canonical_name}: {exc}") from None
         except PackageError as exc:

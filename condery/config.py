@@ -84,6 +84,11 @@ class Config:
     )
     max_packages: int = 500
     max_concurrent_builds: int = 2
+    # Cold builds waiting for a slot; past it a new name gets 429 (joining a build is free).
+    max_queued_builds: int = 16
+    # Cold builds one client (the peer address) may have running or waiting at once.
+    max_builds_per_client: int = 2
+    failed_solve_ttl: int = 60  # seconds an unsatisfiable name is answered without solving
     solve_timeout: int = 120  # seconds
     build_timeout: int = 1800  # seconds
     # Where downloaded package archives are kept (verified by sha256 before use).
@@ -105,6 +110,10 @@ class Config:
 
 
 _SCALARS = {f.name: f for f in dataclasses.fields(Config)}
+# Integer keys where 0 would make the registry useless (0 failed_solve_ttl, 0 queue are fine).
+_AT_LEAST_ONE = frozenset(
+    {"layer_budget", "max_packages", "max_concurrent_builds", "max_builds_per_client", "max_package_files"}
+)
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -157,8 +166,7 @@ def _coerce(key: str, value: Any) -> Any:
             number = int(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-        if number < 0 or (key in ("layer_budget", "max_packages", "max_concurrent_builds", "max_package_files")
-                           and number < 1):
+        if number < 0 or (key in _AT_LEAST_ONE and number < 1):
             raise ConfigError(f"{key}: {number} is out of range")
         return number
     return None if value is None else str(value)

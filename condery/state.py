@@ -17,7 +17,9 @@ from pathlib import Path
 import aiohttp
 import rattler
 
+from condery.admission import BuildQueue, RecentFailures
 from condery.config import Config
+from condery.registry.names import ImageRef
 from condery.storage import Store, StorageError, open_store
 from condery.storage.filesystem import FilesystemStore
 from condery.storage.litter import remove_stale, stale_age
@@ -35,7 +37,8 @@ class AppState:
     http: aiohttp.ClientSession  # upstream registries (base images)
     gateway: rattler.Gateway  # repodata fetching and caching for the solver
     work_dir: Path  # staging for layer builds; on the store's filesystem when it has one
-    build_slots: asyncio.Semaphore  # concurrent image builds
+    builds: BuildQueue[ImageRef]  # image builds: running, queued, per client
+    failed_solves: RecentFailures  # names that recently failed to solve, by image key
     cpu_slots: asyncio.Semaphore  # concurrent package layer builds (CPU-bound)
     owns_work_dir: bool = False  # a private temporary directory, removed on close
 
@@ -59,7 +62,12 @@ class AppState:
             ),
             gateway=rattler.Gateway(cache_dir=config.package_cache_dir.parent / "repodata"),
             work_dir=work_dir,
-            build_slots=asyncio.Semaphore(config.max_concurrent_builds),
+            builds=BuildQueue(
+                running=config.max_concurrent_builds,
+                queued=config.max_queued_builds,
+                per_client=config.max_builds_per_client,
+            ),
+            failed_solves=RecentFailures(config.failed_solve_ttl),
             cpu_slots=asyncio.Semaphore(os.cpu_count() or 2),
             owns_work_dir=not isinstance(store, FilesystemStore),
         )

@@ -1,5 +1,6 @@
 """The builder in-process against the real fixture channel and base: single flight,
-hang-ups, layer reuse, grouping under the budget, snapshots."""
+hang-ups, layer reuse, grouping under the budget, snapshots, and the limits that keep
+builds from being used up (bounded queue, per-client limit, failed-solve cache, timeouts)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ from pathlib import Path
 import pytest
 
 from condery.build import ImageService
-from condery.config import load_config
+from condery.config import ConfigError, load_config
+from condery.layers.solve import channel
 from condery.registry import errors
 from condery.registry.names import parse_name
 from condery.registry.tags import Latest, Snapshot
 from condery.state import AppState
 from tests.fixtures.condapkg import PkgFile, index_channel, write_conda_package
+from tests.fixtures.gated_channel import GatedChannel, gated_channel
 
 DAY_MS = 86_400_000
 
@@ -125,3 +128,209 @@ async def test_snapshot_tags(service: ImageService) -> None:
     assert "2024-01-01" in await service.tags(request)
     with pytest.raises(errors.ManifestUnknown, match="not ended"):
         await service.resolve(request, Snapshot.of(date(2999, 1, 1)))
+
+
+# -- builds are a scarce resource ---------------------------------------------------
+# These services read the fixture channel over HTTP through a gate (tests/fixtures/
+# gated_channel.py): a build holds its slot until the test lets its package download go.
+
+
+@pytest.fixture
+def gated(fixture_channel: Path):
+    with gated_channel(fixture_channel) as channel:
+        yield channel
+
+
+@pytest.fixture
+async def make_service(tmp_path: Path, gated: GatedChannel, base_layout: Path):
+    states: list[AppState] = []
+
+    async def make(**limits) -> ImageService:
+        config = load_config(
+            None,
+            environ={},
+            channels=[gated.url],
+            base_image=f"oci:{base_layout}:bookworm",
+            storage={"backend": "filesystem", "path": str(tmp_path / "store")},
+            package_cache=str(tmp_path / "pkgs"),
+            **limits,
+        )
+        state = await AppState.open(config)
+        states.append(state)
+        service = ImageService(state)
+        # Base and repodata in place, so that timings below are about the build only.
+        await service.solve(parse_name("condery-hello", service.meta_packages), Latest(), "linux-64")
+        return service
+
+    yield make
+    for state in states:
+        await state.close()
+
+
+def counting_solves(service: ImageService) -> list[str]:
+    calls: list[str] = []
+    real_solve = service._solve
+
+    async def solve(request, reference, subdir, base):
+        calls.append(request.canonical_name)
+        return await real_solve(request, reference, subdir, base)
+
+    service._solve = solve  # type: ignore[method-assign]
+    return calls
+
+
+async def until(condition, timeout: float = 20.0) -> None:
+    for _ in range(int(timeout / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    pytest.fail("condition not reached in time")
+
+
+def start(service: ImageService, name: str, client: str) -> asyncio.Task:
+    return asyncio.ensure_future(service.resolve(parse_name(name, service.meta_packages), Latest(), client))
+
+
+async def test_full_queue_is_429_and_joining_is_free(make_service, gated: GatedChannel) -> None:
+    service = await make_service(max_concurrent_builds=1, max_queued_builds=1, max_builds_per_client=10)
+    running = start(service, "condery-hello", "10.0.0.1")
+    await until(lambda: gated.package_requests("condery-hello"))  # holds the only slot
+    queued = start(service, "condery-symlinks", "10.0.0.2")
+    await until(lambda: service.builds.queued == 1)
+    assert service.builds.running == 1
+
+    with pytest.raises(errors.TooManyRequests, match="queue is full") as refused:
+        await service.resolve(parse_name("zlib", service.meta_packages), Latest(), "10.0.0.3")
+    assert refused.value.status == 429 and refused.value.retry_after
+    # Asking for an image already building (running or queued) joins it, whoever asks.
+    joined = [start(service, "condery-hello", "10.0.0.3"), start(service, "condery-symlinks", "10.0.0.4")]
+    await asyncio.sleep(0.1)
+    assert not any(task.done() for task in joined)
+    assert (service.builds.running, service.builds.queued) == (1, 1)
+
+    gated.packages.set()
+    hello, symlinks, *joins = await asyncio.gather(running, queued, *joined)
+    assert joins == [hello, symlinks]
+    assert gated.package_requests("condery-hello") == 1
+    # Room again: the refused name builds now.
+    await service.resolve(parse_name("zlib", service.meta_packages), Latest(), "10.0.0.3")
+
+
+async def test_per_client_limit_on_cold_builds(make_service, gated: GatedChannel) -> None:
+    service = await make_service(max_concurrent_builds=1, max_queued_builds=8, max_builds_per_client=1)
+    first = start(service, "condery-hello", "10.0.0.1")
+    await until(lambda: service.builds.running == 1)
+    with pytest.raises(errors.TooManyRequests, match="this client") as refused:
+        await service.resolve(parse_name("condery-symlinks", service.meta_packages), Latest(), "10.0.0.1")
+    assert refused.value.retry_after
+    other = start(service, "condery-symlinks", "10.0.0.2")  # another client is not limited
+    await until(lambda: service.builds.queued == 1)
+    assert service.builds.builds_of("10.0.0.1") == service.builds.builds_of("10.0.0.2") == 1
+    joined = start(service, "condery-symlinks", "10.0.0.1")  # joining costs nothing
+    gated.packages.set()
+    await asyncio.gather(first, other, joined)
+
+    # Warm pulls are never limited: client 1 at its limit still gets a built image.
+    gated.packages.clear()
+    busy = start(service, "zlib", "10.0.0.1")
+    await until(lambda: service.builds.builds_of("10.0.0.1") == 1)
+    assert await service.resolve(parse_name("condery-hello", service.meta_packages), Latest(), "10.0.0.1")
+    gated.packages.set()
+    await busy
+
+
+async def test_queued_build_nobody_waits_for_is_cancelled(make_service, gated: GatedChannel) -> None:
+    service = await make_service(max_concurrent_builds=1, max_queued_builds=1)
+    builds = counting_builds(service)
+    running = start(service, "condery-hello", "10.0.0.1")
+    await until(lambda: service.builds.running == 1)
+    waiters = [start(service, "condery-symlinks", "10.0.0.2"), start(service, "condery-symlinks", "10.0.0.3")]
+    await until(lambda: service.builds.queued == 1)
+    waiters[0].cancel()  # one client hangs up: the other still waits
+    await asyncio.sleep(0.1)
+    assert service.builds.queued == 1
+    waiters[1].cancel()  # the last one hangs up: the queued build goes
+    await until(lambda: service.builds.queued == 0)
+    # Its place in the queue is free at once.
+    later = start(service, "zlib", "10.0.0.2")
+    await until(lambda: service.builds.queued == 1)
+
+    gated.packages.set()
+    await asyncio.gather(running, later)
+    assert sorted(builds) == ["condery-hello", "zlib"]  # condery-symlinks never started
+    assert gated.package_requests("condery-symlinks") == 0
+    assert await service.store.get_record("images", "condery-symlinks/_/latest") is None
+
+
+async def test_failed_solve_is_remembered_briefly(make_service, gated: GatedChannel) -> None:
+    gated.packages.set()
+    service = await make_service(failed_solve_ttl=60)
+    solves = counting_solves(service)
+    request = parse_name("condery-hello/nothing-provides-this", service.meta_packages)
+    messages = []
+    for _ in range(3):
+        with pytest.raises(errors.ManifestUnknown) as info:
+            await service.resolve(request, Latest(), "10.0.0.1")
+        messages.append(info.value.message)
+    assert solves == ["condery-hello/nothing-provides-this"]  # one solve for three requests
+    assert len(set(messages)) == 1 and "nothing-provides-this" in messages[0]
+    # Per name and tag: other names are solved as usual.
+    await service.resolve(parse_name("condery-hello", service.meta_packages), Latest(), "10.0.0.1")
+    assert solves[-1] == "condery-hello"
+
+    off = await make_service(failed_solve_ttl=0)
+    solves = counting_solves(off)
+    for _ in range(2):
+        with pytest.raises(errors.ManifestUnknown):
+            await off.resolve(request, Latest(), "10.0.0.1")
+    assert len(solves) == 2
+
+
+async def test_solve_timeout_is_503_and_not_remembered(make_service, gated: GatedChannel) -> None:
+    service = await make_service(solve_timeout=1)
+    solves = counting_solves(service)
+    service.state.gateway.clear_repodata_cache(channel(gated.url))
+    service._repodata_fresh_at = 0.0  # `latest` re-reads the channel, which now hangs
+    gated.repodata.clear()
+    for attempt in (1, 2):
+        with pytest.raises(errors.Unavailable, match="took longer than 1 s") as info:
+            await service.resolve(parse_name("zlib", service.meta_packages), Latest(), "10.0.0.1")
+        assert info.value.status == 503 and info.value.code == "UNAVAILABLE" and info.value.retry_after
+        assert len(solves) == attempt  # a passing fault is tried again
+        service._repodata_fresh_at = 0.0
+
+
+async def test_build_timeout_cancels_the_work(make_service, gated: GatedChannel) -> None:
+    service = await make_service(build_timeout=1)
+    with pytest.raises(errors.Unavailable, match="longer than 1 s"):
+        await service.resolve(parse_name("condery-hello", service.meta_packages), Latest(), "10.0.0.1")
+    # The layer build that only this image needed was cancelled with it, and the slot freed.
+    assert len(service._layers) == 0
+    assert (service.builds.running, service.builds.queued) == (0, 0)
+    gated.packages.set()
+    await asyncio.sleep(1)
+    assert await service.store.list_records("layers") == []
+
+
+async def test_expired_latest_is_served_while_builds_are_refused(make_service, gated: GatedChannel) -> None:
+    # latest_ttl 0: every `latest` record is expired, so each pull wants a re-solve.
+    service = await make_service(latest_ttl=0, max_concurrent_builds=1, max_queued_builds=0)
+    gated.packages.set()
+    request = parse_name("condery-hello", service.meta_packages)
+    built = await service.resolve(request, Latest(), "10.0.0.1")
+    gated.packages.clear()
+    busy = start(service, "zlib", "10.0.0.2")
+    await until(lambda: service.builds.running == 1)
+    # The re-solve cannot start now (429): the last good image is served (stale-if-error).
+    assert await service.resolve(request, Latest(), "10.0.0.1") == built
+    with pytest.raises(errors.TooManyRequests):
+        await service.resolve(parse_name("condery-symlinks", service.meta_packages), Latest(), "10.0.0.1")
+    gated.packages.set()
+    await busy
+
+
+def test_build_limit_settings() -> None:
+    config = load_config(None, environ={"CONDERY_MAX_QUEUED_BUILDS": "0", "CONDERY_FAILED_SOLVE_TTL": "5"})
+    assert (config.max_queued_builds, config.failed_solve_ttl, config.max_builds_per_client) == (0, 5, 2)
+    with pytest.raises(ConfigError, match="max_builds_per_client"):
+        load_config(None, environ={}, max_builds_per_client=0)

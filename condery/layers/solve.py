@@ -27,9 +27,13 @@ class SolveError(ValueError):
     """The specs cannot be solved; the message is the solver's own explanation."""
 
 
-class ChannelUnavailable(SolveError):
-    """A channel could not be read (unreachable, timed out, missing): a passing fault,
-    not an answer about the specs."""
+class SolveUnavailable(SolveError):
+    """The solve could not finish for a passing reason (it took longer than the timeout, a
+    channel could not be read): not an answer about the specs, so retry later."""
+
+
+class ChannelUnavailable(SolveUnavailable):
+    """A channel could not be read (unreachable, timed out, missing)."""
 
 
 class SpecError(ValueError):
@@ -105,14 +109,20 @@ async def solve(
                 # upload time (indexed_timestamp) and falls back to the build timestamp
                 # for channels that do not record uploads; records with neither are left out.
                 timestamp_policy="require-timestamp",
+                # rattler stops its solver thread itself at the timeout (asyncio cannot);
+                # it then reports "Solve operation has been cancelled".
                 timeout=timedelta(seconds=timeout),
             ),
-            timeout=timeout + 30,
+            # Covers the repodata fetch too, which rattler's own timeout does not.
+            timeout=timeout,
         )
     except SolverError as exc:
-        raise SolveError(public_message(str(exc).strip(), channels)) from None
+        message = str(exc).strip()
+        if "cancelled" in message.lower():
+            raise SolveUnavailable(f"the solve took longer than {timeout:.0f} s") from None
+        raise SolveError(public_message(message, channels)) from None
     except asyncio.TimeoutError:
-        raise SolveError(f"the solve took longer than {timeout:.0f} s") from None
+        raise SolveUnavailable(f"the solve took longer than {timeout:.0f} s") from None
     except Exception as exc:  # rattler raises its own types for fetch failures
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ChannelUnavailable(f"cannot read the channels: {public_message(first, channels)}") from None

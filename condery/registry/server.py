@@ -11,18 +11,21 @@ Names contain slashes, so one tail route takes everything under /v2/ and the ope
 is found from the end of the path. Every answer, errors included, carries
 `Docker-Distribution-API-Version: registry/2.0`; every error is the spec's JSON body.
 
-Handlers never cancel builds: aiohttp does not cancel handlers when a client hangs up
-(handler_cancellation is off by default), and the service shields its builds anyway.
+Handlers never cancel builds themselves: aiohttp does not cancel handlers when a client
+hangs up (handler_cancellation is off by default), so the manifest handler watches its
+connection and withdraws its wait when the client has gone; the service then drops a
+build nobody waits for while it is still queued, and lets a started one finish.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Mapping, Protocol
+from typing import Awaitable, Callable, Mapping, Protocol, TypeVar
 from urllib.parse import quote
 
 from aiohttp import hdrs, web
@@ -68,6 +71,10 @@ _REFERRERS_RE = re.compile(r"(?P<name>.+)/referrers/(?P<digest>[^/]+)")
 _RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
 # Set once a blob response has started: an error can then only cut the connection.
 _STREAMING = web.RequestKey("condery_streaming", bool) if hasattr(web, "RequestKey") else "condery_streaming"
+# Seconds between checks that a client waiting for a build is still connected.
+HANG_UP_POLL = 0.5
+
+T = TypeVar("T")
 
 
 class ImageService(Protocol):
@@ -75,8 +82,12 @@ class ImageService(Protocol):
 
     meta_packages: Mapping[str, MetaPackage]
 
-    async def resolve(self, request: ImageRequest, reference: Latest | Snapshot) -> ImageRef:
-        """The image for a name and tag, built if needed; raises RegistryError."""
+    async def resolve(self, request: ImageRequest, reference: Latest | Snapshot, client: str) -> ImageRef:
+        """The image for a name and tag, built if needed; raises RegistryError.
+
+        `client` is the peer address, for per-client build limits (behind a reverse
+        proxy, that is the proxy). Cancelling the call means the client has gone.
+        """
         ...
 
     async def manifest_media_type(self, digest: str) -> str | None:
@@ -211,7 +222,9 @@ class PullAPI:
             if media_type is None:
                 raise ManifestUnknown(f"manifest {digest} is not known to this registry")
         else:
-            image = await self.service.resolve(image_request, reference)
+            image = await _while_connected(
+                request, self.service.resolve(image_request, reference, client=request.remote or "unknown")
+            )
             if choose_variant(request.headers.getall(hdrs.ACCEPT, [])) == "docker":
                 digest, media_type = image.docker_digest, image.docker_media_type
             else:
@@ -320,6 +333,22 @@ class PullAPI:
         _check_digest(digest)
         index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
         return web.Response(body=json.dumps(index).encode(), content_type=OCI_INDEX)
+
+
+async def _while_connected(request: web.Request, work: Awaitable[T]) -> T:
+    """`work`'s result, or its cancellation once the client has hung up."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=HANG_UP_POLL)
+            if done:
+                return task.result()
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                # Nobody reads this answer; 499 (nginx's "client closed request") is for the log.
+                raise RegistryError("the client hung up before the image was ready", code="UNKNOWN", status=499)
+    finally:
+        task.cancel()  # no-op when done; else the client has gone (or the handler was cancelled)
 
 
 def _etag_matches(request: web.Request, digest: str) -> bool:

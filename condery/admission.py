@@ -1,0 +1,115 @@
+"""Who may start an image build, and which builds are not worth starting again.
+
+A cold pull costs a solve and possibly many layer builds, while asking costs one HTTP
+request; without limits a few clients asking for many distinct names starve everyone.
+So image builds go through a `BuildQueue` (bounded in total and per client, with
+queued builds dropped when nobody waits for them) and definitive solve failures are
+remembered for a short time in `RecentFailures`. Warm pulls never come here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from typing import Awaitable, Callable, Generic, TypeVar
+
+from condery.registry import errors
+from condery.singleflight import SingleFlight
+
+T = TypeVar("T")
+
+
+class BuildQueue(Generic[T]):
+    """Single-flight image builds, at most `running` at once and `queued` waiting.
+
+    A request for a key already in flight joins it whatever the limits (it costs
+    nothing). A new key is refused with 429 TOOMANYREQUESTS when `running + queued`
+    builds are already in flight, or when its client already started `per_client` of
+    them. A build that has not got a slot yet is cancelled when its last waiter leaves;
+    once it holds a slot it is pinned and finishes for the layer cache and later pulls.
+    """
+
+    def __init__(self, *, running: int, queued: int, per_client: int) -> None:
+        self.max_running = running
+        self.max_queued = queued
+        self.max_per_client = per_client
+        self._slots = asyncio.Semaphore(running)
+        self._flights: SingleFlight[T] = SingleFlight(cancel_abandoned=True)
+        self._owners: dict[str, str] = {}  # key -> the client whose request started it
+
+    # -- what tests and the landing page may look at ----------------------------
+    @property
+    def running(self) -> int:
+        return self._flights.pinned
+
+    @property
+    def queued(self) -> int:
+        return len(self._flights) - self._flights.pinned
+
+    def in_flight(self, key: str) -> bool:
+        return self._flights.in_flight(key)
+
+    def builds_of(self, client: str) -> int:
+        """Builds in flight (running or queued) that `client`'s requests started."""
+        return sum(1 for key, owner in self._owners.items() if owner == client and self._flights.in_flight(key))
+
+    # -- admission --------------------------------------------------------------
+    async def run(self, key: str, client: str, work: Callable[[], Awaitable[T]]) -> T:
+        if not self._flights.in_flight(key):
+            self._admit(client)
+            self._owners[key] = client
+        return await self._flights.run(key, lambda: self._started(key, work))
+
+    def _admit(self, client: str) -> None:
+        # Forget owners of finished builds first, so the table stays as small as the queue.
+        for key in [k for k in self._owners if not self._flights.in_flight(k)]:
+            del self._owners[key]
+        if len(self._flights) >= self.max_running + self.max_queued:
+            raise errors.TooManyRequests(
+                f"the build queue is full ({self.max_running} building, {self.max_queued} waiting); "
+                "images already built are still served, retry this one later"
+            )
+        if self.builds_of(client) >= self.max_per_client:
+            raise errors.TooManyRequests(
+                f"this client already has {self.max_per_client} image builds running or waiting; "
+                "retry when one has finished"
+            )
+
+    async def _started(self, key: str, work: Callable[[], Awaitable[T]]) -> T:
+        async with self._slots:
+            self._flights.pin(key)
+            return await work()
+
+
+class RecentFailures:
+    """Explanations of definitive failures (an unsatisfiable name), kept for `ttl` seconds.
+
+    Repeating a name that cannot be solved must not cost a solve each time. Only
+    definitive answers belong here: a passing fault (timeout, channel down) must be
+    retried. At most `max_entries` are kept (oldest dropped), so a client inventing
+    failing names cannot grow it without bound.
+    """
+
+    def __init__(self, ttl: float, max_entries: int = 10_000) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._entries: OrderedDict[str, tuple[float, str]] = OrderedDict()
+
+    def get(self, key: str) -> str | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        expires, message = entry
+        if time.monotonic() >= expires:
+            del self._entries[key]
+            return None
+        return message
+
+    def remember(self, key: str, message: str) -> None:
+        if self.ttl <= 0:
+            return
+        self._entries.pop(key, None)
+        self._entries[key] = (time.monotonic() + self.ttl, message)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
