@@ -89,6 +89,11 @@ class Config:
     # Where downloaded package archives are kept (verified by sha256 before use).
     package_cache: str | None = None  # default: <filesystem store>/pkgs or ~/.cache
     allow_package_scripts: bool = False  # run post-link scripts (untrusted code!)
+    # Connections (condery/registry/connections.py). 0: half the open-file limit, at
+    # most 4096; the rest of the file descriptors are for the store and builds.
+    max_connections: int = 0
+    header_timeout: int = 15  # seconds to send a request's headers, else 408 and closed
+    idle_timeout: int = 30  # seconds a keep-alive connection may wait for its next request
 
     @property
     def package_cache_dir(self) -> Path:
@@ -152,6 +157,8 @@ def _coerce(key: str, value: Any) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
         if number < 0 or (key in ("layer_budget", "max_packages", "max_concurrent_builds") and number < 1):
             raise ConfigError(f"{key}: {number} is out of range")
+        if key in ("header_timeout", "idle_timeout") and number < 1:  # 0 would close every connection
+            raise ConfigError(f"{key}: {number} is out of range (at least 1 second)")
         return number
     return None if value is None else str(value)
 
