@@ -8,7 +8,8 @@ traceback for every failed accept. Here:
   connection opening (or of the first byte of a later request on it), else the client
   gets a 408 and the connection is closed. aiohttp has no such setting, so
   `_GuardedHandler` (a `RequestHandler` subclass) keeps a timer per connection.
-- `idle_timeout`: aiohttp's own `keepalive_timeout`, the wait between requests.
+- `idle_timeout`: aiohttp's own `keepalive_timeout`, the silent wait between requests
+  (suspended while a request's headers are due).
 - `max_connections`: past it a new connection gets a 503 UNAVAILABLE and is closed at
   once, before aiohttp allocates anything for it; one log line per `LOG_INTERVAL` says
   how many were refused. The default is half the open-file limit, which `serve` first
@@ -186,7 +187,7 @@ class _GuardedHandler(web.RequestHandler):
             return
         self._admitted = True
         super().connection_made(transport)
-        self._start_header_timer()
+        self._start_header_timer()  # the first request is due within header_timeout
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if not self._admitted:
@@ -208,6 +209,9 @@ class _GuardedHandler(web.RequestHandler):
         return not (self._request_in_progress or self._messages or self._close or self._force_close)
 
     def _start_header_timer(self) -> None:
+        # While headers are due, their deadline alone governs: keep_alive(True) cancels
+        # aiohttp's idle timer, which it re-arms after the response.
+        self.keep_alive(True)
         self._header_timer = self._loop.call_later(self._limits.header_timeout, self._headers_too_slow)
 
     def _stop_header_timer(self) -> None:
