@@ -19,6 +19,7 @@ from condery.layers.env_layer import explicit_lock
 from condery.registry.connections import (
     ConnectionLimits,
     default_max_connections,
+    default_max_connections_per_client,
     raise_open_file_limit,
     serving,
 )
@@ -83,8 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def _serve(config: Config) -> int:
     """Serve until SIGINT or SIGTERM, then finish in-flight requests and close the store."""
     open_files = raise_open_file_limit()
+    max_connections = config.max_connections or default_max_connections(open_files)
     limits = ConnectionLimits(
-        max_connections=config.max_connections or default_max_connections(open_files),
+        max_connections=max_connections,
+        max_connections_per_client=config.max_connections_per_client
+        or default_max_connections_per_client(max_connections),
         header_timeout=config.header_timeout,
         idle_timeout=config.idle_timeout,
     )
@@ -97,8 +101,9 @@ async def _serve(config: Config) -> int:
     app = await _serve_app(config)
     async with serving(app, config.host, config.port, limits, access_log_format=ACCESS_LOG_FORMAT):
         log.info(
-            "connections: at most %d open (open-file limit %d), headers within %ds, idle for %ds",
+            "connections: at most %d open, %d per client (open-file limit %d), headers within %ds, idle for %ds",
             limits.max_connections,
+            limits.max_connections_per_client,
             open_files,
             limits.header_timeout,
             limits.idle_timeout,

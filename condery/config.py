@@ -92,6 +92,7 @@ class Config:
     # Connections (condery/registry/connections.py). 0: half the open-file limit, at
     # most 4096; the rest of the file descriptors are for the store and builds.
     max_connections: int = 0
+    max_connections_per_client: int = 0  # 0: an eighth of max_connections, at least 8
     header_timeout: int = 15  # seconds to send a request's headers, else 408 and closed
     idle_timeout: int = 30  # seconds a keep-alive connection may wait for its next request
 

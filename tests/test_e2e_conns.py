@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import json
 import os
 import select
@@ -58,6 +59,17 @@ def open_sockets(pid: int) -> int:
     return count
 
 
+def get_from(source: str, port: int, path: str) -> tuple[int, bytes]:
+    """A GET from another loopback address (all of 127.0.0.0/8 is local): another client."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60, source_address=(source, 0))
+    try:
+        connection.request("GET", path, headers={"Accept": OCI_MANIFEST})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
 def attack(port: int, count: int) -> list[socket.socket]:
     """`count` connections: half silent, half sending the start of a request."""
     sockets = []
@@ -102,7 +114,9 @@ def trickle_and_watch(sockets: list[socket.socket], seconds: float, on_tick) -> 
 def test_idle_and_trickling_connections_cannot_lock_out_a_pull(
     tmp_path: Path, fixture_channel: Path, base_layout: Path
 ) -> None:
-    limits = {"max_connections": MAX_CONNECTIONS, "header_timeout": TIMEOUT, "idle_timeout": TIMEOUT}
+    # One attacker address may fill every slot here: this is the global limit's test.
+    limits = {"max_connections": MAX_CONNECTIONS, "max_connections_per_client": MAX_CONNECTIONS,
+              "header_timeout": TIMEOUT, "idle_timeout": TIMEOUT}
     with condery_process(tmp_path, fixture_channel, base_layout, **limits) as (registry, pid):
         status, headers, body = registry.get("/v2/xz/manifests/latest", accept=(OCI_MANIFEST,))
         assert status == 200, body  # built before the attack; pulled again after it
@@ -155,8 +169,9 @@ def test_out_of_file_descriptors_is_one_log_line_not_a_traceback_each(
     with condery_process(tmp_path, fixture_channel, base_layout, wrapper=wrapper, **limits) as (registry, _):
         port = int(registry.host.rsplit(":", 1)[1])
         log_before = (tmp_path / "condery.log").stat().st_size
-        sockets = attack(port, 2 * nofile)
-        still_open, _ = trickle_and_watch(sockets, 2 * TIMEOUT + 3, lambda: None)
+        sockets = attack(port, nofile + 40)  # within the listen queue: connect() never waits
+        # Past the fd limit the rest wait in the listen queue: the attackers give up first.
+        still_open, _ = trickle_and_watch(sockets, TIMEOUT + 1, lambda: None)
         for sock in still_open:
             sock.close()
         # The server is not wedged: once the attackers are cut, it answers.
@@ -167,3 +182,32 @@ def test_out_of_file_descriptors_is_one_log_line_not_a_traceback_each(
         log = (tmp_path / "condery.log").read_bytes()[log_before:].decode(errors="replace")
         assert "accept failed for lack of file descriptors" in log, log[-3000:]
         assert "Traceback" not in log and len(log) < 2000, log[-3000:]
+
+
+def test_one_attacking_address_leaves_room_for_everyone_else(
+    tmp_path: Path, fixture_channel: Path, base_layout: Path
+) -> None:
+    """Default per-client share (an eighth of 50: 8): pulls from elsewhere work during the attack."""
+    limits = {"max_connections": MAX_CONNECTIONS, "header_timeout": 30, "idle_timeout": 30}
+    with condery_process(tmp_path, fixture_channel, base_layout, **limits) as (registry, pid):
+        port = int(registry.host.rsplit(":", 1)[1])
+        baseline = open_sockets(pid)
+        sockets = attack(port, 2 * MAX_CONNECTIONS)  # held: the timeouts are long here
+        try:
+            time.sleep(0.5)
+            assert open_sockets(pid) <= baseline + 8 + 1
+            assert get_from("127.0.0.2", port, "/v2/")[0] == 200
+            status, body = get_from("127.0.0.2", port, "/v2/xz/manifests/latest")  # a cold build
+            assert status == 200 and json.loads(body)["mediaType"] == OCI_MANIFEST
+            # While the attacker's own further connections are refused (a 503, or a reset
+            # when the request was still unread as the server closed).
+            try:
+                refused = get_from("127.0.0.1", port, "/v2/")[0]
+            except (ConnectionError, http.client.HTTPException):
+                refused = None
+            assert refused in (503, None)
+        finally:
+            for sock in sockets:
+                sock.close()
+        log = (tmp_path / "condery.log").read_text(errors="replace")
+        assert "max_connections_per_client=8" in log and "Traceback" not in log

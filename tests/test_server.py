@@ -32,7 +32,13 @@ from hypothesis import strategies as st
 from aiohttp.test_utils import TestClient
 
 from condery.config import DEFAULT_META_PACKAGES, ConfigError, MetaPackage, load_config
-from condery.registry.connections import ConnectionLimits, Throttled, default_max_connections, serving
+from condery.registry.connections import (
+    ConnectionLimits,
+    Throttled,
+    default_max_connections,
+    default_max_connections_per_client,
+    serving,
+)
 from condery.registry.errors import ManifestUnknown, RegistryError, TooManyRequests
 from condery.registry.names import ImageRef, ImageRequest
 from condery.registry.media_types import (
@@ -614,7 +620,8 @@ async def test_push_is_unsupported(client: TestClient, service: InTestService, m
 @contextlib.asynccontextmanager
 async def listening(service: InTestService, store: FilesystemStore, **limits: Any) -> AsyncIterator[int]:
     """The app behind `serving()` on a free loopback port, as `condery serve` runs it."""
-    settings = {"max_connections": 100, "header_timeout": 5, "idle_timeout": 5, **limits}
+    settings = {"max_connections": 100, "max_connections_per_client": 100, "header_timeout": 5, "idle_timeout": 5}
+    settings.update(limits)
     async with serving(
         create_app(service, store), "127.0.0.1", 0, ConnectionLimits(**settings), access_log_format="%r %s"
     ) as site:
@@ -629,10 +636,14 @@ class RawAnswer:
     seconds: float
 
 
-async def exchange(port: int, data: bytes, *, wait: float = 10.0) -> RawAnswer:
-    """Send raw bytes, read until the server closes the connection (or `wait` passes)."""
+async def exchange(port: int, data: bytes, *, wait: float = 10.0, source: str = "127.0.0.1") -> RawAnswer:
+    """Send raw bytes, read until the server closes the connection (or `wait` passes).
+
+    `source`: the local address to connect from; all of 127.0.0.0/8 is loopback, so
+    127.0.0.2 is another client as far as the server can tell.
+    """
     started = time.monotonic()
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
     try:
         writer.write(data)
         with contextlib.suppress(ConnectionError):
@@ -752,6 +763,26 @@ async def test_connections_past_the_limit_get_503_and_are_closed(
     assert len(refusals) == 1 and not refusals[0].exc_info  # one line, not one per connection
 
 
+async def test_one_client_cannot_take_every_connection(
+    service: InTestService, store: FilesystemStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    request = b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    with caplog.at_level(logging.WARNING, logger="condery.connections"):
+        async with listening(service, store, max_connections=10, max_connections_per_client=3, header_timeout=30) as port:
+            held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+            await asyncio.sleep(0.1)
+            answers = await asyncio.gather(*(exchange(port, request) for _ in range(5)))
+            assert {answer.status for answer in answers} <= {503, None} and 503 in {a.status for a in answers}
+            # Another address still gets in while the first one holds its share.
+            assert (await exchange(port, request, source="127.0.0.2")).status == 200
+            for _, writer in held:
+                writer.close()
+            await asyncio.sleep(0.2)
+            assert (await exchange(port, request)).status == 200  # released
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "max_connections_per_client=3" in lines[0] and "127.0.0.1" in lines[0], lines
+
+
 def test_throttled_logs_one_line_per_interval(caplog: pytest.LogCaptureFixture) -> None:
     now = [100.0]
     throttled = Throttled("things refused", interval=10, clock=lambda: now[0])
@@ -790,6 +821,9 @@ def test_default_max_connections_leaves_room_for_files() -> None:
     assert default_max_connections(1024) == 512
     assert default_max_connections(20000) == 4096
     assert default_max_connections(10) == 16
+    assert default_max_connections_per_client(4096) == 512
+    assert default_max_connections_per_client(50) == 8
+    assert default_max_connections_per_client(5) == 5
 
 
 def test_connection_settings_are_validated() -> None:

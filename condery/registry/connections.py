@@ -15,6 +15,10 @@ traceback for every failed accept. Here:
   how many were refused. The default is half the open-file limit, which `serve` first
   raises to its hard limit (`raise_open_file_limit`): the other half is for the store,
   package extraction and builds.
+- `max_connections_per_client`: the same, per peer address, so that one client cannot
+  take every connection (default: an eighth of `max_connections`). Behind a reverse
+  proxy every connection comes from the proxy: raise it to `max_connections` there and
+  limit clients in the proxy (docs/reverse-proxy.md).
 - Oversized or malformed request lines and headers get a 4xx (431 for header fields
   past the limits, 400 otherwise) in the OCI error format instead of aiohttp's text
   body and logged traceback.
@@ -35,6 +39,7 @@ import json
 import logging
 import resource
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -58,6 +63,7 @@ UNLIMITED_NOFILE = 1 << 20
 @dataclass(frozen=True)
 class ConnectionLimits:
     max_connections: int
+    max_connections_per_client: int
     header_timeout: float
     idle_timeout: float
     # aiohttp's defaults, named here so that tests and the docs can quote them.
@@ -84,6 +90,11 @@ def default_max_connections(open_file_limit: int) -> int:
     return max(MIN_MAX_CONNECTIONS, min(AUTO_MAX_CONNECTIONS, open_file_limit // 2))
 
 
+def default_max_connections_per_client(max_connections: int) -> int:
+    """An eighth of the total, at least 8 (a node pulls with a handful at a time)."""
+    return min(max_connections, max(8, max_connections // 8))
+
+
 @dataclass
 class Throttled:
     """Counts events of one kind and logs at most one line per `interval` about them."""
@@ -95,36 +106,47 @@ class Throttled:
     total: int = 0
     _last: float = field(default=float("-inf"), repr=False)
 
-    def event(self) -> None:
+    def event(self, detail: str = "") -> None:
         self.pending += 1
         self.total += 1
         now = self.clock()
         if now - self._last >= self.interval:
-            log.warning("%s: %d since the last report (%d in all)", self.what, self.pending, self.total)
+            log.warning(
+                "%s: %d since the last report (%d in all)%s", self.what, self.pending, self.total, detail
+            )
             self.pending = 0
             self._last = now
 
 
 @dataclass
 class ConnectionGate:
-    """Open connections of one listener, and the refusals past `limit`."""
+    """Open connections of one listener, in all and by client address; refusals past them."""
 
     limit: int
+    per_client: int
     open: int = 0
-    refused: Throttled = field(init=False)
+    by_client: Counter[str] = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
         self.refused = Throttled(f"connections refused at max_connections={self.limit}")
+        self.refused_client = Throttled(f"connections refused at max_connections_per_client={self.per_client}")
 
-    def admit(self) -> bool:
+    def admit(self, client: str) -> bool:
         if self.open >= self.limit:
             self.refused.event()
             return False
+        if self.by_client[client] >= self.per_client:
+            self.refused_client.event(f", the last from {client}")
+            return False
         self.open += 1
+        self.by_client[client] += 1
         return True
 
-    def release(self) -> None:
+    def release(self, client: str) -> None:
         self.open -= 1
+        self.by_client[client] -= 1
+        if not self.by_client[client]:
+            del self.by_client[client]  # the counter holds only clients with connections
 
 
 def _raw_error(error: RegistryError) -> bytes:
@@ -175,25 +197,27 @@ class _GuardedHandler(web.RequestHandler):
         )
         self._gate = gate
         self._limits = limits
-        self._admitted = False
+        self._client: str | None = None  # peer address, once admitted
         self._header_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if not self._gate.admit():
+        peer = transport.get_extra_info("peername")
+        client = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        if not self._gate.admit(client):
             # Refused before aiohttp sets anything up; close() still sends the answer.
             assert isinstance(transport, asyncio.WriteTransport)
             transport.write(_TOO_MANY_CONNECTIONS)
             transport.close()
             return
-        self._admitted = True
+        self._client = client
         super().connection_made(transport)
         self._start_header_timer()  # the first request is due within header_timeout
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        if not self._admitted:
+        if self._client is None:  # refused: aiohttp never saw it
             return
-        self._admitted = False
-        self._gate.release()
+        self._gate.release(self._client)
+        self._client = None
         self._stop_header_timer()
         super().connection_lost(exc)
 
@@ -307,7 +331,7 @@ async def serving(
             _GuardedHandler,
             runner.server,
             loop=asyncio.get_running_loop(),
-            gate=ConnectionGate(limits.max_connections),
+            gate=ConnectionGate(limits.max_connections, limits.max_connections_per_client),
             limits=limits,
             access_log_format=access_log_format,
         )
