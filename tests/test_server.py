@@ -832,3 +832,15 @@ def test_connection_settings_are_validated() -> None:
     for key in ("CONDERY_HEADER_TIMEOUT", "CONDERY_IDLE_TIMEOUT"):
         with pytest.raises(ConfigError, match="at least 1 second"):
             load_config(environ={key: "0"})
+
+
+async def test_throttled_reports_the_rest_of_a_burst_later(caplog: pytest.LogCaptureFixture) -> None:
+    throttled = Throttled("things refused", interval=0.3)
+    with caplog.at_level(logging.WARNING, logger="condery.connections"):
+        for _ in range(500):
+            throttled.event(", the last from 127.0.0.1")
+        await asyncio.sleep(0.5)  # the burst has stopped: its count arrives anyway
+    assert [r.getMessage() for r in caplog.records] == [
+        "things refused: 1 since the last report (1 in all), the last from 127.0.0.1",
+        "things refused: 499 since the last report (500 in all), the last from 127.0.0.1",
+    ]

@@ -97,25 +97,43 @@ def default_max_connections_per_client(max_connections: int) -> int:
 
 @dataclass
 class Throttled:
-    """Counts events of one kind and logs at most one line per `interval` about them."""
+    """Counts events of one kind and logs at most one line per `interval` about them.
 
-    what: str  # e.g. "connections refused (max_connections=50)"
+    The first event is reported at once; later ones are counted, and the count is
+    reported `interval` after the previous line (from the event loop, when one runs), so
+    a burst that stops is still reported in full.
+    """
+
+    what: str  # e.g. "connections refused at max_connections=50"
     interval: float = LOG_INTERVAL
     clock: Callable[[], float] = time.monotonic
     pending: int = 0
     total: int = 0
     _last: float = field(default=float("-inf"), repr=False)
+    _detail: str = field(default="", repr=False)
+    _flush: asyncio.TimerHandle | None = field(default=None, repr=False)
 
     def event(self, detail: str = "") -> None:
         self.pending += 1
         self.total += 1
-        now = self.clock()
-        if now - self._last >= self.interval:
+        self._detail = detail
+        wait = self._last + self.interval - self.clock()
+        if wait <= 0:
+            self._report()
+        elif self._flush is None:
+            with contextlib.suppress(RuntimeError):  # no running loop: the next event reports
+                self._flush = asyncio.get_running_loop().call_later(wait, self._report)
+
+    def _report(self) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        if self.pending:
             log.warning(
-                "%s: %d since the last report (%d in all)%s", self.what, self.pending, self.total, detail
+                "%s: %d since the last report (%d in all)%s", self.what, self.pending, self.total, self._detail
             )
             self.pending = 0
-            self._last = now
+            self._last = self.clock()
 
 
 @dataclass
