@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -17,6 +18,13 @@ from condery.build import ImageService
 from condery.config import Config, ConfigError, load_config
 from condery.layers.env_layer import explicit_lock
 from condery.redact import RedactingFilter, redact_text
+from condery.registry.connections import (
+    ConnectionLimits,
+    default_max_connections,
+    default_max_connections_per_client,
+    raise_open_file_limit,
+    serving,
+)
 from condery.registry.errors import RegistryError
 from condery.registry.names import NameInvalid, parse_name
 from condery.registry.oci_layout import write_oci_layout
@@ -73,14 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             port=getattr(args, "port", None),
         )
         if args.command == "serve":
-            web.run_app(
-                _serve_app(config),
-                host=config.host,
-                port=config.port,
-                print=None,
-                access_log_format=ACCESS_LOG_FORMAT,
-            )
-            return 0
+            return asyncio.run(_serve(config))
         if args.command == "build":
             return asyncio.run(_build(config, args.name, args.tag, args.output))
         if args.command == "verify":
@@ -91,6 +92,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+async def _serve(config: Config) -> int:
+    """Serve until SIGINT or SIGTERM, then finish in-flight requests and close the store."""
+    open_files = raise_open_file_limit()
+    max_connections = config.max_connections or default_max_connections(open_files)
+    limits = ConnectionLimits(
+        max_connections=max_connections,
+        max_connections_per_client=config.max_connections_per_client
+        or default_max_connections_per_client(max_connections),
+        header_timeout=config.header_timeout,
+        idle_timeout=config.idle_timeout,
+    )
+    if limits.max_connections > open_files:
+        log.warning("max_connections=%d is above the open-file limit (%d)", limits.max_connections, open_files)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    app = await _serve_app(config)
+    async with serving(app, config.host, config.port, limits, access_log_format=ACCESS_LOG_FORMAT):
+        log.info(
+            "connections: at most %d open, %d per client (open-file limit %d), headers within %ds, idle for %ds",
+            limits.max_connections,
+            limits.max_connections_per_client,
+            open_files,
+            limits.header_timeout,
+            limits.idle_timeout,
+        )
+        await stop.wait()
+    return 0
 
 
 async def _serve_app(config: Config) -> web.Application:

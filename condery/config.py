@@ -99,6 +99,12 @@ class Config:
     # inflates to gigabytes is refused from its tar headers. Sizes take 8GiB, 500MB, ...
     max_package_unpacked_size: int = 8 << 30
     max_package_files: int = 250_000
+    # Connections (condery/registry/connections.py). 0: half the open-file limit, at
+    # most 4096; the rest of the file descriptors are for the store and builds.
+    max_connections: int = 0
+    max_connections_per_client: int = 0  # 0: an eighth of max_connections, at least 8
+    header_timeout: int = 15  # seconds to send a request's headers, else 408 and closed
+    idle_timeout: int = 30  # seconds a keep-alive connection may wait for its next request
 
     @property
     def package_cache_dir(self) -> Path:
@@ -168,6 +174,8 @@ def _coerce(key: str, value: Any) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
         if number < 0 or (key in _AT_LEAST_ONE and number < 1):
             raise ConfigError(f"{key}: {number} is out of range")
+        if key in ("header_timeout", "idle_timeout") and number < 1:  # 0 would close every connection
+            raise ConfigError(f"{key}: {number} is out of range (at least 1 second)")
         return number
     return None if value is None else str(value)
 

@@ -176,3 +176,26 @@ def test_arbitrary_text_only_raises_name_invalid(text: str) -> None:
     assert request.components and len(request.canonical_name) <= 255
     for component in request.components:
         assert re.fullmatch(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*", component)
+
+
+# Pieces that stress the operator and separator rules: operator words in every position,
+# runs of separators, digits where names go, near-misses of operators.
+_piece = st.sampled_from(
+    [*OPERATORS, "1", "0", "01", "a", "numpy", "gtx", "geq", "-", "--", "_", "__", "___", ".", "..", "/", "//", "*", "!"]
+)
+_hostile_name = st.lists(_piece, min_size=1, max_size=80).map("".join)
+
+
+@settings(max_examples=800, deadline=None)
+@given(_hostile_name | st.text(min_size=200, max_size=2000) | st.text(alphabet="a.-_/0gtlqe", max_size=400))
+def test_hostile_names_only_raise_name_invalid_with_a_short_message(text: str) -> None:
+    try:
+        request = parse_name(text, METAS)
+    except NameInvalid as exc:
+        assert exc.status == 400 and exc.code == "NAME_INVALID"
+        # The name is quoted in part: a 2,000-character name does not make a 2 KB error.
+        assert len(exc.message) < 1000, len(exc.message)
+        return
+    assert request.components == tuple(sorted(set(request.components)))
+    assert len(request.canonical_name) <= len(text)
+    assert parse_name(request.canonical_name, METAS) == request

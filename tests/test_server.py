@@ -8,22 +8,37 @@ builder live in test_e2e.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import hashlib
 import io
 import json
 import logging
 import os
+import resource
+import subprocess
+import sys
 import tarfile
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import pytest
 from aiohttp import ClientResponse, ClientTimeout
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from aiohttp.test_utils import TestClient
 
-from condery.config import DEFAULT_META_PACKAGES, MetaPackage
+from condery.config import DEFAULT_META_PACKAGES, ConfigError, MetaPackage, load_config
+from condery.registry.connections import (
+    ConnectionLimits,
+    Throttled,
+    default_max_connections,
+    default_max_connections_per_client,
+    serving,
+)
 from condery.registry.errors import ManifestUnknown, RegistryError, TooManyRequests
 from condery.registry.names import ImageRef, ImageRequest
 from condery.registry.media_types import (
@@ -447,6 +462,61 @@ def test_parse_range_edges() -> None:
         parse_range("bytes=10-", 10)
 
 
+LONG = "9" * 5000  # int() refuses more than 4,300 digits: this was a 500
+
+
+@pytest.mark.parametrize(
+    ("header", "status"),
+    [
+        (f"bytes={LONG}-", 416),  # starts past any end
+        (f"bytes={LONG}-{LONG[:3000]}", 416),  # (a header field holds at most 8,190 bytes)
+        (f"bytes=0-{LONG}", 206),  # the end is clamped: the whole blob
+        (f"bytes=-{LONG}", 206),  # a suffix longer than the blob: the whole blob
+        (f"bytes=0000{'0' * 5000}1-", 206),  # leading zeros are still position 1
+        ("bytes=\u0661-\u0663", 200),  # Arabic-Indic digits are not a range: ignored
+        ("bytes=-5-6", 200),
+        ("bytes=0-1,2-3", 200),
+    ],
+    ids=["long-first", "long-both", "long-last", "long-suffix", "zeros", "unicode-digits", "negative", "multi"],
+)
+async def test_odd_range_headers_are_never_a_500(
+    client: TestClient, service: InTestService, header: str, status: int
+) -> None:
+    config = service.image.config
+    response = await client.get(f"/v2/numpy/blobs/{sha256(config)}", headers={"Range": header})
+    if status == 416:
+        error = await assert_error(response, 416, "RANGE_INVALID")
+        assert len(error["message"]) < 200  # the header is quoted, not echoed whole
+        return
+    assert response.status == status
+    body = await response.read()
+    assert body == (config[1:] if "00001-" in header else config)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    header=st.one_of(
+        st.none(),
+        st.text(max_size=60),
+        st.builds(
+            lambda unit, first, last: f"{unit}={first}-{last}",
+            st.sampled_from(["bytes", "BYTES", "bytes ", "items"]),
+            st.from_regex(r"[0-9]{0,30}", fullmatch=True) | st.text(max_size=5),
+            st.from_regex(r"[0-9]{0,30}", fullmatch=True) | st.text(max_size=5),
+        ),
+    ),
+    size=st.integers(min_value=0, max_value=2**62),
+)
+def test_parse_range_never_raises_and_stays_in_bounds(header: str | None, size: int) -> None:
+    try:
+        byte_range = parse_range(header, size)
+    except RangeNotSatisfiable:
+        return
+    if byte_range is not None:
+        first, last = byte_range
+        assert 0 <= first <= last < size
+
+
 async def test_blob_errors(client: TestClient) -> None:
     for bad in ("sha256:abc", "md5:" + "0" * 32, "sha256:" + "A" * 64, "latest"):
         await assert_error(await client.get(f"/v2/numpy/blobs/{bad}"), 400, "DIGEST_INVALID")
@@ -551,3 +621,235 @@ async def test_referrers_is_an_empty_index(client: TestClient, service: InTestSe
 async def test_push_is_unsupported(client: TestClient, service: InTestService, method: str, path: str) -> None:
     await assert_error(await client.request(method, path, data=b"{}"), 405, "UNSUPPORTED")
     assert service.resolved == []
+
+
+# -- connections: the real listener `condery serve` runs (condery/registry/connections.py) --
+
+
+@contextlib.asynccontextmanager
+async def listening(service: InTestService, store: FilesystemStore, **limits: Any) -> AsyncIterator[int]:
+    """The app behind `serving()` on a free loopback port, as `condery serve` runs it."""
+    settings = {"max_connections": 100, "max_connections_per_client": 100, "header_timeout": 5, "idle_timeout": 5}
+    settings.update(limits)
+    async with serving(
+        create_app(service, store), "127.0.0.1", 0, ConnectionLimits(**settings), access_log_format="%r %s"
+    ) as site:
+        yield site.port
+
+
+@dataclass
+class RawAnswer:
+    status: int | None  # None: closed without an answer
+    headers: dict[str, str]
+    body: bytes
+    seconds: float
+
+
+async def exchange(port: int, data: bytes, *, wait: float = 10.0, source: str = "127.0.0.1") -> RawAnswer:
+    """Send raw bytes, read until the server closes the connection (or `wait` passes).
+
+    `source`: the local address to connect from; all of 127.0.0.0/8 is loopback, so
+    127.0.0.2 is another client as far as the server can tell.
+    """
+    started = time.monotonic()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    try:
+        writer.write(data)
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        raw = b""
+        with contextlib.suppress(ConnectionError):
+            raw = await asyncio.wait_for(reader.read(), wait)
+    finally:
+        writer.close()
+    seconds = time.monotonic() - started
+    if not raw:
+        return RawAnswer(None, {}, b"", seconds)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return RawAnswer(int(status_line.split()[1]), headers, body, seconds)
+
+
+def oci_error(answer: RawAnswer, status: int, code: str) -> str:
+    assert answer.status == status, answer
+    assert answer.headers["content-type"].startswith("application/json")
+    assert answer.headers["docker-distribution-api-version"] == "registry/2.0"
+    errors = json.loads(answer.body)["errors"]
+    assert [e["code"] for e in errors] == [code] and set(errors[0]) == {"code", "message", "detail"}
+    return errors[0]["message"]
+
+
+async def test_oversized_and_malformed_headers_are_oci_4xx(
+    service: InTestService, store: FilesystemStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    get = b"GET /v2/ HTTP/1.1\r\nHost: x\r\n"
+    cases = [
+        (get + b"X-Big: " + b"a" * 9000 + b"\r\n\r\n", 431),  # a header past max_field_size
+        (get + b"".join(b"X-%d: 1\r\n" % i for i in range(200)) + b"\r\n", 431),  # past max_headers
+        (b"GET /v2/" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 431),  # request line too long
+        (get + b"Range: bytes=" + b"9" * 9000 + b"-\r\n\r\n", 431),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 400),  # TLS to the HTTP port
+        (get + b"Bad Header\r\n\r\n", 400),
+        (get + b"Content-Length: -1\r\n\r\n", 400),
+    ]
+    with caplog.at_level(logging.INFO):
+        async with listening(service, store) as port:
+            for data, status in cases:
+                message = oci_error(await exchange(port, data), status, "UNKNOWN")
+                assert "aaaa" not in message and "9999" not in message  # the input is not echoed
+            # The listener still answers normal requests.
+            answer = await exchange(port, get + b"Connection: close\r\n\r\n")
+            assert answer.status == 200 and answer.body == b"{}"
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+async def test_slow_headers_get_408_and_idle_connections_close(service: InTestService, store: FilesystemStore) -> None:
+    async with listening(service, store, header_timeout=1, idle_timeout=1) as port:
+        # Nothing sent at all, and headers trickled without their final empty line.
+        silent, partial = await asyncio.gather(
+            exchange(port, b""), exchange(port, b"GET /v2/ HTTP/1.1\r\nHost: x\r\n")
+        )
+        for answer in (silent, partial):
+            assert 0.9 < answer.seconds < 3, answer
+            oci_error(answer, 408, "UNKNOWN")
+
+        # A keep-alive connection is closed once idle for idle_timeout, without a 408.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: 2" in head
+        assert await reader.readexactly(2) == b"{}"
+        started = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert 0.5 < time.monotonic() - started < 3
+        writer.close()
+
+
+async def test_trickling_client_is_cut_at_header_timeout(service: InTestService, store: FilesystemStore) -> None:
+    """One byte every 50 ms keeps aiohttp's idle timer happy; the header deadline does not move."""
+    async with listening(service, store, header_timeout=1, idle_timeout=30) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+        async def trickle() -> None:
+            for byte in b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200:  # would take 12 s
+                writer.write(bytes([byte]))
+                await asyncio.sleep(0.05)
+
+        started = time.monotonic()
+        sender = asyncio.create_task(trickle())
+        try:
+            answer = await asyncio.wait_for(reader.read(), 5)
+        finally:
+            sender.cancel()
+            writer.close()
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert time.monotonic() - started < 2
+
+
+async def test_connections_past_the_limit_get_503_and_are_closed(
+    service: InTestService, store: FilesystemStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="condery.connections"):
+        async with listening(service, store, max_connections=3, header_timeout=30) as port:
+            held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+            await asyncio.sleep(0.1)
+            refused = await asyncio.gather(*(exchange(port, b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n") for _ in range(20)))
+            for answer in refused:
+                if answer.status is not None:  # (or reset before the answer could be read)
+                    oci_error(answer, 503, "UNAVAILABLE")
+                    assert answer.headers["retry-after"] == "1"
+                assert answer.seconds < 2
+            assert any(answer.status == 503 for answer in refused)
+            # A held connection that closes frees its slot.
+            held[0][1].close()
+            await asyncio.sleep(0.2)
+            answer = await exchange(port, b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert answer.status == 200
+            for _, writer in held[1:]:
+                writer.close()
+    refusals = [r for r in caplog.records if "connections refused" in r.getMessage()]
+    assert len(refusals) == 1 and not refusals[0].exc_info  # one line, not one per connection
+
+
+async def test_one_client_cannot_take_every_connection(
+    service: InTestService, store: FilesystemStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    request = b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    with caplog.at_level(logging.WARNING, logger="condery.connections"):
+        async with listening(service, store, max_connections=10, max_connections_per_client=3, header_timeout=30) as port:
+            held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+            await asyncio.sleep(0.1)
+            answers = await asyncio.gather(*(exchange(port, request) for _ in range(5)))
+            assert {answer.status for answer in answers} <= {503, None} and 503 in {a.status for a in answers}
+            # Another address still gets in while the first one holds its share.
+            assert (await exchange(port, request, source="127.0.0.2")).status == 200
+            for _, writer in held:
+                writer.close()
+            await asyncio.sleep(0.2)
+            assert (await exchange(port, request)).status == 200  # released
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "max_connections_per_client=3" in lines[0] and "127.0.0.1" in lines[0], lines
+
+
+def test_throttled_logs_one_line_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    now = [100.0]
+    throttled = Throttled("things refused", interval=10, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="condery.connections"):
+        for _ in range(1000):
+            throttled.event()
+        now[0] += 10
+        throttled.event()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "things refused: 1 since the last report (1 in all)",
+        "things refused: 1000 since the last report (1001 in all)",
+    ]
+
+
+def test_open_file_limit_is_raised_to_the_hard_limit() -> None:
+    """In a child process whose soft limit is lowered first, as a service manager may."""
+
+    def lower() -> None:
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, min(hard, 4096)))
+
+    code = (
+        "import resource; from condery.registry.connections import raise_open_file_limit as r; "
+        "print(r(), *resource.getrlimit(resource.RLIMIT_NOFILE))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], preexec_fn=lower, capture_output=True, text=True, check=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+    ).stdout.split()
+    hard = min(resource.getrlimit(resource.RLIMIT_NOFILE)[1], 4096)
+    assert [int(v) for v in out] == [hard, hard, hard]
+
+
+def test_default_max_connections_leaves_room_for_files() -> None:
+    assert default_max_connections(1024) == 512
+    assert default_max_connections(20000) == 4096
+    assert default_max_connections(10) == 16
+    assert default_max_connections_per_client(4096) == 512
+    assert default_max_connections_per_client(50) == 8
+    assert default_max_connections_per_client(5) == 5
+
+
+def test_connection_settings_are_validated() -> None:
+    config = load_config(environ={"CONDERY_HEADER_TIMEOUT": "3", "CONDERY_MAX_CONNECTIONS": "50"})
+    assert (config.header_timeout, config.idle_timeout, config.max_connections) == (3, 30, 50)
+    for key in ("CONDERY_HEADER_TIMEOUT", "CONDERY_IDLE_TIMEOUT"):
+        with pytest.raises(ConfigError, match="at least 1 second"):
+            load_config(environ={key: "0"})
+
+
+async def test_throttled_reports_the_rest_of_a_burst_later(caplog: pytest.LogCaptureFixture) -> None:
+    throttled = Throttled("things refused", interval=0.3)
+    with caplog.at_level(logging.WARNING, logger="condery.connections"):
+        for _ in range(500):
+            throttled.event(", the last from 127.0.0.1")
+        await asyncio.sleep(0.5)  # the burst has stopped: its count arrives anyway
+    assert [r.getMessage() for r in caplog.records] == [
+        "things refused: 1 since the last report (1 in all), the last from 127.0.0.1",
+        "things refused: 499 since the last report (500 in all), the last from 127.0.0.1",
+    ]

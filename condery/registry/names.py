@@ -70,8 +70,13 @@ class _Component:
 
 
 def _invalid(name: str, reason: str) -> NameInvalid:
-    shown = name if len(name) <= 80 else name[:77] + "..."
-    return NameInvalid(f"invalid image name {shown!r}: {reason}; {GRAMMAR_HINT}")
+    return NameInvalid(f"invalid image name {_quoted(name)}: {reason}; {GRAMMAR_HINT}")
+
+
+def _quoted(text: str, limit: int = 80) -> str:
+    """repr() cut to `limit` characters: any input gives a message of bounded size."""
+    shown = repr(text)
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
 
 def _constraint_text(op: str, version: str) -> str:
@@ -179,7 +184,7 @@ def parse_name(name: str, meta_packages: Mapping[str, "MetaPackage"]) -> ImageRe
         if not part:
             raise _invalid(name, "empty component (leading, trailing or double '/')")
         if not COMPONENT_RE.fullmatch(part):
-            raise _invalid(name, f"component {part!r} does not match the OCI name grammar")
+            raise _invalid(name, f"component {_quoted(part)} does not match the OCI name grammar")
         package = meta_packages.get(part)
         if package is not None:
             canonical.add(part)

@@ -35,9 +35,11 @@ def parse_accept(accept_values: Iterable[str]) -> dict[str, float]:
                 key, _, value = param.partition("=")
                 if key.strip().lower() == "q":
                     try:
-                        q = min(max(float(value), 0.0), 1.0)
+                        q = float(value)
                     except ValueError:
                         q = 0.0  # an unreadable q does not make a type acceptable
+                    # float() also reads "nan", which no comparison would clamp.
+                    q = min(max(q, 0.0), 1.0) if q == q else 0.0
             media_type = media_type.lower()
             accepted[media_type] = max(q, accepted.get(media_type, 0.0))
     return accepted

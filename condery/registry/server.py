@@ -68,7 +68,11 @@ _MANIFEST_RE = re.compile(r"(?P<name>.+)/manifests/(?P<ref>[^/]+)")
 _BLOB_RE = re.compile(r"(?P<name>.+)/blobs/(?P<digest>[^/]+)")
 _TAGS_RE = re.compile(r"(?P<name>.+)/tags/list")
 _REFERRERS_RE = re.compile(r"(?P<name>.+)/referrers/(?P<digest>[^/]+)")
-_RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
+# ASCII digits only: `\d` would also take Arabic-Indic and other Unicode digits.
+_RANGE_RE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
+# No blob reaches 10**19 bytes; longer positions are read as "past any end" rather than
+# handed to int(), which refuses more than 4,300 digits (a 500 before this).
+_MAX_POSITION_DIGITS = 19
 # Set once a blob response has started: an error can then only cut the connection.
 _STREAMING = web.RequestKey("condery_streaming", bool) if hasattr(web, "RequestKey") else "condery_streaming"
 # Seconds between checks that a client waiting for a build is still connected.
@@ -107,7 +111,8 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """(first, last) inclusive byte positions for a Range header, or None for all.
 
     Malformed or multi-range headers are ignored (RFC 9110 allows it) and the whole blob
-    is served; a single range that selects nothing raises RangeNotSatisfiable.
+    is served; a single range that selects nothing raises RangeNotSatisfiable. Never
+    raises anything else, whatever the header holds.
     """
     if header is None:
         return None
@@ -118,15 +123,23 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if not first_text and not last_text:
         return None
     if not first_text:  # suffix: the last n bytes
-        suffix = int(last_text)
+        suffix = _position(last_text)
         if suffix == 0 or size == 0:
             raise RangeNotSatisfiable
         return max(size - suffix, 0), size - 1
-    first = int(first_text)
-    last = int(last_text) if last_text else size - 1
+    first = _position(first_text)
+    last = _position(last_text) if last_text else size - 1
     if first >= size or last < first:
         raise RangeNotSatisfiable
     return first, min(last, size - 1)
+
+
+def _position(digits: str) -> int:
+    """A byte position from ASCII digits; absurdly long ones are past any blob's end."""
+    digits = digits.lstrip("0") or "0"
+    if len(digits) > _MAX_POSITION_DIGITS:
+        return 10**_MAX_POSITION_DIGITS
+    return int(digits)
 
 
 @dataclass
