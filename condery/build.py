@@ -67,6 +67,7 @@ from condery.storage import StorageError, store_fault_reason
 log = logging.getLogger("condery.build")
 
 LABEL_PREFIX = "org.condery"
+_COMPLETE_CACHE_ENTRIES = 100_000
 
 
 class BuildProgress(Protocol):
@@ -131,6 +132,8 @@ class ImageService:
         # A layer build nobody waits for any more (its image builds timed out) is cancelled.
         self._layers: SingleFlight[LayerEntry] = SingleFlight(cancel_abandoned=True)
         self._bases: SingleFlight[BaseImage] = SingleFlight()
+        # Images whose blobs were all seen stored, with the store's removal_generation then.
+        self._complete: dict[str, int] = {}
         self._repodata_fresh_at = 0.0
 
     @property
@@ -145,6 +148,12 @@ class ImageService:
             raise errors.ManifestUnknown(f"snapshot {tag} has not ended yet (UTC); use :latest or a past day")
         key = image_record_key(request, tag)
         record = await self.store.get_record("images", key)
+        if record is not None and not (await self._blobs_present(record["ref"]["oci_digest"])
+                                       and await self._blobs_present(record["ref"]["docker_digest"])):
+            # A blob it needs is gone (found corrupt and dropped): build again; the
+            # layers still stored are reused, the missing one is rebuilt.
+            log.warning("%s: the stored image misses a blob; building it again", key)
+            record = None
         if record is not None and self._fresh(record, reference):
             return ImageRef(**record["ref"])
         failure = self.state.failed_solves.get(key)
@@ -159,6 +168,37 @@ class ImageService:
             # cannot happen now.
             log.warning("%s: serving the previous image: %s", key, exc.message)
             return ImageRef(**record["ref"])
+
+    async def _blobs_present(self, top_digest: str) -> bool:
+        """Whether every blob the image (index or manifest) reaches is stored.
+
+        Checked once per image per process, and again after this process removed a blob:
+        a warm pull costs nothing, and an image whose layer was dropped as corrupt is not
+        served until it is whole again.
+        """
+        generation = self.store.removal_generation
+        if self._complete.get(top_digest) == generation:
+            return True
+        pending, seen = [top_digest], set()
+        while pending:
+            digest = pending.pop()
+            if digest in seen:
+                continue
+            seen.add(digest)
+            try:
+                document = json.loads(await self.store.get_blob_bytes(digest))
+            except KeyError:
+                return False
+            children = [d["digest"] for d in document.get("manifests", [])]
+            pending.extend(children)
+            if not children:
+                for blob in (document["config"]["digest"], *(layer["digest"] for layer in document["layers"])):
+                    if await self.store.blob_info(blob) is None:
+                        return False
+        if len(self._complete) >= _COMPLETE_CACHE_ENTRIES:
+            self._complete.clear()  # a memo, not a source of truth: dropping it costs a re-check
+        self._complete[top_digest] = generation
+        return True
 
     async def manifest_media_type(self, digest: str) -> str | None:
         record = await self.store.get_record("manifest-types", digest.split(":", 1)[-1])

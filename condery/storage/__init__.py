@@ -135,9 +135,15 @@ class Store(abc.ABC):
         """A URL the client may fetch the blob from directly (S3 presigned), or None."""
         return None
 
+    # Bumped by every remove_blob of this process: whoever caches "this image's blobs are
+    # all present" (the builder) checks again once it moves.
+    removal_generation: int = 0
+
     @abc.abstractmethod
     async def remove_blob(self, digest: str) -> None:
-        """Remove a blob (a corrupt one); removing an absent blob is a no-op."""
+        """Remove a blob (a corrupt one); removing an absent blob is a no-op.
+
+        Implementations bump `removal_generation`."""
 
     @abc.abstractmethod
     def list_blobs(self) -> AsyncIterator[str]:

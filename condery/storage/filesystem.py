@@ -123,6 +123,7 @@ class FilesystemStore(Store):
 
     async def remove_blob(self, digest: str) -> None:
         self._verified.discard(digest)
+        self.removal_generation += 1
         try:
             await asyncio.to_thread(self._blob_path(digest).unlink, missing_ok=True)
         except OSError as exc:

@@ -269,6 +269,7 @@ class S3Store(Store):
         return url
 
     async def remove_blob(self, digest: str) -> None:
+        self.removal_generation += 1
         key = self._blob_key(digest)
         client = await self._client()
         with _failures(f"DELETE {key}"):
