@@ -58,9 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     solve.add_argument("--platform", help="conda subdir (default: the first configured platform)")
 
     verify = commands.add_parser("verify", help="hash every stored blob; report (or --repair) corrupt ones")
-    # SUPPRESS: without a value here, keep the one given before the subcommand.
-    verify.add_argument("--config", default=argparse.SUPPRESS, help="YAML configuration file")
     verify.add_argument("--repair", action="store_true", help="remove corrupt blobs (rebuilt when next needed)")
+    for command in (serve, build, solve, verify):
+        # `condery serve --config FILE` as well as `condery --config FILE serve`. SUPPRESS:
+        # without a value here, keep the one given before the subcommand.
+        command.add_argument("--config", default=argparse.SUPPRESS, help="YAML configuration file")
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
     return parser
 
 

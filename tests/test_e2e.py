@@ -75,7 +75,7 @@ def serve(tmp: Path, channels: list[str], base_image: str, **extra) -> tuple[lis
     }
     config_path = tmp / "condery.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    argv = [sys.executable, "-m", "condery", "--config", str(config_path), "serve", "--port", str(port)]
+    argv = [sys.executable, "-m", "condery", "serve", "--config", str(config_path), "--port", str(port)]  # as documented
     return argv, tmp / "store", port
 
 
