@@ -79,6 +79,9 @@ class Config:
     # Most engines refuse images of more than ~125 layers; leave room for the base.
     layer_budget: int = 100
     latest_ttl: int = 3600  # seconds a `latest` solve is reused before solving again
+    # A date tag is cached forever only once its day ended this long ago (packages built
+    # that day may still be uploaded); before that it is re-solved like `latest`.
+    snapshot_grace: int = 2 * 24 * 3600  # seconds
     meta_packages: Mapping[str, MetaPackage] = field(
         default_factory=lambda: dict(DEFAULT_META_PACKAGES)
     )
@@ -94,6 +97,9 @@ class Config:
     # Where downloaded package archives are kept (verified by sha256 before use).
     package_cache: str | None = None  # default: <filesystem store>/pkgs or ~/.cache
     allow_package_scripts: bool = False  # run post-link scripts (untrusted code!)
+    # Package downloads in flight at once, apart from the CPU-bound layer work: a slow
+    # channel should not hold the cores, nor the cores the network.
+    max_concurrent_downloads: int = 8
     # What one package may unpack to. conda-forge's largest packages (CUDA and PyTorch
     # builds) unpack to 3-5 GB and tens of thousands of files; a bomb of 66 KB that
     # inflates to gigabytes is refused from its tar headers. Sizes take 8GiB, 500MB, ...
@@ -118,7 +124,8 @@ class Config:
 _SCALARS = {f.name: f for f in dataclasses.fields(Config)}
 # Integer keys where 0 would make the registry useless (0 failed_solve_ttl, 0 queue are fine).
 _AT_LEAST_ONE = frozenset(
-    {"layer_budget", "max_packages", "max_concurrent_builds", "max_builds_per_client", "max_package_files"}
+    {"layer_budget", "max_packages", "max_concurrent_builds", "max_builds_per_client", "max_package_files",
+     "max_concurrent_downloads"}
 )
 
 

@@ -40,6 +40,7 @@ class AppState:
     builds: BuildQueue[ImageRef]  # image builds: running, queued, per client
     failed_solves: RecentFailures  # names that recently failed to solve, by image key
     cpu_slots: asyncio.Semaphore  # concurrent package layer builds (CPU-bound)
+    download_slots: asyncio.Semaphore  # concurrent package downloads (network-bound)
     owns_work_dir: bool = False  # a private temporary directory, removed on close
 
     @classmethod
@@ -69,6 +70,7 @@ class AppState:
             ),
             failed_solves=RecentFailures(config.failed_solve_ttl),
             cpu_slots=asyncio.Semaphore(os.cpu_count() or 2),
+            download_slots=asyncio.Semaphore(config.max_concurrent_downloads),
             owns_work_dir=not isinstance(store, FilesystemStore),
         )
 
