@@ -39,7 +39,7 @@ from condery.registry.connections import (
     default_max_connections_per_client,
     serving,
 )
-from condery.registry.errors import ManifestUnknown, RegistryError, TooManyRequests
+from condery.registry.errors import ManifestUnknown, RegistryError, TooManyRequests, Unavailable
 from condery.registry.names import ImageRef, ImageRequest
 from condery.registry.media_types import (
     DOCKER_CONFIG,
@@ -352,12 +352,21 @@ async def test_unexpected_failure_is_500_without_traceback(
     assert any(record.exc_info and "secret internal detail" in str(record.exc_info[1]) for record in caplog.records)
 
 
-async def test_storage_failure_is_503(client: TestClient, service: InTestService) -> None:
-    service.failure = StorageError("disk full")
+async def test_storage_failure_is_503_naming_the_cause(client: TestClient, service: InTestService) -> None:
+    # StorageError messages are path-free by contract (condery/storage): the cause is shown.
+    service.failure = StorageError("cannot store blob sha256:ab: no space left on device")
     response = await client.get("/v2/numpy/manifests/latest")
     assert response.headers["Retry-After"].isdigit()
     error = await assert_error(response, 503, "UNAVAILABLE")
-    assert "disk full" not in error["message"]
+    assert "no space left on device" in error["message"]
+
+
+async def test_passing_faults_are_logged(client: TestClient, service: InTestService,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    service.failure = Unavailable("cannot solve numpy: cannot read the channels: timed out")
+    with caplog.at_level(logging.WARNING, logger="condery.registry"):
+        await assert_error(await client.get("/v2/numpy/manifests/latest"), 503, "UNAVAILABLE")
+    assert any("503 UNAVAILABLE" in r.getMessage() and "timed out" in r.getMessage() for r in caplog.records)
 
 
 async def test_client_hangup_withdraws_its_wait(client: TestClient, service: InTestService) -> None:

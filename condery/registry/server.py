@@ -379,16 +379,22 @@ async def _error_middleware(
     try:
         return await handler(request)
     except RegistryError as error:
+        if error.status in (429, 503):
+            # Passing faults and refusals are what an operator looks for first; a 404 is
+            # the client's business. (The log filter removes any credential.)
+            log.warning("%s %s: %d %s: %s", request.method, request.path[:120], error.status, error.code,
+                        error.message)
         return error_response(error)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         return error_response(_http_exception_error(request, exc))
-    except StorageError:
+    except StorageError as exc:
         if request.get(_STREAMING):
             raise
         log.exception("%s %s: storage failed", request.method, request.path[:120])
-        return error_response(Unavailable())
+        # StorageError messages name the blob or record and the cause, never a path.
+        return error_response(Unavailable(f"the store failed: {exc}"))
     except Exception:
         if request.get(_STREAMING):
             raise
