@@ -20,6 +20,7 @@ from typing import Any, Mapping
 import rattler
 import yaml
 
+from condery.layers.solve import channel
 from condery.redact import redact_text
 from condery.registry.names import COMPONENT_RE, OPERATORS
 from condery.registry.platforms import oci_platform
@@ -154,7 +155,8 @@ class _Problems:
         self.lines: list[str] = []
 
     def add(self, path: str, message: str) -> None:
-        self.lines.append(f"{path}: {message}")
+        # A channel URL (quoted by us or by rattler) may carry a token: never print it.
+        self.lines.append(redact_text(f"{path}: {message}"))
 
     def raise_any(self) -> None:
         if self.lines:
@@ -391,10 +393,24 @@ def _meta_packages(path: str, value: Any, problems: _Problems) -> dict[str, Meta
     return metas
 
 
+def _channels(path: str, value: Any, problems: _Problems) -> tuple[str, ...] | None:
+    names = _string_list(path, value, problems)
+    if names is None:
+        return None
+    ok = True
+    for i, name in enumerate(names):
+        try:
+            channel(name)  # as the solver will read it: `http://` or `::` would fail every solve
+        except Exception as exc:  # rattler's exception classes differ across versions
+            problems.add(f"{path}[{i}]", f"{_shown(name)} is not a channel ({str(exc).splitlines()[0]})")
+            ok = False
+    return names if ok else None
+
+
 def _coerce(key: str, value: Any, problems: _Problems) -> Any:
     """The typed value of top-level `key`, or None after adding its problems."""
     if key == "channels":
-        return _string_list(key, value, problems)
+        return _channels(key, value, problems)
     if key == "platforms":
         return _platforms(key, value, problems)
     if key == "storage":

@@ -58,6 +58,8 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"channels": []}, "channels: expected a non-empty list, got []"),
     ({"channels": ["conda-forge", 3]}, "channels[1]: expected a non-empty string, got 3"),
     ({"channels": ["a", "a"]}, "channels: listed twice: a"),
+    ({"channels": ["conda-forge", "::"]}, "channels[1]: '::' is not a channel (invalid channel name"),
+    ({"channels": ["http://"]}, "channels[0]: 'http://' is not a channel (could not parse url)"),
     ({"host": 8080}, "host: expected a non-empty string, got 8080"),
     ({"prefix": "opt/conda"}, "prefix: expected an absolute path of [A-Za-z0-9._+-] parts, got 'opt/conda'"),
     ({"prefix": "/opt/../etc"}, "prefix: expected an absolute path of [A-Za-z0-9._+-] parts, got '/opt/../etc'"),
@@ -237,3 +239,8 @@ def test_effective_yaml_names_s3_credentials_without_their_values() -> None:
 def test_a_meta_package_called_auth_is_not_masked() -> None:
     config = load_config(None, environ={}, meta_packages={"auth": ["oauthlib"]})
     assert yaml.safe_load(effective_yaml(config, environ={}))["meta_packages"]["auth"] == {"specs": ["oauthlib"], "env": {}}
+
+
+def test_problems_never_quote_channel_credentials() -> None:
+    [line] = refused(channels=["https://me:pa55word@/t/tk-5ecret/c"])
+    assert "pa55word" not in line and "tk-5ecret" not in line and line.startswith("channels[0]: ")
