@@ -1,10 +1,11 @@
 """Command line: `condery serve`, `condery build NAME --output oci:DIR`, `condery solve NAME`,
-`condery verify [--repair]`."""
+`condery verify [--repair]`, `condery config`, `condery --version`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import logging
 import signal
 import sys
@@ -15,7 +16,7 @@ from aiohttp import web
 from tqdm import tqdm
 
 from condery.build import ImageService
-from condery.config import Config, ConfigError, load_config
+from condery.config import Config, ConfigError, effective_yaml, load_config
 from condery.layers.env_layer import explicit_lock
 from condery.redact import RedactingFilter, redact_text
 from condery.registry.connections import (
@@ -41,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="condery", description=__doc__)
     parser.add_argument("--config", help="YAML configuration file (keys also as CONDERY_<KEY>)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"condery {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the registry")
@@ -59,12 +61,21 @@ def _parser() -> argparse.ArgumentParser:
 
     verify = commands.add_parser("verify", help="hash every stored blob; report (or --repair) corrupt ones")
     verify.add_argument("--repair", action="store_true", help="remove corrupt blobs (rebuilt when next needed)")
-    for command in (serve, build, solve, verify):
+
+    config = commands.add_parser("config", help="print the effective configuration as YAML, secrets masked")
+    for command in (serve, build, solve, verify, config):
         # `condery serve --config FILE` as well as `condery --config FILE serve`. SUPPRESS:
         # without a value here, keep the one given before the subcommand.
         command.add_argument("--config", default=argparse.SUPPRESS, help="YAML configuration file")
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
     return parser
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("condery")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -83,6 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             host=getattr(args, "host", None),
             port=getattr(args, "port", None),
         )
+        if args.command == "config":
+            sys.stdout.write(effective_yaml(config))
+            return 0
         if args.command == "serve":
             return asyncio.run(_serve(config))
         if args.command == "build":
@@ -91,10 +105,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_verify(config, args.repair))
         return asyncio.run(_solve(config, args.name, args.tag, args.platform))
     except (ConfigError, NameInvalid, RegistryError, ValueError) as exc:
-        print(f"condery: {redact_text(str(getattr(exc, 'message', None) or exc))}", file=sys.stderr)
+        # One line per problem (a configuration may have several), each marked as ours.
+        for line in redact_text(str(getattr(exc, "message", None) or exc)).splitlines() or [""]:
+            print(f"condery: {line}", file=sys.stderr)
         return 2
+    except (OSError, StorageError) as exc:
+        # At start-up: a store path that cannot be created, a port already taken. The
+        # operator's own paths may be named here (this is their terminal, not a client).
+        print(f"condery: {redact_text(_os_error_text(exc))}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _os_error_text(exc: OSError | StorageError) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    return str(exc)
 
 
 async def _serve(config: Config) -> int:

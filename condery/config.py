@@ -8,13 +8,22 @@ command-line flags. Environment values are parsed as YAML so that
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import os
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import rattler
 import yaml
+
+from condery.layers.solve import channel
+from condery.redact import redact_text
+from condery.registry.names import COMPONENT_RE, OPERATORS
+from condery.registry.platforms import oci_platform
 
 # debian:bookworm-slim's multi-platform index, pinned so that the default image is
 # reproducible; bump it on purpose (and say so in the changelog).
@@ -121,89 +130,329 @@ class Config:
         return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "condery" / "pkgs"
 
 
-_SCALARS = {f.name: f for f in dataclasses.fields(Config)}
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 # Integer keys where 0 would make the registry useless (0 failed_solve_ttl, 0 queue are fine).
 _AT_LEAST_ONE = frozenset(
     {"layer_budget", "max_packages", "max_concurrent_builds", "max_builds_per_client", "max_package_files",
-     "max_concurrent_downloads"}
+     "max_concurrent_downloads", "header_timeout", "idle_timeout"}  # a 0 timeout would close every connection
 )
-
-
-def _coerce(key: str, value: Any) -> Any:
-    """Turn a YAML or environment value into the type the Config field expects."""
-    if key in ("channels", "platforms"):
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)) or not value:
-            raise ConfigError(f"{key}: expected a non-empty list, got {value!r}")
-        return tuple(str(v) for v in value)
-    if key == "storage":
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"storage: expected a mapping, got {value!r}")
-        known = {f.name for f in dataclasses.fields(StorageConfig)}
-        unknown = set(value) - known
-        if unknown:
-            raise ConfigError(f"storage: unknown keys {sorted(unknown)}")
-        storage = StorageConfig(**value)
-        if storage.backend not in ("filesystem", "s3"):
-            raise ConfigError(f"storage.backend must be filesystem or s3, not {storage.backend!r}")
-        if storage.backend == "s3" and not storage.bucket:
-            raise ConfigError("storage.bucket is required for the s3 backend")
-        return storage
-    if key == "meta_packages":
-        if not isinstance(value, Mapping):
-            raise ConfigError("meta_packages: expected a mapping of name to settings")
-        metas = dict(DEFAULT_META_PACKAGES)
-        for name, m in value.items():
-            if isinstance(m, (list, tuple)):
-                m = {"specs": m}
-            if not isinstance(m, Mapping) or not m.get("specs"):
-                raise ConfigError(f"meta_packages.{name}: needs a non-empty 'specs' list")
-            metas[str(name)] = MetaPackage(
-                specs=tuple(str(s) for s in m["specs"]),
-                user=None if m.get("user") is None else str(m["user"]),
-                env={str(k): str(v) for k, v in (m.get("env") or {}).items()},
-                workdir=m.get("workdir"),
-                cmd=tuple(m["cmd"]) if m.get("cmd") else None,
-            )
-        return metas
-    default = _SCALARS[key].default
-    if key in _SIZE_KEYS:
-        return _parse_size(key, value)
-    if isinstance(default, bool):
-        if isinstance(value, str):
-            return value.strip().lower() in ("1", "true", "yes", "on")
-        return bool(value)
-    if isinstance(default, int):
-        try:
-            number = int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-        if number < 0 or (key in _AT_LEAST_ONE and number < 1):
-            raise ConfigError(f"{key}: {number} is out of range")
-        if key in ("header_timeout", "idle_timeout") and number < 1:  # 0 would close every connection
-            raise ConfigError(f"{key}: {number} is out of range (at least 1 second)")
-        return number
-    return None if value is None else str(value)
-
-
 _SIZE_KEYS = frozenset({"max_package_unpacked_size"})
+_SECONDS = frozenset({"latest_ttl", "snapshot_grace", "failed_solve_ttl", "solve_timeout", "build_timeout",
+                      "header_timeout", "idle_timeout"})
 _SIZE_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
                "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
+# Storage keys each backend reads; `backend` itself is common to both.
+_STORAGE_KEYS = {"filesystem": frozenset({"path"}),
+                 "s3": frozenset({"bucket", "endpoint_url", "region", "redirect"})}
+_META_KEYS = frozenset(f.name for f in dataclasses.fields(MetaPackage))
 
 
-def _parse_size(key: str, value: Any) -> int:
+class _Problems:
+    """Every problem of one configuration, one line each, raised together at the end:
+    an operator fixes the file once, not once per key."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def add(self, path: str, message: str) -> None:
+        # A channel URL (quoted by us or by rattler) may carry a token: never print it.
+        self.lines.append(redact_text(f"{path}: {message}"))
+
+    def raise_any(self) -> None:
+        if self.lines:
+            raise ConfigError("\n".join(self.lines))
+
+
+def _shown(value: Any) -> str:
+    """A value quoted for an error line: repr, one line, kept short."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _unknown(key: Any, known: Any) -> str:
+    close = difflib.get_close_matches(str(key), sorted(known), n=1)
+    return f"unknown key{f' (did you mean {close[0]}?)' if close else ''}; known: {', '.join(sorted(known))}"
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _boolean(path: str, value: Any, problems: _Problems) -> bool | None:
+    # Only YAML's own booleans: `redirect: "no"` or `ture` would otherwise silently be
+    # whatever a loose parser guesses. CONDERY_X=true is YAML-parsed, hence a real bool.
+    if isinstance(value, bool):
+        return value
+    problems.add(path, f"expected true or false, got {_shown(value)}")
+    return None
+
+
+def _integer(path: str, value: Any, problems: _Problems, minimum: int = 0, maximum: int | None = None,
+             unit: str = "") -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int):  # True is an int to Python, not to us
+        problems.add(path, f"expected an integer, got {_shown(value)}")
+        return None
+    if value < minimum or (maximum is not None and value > maximum):
+        unit = f" {unit}{'s' if minimum != 1 else ''}" if unit else ""
+        bounds = f"at least {minimum}{unit}" + (f" and at most {maximum}" if maximum is not None else "")
+        problems.add(path, f"{value} is out of range ({bounds})")
+        return None
+    return value
+
+
+def _string(path: str, value: Any, problems: _Problems, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        problems.add(path, f"expected a non-empty string, got {_shown(value)}")
+        return None
+    return value
+
+
+def _string_list(path: str, value: Any, problems: _Problems) -> tuple[str, ...] | None:
+    """A non-empty list of strings; a comma-separated string is a list too (environment)."""
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)) or not value:
+        problems.add(path, f"expected a non-empty list, got {_shown(value)}")
+        return None
+    items = [_string(f"{path}[{i}]", v, problems) for i, v in enumerate(value)]
+    if any(item is None for item in items):
+        return None
+    duplicates = sorted({v for v in items if items.count(v) > 1})  # type: ignore[misc]
+    if duplicates:
+        problems.add(path, f"listed twice: {', '.join(duplicates)}")  # type: ignore[arg-type]
+        return None
+    return tuple(items)  # type: ignore[arg-type]
+
+
+def _size(path: str, value: Any, problems: _Problems) -> int | None:
     """Bytes from an integer or a size such as "8GiB", "500MB", "2G"."""
     if isinstance(value, int) and not isinstance(value, bool):
         number = value
     else:
-        match = re.fullmatch(r"\s*(\d+)\s*([kmgt]i?)?b?\s*", str(value), re.IGNORECASE)
+        match = re.fullmatch(r"\s*(\d+)\s*([kmgt]i?)?b?\s*", value if isinstance(value, str) else "", re.IGNORECASE)
         if match is None:
-            raise ConfigError(f"{key}: expected a size such as 8GiB or 500MB, got {value!r}")
+            problems.add(path, f"expected a size such as 8GiB or 500MB, got {_shown(value)}")
+            return None
         number = int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()]
     if number < 1:
-        raise ConfigError(f"{key}: {number} is out of range")
+        problems.add(path, f"{number} is out of range (at least 1 byte)")
+        return None
     return number
+
+
+@functools.cache
+def _known_subdirs() -> frozenset[str]:
+    # rattler knows every conda subdir (osx-64, win-64, emscripten-wasm32, ...).
+    return frozenset(str(p) for p in rattler.Subdir.all())
+
+
+def _platforms(path: str, value: Any, problems: _Problems) -> tuple[str, ...] | None:
+    subdirs = _string_list(path, value, problems)
+    if subdirs is None:
+        return None
+    ok = True
+    for i, subdir in enumerate(subdirs):
+        if subdir not in _known_subdirs():
+            close = difflib.get_close_matches(subdir, sorted(_known_subdirs()), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            problems.add(f"{path}[{i}]", f"{_shown(subdir)} is not a conda subdir{hint}")
+            ok = False
+            continue
+        try:
+            oci_platform(subdir)  # a conda subdir with no Linux container platform (osx-64)
+        except ValueError as exc:
+            problems.add(f"{path}[{i}]", str(exc))
+            ok = False
+    return subdirs if ok else None
+
+
+def _storage(path: str, value: Any, problems: _Problems) -> StorageConfig | None:
+    if isinstance(value, StorageConfig):  # a caller's ready-made one (tests, tools)
+        return value
+    if not isinstance(value, Mapping):
+        problems.add(path, f"expected a mapping, got {_shown(value)}")
+        return None
+    before = len(problems.lines)
+    backend = value.get("backend", StorageConfig.backend)
+    if backend not in _STORAGE_KEYS:
+        problems.add(f"{path}.backend", f"expected filesystem or s3, got {_shown(backend)}")
+        return None
+    values: dict[str, Any] = {"backend": backend}
+    for key, item in value.items():
+        if key == "backend" or (item is None and key in _STORAGE_KEYS["s3"] | _STORAGE_KEYS["filesystem"]):
+            continue  # null: unset, whichever backend the key belongs to
+        if not any(key in keys for keys in _STORAGE_KEYS.values()):
+            problems.add(_join(path, key), _unknown(key, {"backend", *_STORAGE_KEYS[backend]}))
+        elif key not in _STORAGE_KEYS[backend]:
+            # e.g. a bucket left over under the filesystem backend: the operator meant s3?
+            problems.add(_join(path, key), f"not a key of the {backend} backend "
+                                           f"(its keys: backend, {', '.join(sorted(_STORAGE_KEYS[backend]))})")
+        elif key == "redirect":
+            values[key] = _boolean(_join(path, key), item, problems)
+        else:
+            values[key] = _string(_join(path, key), item, problems, optional=key != "path")
+    if backend == "s3" and not value.get("bucket") and len(problems.lines) == before:
+        problems.add(f"{path}.bucket", "required for the s3 backend")
+    return StorageConfig(**values) if len(problems.lines) == before else None
+
+
+def _meta_name(path: str, name: Any, problems: _Problems) -> bool:
+    """A meta-package name is one name component that no spec component can also mean."""
+    if not isinstance(name, str) or not COMPONENT_RE.fullmatch(name):
+        problems.add(path, f"name {_shown(name)} is not a name component "
+                           "(lowercase [a-z0-9] separated by '.', '_', '__' or '-')")
+        return False
+    shadowing = [t for t in name.split(".")[1:] if t in OPERATORS]
+    if shadowing:
+        problems.add(path, f"name {_shown(name)} has the operator word {shadowing[0]!r} after a dot: "
+                           "it would read as a versioned spec")
+        return False
+    return True
+
+
+def _specs(path: str, value: Any, problems: _Problems) -> tuple[str, ...] | None:
+    specs = _string_list(path, value, problems)
+    if specs is None:
+        return None
+    ok = True
+    for i, spec in enumerate(specs):
+        try:
+            rattler.MatchSpec(spec)
+        except Exception as exc:  # rattler's exception classes differ across versions
+            problems.add(f"{path}[{i}]", f"{_shown(spec)} is not a conda match spec ({str(exc).splitlines()[0]})")
+            ok = False
+    return specs if ok else None
+
+
+def _cmd(path: str, value: Any, problems: _Problems) -> tuple[str, ...] | None:
+    """A list of arguments, or one string split as a POSIX shell would (no shell runs it)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = shlex.split(value)
+        except ValueError as exc:  # an unclosed quote
+            problems.add(path, f"cannot split {_shown(value)} into arguments: {exc}")
+            return None
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
+        problems.add(path, f"expected a list of strings or a command line, got {_shown(value)}")
+        return None
+    return tuple(value)
+
+
+def _meta_package(path: str, value: Any, problems: _Problems) -> MetaPackage | None:
+    if isinstance(value, MetaPackage):
+        return value
+    if isinstance(value, (list, tuple)):  # `name: [spec, ...]` is short for `name: {specs: [...]}`
+        value = {"specs": value}
+    if not isinstance(value, Mapping):
+        problems.add(path, f"expected a list of specs or a mapping with 'specs', got {_shown(value)}")
+        return None
+    before = len(problems.lines)
+    for key in value:
+        if key not in _META_KEYS:
+            problems.add(_join(path, key), _unknown(key, _META_KEYS))
+    if "specs" not in value:
+        problems.add(f"{path}.specs", "required (a non-empty list of conda specs)")
+    specs = _specs(f"{path}.specs", value["specs"], problems) if "specs" in value else None
+    user = value.get("user")
+    if isinstance(user, int) and not isinstance(user, bool) and user >= 0:
+        user = str(user)  # a numeric uid, as `user: 1000` reads
+    user = _string(f"{path}.user", user, problems, optional=True)
+    workdir = _string(f"{path}.workdir", value.get("workdir"), problems, optional=True)
+    if workdir is not None and not workdir.startswith("/"):
+        problems.add(f"{path}.workdir", f"expected an absolute path, got {_shown(workdir)}")
+    env = value.get("env") or {}
+    if not isinstance(env, Mapping):
+        problems.add(f"{path}.env", f"expected a mapping of variable to value, got {_shown(env)}")
+        env = {}
+    for var, setting in env.items():
+        if not isinstance(var, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", var):
+            problems.add(f"{path}.env", f"{_shown(var)} is not an environment variable name")
+        elif isinstance(setting, bool) or not isinstance(setting, (str, int, float)):
+            # `DEBUG: yes` is a YAML bool; the image would get "True". Quote it.
+            problems.add(f"{path}.env.{var}", f"expected a string (quote it), got {_shown(setting)}")
+    cmd = _cmd(f"{path}.cmd", value.get("cmd"), problems)
+    if len(problems.lines) != before or specs is None:
+        return None
+    return MetaPackage(specs=specs, user=user, env={k: str(v) for k, v in env.items()}, workdir=workdir, cmd=cmd)
+
+
+def _meta_packages(path: str, value: Any, problems: _Problems) -> dict[str, MetaPackage] | None:
+    if not isinstance(value, Mapping):
+        problems.add(path, f"expected a mapping of name to settings, got {_shown(value)}")
+        return None
+    metas = dict(DEFAULT_META_PACKAGES)  # configured ones add to (or replace) the defaults
+    for name, settings in value.items():
+        if _meta_name(_join(path, name), name, problems):
+            package = _meta_package(_join(path, name), settings, problems)
+            if package is not None:
+                metas[name] = package
+    return metas
+
+
+def _channels(path: str, value: Any, problems: _Problems) -> tuple[str, ...] | None:
+    names = _string_list(path, value, problems)
+    if names is None:
+        return None
+    ok = True
+    for i, name in enumerate(names):
+        try:
+            channel(name)  # as the solver will read it: `http://` or `::` would fail every solve
+        except Exception as exc:  # rattler's exception classes differ across versions
+            problems.add(f"{path}[{i}]", f"{_shown(name)} is not a channel ({str(exc).splitlines()[0]})")
+            ok = False
+    return names if ok else None
+
+
+def _coerce(key: str, value: Any, problems: _Problems) -> Any:
+    """The typed value of top-level `key`, or None after adding its problems."""
+    if key == "channels":
+        return _channels(key, value, problems)
+    if key == "platforms":
+        return _platforms(key, value, problems)
+    if key == "storage":
+        return _storage(key, value, problems)
+    if key == "meta_packages":
+        return _meta_packages(key, value, problems)
+    if key in _SIZE_KEYS:
+        return _size(key, value, problems)
+    default = _FIELDS[key].default
+    if isinstance(default, bool):
+        return _boolean(key, value, problems)
+    if isinstance(default, int):
+        maximum = 65535 if key == "port" else None
+        unit = "second" if key in _SECONDS else ""
+        return _integer(key, value, problems, 1 if key in _AT_LEAST_ONE else 0, maximum, unit)
+    value = _string(key, value, problems, optional=default is None)
+    if key == "prefix" and value is not None:
+        # The prefix is pasted into activation scripts and binary placeholders: keep it plain.
+        if not re.fullmatch(r"(/[A-Za-z0-9._+-]+)+", value) or "/../" in value + "/":
+            problems.add(key, f"expected an absolute path of [A-Za-z0-9._+-] parts, got {_shown(value)}")
+    return value
+
+
+def _read_file(path: str | os.PathLike[str]) -> Mapping[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, Mapping):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(loaded).__name__}")
+    return loaded
 
 
 def load_config(
@@ -211,30 +460,103 @@ def load_config(
     environ: Mapping[str, str] | None = None,
     **overrides: Any,
 ) -> Config:
-    """Build the effective configuration from defaults, `path`, `environ` and overrides."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read configuration {path}: {exc}") from exc
-        if not isinstance(loaded, Mapping):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        values.update(loaded)
+    """Build the effective configuration from defaults, `path`, `environ` and overrides.
+
+    Raises ConfigError naming every problem, one line each, as `key.path: what is wrong`.
+    """
+    values: dict[str, Any] = dict(_read_file(path)) if path is not None else {}
+    origin: dict[str, str] = {}
     environ = os.environ if environ is None else environ
-    for key in _SCALARS:
+    for key, spec in _FIELDS.items():
         raw = environ.get(f"CONDERY_{key.upper()}")
-        if raw is not None:
-            try:
-                values[key] = yaml.safe_load(raw) if raw.strip() else raw
-            except yaml.YAMLError:
-                values[key] = raw
+        if raw is None:
+            continue
+        origin[key] = f"CONDERY_{key.upper()}"
+        if isinstance(spec.default, str) or spec.default is None:
+            values[key] = raw  # a string key takes the text as it is (a tag "1.0" stays text)
+            continue
+        try:
+            values[key] = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError:
+            values[key] = raw
     values.update({k: v for k, v in overrides.items() if v is not None})
-    unknown = set(values) - set(_SCALARS)
-    if unknown:
-        raise ConfigError(f"unknown configuration keys: {sorted(unknown)}")
-    config = Config(**{k: _coerce(k, v) for k, v in values.items()})
-    # The prefix is pasted into activation scripts and binary placeholders: keep it plain.
-    if not re.fullmatch(r"(/[A-Za-z0-9._+-]+)+", config.prefix) or "/../" in config.prefix + "/":
-        raise ConfigError(f"prefix must be an absolute path of [A-Za-z0-9._+-] parts, not {config.prefix!r}")
-    return config
+    problems = _Problems()
+    for key in values:
+        if key not in _FIELDS:
+            problems.add(str(key), _unknown(key, _FIELDS))
+    typed = {k: _coerce(k, v, problems) for k, v in values.items() if k in _FIELDS}
+    for i, line in enumerate(problems.lines):  # name the variable when the value came from one
+        key = re.split(r"[.:\[]", line, maxsplit=1)[0]
+        if key in origin:
+            problems.lines[i] = f"{line} (from {origin[key]})"
+    problems.raise_any()
+    return Config(**typed)
+
+
+# -- the effective configuration, for `condery config` -----------------------------------
+
+MASK = "***"
+# Keys whose values are secrets wherever they appear (meta_packages' env, mostly).
+_SECRET_KEY = re.compile(r"token|passw|secret|credential|api_?key|auth|private", re.IGNORECASE)
+# Where aiobotocore's default chain takes S3 credentials from (condery reads none itself).
+_S3_CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+def _plain(config: Config) -> dict[str, Any]:
+    """The configuration as YAML-ready data that load_config reads back to the same Config."""
+    data: dict[str, Any] = {}
+    for name in _FIELDS:
+        value = getattr(config, name)
+        if name == "storage":
+            keys = ("backend", *sorted(_STORAGE_KEYS[value.backend]))
+            value = {k: getattr(value, k) for k in keys if getattr(value, k) is not None}
+        elif name == "meta_packages":
+            value = {
+                meta: {k: (list(v) if isinstance(v, tuple) else dict(v) if isinstance(v, Mapping) else v)
+                       for k, v in dataclasses.asdict(package).items() if v is not None}
+                for meta, package in value.items()
+            }
+        elif isinstance(value, tuple):
+            value = list(value)
+        data[name] = value
+    return data
+
+
+def _mask(value: Any, path: str, masked: list[str]) -> Any:
+    """`value` with every secret replaced, the paths of what was masked added to `masked`."""
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            child = _join(path, key)
+            # Scalars only: a meta-package may well be called `auth`; its settings are no secret.
+            if _SECRET_KEY.search(str(key)) and isinstance(item, (str, int, float)) and item != "":
+                out[key] = MASK
+                masked.append(child)
+            else:
+                out[key] = _mask(item, child, masked)
+        return out
+    if isinstance(value, list):
+        return [_mask(item, f"{path}[{i}]", masked) for i, item in enumerate(value)]
+    if isinstance(value, str) and redact_text(value) != value:  # a URL with userinfo or /t/<token>
+        masked.append(path)
+        return redact_text(value)
+    return value
+
+
+def effective_yaml(config: Config, environ: Mapping[str, str] | None = None) -> str:
+    """The configuration as YAML, secrets masked, loadable again with `--config`.
+
+    Credentials inside URLs are removed (redact.py), values of secret-looking keys are
+    replaced by `***`, and S3 credentials found in the environment are only named.
+    """
+    environ = os.environ if environ is None else environ
+    masked: list[str] = []
+    data = _mask(_plain(config), "", masked)
+    header = ["# condery: the effective configuration (defaults, file, CONDERY_* variables, flags)"]
+    if masked:
+        header.append(f"# secrets masked or removed: {', '.join(masked)}")
+    if config.storage.backend == "s3":
+        found = [name for name in _S3_CREDENTIAL_VARIABLES if environ.get(name)]
+        header.append(f"# S3 credentials from the environment: {', '.join(found) if found else 'none'}"
+                      f"{f' (values {MASK})' if found else ' (aiobotocore default chain)'}")
+    return "\n".join(header) + "\n" + yaml.safe_dump(data, sort_keys=False, default_flow_style=False)

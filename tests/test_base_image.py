@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 
 from condery.config import Config
 from condery.registry.base_image import (
+    GZIP_RECORD_KIND,
     MAX_BASE_SIZE,
     RECORD_KIND,
     SCRATCH,
@@ -36,12 +37,20 @@ from condery.registry.base_image import (
     _select_platform,
     checked_config,
     distinct_layers,
+    gzip_layer,
     parse_image_manifest,
     resolve_base_image,
     scan_layer,
 )
-from condery.registry.media_types import OCI_LAYER_GZIP, OCI_MANIFEST
-from condery.registry.manifest import Descriptor, ManifestError, sha256_digest
+from condery.registry.media_types import (
+    DOCKER_LAYER_GZIP,
+    OCI_CONFIG,
+    OCI_LAYER_GZIP,
+    OCI_LAYER_TAR,
+    OCI_LAYER_ZSTD,
+    OCI_MANIFEST,
+)
+from condery.registry.manifest import Descriptor, ManifestError, docker_manifest, sha256_digest
 from condery.registry.platforms import OciPlatform
 from condery.registry.upstream import (
     ImageReference,
@@ -784,3 +793,136 @@ async def test_upstream_speaking_broken_http(reply: bytes, store, session) -> No
     async with server:
         with pytest.raises(BaseImageError, match="base image 127.0.0.1"):
             await resolve_base_image(f"127.0.0.1:{port}/evil/img", AMD64, store, session, layer_budget=BUDGET)
+
+
+# --- zstd and uncompressed layers are served as gzip ---------------------------------------
+
+
+def recompress_layers(path: Path, tag: str, compressions: list[str]) -> str:
+    """Rewrite the layout's image `tag` (a manifest, not an index) so that layer i is
+    stored as `compressions[i]`: "tar" (uncompressed), "zstd" or "gzip" (as it was).
+    The config is unchanged: its diff_ids are those of the uncompressed tars. Returns
+    the new manifest digest; new files only, never written through a hard link."""
+    import zstandard
+
+    blobs = path / "blobs" / "sha256"
+    index = json.loads((path / "index.json").read_text())
+    entry = next(e for e in index["manifests"] if e["annotations"]["org.opencontainers.image.ref.name"] == tag)
+    manifest = json.loads((blobs / entry["digest"].removeprefix("sha256:")).read_bytes())
+    types = {"tar": OCI_LAYER_TAR, "zstd": OCI_LAYER_ZSTD, "gzip": OCI_LAYER_GZIP}
+
+    def put(data: bytes) -> tuple[str, int]:
+        digest = sha256_digest(data)
+        target = blobs / digest.removeprefix("sha256:")
+        if not target.exists():
+            target.write_bytes(data)
+        return digest, len(data)
+
+    for layer, compression in zip(manifest["layers"], compressions, strict=True):
+        tar = gzip.decompress((blobs / layer["digest"].removeprefix("sha256:")).read_bytes())
+        data = {"tar": tar, "zstd": zstandard.ZstdCompressor().compress(tar), "gzip": gzip_bytes(tar)}[compression]
+        layer["mediaType"] = types[compression]
+        layer["digest"], layer["size"] = put(data)
+    entry["digest"], entry["size"] = put(json.dumps(manifest).encode())
+    (path / "index.json").unlink()
+    (path / "index.json").write_text(json.dumps(index))
+    return entry["digest"]
+
+
+@pytest.fixture
+def mixed_layout(tmp_path: Path) -> Layout:
+    """Three layers, stored uncompressed, as zstd and as gzip, in that order."""
+    tars = [make_tar({"lib/x86_64-linux-gnu/libc.so.6": LIBC_BANNER}), make_tar({"etc/motd": b"hi\n" * 1000}),
+            make_tar({"etc/hostname": b"base\n"})]
+    layout = write_layout(tmp_path / "mixed", tars, tag="v1")
+    recompress_layers(layout.path, "v1", ["tar", "zstd", "gzip"])
+    return layout
+
+
+async def test_zstd_and_uncompressed_layers_become_deterministic_gzip(
+    mixed_layout: Layout, store, session, tmp_path: Path
+) -> None:
+    spec = f"oci:{mixed_layout.path}:v1"
+    image = await resolve_base_image(spec, AMD64, store, session, layer_budget=BUDGET)
+    assert [layer.media_type for layer in image.layers] == [OCI_LAYER_GZIP] * 3
+    assert image.diff_ids == mixed_layout.diff_ids and image.glibc_version == "2.36"
+    # the gzip layer is served as it was; the other two are new gzip streams
+    assert image.layers[2].digest == mixed_layout.layer_digests[2]
+    for layer, diff_id in zip(image.layers, image.diff_ids, strict=True):
+        blob = await store.get_blob_bytes(layer.digest)
+        assert blob[:2] == b"\x1f\x8b" and len(blob) == layer.size
+        assert sha256_digest(gzip.decompress(blob)) == diff_id
+        assert blob[4:8] == b"\x00\x00\x00\x00" and not blob[3] & 0x08  # mtime 0, no file name
+    assert len(await store.list_records(GZIP_RECORD_KIND)) == 2
+    # Both manifest families can describe the image now (the Docker one could not).
+    config = Descriptor(OCI_CONFIG, sha256_digest(b"{}"), 2)
+    assert json.loads(docker_manifest(config, image.layers))["layers"][0]["mediaType"] == DOCKER_LAYER_GZIP
+    # Another replica, with its own store, computes the same digests.
+    other = FilesystemStore(tmp_path / "other-store")
+    assert await resolve_base_image(spec, AMD64, other, session, layer_budget=BUDGET) == image
+
+
+async def test_recompression_is_recorded_and_reused(mixed_layout: Layout, store, session, tmp_path: Path) -> None:
+    spec = f"oci:{mixed_layout.path}:v1"
+    image = await resolve_base_image(spec, AMD64, store, session, layer_budget=BUDGET)
+    key = image.layers[1].digest
+    # Drop the image record: the next import finds the gzip records and writes no blob.
+    for record in await store.list_records(RECORD_KIND):
+        (store.root / "records" / RECORD_KIND / f"{record}.json").unlink()
+    blob = store.root / "blobs" / "sha256" / key.removeprefix("sha256:")
+    before = blob.stat().st_mtime_ns
+    assert await resolve_base_image(spec, AMD64, store, session, layer_budget=BUDGET) == image
+    assert blob.stat().st_mtime_ns == before
+    # A lost gzip blob is recompressed to the same digest.
+    for record in await store.list_records(RECORD_KIND):
+        (store.root / "records" / RECORD_KIND / f"{record}.json").unlink()
+    blob.unlink()
+    assert await resolve_base_image(spec, AMD64, store, session, layer_budget=BUDGET) == image
+    assert blob.exists()
+
+
+async def test_record_of_a_zstd_layer_is_imported_again(mixed_layout: Layout, store, session) -> None:
+    """A base-images record written before recompression existed names zstd/tar layers."""
+    spec = f"oci:{mixed_layout.path}:v1"
+    image = await resolve_base_image(spec, AMD64, store, session, layer_budget=BUDGET)
+    [key] = await store.list_records(RECORD_KIND)
+    record = await store.get_record(RECORD_KIND, key)
+    record["layers"][1] = {"mediaType": OCI_LAYER_ZSTD, "digest": image.layers[2].digest, "size": image.layers[2].size}
+    await store.put_record(RECORD_KIND, key, record)
+    assert await resolve_base_image(spec, AMD64, store, session, layer_budget=BUDGET) == image
+
+
+async def test_zstd_layer_not_matching_its_diff_id_is_refused(tmp_path: Path, store, session) -> None:
+    layout = write_layout(tmp_path / "bad", [make_tar({"etc/motd": b"one\n"})], tag="v1")
+    zstandard = pytest.importorskip("zstandard")
+    recompress_layers(layout.path, "v1", ["zstd"])
+    # swap the zstd blob's content for another tar of the same media type
+    blobs = layout.path / "blobs" / "sha256"
+    index = json.loads((layout.path / "index.json").read_text())
+    manifest = json.loads((blobs / index["manifests"][0]["digest"][7:]).read_bytes())
+    other = zstandard.ZstdCompressor().compress(make_tar({"etc/motd": b"two\n"}))
+    manifest["layers"][0].update(digest=sha256_digest(other), size=len(other))
+    (blobs / sha256_digest(other)[7:]).write_bytes(other)
+    data = json.dumps(manifest).encode()
+    (blobs / sha256_digest(data)[7:]).write_bytes(data)
+    index["manifests"][0].update(digest=sha256_digest(data), size=len(data))
+    (layout.path / "index.json").write_text(json.dumps(index))
+    with pytest.raises(BaseImageError, match="the config says"):
+        await resolve_base_image(f"oci:{layout.path}:v1", AMD64, store, session, layer_budget=BUDGET)
+    assert stored_blobs(store) == [] and await store.list_records(GZIP_RECORD_KIND) == []
+
+
+def test_gzip_layer_reads_every_compression(tmp_path: Path) -> None:
+    import zstandard
+
+    tar = make_tar({"etc/motd": b"hello\n"})
+    digests = set()
+    for name, data in (("tar", tar), ("zst", zstandard.ZstdCompressor().compress(tar)), ("gz", gzip_bytes(tar))):
+        (tmp_path / name).write_bytes(data)
+        blob = gzip_layer(tmp_path / name, tmp_path / f"{name}.out")
+        assert blob.diff_id == sha256_digest(tar) and blob.size == (tmp_path / f"{name}.out").stat().st_size
+        digests.add(blob.digest)
+    assert len(digests) == 1  # one deterministic stream whatever the source compression
+    (tmp_path / "bad").write_bytes(b"\x28\xb5\x2f\xfd" + os.urandom(64))
+    with pytest.raises(ManifestError):
+        gzip_layer(tmp_path / "bad", tmp_path / "bad.out")

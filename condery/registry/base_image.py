@@ -12,6 +12,13 @@ also checked against the config's diff_ids while they are decompressed, and noth
 stored unless the whole image verified. The result is recorded under the record kind
 `base-images`, so later resolves make no network call.
 
+Uncompressed and zstd layers are recompressed to gzip once: a Docker schema 2 manifest
+can only describe gzip layers, and every image is served in both families. The gzip
+stream is deterministic (condery's own layer settings: GZIP_LEVEL, mtime 0, no file
+name) and recorded by the source layer's digest under `base-gzip-layers`, so every
+replica sharing a store serves the same digest; its diff_id is checked against the
+config's before it is used.
+
 glibc detection (for the solver's `__glibc` virtual package) reads each layer's tar
 stream once, in order, and the last layer with evidence wins. Evidence, strongest first:
 the dpkg record of `libc6` (`var/lib/dpkg/status` or distroless `status.d/`), the
@@ -40,11 +47,15 @@ from typing import IO, Any, Mapping, Protocol
 import aiohttp
 import zstandard
 
+from condery.layers.tarball import GZIP_LEVEL
 from condery.registry.media_types import (
     CONFIG_TYPES,
     INDEX_TYPES,
     MANIFEST_TYPES,
     OCI_INDEX,
+    OCI_LAYER_GZIP,
+    OCI_LAYER_TAR,
+    OCI_LAYER_ZSTD,
     OCI_MANIFEST,
 )
 from condery.registry.manifest import (
@@ -66,6 +77,9 @@ from condery.storage import Store
 log = logging.getLogger("condery.base_image")
 
 RECORD_KIND = "base-images"
+GZIP_RECORD_KIND = "base-gzip-layers"  # source layer digest -> its gzip recompression
+# Layer types a Docker manifest cannot carry; gzip (also non-distributable) passes as is.
+REGZIP_TYPES = frozenset({OCI_LAYER_TAR, OCI_LAYER_ZSTD})
 MAX_CONFIG_SIZE = 8 << 20
 # What one base may make us download (the sum of its distinct layers' declared sizes)
 # and hash once decompressed. A module constant rather than a configuration key: the
@@ -198,6 +212,8 @@ async def _from_record(store: Store, key: str) -> BaseImage | None:
         glibc = record.get("glibc")
     except (KeyError, TypeError, ManifestError):
         return None  # an unreadable record is rebuilt, not trusted
+    if any(layer.media_type in REGZIP_TYPES for layer in layers):
+        return None  # recorded before recompression existed: import again
     for digest in {config_digest, *(layer.digest for layer in layers)}:
         if not isinstance(digest, str) or await store.blob_info(digest) is None:
             return None
@@ -494,15 +510,19 @@ async def _import(
     except OSError as exc:
         raise BaseImageError(f"cannot stage the base image's layers: {exc.strerror}") from None
     with work as tmp:
-        staged, scans = await _stage(source, store, layers, diff_id_of, Path(tmp))
+        staged, scans, regzipped = await _stage(source, store, layers, diff_id_of, Path(tmp))
         await store.put_blob_bytes(config_desc.digest, config_bytes)
         for digest, staged_path in staged.items():
             await store.put_blob_file(digest, staged_path)
+    for source_digest, gzipped in regzipped.items():  # after their blobs: a record never dangles
+        await store.put_record(GZIP_RECORD_KIND, _gzip_record_key(source_digest), gzipped.to_json())
     glibc: str | None = None
     for layer in layers:  # in the image's order: the last layer with evidence wins
         glibc = scans[layer.digest].glibc_version or glibc
 
     diff_ids = tuple(diff_id_of[layer.digest] for layer in layers)
+    # The config's diff_ids stay as they are: recompression keeps every uncompressed tar.
+    layers = tuple(regzipped.get(layer.digest, layer) for layer in layers)
     image = BaseImage(config, layers, diff_ids, glibc)
     record = {
         "manifest": manifest.digest,
@@ -516,13 +536,15 @@ async def _import(
 
 async def _stage(
     source: _Source, store: Store, layers: tuple[Descriptor, ...], diff_id_of: Mapping[str, str], directory: Path
-) -> tuple[dict[str, Path], dict[str, "LayerScan"]]:
+) -> tuple[dict[str, Path], dict[str, "LayerScan"], dict[str, Descriptor]]:
     """Fetch (or copy from the store) and scan each distinct layer once.
 
-    Returns the staged files of the layers the store lacks, and every layer's scan.
+    Returns the staged files of the blobs the store lacks, every layer's scan, and the
+    gzip descriptor of each layer (by source digest) a Docker manifest cannot carry.
     """
     staged: dict[str, Path] = {}
     scans: dict[str, LayerScan] = {}
+    regzipped: dict[str, Descriptor] = {}
     unpacked_room = MAX_BASE_UNPACKED_SIZE
     for layer in distinct_layers(layers):
         present = await store.blob_info(layer.digest) is not None
@@ -538,11 +560,93 @@ async def _stage(
                 f"layer {layer.digest} unpacks to {scan.diff_id}, the config says {diff_id_of[layer.digest]}"
             )
         scans[layer.digest] = scan
-        if present:
+        if layer.media_type in REGZIP_TYPES:
+            gzipped, gz_path = await _regzip(store, layer, path, scan.diff_id, directory)
+            regzipped[layer.digest] = gzipped
+            if gz_path is not None:
+                staged[gzipped.digest] = gz_path
+            path.unlink()  # only the gzip stream is stored and served
+        elif present:
             path.unlink()
         else:
             staged[layer.digest] = path
-    return staged, scans
+    return staged, scans, regzipped
+
+
+def _gzip_record_key(source_digest: str) -> str:
+    return source_digest.removeprefix("sha256:")
+
+
+async def _regzip(
+    store: Store, layer: Descriptor, path: Path, diff_id: str, directory: Path
+) -> tuple[Descriptor, Path | None]:
+    """The gzip descriptor of a tar or zstd layer, and its staged file unless stored.
+
+    A recorded recompression whose blob is still stored is reused; otherwise the layer
+    is recompressed here (deterministically, so a lost blob comes back the same).
+    """
+    record = await store.get_record(GZIP_RECORD_KIND, _gzip_record_key(layer.digest))
+    if record is not None:
+        try:
+            recorded = parse_descriptor(record)
+        except ManifestError:
+            recorded = None  # an unreadable record is redone, not trusted
+        if recorded is not None and recorded.media_type == OCI_LAYER_GZIP and await store.blob_info(recorded.digest):
+            return recorded, None
+    out = Path(tempfile.mkstemp(dir=directory, prefix="regzip-")[1])
+    try:
+        blob = await asyncio.to_thread(gzip_layer, path, out)
+    except OSError as exc:
+        out.unlink(missing_ok=True)
+        raise BaseImageError(f"cannot recompress layer {layer.digest}: {exc.strerror}") from None
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
+    if blob.diff_id != diff_id:  # the stream we will serve must unpack to what the config says
+        out.unlink(missing_ok=True)
+        raise ManifestError(f"layer {layer.digest} recompressed unpacks to {blob.diff_id}, the config says {diff_id}")
+    return Descriptor(OCI_LAYER_GZIP, blob.digest, blob.size), out
+
+
+@dataclass(frozen=True)
+class GzipBlob:
+    digest: str  # sha256 of the gzip stream
+    size: int
+    diff_id: str  # sha256 of what the gzip stream decompresses to
+
+
+def gzip_layer(source: Path, out_path: Path) -> GzipBlob:
+    """Recompress the layer at `source` (tar, gzip or zstd) to one deterministic gzip
+    member at `out_path`: GZIP_LEVEL, mtime 0, no file name, as condery's own layers.
+
+    The digest and diff_id are read back from the written file, so the diff_id is that
+    of the stream a client will unpack, not of what we meant to write.
+    """
+    with open(source, "rb") as handle, open(out_path, "wb") as raw:
+        reader = _decompressed(handle)
+        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=GZIP_LEVEL, mtime=0) as packed:
+            try:
+                while chunk := reader.read(1 << 20):
+                    packed.write(chunk)
+            except _STREAM_ERRORS as exc:
+                if isinstance(exc, OSError) and exc.errno is not None:
+                    raise  # the work directory, not the stream
+                raise ManifestError(f"layer is not a readable stream: {exc}") from None
+    return _gzip_digests(out_path)
+
+
+def _gzip_digests(path: Path) -> GzipBlob:
+    compressed, uncompressed, size = hashlib.sha256(), hashlib.sha256(), 0
+    inflate = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip framing
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            compressed.update(chunk)
+            size += len(chunk)
+            while chunk:  # bounded output per step: tar padding inflates a long way
+                uncompressed.update(inflate.decompress(chunk, 1 << 20))
+                chunk = inflate.unconsumed_tail
+    uncompressed.update(inflate.flush())
+    return GzipBlob("sha256:" + compressed.hexdigest(), size, "sha256:" + uncompressed.hexdigest())
 
 
 async def _copy_from_store(store: Store, digest: str, directory: Path) -> Path:
