@@ -118,6 +118,9 @@ class InTestService:
     clients: list[str] = field(default_factory=list)
     finished: int = 0
     withdrawn: int = 0  # resolve calls cancelled because their client went away
+    # A multi-platform image instead of `image` (see the `multi` fixture).
+    ref: ImageRef | None = None
+    media_types: dict[str, str] = field(default_factory=dict)
 
     async def resolve(self, request: ImageRequest, reference: Latest | Snapshot, client: str = "local") -> ImageRef:
         self.resolved.append((request, reference))
@@ -133,13 +136,14 @@ class InTestService:
         if "nothing-provides-this" in request.specs:
             raise ManifestUnknown("nothing provides nothing-provides-this needed by the request")
         self.finished += 1
-        return self.image.ref
+        return self.ref or self.image.ref
 
     async def manifest_media_type(self, digest: str) -> str | None:
         return {
             sha256(self.image.oci): OCI_MANIFEST,
             sha256(self.image.docker): DOCKER_MANIFEST,
             sha256(self.image.index): OCI_INDEX,
+            **self.media_types,
         }.get(digest)
 
     async def tags(self, request: ImageRequest) -> list[str]:
@@ -251,6 +255,128 @@ async def test_no_accept_gets_oci(client: TestClient, service: InTestService) ->
     response = await client.get("/v2/numpy/manifests/latest", skip_auto_headers=["Accept"])
     assert response.status == 200
     assert response.headers["Content-Type"] == OCI_MANIFEST
+
+
+@dataclass
+class MultiPlatform:
+    """An index and a manifest list over linux/amd64 (first, as configured) and linux/arm64/v8."""
+
+    oci: dict[str, bytes]  # platform -> manifest
+    docker: dict[str, bytes]
+    index: bytes
+    manifest_list: bytes
+
+
+AMD64 = {"architecture": "amd64", "os": "linux"}
+ARM64 = {"architecture": "arm64", "os": "linux", "variant": "v8"}
+
+
+@pytest.fixture
+async def multi(store: FilesystemStore, layer: bytes, service: InTestService) -> MultiPlatform:
+    oci: dict[str, bytes] = {}
+    docker: dict[str, bytes] = {}
+    for name, platform in (("amd64", AMD64), ("arm64", ARM64)):
+        config = json.dumps({**platform, "rootfs": {"type": "layers"}}, sort_keys=True).encode()
+        oci[name] = make_manifest(OCI_MANIFEST, OCI_CONFIG, OCI_LAYER_GZIP, config, layer)
+        docker[name] = make_manifest(DOCKER_MANIFEST, DOCKER_CONFIG, DOCKER_LAYER_GZIP, config, layer)
+        await store.put_blob_bytes(sha256(config), config)
+
+    def listing(media_type: str, child_type: str, children: dict[str, bytes]) -> bytes:
+        entries = [
+            {"mediaType": child_type, "digest": sha256(children[name]), "size": len(children[name]), "platform": p}
+            for name, p in (("amd64", AMD64), ("arm64", ARM64))
+        ]
+        return json.dumps({"schemaVersion": 2, "mediaType": media_type, "manifests": entries}).encode()
+
+    index = listing(OCI_INDEX, OCI_MANIFEST, oci)
+    manifest_list = listing(DOCKER_MANIFEST_LIST, DOCKER_MANIFEST, docker)
+    for blob, media_type in (
+        *((b, OCI_MANIFEST) for b in oci.values()),
+        *((b, DOCKER_MANIFEST) for b in docker.values()),
+        (index, OCI_INDEX),
+        (manifest_list, DOCKER_MANIFEST_LIST),
+    ):
+        await store.put_blob_bytes(sha256(blob), blob)
+        service.media_types[sha256(blob)] = media_type
+    service.ref = ImageRef(sha256(index), OCI_INDEX, sha256(manifest_list), DOCKER_MANIFEST_LIST)
+    return MultiPlatform(oci, docker, index, manifest_list)
+
+
+async def _get_and_head(client: TestClient, headers: list[tuple[str, str]]) -> tuple[bytes, Mapping[str, str]]:
+    """The body of a GET of numpy:latest, after checking a HEAD answers the same manifest."""
+    get = await client.get("/v2/numpy/manifests/latest", headers=headers, skip_auto_headers=["Accept"])
+    assert get.status == 200, await get.text()
+    body = await get.read()
+    head = await client.head("/v2/numpy/manifests/latest", headers=headers, skip_auto_headers=["Accept"])
+    assert head.status == 200
+    for header in ("Docker-Content-Digest", "Content-Type", "Content-Length", "ETag"):
+        assert head.headers[header] == get.headers[header], header
+    assert get.headers["Docker-Content-Digest"] == sha256(body)
+    assert get.headers["Content-Type"] == json.loads(body)["mediaType"]
+    return body, get.headers
+
+
+async def test_single_manifest_clients_get_the_first_platform_not_an_index(
+    client: TestClient, multi: MultiPlatform
+) -> None:
+    body, _ = await _get_and_head(client, [("Accept", OCI_MANIFEST)])
+    assert body == multi.oci["amd64"]
+    body, _ = await _get_and_head(client, [("Accept", DOCKER_MANIFEST)])
+    assert body == multi.docker["amd64"]
+    # An old Docker client: schema 2 and schema 1, no manifest list.
+    v1 = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+    body, _ = await _get_and_head(client, [("Accept", f"{DOCKER_MANIFEST}, {v1}")])
+    assert body == multi.docker["amd64"]
+
+
+async def test_index_clients_get_the_index(client: TestClient, multi: MultiPlatform) -> None:
+    for headers in ([("Accept", a) for a in SKOPEO_ACCEPT], [("Accept", OCI_MANIFEST), ("Accept", OCI_INDEX)], []):
+        body, _ = await _get_and_head(client, headers)
+        assert body == multi.index, headers
+    body, _ = await _get_and_head(client, [("Accept", f"{DOCKER_MANIFEST}, {DOCKER_MANIFEST_LIST}")])
+    assert body == multi.manifest_list
+
+
+async def test_single_manifest_client_naming_its_platform_gets_it(client: TestClient, multi: MultiPlatform) -> None:
+    arm_docker = "docker/1.12.6 go/go1.6.4 git-commit/78d1802 kernel/6.1.0 os/linux arch/arm64"
+    body, _ = await _get_and_head(client, [("Accept", DOCKER_MANIFEST), ("User-Agent", arm_docker)])
+    assert body == multi.docker["arm64"]
+    body, _ = await _get_and_head(client, [("Accept", OCI_MANIFEST), ("User-Agent", arm_docker)])
+    assert body == multi.oci["arm64"]
+    # A platform the image lacks: the first configured one, as for a client naming none.
+    s390x = arm_docker.replace("arm64", "s390x")
+    body, _ = await _get_and_head(client, [("Accept", OCI_MANIFEST), ("User-Agent", s390x)])
+    assert body == multi.oci["amd64"]
+
+
+async def test_conditional_get_of_a_negotiated_child(client: TestClient, multi: MultiPlatform) -> None:
+    digest = sha256(multi.oci["amd64"])
+    headers = {"Accept": OCI_MANIFEST, "If-None-Match": f'"{digest}"'}
+    response = await client.get("/v2/numpy/manifests/latest", headers=headers)
+    assert response.status == 304 and response.headers["Docker-Content-Digest"] == digest
+    # The index's ETag does not match the child a single-manifest client gets.
+    headers["If-None-Match"] = f'"{sha256(multi.index)}"'
+    assert (await client.get("/v2/numpy/manifests/latest", headers=headers)).status == 200
+
+
+async def test_digest_of_an_index_is_served_as_asked(client: TestClient, multi: MultiPlatform) -> None:
+    # A digest names one document: no negotiation, as in Distribution.
+    response = await client.get(f"/v2/numpy/manifests/{sha256(multi.index)}", headers={"Accept": OCI_MANIFEST})
+    assert response.status == 200 and await response.read() == multi.index
+
+
+async def test_index_without_platform_manifests_is_unknown_to_single_clients(
+    client: TestClient, service: InTestService
+) -> None:
+    # The fixture's index entry has no platform: nothing to choose from.
+    service.ref = ImageRef(sha256(service.image.index), OCI_INDEX, sha256(service.image.docker), DOCKER_MANIFEST)
+    error = await assert_error(
+        await client.get("/v2/numpy/manifests/latest", headers={"Accept": OCI_MANIFEST}), 404, "MANIFEST_UNKNOWN"
+    )
+    assert "no platform manifest" in error["message"]
+    # A client that reads indexes still gets it.
+    response = await client.get("/v2/numpy/manifests/latest", headers={"Accept": OCI_INDEX})
+    assert response.status == 200 and await response.read() == service.image.index
 
 
 async def test_head_manifest_builds_like_get(client: TestClient, service: InTestService) -> None:
