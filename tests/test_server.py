@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import pytest
-from aiohttp import ClientResponse, ClientTimeout
+from aiohttp import ClientResponse
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from aiohttp.test_utils import TestClient
@@ -114,6 +114,8 @@ class InTestService:
     known_tags: dict[str, list[str]] = field(default_factory=dict)
     failure: BaseException | None = None
     gate: asyncio.Event | None = None
+    entered: asyncio.Event = field(default_factory=asyncio.Event)  # a resolve call has begun
+    left: asyncio.Event = field(default_factory=asyncio.Event)  # a resolve call was withdrawn
     resolved: list[tuple[ImageRequest, Latest | Snapshot]] = field(default_factory=list)
     clients: list[str] = field(default_factory=list)
     finished: int = 0
@@ -125,11 +127,13 @@ class InTestService:
     async def resolve(self, request: ImageRequest, reference: Latest | Snapshot, client: str = "local") -> ImageRef:
         self.resolved.append((request, reference))
         self.clients.append(client)
+        self.entered.set()
         if self.gate is not None:
             try:
                 await self.gate.wait()
             except asyncio.CancelledError:
                 self.withdrawn += 1
+                self.left.set()
                 raise
         if self.failure is not None:
             raise self.failure
@@ -490,13 +494,14 @@ async def test_client_hangup_withdraws_its_wait(client: TestClient, service: InT
     # The handler cancels its resolve call once the client has gone; whether the build
     # itself goes on is the service's decision (tests/test_build.py).
     service.gate = asyncio.Event()
-    with pytest.raises(asyncio.TimeoutError):
-        await client.get("/v2/numpy/manifests/latest", timeout=ClientTimeout(total=0.3))
+    pull = asyncio.create_task(client.get("/v2/numpy/manifests/latest"))
+    await asyncio.wait_for(service.entered.wait(), 10)  # the build is waited for
+    pull.cancel()  # the client hangs up: aiohttp closes its connection
+    with pytest.raises(asyncio.CancelledError):
+        await pull
     assert len(service.resolved) == 1 and service.finished == 0
-    for _ in range(300):
-        if service.withdrawn:
-            break
-        await asyncio.sleep(0.01)
+    # The server looks for hung-up clients every HANG_UP_POLL (0.5 s).
+    await asyncio.wait_for(service.left.wait(), 10)
     assert service.withdrawn == 1 and service.finished == 0
     assert service.clients == ["127.0.0.1"]  # the peer address, for per-client build limits
 
@@ -797,6 +802,29 @@ async def exchange(port: int, data: bytes, *, wait: float = 10.0, source: str = 
     return RawAnswer(int(status_line.split()[1]), headers, body, seconds)
 
 
+async def hold(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A keep-alive connection the server has accepted: one request on it was answered."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    await reader.readexactly(2)  # the body: {}
+    return reader, writer
+
+
+async def release(held: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
+    """Close a held connection and return once the server has let it go.
+
+    The server closes after answering `Connection: close`; asyncio runs the protocol's
+    connection_lost (which frees the slot) before it closes the socket, so the EOF read
+    here comes after the slot is free.
+    """
+    reader, writer = held
+    writer.write(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+
+
 def oci_error(answer: RawAnswer, status: int, code: str) -> str:
     assert answer.status == status, answer
     assert answer.headers["content-type"].startswith("application/json")
@@ -878,8 +906,7 @@ async def test_connections_past_the_limit_get_503_and_are_closed(
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="condery.connections"):
         async with listening(service, store, max_connections=3, header_timeout=30) as port:
-            held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
-            await asyncio.sleep(0.1)
+            held = [await hold(port) for _ in range(3)]
             refused = await asyncio.gather(*(exchange(port, b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n") for _ in range(20)))
             for answer in refused:
                 if answer.status is not None:  # (or reset before the answer could be read)
@@ -888,8 +915,7 @@ async def test_connections_past_the_limit_get_503_and_are_closed(
                 assert answer.seconds < 2
             assert any(answer.status == 503 for answer in refused)
             # A held connection that closes frees its slot.
-            held[0][1].close()
-            await asyncio.sleep(0.2)
+            await release(held[0])
             answer = await exchange(port, b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             assert answer.status == 200
             for _, writer in held[1:]:
@@ -904,15 +930,13 @@ async def test_one_client_cannot_take_every_connection(
     request = b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     with caplog.at_level(logging.WARNING, logger="condery.connections"):
         async with listening(service, store, max_connections=10, max_connections_per_client=3, header_timeout=30) as port:
-            held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
-            await asyncio.sleep(0.1)
+            held = [await hold(port) for _ in range(3)]
             answers = await asyncio.gather(*(exchange(port, request) for _ in range(5)))
             assert {answer.status for answer in answers} <= {503, None} and 503 in {a.status for a in answers}
             # Another address still gets in while the first one holds its share.
             assert (await exchange(port, request, source="127.0.0.2")).status == 200
-            for _, writer in held:
-                writer.close()
-            await asyncio.sleep(0.2)
+            for connection in held:
+                await release(connection)
             assert (await exchange(port, request)).status == 200  # released
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and "max_connections_per_client=3" in lines[0] and "127.0.0.1" in lines[0], lines
