@@ -104,10 +104,14 @@ def test_no_preference_keeps_the_index() -> None:
 
 
 def test_client_platform_from_dockers_user_agent() -> None:
-    docker = "docker/24.0.7 go/go1.20.10 git-commit/311b9ff kernel/6.1.0 os/linux arch/arm64 UpstreamClient(Docker-Client/24.0.7)"
+    docker = (
+        "docker/24.0.7 go/go1.20.10 git-commit/311b9ff kernel/6.1.0 os/linux arch/arm64"
+        " UpstreamClient(Docker-Client/24.0.7)"
+    )
     assert client_platform(docker) == OciPlatform("linux", "arm64")
     assert client_platform("docker/1.13 os/Linux arch/AMD64") == OciPlatform("linux", "amd64")
-    for user_agent in (None, "", "skopeo/1.13.3", "containerd/1.7.0", "Python-urllib/3.11", "os/linux", "macos/13 arch/x"):
+    others = (None, "", "skopeo/1.13.3", "containerd/1.7.0", "Python-urllib/3.11", "os/linux", "macos/13 arch/x")
+    for user_agent in others:
         assert client_platform(user_agent) is None, user_agent
 
 

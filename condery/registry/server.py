@@ -266,7 +266,9 @@ class PullAPI:
         wanted = client_platform(request.headers.get(hdrs.USER_AGENT))
         child = platform_manifest(await self._manifest_bytes(digest), wanted)
         if child is None:
-            raise ManifestUnknown(f"{media_type} {digest} lists no platform manifest for a client that accepts no index")
+            raise ManifestUnknown(
+                f"{media_type} {digest} lists no platform manifest for a client that accepts no index"
+            )
         return child.digest, child.media_type
 
     async def _manifest_bytes(self, digest: str) -> bytes:
