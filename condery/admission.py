@@ -47,6 +47,11 @@ class BuildQueue(Generic[T]):
     def queued(self) -> int:
         return len(self._flights) - self._flights.pinned
 
+    @property
+    def waiting(self) -> int:
+        """Requests waiting on builds in flight, joins included."""
+        return self._flights.waiting
+
     def in_flight(self, key: str) -> bool:
         return self._flights.in_flight(key)
 

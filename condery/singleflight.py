@@ -47,6 +47,11 @@ class SingleFlight(Generic[T]):
         """How many flights are pinned (for image builds: started, holding a slot)."""
         return sum(1 for flight in self._flights.values() if flight.pinned)
 
+    @property
+    def waiting(self) -> int:
+        """How many callers wait on all flights together (for tests: a join has arrived)."""
+        return sum(flight.waiters for flight in self._flights.values())
+
     def pin(self, key: str) -> None:
         """Let the flight of `key` finish even if every caller leaves."""
         self._flights[key].pinned = True

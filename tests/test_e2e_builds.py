@@ -97,16 +97,25 @@ def test_per_client_limit_and_hang_up_while_queued(tmp_path: Path, base_layout: 
         assert status == 429 and int(headers["Retry-After"]) > 0
         assert "this client" in body["errors"][0]["message"]
 
+        def queue_full() -> bool:
+            """Whether both places in the queue are taken, asked without taking one: client
+            1 is at its limit, so a new name from it is refused either way, and the
+            full-queue check comes first."""
+            status, _, body = pull_manifest(registry, "condery-empty", "127.0.0.1")
+            assert status == 429, body
+            return "queue is full" in body["errors"][0]["message"]
+
         # Another client queues a build, then hangs up before it starts: it is dropped, and
         # its place in the queue goes to others.
         host, port = registry.host.split(":")
         with socket.create_connection((host, int(port)), source_address=("127.0.0.2", 0)) as sock:
             sock.sendall(f"GET /v2/condery-symlinks/manifests/latest HTTP/1.1\r\nHost: {registry.host}\r\n\r\n".encode())
-            time.sleep(0.5)
-        queued = [in_background(registry, "zlib", "127.0.0.3")]
-        time.sleep(2)  # the server checks for hung-up clients every HANG_UP_POLL (0.5 s)
+            queued = [in_background(registry, "zlib", "127.0.0.3")]
+            wait_for(queue_full)  # condery-symlinks and zlib both wait
+        # The server looks for hung-up clients every HANG_UP_POLL (0.5 s).
+        wait_for(lambda: not queue_full())
         queued.append(in_background(registry, "tzdata", "127.0.0.4"))
-        time.sleep(0.5)
+        wait_for(queue_full)  # the freed place is tzdata's
         assert not any(result for _, result in queued), "a place in the queue was still taken"
 
         gated.packages.set()

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import pytest
-from aiohttp import ClientResponse, ClientTimeout
+from aiohttp import ClientResponse
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from aiohttp.test_utils import TestClient
@@ -114,32 +114,40 @@ class InTestService:
     known_tags: dict[str, list[str]] = field(default_factory=dict)
     failure: BaseException | None = None
     gate: asyncio.Event | None = None
+    entered: asyncio.Event = field(default_factory=asyncio.Event)  # a resolve call has begun
+    left: asyncio.Event = field(default_factory=asyncio.Event)  # a resolve call was withdrawn
     resolved: list[tuple[ImageRequest, Latest | Snapshot]] = field(default_factory=list)
     clients: list[str] = field(default_factory=list)
     finished: int = 0
     withdrawn: int = 0  # resolve calls cancelled because their client went away
+    # A multi-platform image instead of `image` (see the `multi` fixture).
+    ref: ImageRef | None = None
+    media_types: dict[str, str] = field(default_factory=dict)
 
     async def resolve(self, request: ImageRequest, reference: Latest | Snapshot, client: str = "local") -> ImageRef:
         self.resolved.append((request, reference))
         self.clients.append(client)
+        self.entered.set()
         if self.gate is not None:
             try:
                 await self.gate.wait()
             except asyncio.CancelledError:
                 self.withdrawn += 1
+                self.left.set()
                 raise
         if self.failure is not None:
             raise self.failure
         if "nothing-provides-this" in request.specs:
             raise ManifestUnknown("nothing provides nothing-provides-this needed by the request")
         self.finished += 1
-        return self.image.ref
+        return self.ref or self.image.ref
 
     async def manifest_media_type(self, digest: str) -> str | None:
         return {
             sha256(self.image.oci): OCI_MANIFEST,
             sha256(self.image.docker): DOCKER_MANIFEST,
             sha256(self.image.index): OCI_INDEX,
+            **self.media_types,
         }.get(digest)
 
     async def tags(self, request: ImageRequest) -> list[str]:
@@ -251,6 +259,128 @@ async def test_no_accept_gets_oci(client: TestClient, service: InTestService) ->
     response = await client.get("/v2/numpy/manifests/latest", skip_auto_headers=["Accept"])
     assert response.status == 200
     assert response.headers["Content-Type"] == OCI_MANIFEST
+
+
+@dataclass
+class MultiPlatform:
+    """An index and a manifest list over linux/amd64 (first, as configured) and linux/arm64/v8."""
+
+    oci: dict[str, bytes]  # platform -> manifest
+    docker: dict[str, bytes]
+    index: bytes
+    manifest_list: bytes
+
+
+AMD64 = {"architecture": "amd64", "os": "linux"}
+ARM64 = {"architecture": "arm64", "os": "linux", "variant": "v8"}
+
+
+@pytest.fixture
+async def multi(store: FilesystemStore, layer: bytes, service: InTestService) -> MultiPlatform:
+    oci: dict[str, bytes] = {}
+    docker: dict[str, bytes] = {}
+    for name, platform in (("amd64", AMD64), ("arm64", ARM64)):
+        config = json.dumps({**platform, "rootfs": {"type": "layers"}}, sort_keys=True).encode()
+        oci[name] = make_manifest(OCI_MANIFEST, OCI_CONFIG, OCI_LAYER_GZIP, config, layer)
+        docker[name] = make_manifest(DOCKER_MANIFEST, DOCKER_CONFIG, DOCKER_LAYER_GZIP, config, layer)
+        await store.put_blob_bytes(sha256(config), config)
+
+    def listing(media_type: str, child_type: str, children: dict[str, bytes]) -> bytes:
+        entries = [
+            {"mediaType": child_type, "digest": sha256(children[name]), "size": len(children[name]), "platform": p}
+            for name, p in (("amd64", AMD64), ("arm64", ARM64))
+        ]
+        return json.dumps({"schemaVersion": 2, "mediaType": media_type, "manifests": entries}).encode()
+
+    index = listing(OCI_INDEX, OCI_MANIFEST, oci)
+    manifest_list = listing(DOCKER_MANIFEST_LIST, DOCKER_MANIFEST, docker)
+    for blob, media_type in (
+        *((b, OCI_MANIFEST) for b in oci.values()),
+        *((b, DOCKER_MANIFEST) for b in docker.values()),
+        (index, OCI_INDEX),
+        (manifest_list, DOCKER_MANIFEST_LIST),
+    ):
+        await store.put_blob_bytes(sha256(blob), blob)
+        service.media_types[sha256(blob)] = media_type
+    service.ref = ImageRef(sha256(index), OCI_INDEX, sha256(manifest_list), DOCKER_MANIFEST_LIST)
+    return MultiPlatform(oci, docker, index, manifest_list)
+
+
+async def _get_and_head(client: TestClient, headers: list[tuple[str, str]]) -> tuple[bytes, Mapping[str, str]]:
+    """The body of a GET of numpy:latest, after checking a HEAD answers the same manifest."""
+    get = await client.get("/v2/numpy/manifests/latest", headers=headers, skip_auto_headers=["Accept"])
+    assert get.status == 200, await get.text()
+    body = await get.read()
+    head = await client.head("/v2/numpy/manifests/latest", headers=headers, skip_auto_headers=["Accept"])
+    assert head.status == 200
+    for header in ("Docker-Content-Digest", "Content-Type", "Content-Length", "ETag"):
+        assert head.headers[header] == get.headers[header], header
+    assert get.headers["Docker-Content-Digest"] == sha256(body)
+    assert get.headers["Content-Type"] == json.loads(body)["mediaType"]
+    return body, get.headers
+
+
+async def test_single_manifest_clients_get_the_first_platform_not_an_index(
+    client: TestClient, multi: MultiPlatform
+) -> None:
+    body, _ = await _get_and_head(client, [("Accept", OCI_MANIFEST)])
+    assert body == multi.oci["amd64"]
+    body, _ = await _get_and_head(client, [("Accept", DOCKER_MANIFEST)])
+    assert body == multi.docker["amd64"]
+    # An old Docker client: schema 2 and schema 1, no manifest list.
+    v1 = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+    body, _ = await _get_and_head(client, [("Accept", f"{DOCKER_MANIFEST}, {v1}")])
+    assert body == multi.docker["amd64"]
+
+
+async def test_index_clients_get_the_index(client: TestClient, multi: MultiPlatform) -> None:
+    for headers in ([("Accept", a) for a in SKOPEO_ACCEPT], [("Accept", OCI_MANIFEST), ("Accept", OCI_INDEX)], []):
+        body, _ = await _get_and_head(client, headers)
+        assert body == multi.index, headers
+    body, _ = await _get_and_head(client, [("Accept", f"{DOCKER_MANIFEST}, {DOCKER_MANIFEST_LIST}")])
+    assert body == multi.manifest_list
+
+
+async def test_single_manifest_client_naming_its_platform_gets_it(client: TestClient, multi: MultiPlatform) -> None:
+    arm_docker = "docker/1.12.6 go/go1.6.4 git-commit/78d1802 kernel/6.1.0 os/linux arch/arm64"
+    body, _ = await _get_and_head(client, [("Accept", DOCKER_MANIFEST), ("User-Agent", arm_docker)])
+    assert body == multi.docker["arm64"]
+    body, _ = await _get_and_head(client, [("Accept", OCI_MANIFEST), ("User-Agent", arm_docker)])
+    assert body == multi.oci["arm64"]
+    # A platform the image lacks: the first configured one, as for a client naming none.
+    s390x = arm_docker.replace("arm64", "s390x")
+    body, _ = await _get_and_head(client, [("Accept", OCI_MANIFEST), ("User-Agent", s390x)])
+    assert body == multi.oci["amd64"]
+
+
+async def test_conditional_get_of_a_negotiated_child(client: TestClient, multi: MultiPlatform) -> None:
+    digest = sha256(multi.oci["amd64"])
+    headers = {"Accept": OCI_MANIFEST, "If-None-Match": f'"{digest}"'}
+    response = await client.get("/v2/numpy/manifests/latest", headers=headers)
+    assert response.status == 304 and response.headers["Docker-Content-Digest"] == digest
+    # The index's ETag does not match the child a single-manifest client gets.
+    headers["If-None-Match"] = f'"{sha256(multi.index)}"'
+    assert (await client.get("/v2/numpy/manifests/latest", headers=headers)).status == 200
+
+
+async def test_digest_of_an_index_is_served_as_asked(client: TestClient, multi: MultiPlatform) -> None:
+    # A digest names one document: no negotiation, as in Distribution.
+    response = await client.get(f"/v2/numpy/manifests/{sha256(multi.index)}", headers={"Accept": OCI_MANIFEST})
+    assert response.status == 200 and await response.read() == multi.index
+
+
+async def test_index_without_platform_manifests_is_unknown_to_single_clients(
+    client: TestClient, service: InTestService
+) -> None:
+    # The fixture's index entry has no platform: nothing to choose from.
+    service.ref = ImageRef(sha256(service.image.index), OCI_INDEX, sha256(service.image.docker), DOCKER_MANIFEST)
+    error = await assert_error(
+        await client.get("/v2/numpy/manifests/latest", headers={"Accept": OCI_MANIFEST}), 404, "MANIFEST_UNKNOWN"
+    )
+    assert "no platform manifest" in error["message"]
+    # A client that reads indexes still gets it.
+    response = await client.get("/v2/numpy/manifests/latest", headers={"Accept": OCI_INDEX})
+    assert response.status == 200 and await response.read() == service.image.index
 
 
 async def test_head_manifest_builds_like_get(client: TestClient, service: InTestService) -> None:
@@ -373,13 +503,14 @@ async def test_client_hangup_withdraws_its_wait(client: TestClient, service: InT
     # The handler cancels its resolve call once the client has gone; whether the build
     # itself goes on is the service's decision (tests/test_build.py).
     service.gate = asyncio.Event()
-    with pytest.raises(asyncio.TimeoutError):
-        await client.get("/v2/numpy/manifests/latest", timeout=ClientTimeout(total=0.3))
+    pull = asyncio.create_task(client.get("/v2/numpy/manifests/latest"))
+    await asyncio.wait_for(service.entered.wait(), 10)  # the build is waited for
+    pull.cancel()  # the client hangs up: aiohttp closes its connection
+    with pytest.raises(asyncio.CancelledError):
+        await pull
     assert len(service.resolved) == 1 and service.finished == 0
-    for _ in range(300):
-        if service.withdrawn:
-            break
-        await asyncio.sleep(0.01)
+    # The server looks for hung-up clients every HANG_UP_POLL (0.5 s).
+    await asyncio.wait_for(service.left.wait(), 10)
     assert service.withdrawn == 1 and service.finished == 0
     assert service.clients == ["127.0.0.1"]  # the peer address, for per-client build limits
 
@@ -680,6 +811,29 @@ async def exchange(port: int, data: bytes, *, wait: float = 10.0, source: str = 
     return RawAnswer(int(status_line.split()[1]), headers, body, seconds)
 
 
+async def hold(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A keep-alive connection the server has accepted: one request on it was answered."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    await reader.readexactly(2)  # the body: {}
+    return reader, writer
+
+
+async def release(held: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
+    """Close a held connection and return once the server has let it go.
+
+    The server closes after answering `Connection: close`; asyncio runs the protocol's
+    connection_lost (which frees the slot) before it closes the socket, so the EOF read
+    here comes after the slot is free.
+    """
+    reader, writer = held
+    writer.write(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+
+
 def oci_error(answer: RawAnswer, status: int, code: str) -> str:
     assert answer.status == status, answer
     assert answer.headers["content-type"].startswith("application/json")
@@ -761,8 +915,7 @@ async def test_connections_past_the_limit_get_503_and_are_closed(
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="condery.connections"):
         async with listening(service, store, max_connections=3, header_timeout=30) as port:
-            held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
-            await asyncio.sleep(0.1)
+            held = [await hold(port) for _ in range(3)]
             refused = await asyncio.gather(*(exchange(port, b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n") for _ in range(20)))
             for answer in refused:
                 if answer.status is not None:  # (or reset before the answer could be read)
@@ -771,8 +924,7 @@ async def test_connections_past_the_limit_get_503_and_are_closed(
                 assert answer.seconds < 2
             assert any(answer.status == 503 for answer in refused)
             # A held connection that closes frees its slot.
-            held[0][1].close()
-            await asyncio.sleep(0.2)
+            await release(held[0])
             answer = await exchange(port, b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             assert answer.status == 200
             for _, writer in held[1:]:
@@ -787,15 +939,13 @@ async def test_one_client_cannot_take_every_connection(
     request = b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     with caplog.at_level(logging.WARNING, logger="condery.connections"):
         async with listening(service, store, max_connections=10, max_connections_per_client=3, header_timeout=30) as port:
-            held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
-            await asyncio.sleep(0.1)
+            held = [await hold(port) for _ in range(3)]
             answers = await asyncio.gather(*(exchange(port, request) for _ in range(5)))
             assert {answer.status for answer in answers} <= {503, None} and 503 in {a.status for a in answers}
             # Another address still gets in while the first one holds its share.
             assert (await exchange(port, request, source="127.0.0.2")).status == 200
-            for _, writer in held:
-                writer.close()
-            await asyncio.sleep(0.2)
+            for connection in held:
+                await release(connection)
             assert (await exchange(port, request)).status == 200  # released
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and "max_connections_per_client=3" in lines[0] and "127.0.0.1" in lines[0], lines

@@ -1,12 +1,23 @@
-"""Media types, and which manifest family (OCI or Docker schema 2) a client gets.
+"""Media types, and which manifest a client gets: family (OCI or Docker schema 2) and shape.
 
 Clients send several `Accept:` lines (skopeo sends six), each possibly a comma-separated
 list with q-values, so every value is read. OCI is served unless the client prefers
 Docker types: it accepts no OCI manifest type, or ranks them strictly lower.
+
+On a multi-platform registry the tag names an index (OCI) or manifest list (Docker). As
+CNCF Distribution does (registry/handlers/manifests.go), a client that accepts the
+family's single manifest but not its index gets one platform's manifest instead of a
+document it said it cannot read: the platform its User-Agent names (Docker's carries
+`os/linux arch/arm64`), else the index's first entry, which is the first configured
+platform (Distribution's fixed default is linux/amd64; condery has no fixed platform).
+A client that names neither type, or a wildcard, gets the index.
 """
 
 from __future__ import annotations
 
+import json
+import re
+from dataclasses import dataclass
 from typing import Iterable, Literal
 
 from condery.registry.media_types import (
@@ -14,7 +25,9 @@ from condery.registry.media_types import (
     OCI_INDEX,
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
+    MANIFEST_TYPES,
 )
+from condery.registry.platforms import OciPlatform
 
 OCI_MANIFEST_TYPES = frozenset({OCI_MANIFEST, OCI_INDEX})
 DOCKER_MANIFEST_TYPES = frozenset({DOCKER_MANIFEST, DOCKER_MANIFEST_LIST})
@@ -50,10 +63,84 @@ def _best(accepted: dict[str, float], types: frozenset[str]) -> float:
     return max([wildcard, *(accepted.get(t, 0.0) for t in types)])
 
 
-def choose_variant(accept_values: list[str]) -> Variant:
-    """"oci" or "docker" for the client's Accept header values (all of its lines)."""
-    accepted = parse_accept(accept_values)
+def _variant(accepted: dict[str, float]) -> Variant:
+    """"oci" or "docker" for the client's accepted types (all of its Accept lines)."""
     oci = _best(accepted, OCI_MANIFEST_TYPES)
     docker = _best(accepted, DOCKER_MANIFEST_TYPES)
     # No Accept, or only types we cannot serve (Docker schema 1): OCI, the default.
     return "docker" if docker > oci else "oci"
+
+
+# The single-manifest and index types of each family.
+_SHAPES: dict[Variant, tuple[str, str]] = {
+    "oci": (OCI_MANIFEST, OCI_INDEX),
+    "docker": (DOCKER_MANIFEST, DOCKER_MANIFEST_LIST),
+}
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What a client asked for: a family, and whether it reads that family's index."""
+
+    variant: Variant
+    takes_index: bool
+
+
+def negotiate(accept_values: list[str]) -> Choice:
+    """The family and shape of manifest for the client's Accept header values."""
+    accepted = parse_accept(accept_values)
+    variant = _variant(accepted)
+    single, index = _SHAPES[variant]
+    # Only a client that names the single manifest (or a wildcard) and gives the index
+    # no q is refused it: no Accept at all, or only other types, keeps the default.
+    takes_index = not (_best(accepted, frozenset({single})) > 0 and _best(accepted, frozenset({index})) == 0)
+    return Choice(variant, takes_index)
+
+
+# Docker's User-Agent: "docker/24.0.7 go/go1.20.10 git-commit/311b9ff kernel/6.1 os/linux arch/arm64 ..."
+_UA_OS_RE = re.compile(r"(?:^|\s)os/([A-Za-z0-9_.-]+)")
+_UA_ARCH_RE = re.compile(r"(?:^|\s)arch/([A-Za-z0-9_.-]+)")
+
+
+def client_platform(user_agent: str | None) -> OciPlatform | None:
+    """The platform a client names in its User-Agent (`os/… arch/…`), None if it names none."""
+    if not user_agent:
+        return None
+    os_match = _UA_OS_RE.search(user_agent)
+    arch_match = _UA_ARCH_RE.search(user_agent)
+    if os_match is None or arch_match is None:
+        return None
+    return OciPlatform(os_match.group(1).lower(), arch_match.group(1).lower())
+
+
+@dataclass(frozen=True)
+class ChildManifest:
+    """One platform's manifest, as an index lists it."""
+
+    digest: str
+    media_type: str
+
+
+def platform_manifest(index: bytes, wanted: OciPlatform | None) -> ChildManifest | None:
+    """The entry of an index (or manifest list) for `wanted`, else its first platform's.
+
+    None when the document lists no platform manifest at all (condery writes none such;
+    the caller then says the manifest is unknown, as Distribution does).
+    """
+    try:
+        entries = json.loads(index).get("manifests")
+    except (ValueError, AttributeError):
+        return None
+    children: list[tuple[ChildManifest, dict]] = []
+    for entry in entries if isinstance(entries, list) else []:
+        if not isinstance(entry, dict) or entry.get("mediaType") not in MANIFEST_TYPES:
+            continue
+        digest = entry.get("digest")
+        platform = entry.get("platform")
+        if isinstance(digest, str) and isinstance(platform, dict):
+            children.append((ChildManifest(digest, entry["mediaType"]), platform))
+    if wanted is not None:
+        for child, platform in children:
+            if wanted.matches(platform.get("os"), platform.get("architecture"), platform.get("variant")):
+                return child
+    return children[0][0] if children else None

@@ -1,7 +1,7 @@
 """The OCI distribution pull API over aiohttp.
 
     GET       /v2/                            200 {}
-    GET HEAD  /v2/<name>/manifests/<ref>      tag: resolve (builds if needed); digest: stored
+    GET HEAD  /v2/<name>/manifests/<ref>      tag: resolve (builds if needed), negotiated; digest: stored
     GET HEAD  /v2/<name>/blobs/<digest>       streamed, Range, or a 307 to the store's URL
     GET       /v2/<name>/tags/list            ?n=&last=, Link rel="next"
     GET       /v2/<name>/referrers/<digest>   always an empty index: condery stores no referrers
@@ -44,8 +44,8 @@ from condery.registry.errors import (
     error_body,
 )
 from condery.registry.names import ImageRef, ImageRequest, parse_name
-from condery.registry.media_types import OCI_INDEX
-from condery.registry.negotiation import choose_variant
+from condery.registry.media_types import INDEX_TYPES, OCI_INDEX
+from condery.registry.negotiation import client_platform, negotiate, platform_manifest
 from condery.registry.tags import SHA256_DIGEST_RE, Digest, Latest, Snapshot, parse_reference
 from condery.redact import redact_text
 from condery.storage import Store, StorageError
@@ -238,10 +238,7 @@ class PullAPI:
             image = await _while_connected(
                 request, self.service.resolve(image_request, reference, client=request.remote or "unknown")
             )
-            if choose_variant(request.headers.getall(hdrs.ACCEPT, [])) == "docker":
-                digest, media_type = image.docker_digest, image.docker_media_type
-            else:
-                digest, media_type = image.oci_digest, image.oci_media_type
+            digest, media_type = await self._negotiated(request, image)
         body = await self._manifest_bytes(digest)
         headers = {
             hdrs.CONTENT_TYPE: media_type,
@@ -251,6 +248,28 @@ class PullAPI:
         if _etag_matches(request, digest):
             return web.Response(status=304, headers=headers)
         return web.Response(body=body, headers=headers)
+
+    async def _negotiated(self, request: web.Request, image: ImageRef) -> tuple[str, str]:
+        """(digest, media type) of the manifest this client gets for a tag.
+
+        Only tags are negotiated: a digest names one document, served as it is.
+        """
+        choice = negotiate(request.headers.getall(hdrs.ACCEPT, []))
+        if choice.variant == "docker":
+            digest, media_type = image.docker_digest, image.docker_media_type
+        else:
+            digest, media_type = image.oci_digest, image.oci_media_type
+        if choice.takes_index or media_type not in INDEX_TYPES:
+            return digest, media_type
+        # The index is read from the store (and the manifest cache): ImageRef knows only
+        # the top-level digests, and a GET and a HEAD must pick the same child.
+        wanted = client_platform(request.headers.get(hdrs.USER_AGENT))
+        child = platform_manifest(await self._manifest_bytes(digest), wanted)
+        if child is None:
+            raise ManifestUnknown(
+                f"{media_type} {digest} lists no platform manifest for a client that accepts no index"
+            )
+        return child.digest, child.media_type
 
     async def _manifest_bytes(self, digest: str) -> bytes:
         body = self.manifests.get(digest)
