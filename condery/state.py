@@ -60,14 +60,15 @@ class AppState:
         return cls(
             config=config,
             store=store,
+            # Both clients read channel credentials from rattler's auth file (RATTLER_AUTH_FILE),
+            # made first: an unreadable file stops the start before the HTTP session opens.
+            gateway=rattler.Gateway(cache_dir=config.package_cache_dir.parent / "repodata",
+                                    client=channel_client(max_retries=REPODATA_RETRIES)),
+            download_client=channel_client(),
             http=aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=120),
                 headers={"User-Agent": "condery"},
             ),
-            # Both clients read channel credentials from rattler's auth file (RATTLER_AUTH_FILE).
-            gateway=rattler.Gateway(cache_dir=config.package_cache_dir.parent / "repodata",
-                                    client=channel_client(max_retries=REPODATA_RETRIES)),
-            download_client=channel_client(),
             work_dir=work_dir,
             builds=BuildQueue(
                 running=config.max_concurrent_builds,
