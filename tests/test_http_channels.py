@@ -12,10 +12,16 @@ from pathlib import Path
 import pytest
 import rattler
 
+from condery.build import ImageService
+from condery.config import load_config
 from condery.layers import PackageError, PackageUnavailable
 from condery.layers import package_layer
 from condery.layers.package_layer import build_package_layer, channel_client
 from condery.layers.solve import ChannelUnavailable, SolveRequest, solve
+from condery.registry import errors
+from condery.registry.names import parse_name
+from condery.registry.tags import Latest
+from condery.state import REPODATA_RETRIES, AppState
 from tests.fixtures.condapkg import PkgFile, index_channel, write_conda_package
 from tests.fixtures.http_channel import FaultyChannel, faulty_channel
 from tests.fixtures.token_channel import token_channel
@@ -49,7 +55,8 @@ def auth_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 async def solved(url: str, tmp: Path, name: str = "small") -> rattler.RepoDataRecord:
-    gateway = rattler.Gateway(cache_dir=tmp / "repodata", client=channel_client(max_retries=0))
+    # As AppState makes it.
+    gateway = rattler.Gateway(cache_dir=tmp / "repodata", client=channel_client(max_retries=REPODATA_RETRIES))
     records = await solve(SolveRequest((name,), "linux-64"), [url], gateway, timeout=30)
     return next(r for r in records if r.name.normalized == name)
 
@@ -87,6 +94,15 @@ async def test_passing_faults_are_retried(channel_dir: Path, tmp_path: Path, fas
         channel.fail("small", *faults)
         await build(record, tmp_path)
         assert channel.package_requests("small") == len(faults) + 1
+
+
+async def test_repodata_passing_faults_are_retried(channel_dir: Path, tmp_path: Path) -> None:
+    """The solver's client retries too (rattler's own retry, REPODATA_RETRIES)."""
+    with faulty_channel(channel_dir) as channel:
+        channel.fail("repodata.json", "503", "reset")
+        await solved(channel.url, tmp_path)
+        # linux-64 and noarch are read at once: two answers, two faults among them.
+        assert sum(path.endswith("/repodata.json") for path in channel.requests) == 4
 
 
 async def test_retries_are_bounded(channel_dir: Path, tmp_path: Path, fast_retries: None) -> None:
@@ -189,6 +205,7 @@ async def test_private_channel_through_the_auth_file(channel_dir: Path, tmp_path
         # Without credentials: the channel refuses, and the answer says so.
         with pytest.raises(ChannelUnavailable, match=r"a channel refused access \(HTTP 401\)"):
             await solved(channel.url, tmp_path)
+        assert len(channel.requests) == len(set(channel.requests))  # a refusal is not retried
         write_auth(auth_file, entry)
         record = await solved(channel.url, tmp_path / "with-auth")
         await build(record, tmp_path, client=channel_client())
@@ -218,3 +235,28 @@ def test_unreadable_auth_file_is_a_clear_error(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setenv("RATTLER_AUTH_FILE", str(path))
     with pytest.raises(ValueError, match=r"cannot read the channel credentials \(RATTLER_AUTH_FILE\)"):
         channel_client()
+
+
+async def test_stalled_channel_is_503_and_nothing_is_cached(channel_dir: Path, tmp_path: Path, base_layout: Path,
+                                                            fast_retries: None) -> None:
+    """Through the builder: a stalled download answers 503 UNAVAILABLE, stores nothing,
+    and the next pull (the channel well again) builds."""
+    with faulty_channel(channel_dir) as channel:
+        config = load_config(None, environ={}, channels=[channel.url], base_image=f"oci:{base_layout}:bookworm",
+                             storage={"backend": "filesystem", "path": str(tmp_path / "store")},
+                             package_cache=str(tmp_path / "pkgs"))
+        state = await AppState.open(config)
+        try:
+            service = ImageService(state)
+            request = parse_name("small", service.meta_packages)
+            channel.fail("small", "midbody")
+            with pytest.raises(errors.Unavailable, match="small-1.0-h0: the channel .* sent nothing for 1 s") as info:
+                await service.resolve(request, Latest(), "10.0.0.1")
+            assert info.value.status == 503 and info.value.retry_after
+            assert await state.store.list_records("layers") == []
+            assert not [p for p in (tmp_path / "pkgs").rglob("*") if p.is_file()]
+            await service.resolve(request, Latest(), "10.0.0.1")
+            assert len(await state.store.list_records("layers")) == 1
+            assert channel.package_requests("small") == 2
+        finally:
+            await state.close()
