@@ -438,17 +438,19 @@ class ImageService:
             return cached, False
 
         async def build() -> LayerEntry:
-            async with self.state.cpu_slots:
-                blob = await build_package_layer(
-                    record,
-                    python_record=python,
-                    prefix=self.config.prefix,
-                    platform=subdir,
-                    work_dir=self.state.work_dir,
-                    package_cache_dir=self.config.package_cache_dir,
-                    allow_scripts=self.config.allow_package_scripts,
-                    limits=PackageLimits(self.config.max_package_unpacked_size, self.config.max_package_files),
-                )
+            blob = await build_package_layer(
+                record,
+                python_record=python,
+                prefix=self.config.prefix,
+                platform=subdir,
+                work_dir=self.state.work_dir,
+                package_cache_dir=self.config.package_cache_dir,
+                allow_scripts=self.config.allow_package_scripts,
+                limits=PackageLimits(self.config.max_package_unpacked_size, self.config.max_package_files),
+                download_slots=self.state.download_slots,
+                cpu_slots=self.state.cpu_slots,
+                client=self.state.download_client,
+            )
             return await self._store_layer(key, blob, (record.file_name,))
 
         return await self._layers.run(key, build), True

@@ -19,6 +19,7 @@ import rattler
 
 from condery.admission import BuildQueue, RecentFailures
 from condery.config import Config
+from condery.layers.package_layer import channel_client
 from condery.registry.names import ImageRef
 from condery.storage import Store, StorageError, open_store
 from condery.storage.filesystem import FilesystemStore
@@ -28,6 +29,7 @@ log = logging.getLogger("condery")
 # The S3 backend's local work directories: <system temp dir>/condery-work-<pid>-<random>.
 WORK_DIR_PREFIX = "condery-work-"
 STAGING_CLEAN_TIMEOUT = 20  # seconds
+REPODATA_RETRIES = 3  # rattler's own retry with backoff, for passing faults of a repodata fetch
 
 
 @dataclass
@@ -36,6 +38,7 @@ class AppState:
     store: Store
     http: aiohttp.ClientSession  # upstream registries (base images)
     gateway: rattler.Gateway  # repodata fetching and caching for the solver
+    download_client: rattler.Client  # package downloads (authenticated, no retry of its own)
     work_dir: Path  # staging for layer builds; on the store's filesystem when it has one
     builds: BuildQueue[ImageRef]  # image builds: running, queued, per client
     failed_solves: RecentFailures  # names that recently failed to solve, by image key
@@ -57,11 +60,15 @@ class AppState:
         return cls(
             config=config,
             store=store,
+            # Both clients read channel credentials from rattler's auth file (RATTLER_AUTH_FILE),
+            # made first: an unreadable file stops the start before the HTTP session opens.
+            gateway=rattler.Gateway(cache_dir=config.package_cache_dir.parent / "repodata",
+                                    client=channel_client(max_retries=REPODATA_RETRIES)),
+            download_client=channel_client(),
             http=aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=120),
                 headers={"User-Agent": "condery"},
             ),
-            gateway=rattler.Gateway(cache_dir=config.package_cache_dir.parent / "repodata"),
             work_dir=work_dir,
             builds=BuildQueue(
                 running=config.max_concurrent_builds,

@@ -6,7 +6,10 @@ Steps, each of which can refuse the package with a PackageError:
    hashed before every use. py-rattler 0.28's installer does NOT check a download against
    the repodata sha256 (a channel whose repodata names the wrong hash installs silently,
    see tests/test_package_layer.py::test_sha256_mismatch_is_refused), so we fetch and
-   verify ourselves and hand rattler only the verified local file.
+   verify ourselves and hand rattler only the verified local file. Downloads go through
+   rattler's authenticated client (credentials from its auth file, never from a URL we
+   keep), are retried with backoff on connection failures and 5xx (never on 4xx), and
+   are given up when the channel sends nothing for DOWNLOAD_READ_TIMEOUT seconds.
 2. inspect: index.json must name the package the repodata promised; every path in
    paths.json and every entry point must stay inside the prefix. rattler joins these
    paths onto the target directory as they are, so this check keeps a hostile package
@@ -25,6 +28,7 @@ publish different archives under one name-version-build cannot poison each other
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import json
@@ -39,6 +43,7 @@ from urllib.parse import unquote, urlparse
 
 import rattler
 import rattler.package_streaming as package_streaming
+from rattler.networking import AuthenticationMiddleware, RetryMiddleware
 
 from condery.layers import LayerBlob, PackageError, PackageUnavailable
 from condery.layers.members import PackageLimits, verify_archive
@@ -67,6 +72,15 @@ _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+!-]*\.(conda|tar\.bz2)$")  #
 _ENTRY_POINT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
 _HASH_CHUNK = 1 << 20
 _DOWNLOAD_POLL_SECONDS = 0.2
+# Waits before the 2nd, 3rd and 4th attempt of a download that failed for a passing
+# reason (connection reset or refused, 5xx). A 4xx is the channel's answer: no retry.
+DOWNLOAD_RETRY_DELAYS = (0.5, 1.0, 2.0)
+# Seconds a download may go without receiving a byte (before the answer starts, or in the
+# middle of the body) before it is given up. Not a total time: a big package on a slow
+# but live link is fine. Not retried: a stalled channel would hold the build for minutes.
+DOWNLOAD_READ_TIMEOUT = 60.0
+# rattler's errors are text: "HTTP status client error (401 Unauthorized) for url (...)".
+_HTTP_STATUS = re.compile(r"HTTP status (?:client|server) error \((\d{3})[^)]*\)")
 
 
 def dist_name(record: rattler.PackageRecord) -> str:
@@ -126,9 +140,39 @@ class _TooLarge(Exception):
     pass
 
 
-async def _download(url: str, dest: Path, max_bytes: int) -> None:
+class _Stalled(Exception):
+    pass
+
+
+def channel_client(max_retries: int = 0) -> rattler.Client:
+    """rattler's HTTP client with its standard authentication.
+
+    Credentials come from rattler's own stores: the JSON file named by RATTLER_AUTH_FILE
+    (host -> {"BearerToken": ...} | {"BasicHTTP": {...}} | {"CondaToken": ...}), then the
+    keyring and ~/.netrc. They are added to each request by rattler and never pass through
+    condery's code, so they cannot reach an image, a log line or an error body.
+    `max_retries` adds rattler's own retry (for the solver's repodata fetches); package
+    downloads retry themselves (DOWNLOAD_RETRY_DELAYS) and pass 0.
+    """
+    middlewares: list[Any] = [AuthenticationMiddleware()]
+    if max_retries:
+        middlewares.insert(0, RetryMiddleware(max_retries))
+    try:
+        return rattler.Client(middlewares, user_agent="condery")
+    except Exception as exc:  # rattler's AuthenticationStorageError: an unreadable auth file
+        raise ValueError(f"cannot read the channel credentials (RATTLER_AUTH_FILE): {_first_line(exc)}") from None
+
+
+def http_status(exc: BaseException) -> int | None:
+    """The HTTP status a rattler network error reports, if it reports one."""
+    match = _HTTP_STATUS.search(str(exc))
+    return int(match.group(1)) if match else None
+
+
+async def _download(client: rattler.Client, url: str, dest: Path, max_bytes: int) -> None:
     """Fetch `url` to `dest`, stopped as soon as it passes `max_bytes` (a hostile or broken
-    channel could otherwise fill the disk before the sha256 check ever runs)."""
+    channel could otherwise fill the disk before the sha256 check ever runs) or when no
+    byte arrives for DOWNLOAD_READ_TIMEOUT seconds."""
     parsed = urlparse(url)
     if parsed.scheme == "file":
         source = Path(unquote(parsed.path))
@@ -136,13 +180,22 @@ async def _download(url: str, dest: Path, max_bytes: int) -> None:
             raise _TooLarge
         await asyncio.to_thread(shutil.copyfile, source, dest)
     elif parsed.scheme in ("http", "https"):
-        # rattler streams to the file and offers no size cap: watch the file instead.
-        task = asyncio.ensure_future(package_streaming.download_to_path(rattler.Client(), url, dest))
+        # rattler streams to the file and offers neither a size cap nor a read timeout
+        # (its client timeout is a total, which a big package on a slow link would pass):
+        # watch the file instead.
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(package_streaming.download_to_path(client, url, dest))
+        size, progress_at = -1, loop.time()
         try:
             while not task.done():
                 await asyncio.wait([task], timeout=_DOWNLOAD_POLL_SECONDS)
-                if dest.stat().st_size > max_bytes:
+                now_size = dest.stat().st_size if dest.exists() else 0
+                if now_size > max_bytes:
                     raise _TooLarge
+                if now_size != size:
+                    size, progress_at = now_size, loop.time()
+                elif not task.done() and loop.time() - progress_at > DOWNLOAD_READ_TIMEOUT:
+                    raise _Stalled
             task.result()
         finally:
             if not task.done():
@@ -154,12 +207,55 @@ async def _download(url: str, dest: Path, max_bytes: int) -> None:
         raise PackageError(f"unsupported package URL scheme {parsed.scheme!r}")
 
 
+async def _download_with_retries(client: rattler.Client, record: rattler.RepoDataRecord, dest: Path,
+                                 limit: int) -> None:
+    """`_download`, again after DOWNLOAD_RETRY_DELAYS when the failure may pass by itself.
+
+    Raises PackageUnavailable for a channel that cannot be read now (refused access,
+    4xx, 5xx or connection failures past the last attempt, a stall): the client may retry
+    the pull later; the package itself has not been judged.
+    """
+    dist = dist_name(record)
+    source = public_channel(record.channel)
+    for attempt, delay in enumerate((*DOWNLOAD_RETRY_DELAYS, None), start=1):
+        try:
+            await _download(client, record.url, dest, limit)
+            return
+        except (PackageError, _TooLarge):
+            raise
+        except _Stalled:
+            log.warning("download of %s from %s stalled: nothing received for %.0f s",
+                        dist, redact_url(record.url), DOWNLOAD_READ_TIMEOUT)
+            raise PackageUnavailable(f"{dist}: the channel {source} sent nothing for "
+                                     f"{DOWNLOAD_READ_TIMEOUT:.0f} s") from None
+        except Exception as exc:
+            status = http_status(exc)
+            if status in (401, 403, 407):
+                # Retrying cannot help; the operator must fix the credentials.
+                log.warning("channel %s refused access to %s (HTTP %d): check its credentials "
+                            "(RATTLER_AUTH_FILE)", source, dist, status)
+                raise PackageUnavailable(f"{dist}: the channel {source} refused access (HTTP {status})") from None
+            if status is not None and status < 500:
+                log.warning("download of %s from %s answered HTTP %d", dist, redact_url(record.url), status)
+                raise PackageUnavailable(f"{dist}: the channel {source} answered HTTP {status}") from None
+            if delay is None:
+                log.warning("download of %s from %s failed after %d attempts: %s",
+                            dist, redact_url(record.url), attempt, exc)
+                raise PackageUnavailable(f"{dist}: download failed from {source}") from None
+            log.info("download of %s from %s failed (%s); attempt %d in %.1f s",
+                     dist, redact_url(record.url), exc, attempt + 1, delay)
+            await asyncio.sleep(delay)
+
+
 async def fetch_verified(record: rattler.RepoDataRecord, package_cache_dir: Path,
-                         max_bytes: int = PackageLimits().max_unpacked_bytes) -> Path:
+                         max_bytes: int = PackageLimits().max_unpacked_bytes,
+                         client: rattler.Client | None = None) -> Path:
     """The package archive on local disk, its sha256 checked against the repodata.
 
     The download stops past the size the repodata gives (or `max_bytes` when it gives
-    none): more bytes than promised can only fail the sha256 check anyway.
+    none): more bytes than promised can only fail the sha256 check anyway. Nothing but
+    a whole, verified archive is ever left in the cache. `client` is the channel client
+    to share (AppState.download_client); without one a fresh one is made.
     """
     sha = _sha256_hex(record)
     dist = dist_name(record)
@@ -178,14 +274,9 @@ async def fetch_verified(record: rattler.RepoDataRecord, package_cache_dir: Path
     try:
         limit = record.size if record.size else max_bytes
         try:
-            await _download(record.url, tmp, limit)
-        except PackageError:
-            raise
+            await _download_with_retries(client or channel_client(), record, tmp, limit)
         except _TooLarge:
             raise PackageError(f"{dist}: the channel serves more than the {limit} bytes its repodata gives") from None
-        except Exception as exc:
-            log.info("download of %s from %s failed: %s", dist, redact_url(record.url), exc)
-            raise PackageUnavailable(f"{dist}: download failed from {public_channel(record.channel)}") from exc
         actual = await asyncio.to_thread(_hash_file, tmp)
         if actual != sha:
             raise PackageError(f"{dist}: sha256 mismatch: repodata says {sha}, archive is {actual}")
@@ -284,7 +375,7 @@ def public_channel(channel_url: str) -> str:
     """A channel as an error message may name it: no credentials, no server path."""
     if channel_url.startswith("file:"):
         return "a local channel"
-    return redact_url(channel_url)
+    return redact_url(channel_url).rstrip("/")
 
 
 def _contains_path(value: Any, needles: tuple[str, ...]) -> bool:
@@ -354,20 +445,42 @@ def _prune(target: Path, wanted: set[str]) -> None:
 
 async def build_package_layer(record: rattler.RepoDataRecord, *, python_record: rattler.RepoDataRecord | None,
                               prefix: str, platform: str, work_dir: Path, package_cache_dir: Path,
-                              allow_scripts: bool = False, limits: PackageLimits = PackageLimits()) -> LayerBlob:
+                              allow_scripts: bool = False, limits: PackageLimits = PackageLimits(),
+                              download_slots: asyncio.Semaphore | None = None,
+                              cpu_slots: asyncio.Semaphore | None = None,
+                              client: rattler.Client | None = None) -> LayerBlob:
     """Build the layer of one package at `prefix`; the gzip file is left in `work_dir`.
 
     Package scripts (post-link) run only if `allow_scripts`: they are code from the
     channel running on this host. With scripts off, the layer holds exactly the files
     the package records plus its conda-meta record. `limits` bound what the package may
     unpack to; they are checked from the archive's headers before anything is written.
+
+    The download holds one of `download_slots` and nothing else, the rest one of
+    `cpu_slots`: a slow channel then keeps many downloads in flight without taking a
+    core, and a core is never held waiting for the network.
     """
     _check_prefix(prefix)
     dist = dist_name(record)
     noarch_python = _is_noarch_python(record)
     if noarch_python and python_record is None:
         raise PackageError(f"{dist} is a noarch: python package, but the environment has no python")
-    archive = await fetch_verified(record, package_cache_dir, limits.max_unpacked_bytes)
+    async with download_slots or contextlib.nullcontext():
+        archive = await fetch_verified(record, package_cache_dir, limits.max_unpacked_bytes, client)
+    async with cpu_slots or contextlib.nullcontext():
+        return await _build_from_archive(record, archive, python_record=python_record, prefix=prefix,
+                                         platform=platform, work_dir=Path(work_dir),
+                                         package_cache_dir=Path(package_cache_dir),
+                                         allow_scripts=allow_scripts, limits=limits)
+
+
+async def _build_from_archive(record: rattler.RepoDataRecord, archive: Path, *,
+                              python_record: rattler.RepoDataRecord | None, prefix: str, platform: str,
+                              work_dir: Path, package_cache_dir: Path, allow_scripts: bool,
+                              limits: PackageLimits) -> LayerBlob:
+    """Inspect, install, scrub and tar a verified archive (the CPU-bound part)."""
+    dist = dist_name(record)
+    noarch_python = _is_noarch_python(record)
     try:
         await _inspect(record, archive, limits)
     except PackageError:
@@ -375,7 +488,6 @@ async def build_package_layer(record: rattler.RepoDataRecord, *, python_record: 
         shutil.rmtree(archive.parent, ignore_errors=True)
         raise
 
-    work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=work_dir, prefix=f".stage-{record.name.normalized}-"))
     fd, out_name = tempfile.mkstemp(dir=work_dir, prefix=f"{dist}-", suffix=".tar.gz")

@@ -7,6 +7,7 @@ packages are declared here (glibc from the base image) instead of detected local
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -15,6 +16,11 @@ from typing import Sequence
 import rattler
 from rattler import BuildString, Channel, GenericVirtualPackage, PackageName, Version
 from rattler.exceptions import InvalidMatchSpecError, SolverError
+
+from condery.layers.package_layer import http_status
+from condery.redact import redact_text
+
+log = logging.getLogger(__name__)
 
 # glibc assumed when the base image does not tell (scratch): conda-forge's own floor.
 DEFAULT_GLIBC = "2.17"
@@ -124,7 +130,15 @@ async def solve(
     except asyncio.TimeoutError:
         raise SolveUnavailable(f"the solve took longer than {timeout:.0f} s") from None
     except Exception as exc:  # rattler raises its own types for fetch failures
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = redact_text(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        status = http_status(exc)
+        if status in (401, 403, 407):
+            # Configuration, not a passing fault, but nothing the client can fix either:
+            # answered as unavailable, and told to the operator, who can.
+            log.warning("a channel refused access (HTTP %d): check its credentials (RATTLER_AUTH_FILE): %s",
+                        status, first)
+            raise ChannelUnavailable(f"a channel refused access (HTTP {status}): "
+                                     f"{public_message(first, channels)}") from None
         raise ChannelUnavailable(f"cannot read the channels: {public_message(first, channels)}") from None
     # sort_topologically hands back plain PackageRecords; keep the RepoDataRecords
     # (they carry the URL and channel) in that order.
