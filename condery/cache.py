@@ -224,10 +224,10 @@ class RepodataClock:
         self.ttl = ttl
         self._fetched_at: dict[str, float] = {}  # channel -> wall clock
 
-    def refresh(self, channels: Sequence[str], *, force: bool = False) -> float:
+    def refresh(self, channels: Sequence[str], *, force: bool = False, now: float | None = None) -> float:
         """Drop each channel's repodata older than the TTL (all of it with `force`); the
         oldest fetch time left among `channels`."""
-        now = time.time()
+        now = time.time() if now is None else now
         for name in channels:
             fetched = self._fetched_at.get(name)
             if force or fetched is None or now - fetched >= self.ttl:
