@@ -111,6 +111,7 @@ class ImageService:
         self.repodata = RepodataClock(state.gateway, self.config.latest_ttl)
         self._bases: SingleFlight[BaseImage] = SingleFlight()
         self._refreshes: dict[str, asyncio.Task[None]] = {}
+        self._last_bases: dict[str, BaseImage] = {}
 
     @property
     def meta_packages(self) -> Mapping[str, MetaPackage]:
@@ -124,7 +125,10 @@ class ImageService:
             raise errors.ManifestUnknown(f"snapshot {tag} has not ended yet (UTC); use :latest or a past day")
         bases = await self._bases_for_platforms()
         key = image_key(self.config, request, tag, bases)
-        record = await self.records.image(key)
+        try:
+            record = await self.records.image(key)
+        except StorageError as exc:
+            raise _store_failed(request, exc) from None
         if record is not None:
             if not self.freshness.is_fresh(record, reference):
                 # stale-while-revalidate: a warm pull never waits for a re-solve.
@@ -239,13 +243,10 @@ class ImageService:
             if (reason := store_fault_reason(exc)) is not None:  # a full disk, not a bad package
                 raise errors.Unavailable(f"cannot build {name}: {reason}") from None
             raise errors.ManifestUnknown(f"cannot build {name}: {exc}") from None
-        except BaseImageError as exc:
-            raise errors.Unavailable(str(exc)) from None
         except asyncio.TimeoutError:  # before OSError: it is one
             raise errors.Unavailable(f"building took longer than {self.config.build_timeout} s") from None
-        except StorageError as exc:  # path-free by contract
-            cause = f"{store_fault_reason(exc) or 'the store failed'}: {exc}"
-            raise errors.Unavailable(f"cannot build {name}: {cause}") from None
+        except StorageError as exc:
+            raise _store_failed(request, exc) from None
         except OSError as exc:  # the work directory's disk (ENOSPC, EIO, ...); its message names paths
             if (reason := store_fault_reason(exc)) is None:
                 raise
@@ -277,12 +278,27 @@ class ImageService:
         return await self._solve(request, reference, subdir, base)
 
     async def _bases_for_platforms(self) -> dict[str, BaseImage]:
-        """Each platform's base as resolved now: part of the image's cache key."""
+        """Each platform's base as resolved now: part of the image's cache key.
+
+        When the base cannot be resolved (its registry or layout broken) after this
+        process resolved it once, the last good one stands in (stale-if-error): images
+        built on it are still served, and builds use it, until the base is back.
+        """
         try:
-            bases = await asyncio.gather(*(self._base(subdir) for subdir in self.config.platforms))
-        except BaseImageError as exc:
-            raise errors.Unavailable(str(exc)) from None
-        return dict(zip(self.config.platforms, bases))
+            bases = dict(zip(self.config.platforms, await asyncio.gather(
+                *(self._base(subdir) for subdir in self.config.platforms)
+            )))
+        except (BaseImageError, StorageError) as exc:  # the base's registry, layout, or the store it goes to
+            if set(self._last_bases) != set(self.config.platforms):
+                if isinstance(exc, StorageError):
+                    raise errors.Unavailable(
+                        f"the base image cannot be stored: {store_fault_reason(exc) or 'the store failed'}"
+                    ) from None
+                raise errors.Unavailable(str(exc)) from None
+            log.warning("using the last good base image: %s", exc)
+            return dict(self._last_bases)
+        self._last_bases = bases
+        return bases
 
     async def _base(self, subdir: str) -> BaseImage:
         """The base image for a platform, fetched once however many builds need it."""
@@ -380,6 +396,12 @@ class ImageService:
             DOCKER_MANIFEST_LIST, docker_manifest_list([i.docker for i in images]), None
         )
         return ImageRef(index.digest, OCI_INDEX, listing.digest, DOCKER_MANIFEST_LIST)
+
+
+def _store_failed(request: ImageRequest, exc: StorageError) -> errors.Unavailable:
+    # StorageError messages are path-free by contract.
+    cause = f"{store_fault_reason(exc) or 'the store failed'}: {exc}"
+    return errors.Unavailable(f"cannot build {request.canonical_name}: {cause}")
 
 
 async def _all_or_nothing(work: Sequence) -> list:
