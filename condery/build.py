@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Mapping, Protocol, Sequence
@@ -31,7 +32,7 @@ import rattler
 
 from condery.admission import BuildQueue
 from condery.assembly import PlatformImage, created_of, image_settings, layer_annotations, manifest_annotations
-from condery.cache import Freshness, ImageRecord, RecordCache, RepodataClock, image_key, tag_of
+from condery.cache import Freshness, ImageRecord, LayerEntry, RecordCache, RepodataClock, image_key, tag_of
 from condery.config import MetaPackage
 from condery.image_layers import LayerBuilder
 from condery.layers import PackageError, PackageUnavailable
@@ -69,6 +70,7 @@ log = logging.getLogger("condery.build")
 # Background refreshes enter the build queue as this client, so that together they hold
 # at most max_builds_per_client slots and cold builds keep the rest.
 REFRESH_CLIENT = "background-refresh"
+BASE_RECHECK = 30  # seconds a resolved base image is used before it is resolved again
 
 
 class BuildProgress(Protocol):
@@ -112,6 +114,7 @@ class ImageService:
         self._bases: SingleFlight[BaseImage] = SingleFlight()
         self._refreshes: dict[str, asyncio.Task[None]] = {}
         self._last_bases: dict[str, BaseImage] = {}
+        self._bases_checked_at = 0.0  # time.monotonic() of the last successful resolution
 
     @property
     def meta_packages(self) -> Mapping[str, MetaPackage]:
@@ -280,10 +283,15 @@ class ImageService:
     async def _bases_for_platforms(self) -> dict[str, BaseImage]:
         """Each platform's base as resolved now: part of the image's cache key.
 
-        When the base cannot be resolved (its registry or layout broken) after this
-        process resolved it once, the last good one stands in (stale-if-error): images
-        built on it are still served, and builds use it, until the base is back.
+        Resolved again at most every BASE_RECHECK seconds: reading it costs more than
+        the rest of a warm pull, and a base changes rarely (a layout rewritten in place,
+        a configuration change, which restarts the process anyway). When the base cannot
+        be resolved (its registry or layout broken) after this process resolved it once,
+        the last good one stands in (stale-if-error): images built on it are still
+        served, and builds use it, until the base is back.
         """
+        if self._last_bases and time.monotonic() - self._bases_checked_at < BASE_RECHECK:
+            return dict(self._last_bases)
         try:
             bases = dict(zip(self.config.platforms, await asyncio.gather(
                 *(self._base(subdir) for subdir in self.config.platforms)
@@ -297,8 +305,12 @@ class ImageService:
                 raise errors.Unavailable(str(exc)) from None
             log.warning("using the last good base image: %s", exc)
             return dict(self._last_bases)
-        self._last_bases = bases
+        self._last_bases, self._bases_checked_at = bases, time.monotonic()
         return bases
+
+    def recheck_bases(self) -> None:
+        """Resolve the bases again on the next pull, however recently they were."""
+        self._bases_checked_at = -BASE_RECHECK
 
     async def _base(self, subdir: str) -> BaseImage:
         """The base image for a platform, fetched once however many builds need it."""
@@ -350,7 +362,7 @@ class ImageService:
         python = next((r for r in records if r.name.normalized == "python"), None)
         site_packages = python_site_packages(python)
 
-        async def one(record: rattler.RepoDataRecord):
+        async def one(record: rattler.RepoDataRecord) -> LayerEntry:
             entry, built = await self.layers.package_layer(record, python, site_packages, subdir)
             if progress:
                 progress.layer_done(subdir, record.file_name, built)
