@@ -63,13 +63,13 @@ async def service(tmp_path: Path, fixture_channel: Path, base_layout: Path):
 def counting_builds(service: ImageService) -> list[str]:
     """Record every real build the service starts (the method still runs)."""
     calls: list[str] = []
-    real_build = service.build
+    real_build = service._build
 
-    async def build(request, reference, progress=None):
+    async def build(key, request, reference, bases, progress=None):
         calls.append(request.canonical_name)
-        return await real_build(request, reference, progress)
+        return await real_build(key, request, reference, bases, progress)
 
-    service.build = build  # type: ignore[method-assign]
+    service._build = build  # type: ignore[method-assign]
     return calls
 
 
@@ -262,7 +262,7 @@ async def test_queued_build_nobody_waits_for_is_cancelled(make_service, gated: G
     await asyncio.gather(running, later)
     assert sorted(builds) == ["condery-hello", "zlib"]  # condery-symlinks never started
     assert gated.package_requests("condery-symlinks") == 0
-    assert await service.store.get_record("images", "condery-symlinks/_/latest") is None
+    assert await service.records.tags(parse_name("condery-symlinks", service.meta_packages)) == set()
 
 
 async def test_failed_solve_is_remembered_briefly(make_service, gated: GatedChannel) -> None:
@@ -293,14 +293,14 @@ async def test_solve_timeout_is_503_and_not_remembered(make_service, gated: Gate
     service = await make_service(solve_timeout=1)
     solves = counting_solves(service)
     service.state.gateway.clear_repodata_cache(channel(gated.url))
-    service._repodata_fresh_at = 0.0  # `latest` re-reads the channel, which now hangs
+    service.repodata.expire()  # `latest` re-reads the channel, which now hangs
     gated.repodata.clear()
     for attempt in (1, 2):
         with pytest.raises(errors.Unavailable, match="took longer than 1 s") as info:
             await service.resolve(parse_name("zlib", service.meta_packages), Latest(), "10.0.0.1")
         assert info.value.status == 503 and info.value.code == "UNAVAILABLE" and info.value.retry_after
         assert len(solves) == attempt  # a passing fault is tried again
-        service._repodata_fresh_at = 0.0
+        service.repodata.expire()
 
 
 async def test_build_timeout_cancels_the_work(make_service, gated: GatedChannel) -> None:
@@ -308,7 +308,7 @@ async def test_build_timeout_cancels_the_work(make_service, gated: GatedChannel)
     with pytest.raises(errors.Unavailable, match="longer than 1 s"):
         await service.resolve(parse_name("condery-hello", service.meta_packages), Latest(), "10.0.0.1")
     # The layer build that only this image needed was cancelled with it, and the slot freed.
-    assert len(service._layers) == 0
+    assert len(service.layers.flights) == 0
     assert (service.builds.running, service.builds.queued) == (0, 0)
     gated.packages.set()
     await asyncio.sleep(1)

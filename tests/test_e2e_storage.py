@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -156,11 +157,14 @@ def test_sigkill_mid_build_litter_is_cleaned_at_restart(tmp_path: Path, fixture_
 
 
 def staged_bytes(directory: Path) -> int:
+    """Bytes of regular files below `directory`, tolerating a tree that changes meanwhile."""
     total = 0
-    for entry in directory.rglob("*"):
-        with contextlib.suppress(OSError):
-            if entry.is_file() and not entry.is_symlink():
-                total += entry.stat().st_size
+    for dirpath, _, filenames in os.walk(directory):
+        for name in filenames:
+            with contextlib.suppress(OSError):
+                st = os.lstat(os.path.join(dirpath, name))
+                if stat.S_ISREG(st.st_mode):
+                    total += st.st_size
     return total
 
 

@@ -14,10 +14,10 @@ import rattler
 
 from condery.layers import LayerBlob, PackageError
 from condery.layers.tarball import LAYER_MTIME
+from condery.cache import layer_key
 from condery.layers.package_layer import (
     LAYOUT_VERSION,
     build_package_layer,
-    layer_key,
     python_site_packages,
 )
 from tests.fixtures.condapkg import PkgFile, index_channel, write_conda_package
@@ -240,14 +240,27 @@ def test_layer_key(channel: Path) -> None:
 
     records = asyncio.run(solve(channel, ["pyth", "hello"]))
     pyth, hello, python = (by_name(records, n) for n in ("pyth", "hello", "python"))
-    key = layer_key(pyth, PREFIX, "lib/python3.11/site-packages")
-    assert key.startswith(f"{LAYOUT_VERSION}/{pyth.sha256.hex()}/")
-    assert all(c.isalnum() or c == "/" for c in key)
-    assert key == layer_key(pyth, PREFIX, "lib/python3.11/site-packages")
-    assert key != layer_key(pyth, PREFIX, "lib/python3.12/site-packages")
-    assert key != layer_key(pyth, "/opt/other", "lib/python3.11/site-packages")
+
+    def key(record, prefix=PREFIX, site="lib/python3.11/site-packages", scripts=False) -> str:
+        return layer_key(record, prefix=prefix, site_packages=site, allow_scripts=scripts)
+
+    assert key(pyth).startswith(f"{LAYOUT_VERSION}/{pyth.sha256.hex()}/")
+    assert all(c.isalnum() or c == "/" for c in key(pyth))
+    assert key(pyth) == key(pyth)
+    assert key(pyth) != key(pyth, site="lib/python3.12/site-packages")
+    assert key(pyth) != key(pyth, prefix="/opt/other")
+    # Scripts change what the layer holds (their output is kept): never shared.
+    assert key(pyth) != key(pyth, scripts=True)
+    # The source URL is in conda-meta: the same archive from a mirror is another layer,
+    # but the same channel read with credentials is the same one.
+    def moved(record, base: str) -> rattler.RepoDataRecord:
+        return rattler.RepoDataRecord(record, record.file_name, f"{base}/noarch/{record.file_name}", base)
+
+    assert key(moved(pyth, "https://mirror.example/ch")) != key(pyth)
+    assert key(moved(pyth, "https://mirror.example/ch")) == key(moved(pyth, "https://u:secret@mirror.example/ch"))
+    assert key(moved(pyth, "https://mirror.example/ch")) == key(moved(pyth, "https://mirror.example/t/tok-123/ch"))
     # Only noarch python layers depend on the python version.
-    assert layer_key(hello, PREFIX, "lib/python3.11/site-packages") == layer_key(hello, PREFIX, None)
+    assert key(hello) == key(hello, site=None)
     assert python_site_packages(None) is None
 
 

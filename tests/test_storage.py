@@ -480,7 +480,12 @@ async def test_filesystem_rebuilt_blob_replaces_an_unchecked_corrupt_copy(tmp_pa
 def age(path: Path, seconds: float) -> None:
     """Set the mtime of `path` and everything under it `seconds` into the past."""
     when = time.time() - seconds
-    for entry in [path, *path.rglob("*")] if path.is_dir() else [path]:
+    entries = [path]
+    if path.is_dir() and not path.is_symlink():
+        # os.walk never follows symlinks (rglob's is_dir() does) and skips what vanished.
+        for dirpath, dirnames, filenames in os.walk(path):
+            entries += [Path(dirpath, name) for name in (*dirnames, *filenames)]
+    for entry in entries:
         os.utime(entry, (when, when), follow_symlinks=False)
 
 

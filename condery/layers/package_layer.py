@@ -108,20 +108,6 @@ def python_site_packages(python_record: rattler.RepoDataRecord | None) -> str | 
     return f"lib/python{major}.{minor}/site-packages"
 
 
-def layer_key(record: rattler.RepoDataRecord, prefix: str, site_packages: str | None) -> str:
-    """A storage-safe key for the layer of `record` installed at `prefix`.
-
-    Everything that changes the layer's bytes is in it: the package (by sha256), the
-    prefix (placeholders), the site-packages path (noarch python only; ignored for any
-    other package so that e.g. zlib's layer is shared by every python version), and
-    the layout version.
-    """
-    sha = _sha256_hex(record)
-    rest = {"prefix": prefix, "site_packages": site_packages if _is_noarch_python(record) else None}
-    digest = hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
-    return f"{LAYOUT_VERSION}/{sha}/{digest[:32]}"
-
-
 def _check_prefix(prefix: str) -> None:
     if not prefix.startswith("/"):
         raise ValueError(f"prefix must be an absolute path, not {prefix!r}")

@@ -1,0 +1,131 @@
+"""The layers of one image: each package's layer (from the cache or built once), the
+groups that keep the image under the layer budget, and the environment layer.
+
+Keys and records are condery/cache.py's; this module only builds what is missing, one
+build per key however many images ask for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Sequence
+
+import rattler
+
+from condery.cache import LayerEntry, RecordCache, group_key, layer_key
+from condery.layers import LayerBlob
+from condery.layers.env_layer import build_env_layer
+from condery.layers.grouping import group_layers
+from condery.layers.members import PackageLimits
+from condery.layers.package_layer import build_package_layer
+from condery.layers.tarball import concat_layers
+from condery.registry.names import ImageRequest
+from condery.singleflight import SingleFlight
+from condery.state import AppState
+
+
+class LayerBuilder:
+    def __init__(self, state: AppState, records: RecordCache) -> None:
+        self.state = state
+        self.config = state.config
+        self.store = state.store
+        self.records = records
+        # A layer build nobody waits for any more (its image builds timed out) is cancelled.
+        self.flights: SingleFlight[LayerEntry] = SingleFlight(cancel_abandoned=True)
+
+    async def package_layer(
+        self, record: rattler.RepoDataRecord, python: rattler.RepoDataRecord | None,
+        site_packages: str | None, subdir: str,
+    ) -> tuple[LayerEntry, bool]:
+        """The package's layer from the cache, or built now (once, however many ask);
+        and whether it was built."""
+        key = layer_key(
+            record, prefix=self.config.prefix, site_packages=site_packages,
+            allow_scripts=self.config.allow_package_scripts,
+        )
+        cached = await self.records.layer(key)
+        if cached is not None:
+            return cached, False
+
+        async def build() -> LayerEntry:
+            # The download waits in its own slots, the install and tar in the CPU slots.
+            blob = await build_package_layer(
+                record,
+                python_record=python,
+                prefix=self.config.prefix,
+                platform=subdir,
+                work_dir=self.state.work_dir,
+                package_cache_dir=self.config.package_cache_dir,
+                allow_scripts=self.config.allow_package_scripts,
+                limits=PackageLimits(self.config.max_package_unpacked_size, self.config.max_package_files),
+                download_slots=self.state.download_slots,
+                cpu_slots=self.state.cpu_slots,
+                client=self.state.download_client,
+            )
+            return await self._store(key, blob, (record.file_name,))
+
+        return await self.flights.run(key, build), True
+
+    async def grouped(self, package_layers: Sequence[LayerEntry], room: int) -> list[LayerEntry]:
+        """Package layers in install order, merged into groups when they exceed `room`."""
+        if len(package_layers) <= room:
+            return list(package_layers)
+        position = {entry.key: i for i, entry in enumerate(package_layers)}
+        by_key = {entry.key: entry for entry in package_layers}
+        groups = group_layers({e.key: e.size for e in package_layers}, room)
+        groups = sorted(groups, key=lambda g: min(position[k] for k in g.members))
+        merged = []
+        for group in groups:
+            members = sorted(group.members, key=position.__getitem__)
+            if len(members) == 1:
+                merged.append(by_key[members[0]])
+            else:
+                merged.append(await self._group_layer([by_key[k] for k in members]))
+        return merged
+
+    async def _group_layer(self, members: Sequence[LayerEntry]) -> LayerEntry:
+        key = group_key([m.key for m in members])
+        cached = await self.records.layer(key)
+        if cached is not None:
+            return cached
+
+        async def build() -> LayerEntry:
+            with tempfile.TemporaryDirectory(dir=self.state.work_dir) as tmp:
+                paths = []
+                for i, member in enumerate(members):
+                    path = Path(tmp) / f"{i}.tar.gz"
+                    with open(path, "wb") as handle:
+                        async for chunk in self.store.read_blob(member.digest):
+                            handle.write(chunk)
+                    paths.append(path)
+                blob = await asyncio.to_thread(concat_layers, paths, Path(tmp) / "group.tar.gz")
+                return await self._store(key, blob, tuple(p for m in members for p in m.packages))
+
+        return await self.flights.run(key, build)
+
+    async def _store(self, key: str, blob: LayerBlob, packages: tuple[str, ...]) -> LayerEntry:
+        # The blob before the record that points at it: a crash leaves an orphan at worst.
+        await self.store.put_blob_file(blob.digest, blob.path)
+        entry = LayerEntry(key, blob.digest, blob.diff_id, blob.size, packages)
+        await self.records.put_layer(entry)
+        return entry
+
+    async def env_layer(
+        self, request: ImageRequest, records: Sequence[rattler.RepoDataRecord], subdir: str, created: datetime
+    ) -> LayerEntry:
+        with tempfile.TemporaryDirectory(dir=self.state.work_dir) as tmp:
+            blob = await asyncio.to_thread(
+                build_env_layer,
+                records,
+                requested_specs=request.specs,
+                prefix=self.config.prefix,
+                platform=subdir,
+                created=created,
+                out_path=Path(tmp) / "env.tar.gz",
+                command=f"condery {request.canonical_name}",
+            )
+            await self.store.put_blob_file(blob.digest, blob.path)
+        return LayerEntry("env", blob.digest, blob.diff_id, blob.size, ("environment",))
