@@ -32,7 +32,7 @@ import rattler
 
 from condery.admission import BuildQueue
 from condery.assembly import PlatformImage, created_of, image_settings, layer_annotations, manifest_annotations
-from condery.cache import Freshness, ImageRecord, LayerEntry, RecordCache, RepodataClock, image_key, tag_of
+from condery.cache import Freshness, ImageKeys, ImageRecord, LayerEntry, RecordCache, RepodataClock, tag_of
 from condery.config import MetaPackage
 from condery.image_layers import LayerBuilder
 from condery.layers import PackageError, PackageUnavailable
@@ -113,6 +113,7 @@ class ImageService:
         self.repodata = RepodataClock(state.gateway, self.config.latest_ttl)
         self._bases: SingleFlight[BaseImage] = SingleFlight()
         self._refreshes: dict[str, asyncio.Task[None]] = {}
+        self.keys = ImageKeys(self.config)
         self._last_bases: dict[str, BaseImage] = {}
         self._bases_checked_at = 0.0  # time.monotonic() of the last successful resolution
 
@@ -127,7 +128,7 @@ class ImageService:
         if isinstance(reference, Snapshot) and reference.exclude_newer > datetime.now(timezone.utc):
             raise errors.ManifestUnknown(f"snapshot {tag} has not ended yet (UTC); use :latest or a past day")
         bases = await self._bases_for_platforms()
-        key = image_key(self.config, request, tag, bases)
+        key = self.keys.key(request, tag, bases)
         try:
             record = await self.records.image(key)
         except StorageError as exc:
@@ -183,7 +184,7 @@ class ImageService:
     ) -> tuple[ImageRef, list[PlatformImage]]:
         """Build (or reuse the layers of) the image and store its top-level manifests (the CLI's entry)."""
         bases = await self._bases_for_platforms()
-        built = await self._build(image_key(self.config, request, tag_of(reference), bases), request, reference, bases, progress)
+        built = await self._build(self.keys.key(request, tag_of(reference), bases), request, reference, bases, progress)
         return built.ref, built.images
 
     async def _build_and_record(

@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -52,6 +53,8 @@ IMAGE_LAYOUT = f"image-v2+layer-{LAYOUT_VERSION}"  # image-v2: no ref.name annot
 IMAGE_SCHEMA = 2
 LAYER_SCHEMA = 2
 _COMPLETE_CACHE_ENTRIES = 100_000
+RECENT_SECONDS = 2.0
+RECENT_ENTRIES = 10_000
 
 
 def tag_of(reference: Latest | Snapshot) -> str:
@@ -67,33 +70,52 @@ def base_fingerprint(base: BaseImage) -> str:
     return _digest({"config": base.config, "layers": [layer.digest for layer in base.layers]})
 
 
-def image_inputs(config: Config, request: ImageRequest, bases: Mapping[str, BaseImage]) -> dict[str, Any]:
-    """Every setting that shapes the image of `request` (logged on a miss, hashed into the key)."""
-    return {
-        "layout": IMAGE_LAYOUT,
-        # Credentials are no input: the same channel read with another token is the same channel.
-        "channels": [redact_url(channel(c).base_url) for c in config.channels],
-        "platforms": list(config.platforms),
-        "prefix": config.prefix,
-        "bases": {subdir: base_fingerprint(base) for subdir, base in bases.items()},
-        # Only the meta-packages this name uses: editing another one changes nothing here.
-        "meta_packages": {
-            name: {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config.meta_packages[name]).items()}
-            for name in sorted(request.meta)
-        },
-        "allow_package_scripts": config.allow_package_scripts,
-        "layer_budget": config.layer_budget,
-    }
+class ImageKeys:
+    """Image record keys under one configuration.
+
+    A warm pull computes its key on every request, so what changes only with the
+    configuration is prepared once, and a base's fingerprint once per resolved base.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self._static: dict[str, Any] = {
+            "layout": IMAGE_LAYOUT,
+            # Credentials are no input: the same channel read with another token is the same channel.
+            "channels": [redact_url(channel(c).base_url) for c in config.channels],
+            "platforms": list(config.platforms),
+            "prefix": config.prefix,
+            "allow_package_scripts": config.allow_package_scripts,
+            "layer_budget": config.layer_budget,
+        }
+        self._meta = {
+            name: {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(meta).items()}
+            for name, meta in config.meta_packages.items()
+        }
+        self._bases: dict[str, tuple[BaseImage, str]] = {}  # subdir -> (base, its fingerprint)
+
+    def _base_fingerprint(self, subdir: str, base: BaseImage) -> str:
+        known = self._bases.get(subdir)
+        if known is None or known[0] is not base:
+            known = self._bases[subdir] = (base, base_fingerprint(base))
+        return known[1]
+
+    def inputs(self, request: ImageRequest, bases: Mapping[str, BaseImage]) -> dict[str, Any]:
+        """Every setting that shapes the image of `request` (logged on a miss, hashed into the key)."""
+        return {
+            **self._static,
+            "bases": {subdir: self._base_fingerprint(subdir, base) for subdir, base in bases.items()},
+            # Only the meta-packages this name uses: editing another one changes nothing here.
+            "meta_packages": {name: self._meta[name] for name in sorted(request.meta)},
+        }
+
+    def key(self, request: ImageRequest, tag: str, bases: Mapping[str, BaseImage]) -> str:
+        return image_record_key(request, tag, _digest(self.inputs(request, bases)))
 
 
 def image_record_key(request: ImageRequest, tag: str, fingerprint: str) -> str:
     # "_" can never be a name component, so "<name>/_/<tag>" cannot collide with a
     # longer name, and listing "<name>/_/" gives exactly this name's tags.
     return f"{request.canonical_name}/_/{tag}/{fingerprint[:32]}"
-
-
-def image_key(config: Config, request: ImageRequest, tag: str, bases: Mapping[str, BaseImage]) -> str:
-    return image_record_key(request, tag, _digest(image_inputs(config, request, bases)))
 
 
 def tags_prefix(request: ImageRequest) -> str:
@@ -249,8 +271,28 @@ class RecordCache:
         self.store = store
         # Images whose blobs were all seen stored, with the store's removal_generation then.
         self._complete: dict[str, int] = {}
+        # Image records read or written in the last RECENT_SECONDS: a warm pull otherwise
+        # reads its record from the store on every request (most of its cost). Another
+        # replica's write is seen once the entry expires.
+        self._recent: OrderedDict[str, tuple[float, ImageRecord]] = OrderedDict()
+
+    def _remember(self, key: str, record: ImageRecord) -> None:
+        self._recent[key] = (time.monotonic() + RECENT_SECONDS, record)
+        self._recent.move_to_end(key)
+        while len(self._recent) > RECENT_ENTRIES:
+            self._recent.popitem(last=False)
 
     async def image(self, key: str) -> ImageRecord | None:
+        recent = self._recent.get(key)
+        if recent is not None and recent[0] > time.monotonic() \
+                and self._complete.get(recent[1].ref.oci_digest) == self.store.removal_generation:
+            return recent[1]
+        record = await self._read_image(key)
+        if record is not None:
+            self._remember(key, record)
+        return record
+
+    async def _read_image(self, key: str) -> ImageRecord | None:
         raw = await self.store.get_record("images", key)
         if raw is None:
             log.info("image miss key=%s", key)
@@ -268,6 +310,7 @@ class RecordCache:
 
     async def put_image(self, key: str, record: ImageRecord) -> None:
         await self.store.put_record("images", key, record.as_record())
+        self._recent.pop(key, None)  # read back (and its blobs checked) on the next pull
         log.info("image write key=%s digest=%s", key, record.ref.oci_digest)
 
     async def tags(self, request: ImageRequest) -> set[str]:

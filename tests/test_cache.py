@@ -18,7 +18,8 @@ import pytest
 import rattler
 
 from condery.build import ImageService
-from condery.cache import Freshness, ImageRecord, RepodataClock
+from condery import cache
+from condery.cache import Freshness, ImageRecord, RecordCache, RepodataClock
 from condery.config import load_config
 from condery.registry import errors
 from condery.registry.names import ImageRef, parse_name
@@ -179,6 +180,35 @@ async def test_a_record_of_another_schema_is_a_miss(services: Services) -> None:
     assert (await service.store.get_record("images", key))["schema"] == raw["schema"]
 
 
+async def test_warm_pulls_read_their_record_once_and_see_other_replicas_soon(
+        services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cache, "RECENT_SECONDS", 0.3)
+    service = await services.make()
+    request = parse_name(TINY, service.meta_packages)
+    await service.resolve(request, Latest())
+    (key,) = await service.store.list_records("images", "")
+    reads = 0
+    real_get_record = service.store.get_record
+
+    async def counting_get_record(kind: str, record_key: str):  # instruments the real store
+        nonlocal reads
+        reads += kind == "images"
+        return await real_get_record(kind, record_key)
+
+    monkeypatch.setattr(service.store, "get_record", counting_get_record)
+    first = await service.records.image(key)
+    for _ in range(50):
+        assert await service.records.image(key) == first
+    assert reads == 1
+    # Another replica on the same store writes a newer record: seen once ours expires.
+    other = RecordCache(service.store)
+    newer = ImageRecord(first.ref, first.data_as_of + 60, first.platforms, first.skipped)
+    await other.put_image(key, newer)
+    assert await service.records.image(key) == first
+    await asyncio.sleep(0.35)
+    assert await service.records.image(key) == newer
+
+
 # -- item 5: the tag is not in the manifest --------------------------------------------------
 async def test_latest_and_a_date_with_the_same_packages_have_one_digest(services: Services) -> None:
     latest = await services.digest()
@@ -261,6 +291,7 @@ async def test_an_expired_latest_is_served_at_once_and_refreshed_in_the_backgrou
         raw = await service.store.get_record("images", record_key)
         await service.store.put_record("images", record_key, {**raw, "data_as_of": raw["data_as_of"] - 10})
     service.records._complete.clear()
+    service.records._recent.clear()
     # Expired: answered at once with the last good image while the refresh waits.
     assert await asyncio.wait_for(service.resolve(request, Latest()), 5) == first
     assert len(service._refreshes) == 1
@@ -279,6 +310,7 @@ async def test_an_expired_latest_is_served_at_once_and_refreshed_in_the_backgrou
     for record_key in await service.store.list_records("images", ""):
         raw = await service.store.get_record("images", record_key)
         await service.store.put_record("images", record_key, {**raw, "data_as_of": raw["data_as_of"] - 10})
+    service.records._recent.clear()  # the records were rewritten behind the service's back
     with caplog.at_level(logging.WARNING, logger="condery.build"):
         assert await service.resolve(request, Latest()) == second
         await service.refreshes_settled()
