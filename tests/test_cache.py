@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import shutil
-from datetime import date, datetime, timezone
+from datetime import date
 from pathlib import Path
 
 import pytest

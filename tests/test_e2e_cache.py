@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.failing_channel import failing_channel
+from tests.fixtures.http_channel import faulty_channel
 from tests.test_cache import TINY, tiny_channel
 from tests.test_e2e import Registry, condery
 
@@ -63,12 +63,12 @@ def test_platforms_that_do_not_solve_are_left_out(tmp_path: Path) -> None:
 
 
 def test_a_channel_fault_is_503_with_retry_after(tmp_path: Path, base_layout: Path) -> None:
-    with failing_channel(tiny_channel(tmp_path / "channel")) as channel:
-        channel.fail = {"repodata"}
+    with faulty_channel(tiny_channel(tmp_path / "channel")) as channel:
+        channel.broken.add("repodata")
         with condery(tmp_path, [channel.url], f"oci:{base_layout}:bookworm") as registry:
             status, headers, body = registry.get(f"/v2/{TINY}/manifests/latest")
             error = json.loads(body)["errors"][0]
             assert (status, error["code"]) == (503, "UNAVAILABLE"), body
             assert int(headers["Retry-After"]) > 0 and error["message"]
-            channel.fail = set()
+            channel.broken.clear()
             assert manifest(registry, TINY)[0].startswith("sha256:")

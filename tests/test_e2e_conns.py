@@ -14,7 +14,6 @@ import json
 import os
 import select
 import socket
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path

@@ -8,7 +8,6 @@ blob of the store, any error body or any log line.
 from __future__ import annotations
 
 import gzip
-import json
 import secrets
 import shutil
 from pathlib import Path

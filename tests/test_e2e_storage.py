@@ -5,7 +5,6 @@ litter, corrupt blobs), and `condery verify` run as documented in the README.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -15,53 +14,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.fixtures.clients import ClientError, skopeo_copy
 from tests.fixtures.procs import running
 from tests.test_e2e import OCI_MANIFEST, Registry, condery, serve
+from tests.fixtures.disk import fill, tmpfs
 from tests.test_storage import age
 
 pytestmark = pytest.mark.e2e
 
 TWO_HOURS = 2 * 3600
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str) -> Iterator[Path]:
-    """A small tmpfs mounted at `path` (the test runs as root), unmounted afterwards."""
-    path.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs to fill up (needs root): {mounted.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def fill(directory: Path) -> Path:
-    """Write a file in `directory` until the filesystem is full; return the file."""
-    filler = directory / "filler"
-    chunk = b"\0" * (64 << 10)
-    with open(filler, "wb") as handle:
-        try:
-            while True:
-                handle.write(chunk)
-                handle.flush()
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC, exc
-    # Then byte by byte, so that not even a small record fits.
-    with open(filler, "ab", buffering=0) as handle:
-        with contextlib.suppress(OSError):
-            while True:
-                handle.write(b"\0" * 512)
-    return filler
 
 
 def manifest(registry: Registry, name: str) -> tuple[int, dict, bytes]:

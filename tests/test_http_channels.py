@@ -23,7 +23,7 @@ from condery.registry.names import parse_name
 from condery.registry.tags import Latest
 from condery.state import REPODATA_RETRIES, AppState
 from tests.fixtures.condapkg import PkgFile, index_channel, write_conda_package
-from tests.fixtures.http_channel import FaultyChannel, faulty_channel
+from tests.fixtures.http_channel import faulty_channel
 from tests.fixtures.token_channel import token_channel
 
 PREFIX = "/opt/conda"

@@ -11,11 +11,8 @@ Retry-After; nothing else, and never an exception the registry has not mapped.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +24,8 @@ from condery.registry import errors
 from condery.registry.names import parse_name
 from condery.registry.tags import Latest
 from condery.state import AppState
-from tests.fixtures.failing_channel import FailingChannel, failing_channel
+from tests.fixtures.disk import fill, tmpfs
+from tests.fixtures.http_channel import FaultyChannel, faulty_channel
 from tests.fixtures.gated_channel import GatedChannel, gated_channel
 from tests.test_cache import TINY, tiny_channel
 
@@ -92,26 +90,26 @@ async def test_channel_directory_gone_is_503_and_built_images_stay(make, channel
 
 
 @pytest.fixture
-def http_channel(channel_dir: Path) -> Iterator[FailingChannel]:
-    with failing_channel(channel_dir) as channel:
+def http_channel(channel_dir: Path) -> Iterator[FaultyChannel]:
+    with faulty_channel(channel_dir) as channel:
         yield channel
 
 
-async def test_channel_answering_500_is_503(make, http_channel: FailingChannel, tmp_path: Path) -> None:
-    http_channel.fail = {"repodata"}
+async def test_channel_answering_500_is_503(make, http_channel: FaultyChannel, tmp_path: Path) -> None:
+    http_channel.broken.add("repodata")
     service = await make([http_channel.url])
     assert await outcome(service, TINY, tmp_path) == UNAVAILABLE
     assert http_channel.failed
-    http_channel.fail = set()  # a passing fault: the next pull works
+    http_channel.broken.clear()  # a passing fault: the next pull works
     assert (await outcome(service, TINY, tmp_path))[0] == 200
 
 
-async def test_package_download_failing_is_503(make, http_channel: FailingChannel, tmp_path: Path) -> None:
-    http_channel.fail = {"packages"}
+async def test_package_download_failing_is_503(make, http_channel: FaultyChannel, tmp_path: Path) -> None:
+    http_channel.broken.add("packages")
     service = await make([http_channel.url])
     assert await outcome(service, TINY, tmp_path) == UNAVAILABLE
     assert any(path.endswith(".tar.bz2") for path in http_channel.failed)
-    http_channel.fail = set()
+    http_channel.broken.clear()
     assert (await outcome(service, TINY, tmp_path))[0] == 200
 
 
@@ -126,31 +124,8 @@ async def test_refused_package_is_404(make, channel_dir: Path, tmp_path: Path) -
     assert await outcome(service, TINY, tmp_path) == NOT_FOUND
 
 
-@contextlib.contextmanager
-def full_tmpfs(path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs (the tests run as root), filled to the last block by the caller."""
-    path.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(path)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs (needs root): {mounted.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def fill(directory: Path) -> None:
-    with contextlib.suppress(OSError), open(directory / "filler", "wb", buffering=0) as filler:
-        while True:
-            filler.write(b"\0" * 4096)
-    with pytest.raises(OSError) as full:
-        (directory / "probe").write_bytes(b"\0" * 4096)
-    assert full.value.errno == errno.ENOSPC
-
-
 async def test_store_failing_is_503(make, channel_dir: Path, tmp_path: Path) -> None:
-    with full_tmpfs(tmp_path / "mnt") as mnt:
+    with tmpfs(tmp_path / "mnt", "4m") as mnt:
         service = await make([str(channel_dir)], store=mnt / "store")
         fill(mnt)
         assert await outcome(service, TINY, tmp_path) == UNAVAILABLE
