@@ -23,6 +23,7 @@ import rattler
 from condery.assembly import LABEL_PREFIX
 from condery.cache import Freshness, ImageRecord
 from condery.layers.env_layer import explicit_lock
+from condery.layers.solve import public_message
 from condery.redact import redact_text, redact_url
 from condery.registry.errors import RegistryError
 from condery.registry.tags import Latest, Snapshot
@@ -81,6 +82,12 @@ def solved_platform(records: Sequence[rattler.RepoDataRecord], subdir: str) -> S
         key=lambda p: p.name,
     ))
     return SolvedPlatform(packages, explicit_lock(records, subdir))
+
+
+def shown_channels(channels: Sequence[str]) -> list[str]:
+    """The configured channels as a page shows them: without credentials, and a local
+    channel by its directory's name (as in error messages: its path is the server's business)."""
+    return [public_message(redact_url(c), channels) for c in channels]
 
 
 @dataclass(frozen=True)

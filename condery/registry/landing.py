@@ -18,8 +18,8 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from condery.lookup import ImageLook
-from condery.redact import redact_text, redact_url
+from condery.lookup import ImageLook, shown_channels
+from condery.redact import redact_text
 from condery.registry.compose import Composed, compose
 from condery.registry.errors import RegistryError
 from condery.registry.images_api import look
@@ -94,7 +94,7 @@ def _served(service: "ImageService") -> str:
         ((f"<code>{_e(name)}</code>", _e(", ".join(meta.specs))) for name, meta in sorted(config.meta_packages.items())),
         "meta",
     )
-    channels = "".join(f"<li><code>{_e(redact_url(c))}</code></li>" for c in config.channels)
+    channels = "".join(f"<li><code>{_e(c)}</code></li>" for c in shown_channels(config.channels))
     return (
         "<section id=\"served\"><h2>What this registry serves</h2><dl class=\"facts\">"
         f"<dt>channels</dt><dd><ul class=\"channels\">{channels}</ul></dd>"
