@@ -13,7 +13,7 @@ import pytest
 
 from condery.build import ImageService
 from condery.config import DEFAULT_META_PACKAGES, load_config
-from condery.lookup import FailureLog
+from condery.lookup import FailureLog, shown_channels
 from condery.registry import errors
 from condery.registry.compose import compose
 from condery.registry.names import parse_name
@@ -67,6 +67,13 @@ def test_failure_log_keeps_the_newest_without_credentials() -> None:
         log.add(f"n{i}", "latest", errors.Unavailable(f"https://user:secret@example.org/t/tk-{i}/ch down"))
     assert [f.name for f in log.recent()] == ["n2", "n1"]
     assert all("secret" not in f.message and "tk-" not in f.message for f in log.recent())
+
+
+def test_channels_are_shown_without_credentials_or_server_paths(tmp_path: Path) -> None:
+    local = tmp_path / "my-channel"
+    assert shown_channels(["https://u:pw@conda.example.org/t/tok-1/private", str(local), local.as_uri()]) == [
+        "https://conda.example.org/private", "local channel my-channel", "local channel my-channel",
+    ]
 
 
 # -- the service: solves, caches, does not build ---------------------------------------

@@ -1,4 +1,4 @@
-"""The landing page and image pages in a real browser: Debian's chromium, headless,
+"""The landing page and image pages: the builds it lists, and in a real browser: Debian's chromium, headless,
 driven by selenium through chromedriver, against a real `condery serve`.
 
 The served channels include one whose package has an HTML payload in its build string
@@ -9,6 +9,7 @@ docs/landing.png was taken from).
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import tempfile
 import urllib.parse
@@ -18,9 +19,12 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.condapkg import index_channel, write_conda_package
+from condery.registry.landing import landing_page
+from condery.registry.names import parse_name
+from condery.registry.tags import Latest
+from tests.fixtures.gated_channel import GatedChannel
+from tests.test_build import gated, make_service, until  # noqa: F401 - fixtures
 from tests.test_e2e import OCI_MANIFEST, Registry, condery
-
-pytestmark = pytest.mark.e2e
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -86,6 +90,7 @@ def not_pwned(driver) -> None:
     assert driver.execute_script("return window.pwned === undefined")
 
 
+@pytest.mark.e2e
 def test_landing_page_composes_names(registry: Registry, browser, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
 
@@ -121,6 +126,7 @@ def test_landing_page_composes_names(registry: Registry, browser, tmp_path: Path
     assert shot.stat().st_size > 10_000
 
 
+@pytest.mark.e2e
 def test_composer_works_without_javascript(registry: Registry) -> None:
     status, _, body = registry.get("/?specs=" + urllib.parse.quote("scipy >1.0\nnumpy=1.26"))
     page = body.decode()
@@ -128,6 +134,7 @@ def test_composer_works_without_javascript(registry: Registry) -> None:
     assert f"docker pull {registry.host}/numpy.eq.1.26/scipy.gt.1.0:latest" in page
 
 
+@pytest.mark.e2e
 def test_image_page_shows_the_lock_then_the_layers(registry: Registry, browser) -> None:
     browser.get(registry.url + "/images/xz/tzdata/latest")
     assert text_of(browser, "#name") == "tzdata/xz"
@@ -144,6 +151,7 @@ def test_image_page_shows_the_lock_then_the_layers(registry: Registry, browser) 
     assert "xz-5.2.5" in layers and "(base image)" in layers
 
 
+@pytest.mark.e2e
 def test_hostile_text_is_shown_not_run(registry: Registry, browser) -> None:
     from selenium.webdriver.common.by import By
 
@@ -162,3 +170,22 @@ def test_hostile_text_is_shown_not_run(registry: Registry, browser) -> None:
     registry.get("/v2/condery-no-such-package/manifests/latest")
     browser.get(registry.url + "/")
     assert "condery-no-such-package" in text_of(browser, "#failures")
+
+
+async def test_builds_in_progress_are_listed(make_service, gated: GatedChannel) -> None:
+    service = await make_service(max_concurrent_builds=1)
+
+    def pull(name: str, client: str):
+        return asyncio.ensure_future(service.resolve(parse_name(name, service.meta_packages), Latest(), client))
+
+    first = pull("condery-hello", "a")
+    await until(lambda: gated.package_requests("condery-hello"))  # holds the only slot
+    second = pull("condery-empty", "b")
+    await until(lambda: service.builds.queued == 1)
+    page = landing_page(service, "registry.example", "")
+    assert "1 building (of 1), 1 queued" in page
+    assert '<a href="/images/condery-hello/latest"><code>condery-hello</code></a></td><td>latest</td><td>building' in page
+    assert '<code>condery-empty</code></a></td><td>latest</td><td>queued' in page
+    gated.packages.set()
+    await asyncio.gather(first, second)
+    assert "No build in progress" in landing_page(service, "registry.example", "")
