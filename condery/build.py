@@ -117,7 +117,7 @@ class ImageService:
         self.keys = ImageKeys(self.config)
         self._last_bases: dict[str, BaseImage] = {}
         self._bases_checked_at = 0.0  # time.monotonic() of the last successful resolution
-        self.solves = SolveCache(self.freshness)  # look(): solves without builds
+        self.solves = SolveCache(self.freshness, self.config.max_concurrent_builds)  # look(): solves, no builds
         self.failures = FailureLog()  # recent build and look failures, for the landing page
 
     @property

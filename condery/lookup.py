@@ -12,6 +12,7 @@ landing page: an operator sees what failed and why without reading logs.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections import OrderedDict, deque
@@ -134,9 +135,12 @@ class ImageLook:
 class SolveCache:
     """Solves by image key, answered while a pull's record would be fresh; one solve at a time per key."""
 
-    def __init__(self, freshness: Freshness, entries: int = SOLVE_CACHE_ENTRIES) -> None:
+    def __init__(self, freshness: Freshness, concurrency: int, entries: int = SOLVE_CACHE_ENTRIES) -> None:
         self.freshness = freshness
         self.entries = entries
+        # Looks do not pass the build queue (they cost no layers), but a solve costs a
+        # core: at most `concurrency` at once, so that looking at many names cannot starve pulls.
+        self._slots = asyncio.Semaphore(concurrency)
         self._solves: OrderedDict[str, Solved] = OrderedDict()
         self._flights: SingleFlight[Solved] = SingleFlight()
 
@@ -151,12 +155,17 @@ class SolveCache:
         cached = self.get(key, reference)
         if cached is not None:
             return cached
-        solved = await self._flights.run(key, work)
+        solved = await self._flights.run(key, lambda: self._bounded(work))
         self._solves[key] = solved
         self._solves.move_to_end(key)
         while len(self._solves) > self.entries:
             self._solves.popitem(last=False)
         return solved
+
+
+    async def _bounded(self, work: Callable[[], Awaitable[Solved]]) -> Solved:
+        async with self._slots:
+            return await work()
 
 
 async def built_layers(store: Store, record: ImageRecord) -> list[BuiltLayer]:
