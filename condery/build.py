@@ -39,6 +39,7 @@ from condery.layers import PackageError, PackageUnavailable
 from condery.layers.env_layer import explicit_lock
 from condery.layers.package_layer import python_site_packages
 from condery.layers.solve import SolveError, SolveRequest, SolveUnavailable, SpecError, solve
+from condery.lookup import FailureLog, ImageLook, SolveCache, Solved, SolvedPlatform, built_layers, solved_platform
 from condery.registry import errors
 from condery.registry.base_image import BaseImage, BaseImageError, resolve_base_image
 from condery.registry.manifest import (
@@ -116,6 +117,8 @@ class ImageService:
         self.keys = ImageKeys(self.config)
         self._last_bases: dict[str, BaseImage] = {}
         self._bases_checked_at = 0.0  # time.monotonic() of the last successful resolution
+        self.solves = SolveCache(self.freshness, self.config.max_concurrent_builds)  # look(): solves, no builds
+        self.failures = FailureLog()  # recent build and look failures, for the landing page
 
     @property
     def meta_packages(self) -> Mapping[str, MetaPackage]:
@@ -190,7 +193,11 @@ class ImageService:
     async def _build_and_record(
         self, key: str, request: ImageRequest, reference: Latest | Snapshot, bases: Mapping[str, BaseImage]
     ) -> ImageRef:
-        built = await self._build(key, request, reference, bases, None)
+        try:
+            built = await self._build(key, request, reference, bases, None)
+        except errors.RegistryError as exc:
+            self.failures.add(request.canonical_name, tag_of(reference), exc)
+            raise
         record = ImageRecord(
             ref=built.ref,
             data_as_of=built.data_as_of,
@@ -258,19 +265,72 @@ class ImageService:
         images = [r for r in results if isinstance(r, PlatformImage)]
         skipped = {r.subdir: r.reason for r in results if isinstance(r, Unsolvable)}
         if not images:
-            if len(skipped) == 1:
-                ((subdir, reason),) = skipped.items()
-                message = f"cannot solve {name} for {subdir}: {reason}"
-            else:
-                message = f"cannot solve {name} for any platform: " + "; ".join(
-                    f"{subdir}: {reason}" for subdir, reason in skipped.items()
-                )
-            # A definitive answer: repeating the name must not cost another solve for a while.
-            self.state.failed_solves.remember(key, message)
-            raise errors.ManifestUnknown(message)
+            raise self._unsolvable(key, name, skipped)
         for subdir, reason in skipped.items():
             log.warning("%s: served without %s, which does not solve: %s", name, subdir, reason)
         return Built(await self._top_level(request, images), images, data_as_of, skipped)
+
+    def _unsolvable(self, key: str, name: str, skipped: Mapping[str, str]) -> errors.ManifestUnknown:
+        if len(skipped) == 1:
+            ((subdir, reason),) = skipped.items()
+            message = f"cannot solve {name} for {subdir}: {reason}"
+        else:
+            message = f"cannot solve {name} for any platform: " + "; ".join(
+                f"{subdir}: {reason}" for subdir, reason in skipped.items()
+            )
+        # A definitive answer: repeating the name must not cost another solve for a while.
+        self.state.failed_solves.remember(key, message)
+        return errors.ManifestUnknown(message)
+
+    # -- looking without building (the images API, the image pages) -----------------
+    async def look(self, request: ImageRequest, reference: Latest | Snapshot) -> ImageLook:
+        """What the name solves to now (cached like a pull) and, once built, what a pull gets."""
+        tag = tag_of(reference)
+        if isinstance(reference, Snapshot) and reference.exclude_newer > datetime.now(timezone.utc):
+            raise errors.ManifestUnknown(f"snapshot {tag} has not ended yet (UTC); use :latest or a past day")
+        bases = await self._bases_for_platforms()
+        key = self.keys.key(request, tag, bases)
+        try:
+            record = await self.records.image(key)
+            failure = self.state.failed_solves.get(key)
+            if failure is not None:
+                raise errors.ManifestUnknown(failure)
+            solved = await self.solves.solve(key, reference, lambda: self._solve_platforms(key, request, reference, bases))
+            layers = None if record is None else await built_layers(self.store, record)
+        except StorageError as exc:
+            raise _store_failed(request, exc) from None
+        except errors.RegistryError as exc:
+            self.failures.add(request.canonical_name, tag, exc)
+            raise
+        return ImageLook(request.canonical_name, tag, solved, None if record is None else record.ref.oci_digest, layers)
+
+    async def _solve_platforms(
+        self, key: str, request: ImageRequest, reference: Latest | Snapshot, bases: Mapping[str, BaseImage]
+    ) -> Solved:
+        name = request.canonical_name
+        data_as_of = self.repodata.refresh(self.config.channels, force=isinstance(reference, Snapshot))
+
+        async def one(subdir: str) -> SolvedPlatform | Unsolvable:
+            try:
+                return solved_platform(await self._solve(request, reference, subdir, bases[subdir]), subdir)
+            except SolveUnavailable:
+                raise
+            except SolveError as exc:
+                return Unsolvable(subdir, str(exc))
+
+        try:
+            results = await _all_or_nothing([one(subdir) for subdir in self.config.platforms])
+        except SpecError as exc:
+            raise errors.NameInvalid(str(exc)) from None
+        except SolveUnavailable as exc:
+            raise errors.Unavailable(f"cannot solve {name}: {exc}") from None
+        except PackageError as exc:  # a record without sha256 cannot be locked, nor built
+            raise errors.ManifestUnknown(f"cannot solve {name}: {exc}") from None
+        skipped = {r.subdir: r.reason for r in results if isinstance(r, Unsolvable)}
+        platforms = {s: r for s, r in zip(self.config.platforms, results) if not isinstance(r, Unsolvable)}
+        if not platforms:
+            raise self._unsolvable(key, name, skipped)
+        return Solved(data_as_of, platforms, skipped)
 
     async def solve(self, request: ImageRequest, reference: Latest | Snapshot, subdir: str) -> list[rattler.RepoDataRecord]:
         """The records of one platform's solve (`condery solve`)."""

@@ -217,7 +217,7 @@ async def test_base(client: TestClient) -> None:
 
 
 async def test_unknown_paths_are_404_in_error_format(client: TestClient) -> None:
-    await assert_error(await client.get("/"), 404, "NAME_UNKNOWN")
+    # "/" is the landing page (tests/test_landing.py).
     await assert_error(await client.get("/v1/_ping"), 404, "NAME_UNKNOWN")
     await assert_error(await client.get("/v2/numpy/somewhere"), 404, "NAME_UNKNOWN")
     await assert_error(await client.get("/v2/numpy/tags"), 404, "NAME_UNKNOWN")

@@ -1,0 +1,204 @@
+"""Look before you pull: what a name and tag solve to, and what was built, without building.
+
+The images API and the image pages answer from here (`ImageService.look`). A solve is
+cached under the image record's key (cache.py's ImageKeys: name, tag and every setting
+that shapes the image) for as long as a pull's answer would be (cache.Freshness), so
+looking at a name again and again costs one solve per `latest_ttl`, like pulling it.
+A definitive failure goes to the same failed-solves memory a pull uses.
+
+`FailureLog` keeps the last few build and look failures with their reasons for the
+landing page: an operator sees what failed and why without reading logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Mapping, Sequence
+
+import rattler
+
+from condery.assembly import LABEL_PREFIX
+from condery.cache import Freshness, ImageRecord
+from condery.layers.env_layer import explicit_lock
+from condery.layers.solve import public_message
+from condery.redact import redact_text, redact_url
+from condery.registry.errors import RegistryError
+from condery.registry.tags import Latest, Snapshot
+from condery.singleflight import SingleFlight
+from condery.storage import Store
+
+SOLVE_CACHE_ENTRIES = 1024
+RECENT_FAILURES = 20
+_PACKAGES_ANNOTATION = f"{LABEL_PREFIX}.packages"
+
+
+@dataclass(frozen=True)
+class SolvedPackage:
+    name: str
+    version: str
+    build: str
+    channel: str  # without credentials
+    sha256: str | None
+    size: int
+    url: str  # without credentials: the lock's line
+
+
+@dataclass(frozen=True)
+class SolvedPlatform:
+    packages: tuple[SolvedPackage, ...]
+    lock: str  # the explicit lock the image's environment layer holds
+
+    @property
+    def size(self) -> int:
+        return sum(p.size for p in self.packages)
+
+
+@dataclass(frozen=True)
+class Solved:
+    """One solve of a name and tag on every configured platform."""
+
+    data_as_of: float  # when the oldest repodata it used was fetched (Freshness reads this)
+    platforms: Mapping[str, SolvedPlatform]  # conda subdir -> packages
+    skipped: Mapping[str, str] = field(default_factory=dict)  # conda subdir -> why it does not solve
+
+
+def solved_platform(records: Sequence[rattler.RepoDataRecord], subdir: str) -> SolvedPlatform:
+    packages = tuple(sorted(
+        (
+            SolvedPackage(
+                name=r.name.normalized,
+                version=str(r.version),
+                build=str(r.build),
+                channel=redact_url(str(r.channel or "")),
+                sha256=r.sha256.hex() if r.sha256 is not None else None,
+                size=int(r.size or 0),
+                url=redact_url(r.url),
+            )
+            for r in records
+        ),
+        key=lambda p: p.name,
+    ))
+    return SolvedPlatform(packages, explicit_lock(records, subdir))
+
+
+def shown_channels(channels: Sequence[str]) -> list[str]:
+    """The configured channels as a page shows them: without credentials, and a local
+    channel by its directory's name (as in error messages: its path is the server's business)."""
+    return [public_message(redact_url(c), channels) for c in channels]
+
+
+@dataclass(frozen=True)
+class BuiltLayer:
+    platform: str  # "os/arch"
+    digest: str
+    size: int
+    packages: tuple[str, ...]  # empty for the base image's layers
+
+
+@dataclass(frozen=True)
+class ImageLook:
+    name: str
+    tag: str
+    solved: Solved
+    digest: str | None  # the top-level manifest a pull gets now; None until built
+    layers: list[BuiltLayer] | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "tag": self.tag,
+            "platforms": {
+                subdir: {
+                    "packages": [
+                        {k: getattr(p, k) for k in ("name", "version", "build", "channel", "sha256", "size", "url")}
+                        for p in platform.packages
+                    ],
+                    "size": platform.size,
+                    "lock": platform.lock,
+                }
+                for subdir, platform in self.solved.platforms.items()
+            },
+            "skipped": dict(self.solved.skipped),
+            "digest": self.digest,
+            "layers": None if self.layers is None else [
+                {"platform": layer.platform, "digest": layer.digest, "size": layer.size,
+                 "packages": list(layer.packages)}
+                for layer in self.layers
+            ],
+        }
+
+
+class SolveCache:
+    """Solves by image key, answered while a pull's record would be fresh; one solve at a time per key."""
+
+    def __init__(self, freshness: Freshness, concurrency: int, entries: int = SOLVE_CACHE_ENTRIES) -> None:
+        self.freshness = freshness
+        self.entries = entries
+        # Looks do not pass the build queue (they cost no layers), but a solve costs a
+        # core: at most `concurrency` at once, so that looking at many names cannot starve pulls.
+        self._slots = asyncio.Semaphore(concurrency)
+        self._solves: OrderedDict[str, Solved] = OrderedDict()
+        self._flights: SingleFlight[Solved] = SingleFlight()
+
+    def get(self, key: str, reference: Latest | Snapshot) -> Solved | None:
+        solved = self._solves.get(key)
+        # Freshness only reads `data_as_of`, which a Solved has like an ImageRecord.
+        if solved is None or not self.freshness.is_fresh(solved, reference):  # type: ignore[arg-type]
+            return None
+        return solved
+
+    async def solve(self, key: str, reference: Latest | Snapshot, work: Callable[[], Awaitable[Solved]]) -> Solved:
+        cached = self.get(key, reference)
+        if cached is not None:
+            return cached
+        solved = await self._flights.run(key, lambda: self._bounded(work))
+        self._solves[key] = solved
+        self._solves.move_to_end(key)
+        while len(self._solves) > self.entries:
+            self._solves.popitem(last=False)
+        return solved
+
+
+    async def _bounded(self, work: Callable[[], Awaitable[Solved]]) -> Solved:
+        async with self._slots:
+            return await work()
+
+
+async def built_layers(store: Store, record: ImageRecord) -> list[BuiltLayer]:
+    """Each platform's layers as its stored OCI manifest lists them."""
+    layers: list[BuiltLayer] = []
+    for platform, digests in sorted(record.platforms.items()):
+        try:
+            manifest = json.loads(await store.get_blob_bytes(digests["oci"]))
+        except KeyError:
+            continue  # removed since the record was read: the next pull rebuilds it
+        for layer in manifest.get("layers", []):
+            packages = (layer.get("annotations") or {}).get(_PACKAGES_ANNOTATION, "")
+            layers.append(BuiltLayer(platform, layer["digest"], int(layer["size"]), tuple(packages.split())))
+    return layers
+
+
+@dataclass(frozen=True)
+class Failure:
+    at: float  # wall clock
+    name: str
+    tag: str
+    code: str
+    message: str  # credentials removed
+
+
+class FailureLog:
+    """The last few failures with their reasons (newest first), for the landing page."""
+
+    def __init__(self, size: int = RECENT_FAILURES) -> None:
+        self._failures: deque[Failure] = deque(maxlen=size)
+
+    def add(self, name: str, tag: str, error: RegistryError) -> None:
+        self._failures.appendleft(Failure(time.time(), name, tag, error.code, redact_text(error.message)))
+
+    def recent(self) -> list[Failure]:
+        return list(self._failures)

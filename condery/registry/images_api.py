@@ -1,0 +1,58 @@
+"""Look before you pull: the images API.
+
+    GET /api/v1/images/<name>/<tag>   the solved packages per platform (solves, never builds),
+                                      the manifest digest and layers once built
+    GET /api/v1/compose?specs=...     typed conda specs (one per line) -> the image name
+
+Errors are the registry's: the error middleware in server.py answers a RegistryError in
+the spec's body (400 NAME_INVALID, 404 MANIFEST_UNKNOWN with the solver's reason, 503
+UNAVAILABLE), with credentials removed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from condery.lookup import ImageLook
+from condery.registry.compose import compose
+from condery.registry.errors import ManifestUnknown, NameInvalid
+from condery.registry.names import parse_name
+from condery.registry.tags import Digest, parse_reference
+
+if TYPE_CHECKING:
+    from condery.build import ImageService
+
+
+def split_name_tag(path: str) -> tuple[str, str]:
+    """`<name>/<tag>` -> (name, tag): names hold slashes, a tag never does."""
+    name, slash, tag = path.rpartition("/")
+    if not slash or not name or not tag:
+        raise NameInvalid(f"expected <name>/<tag>, such as numpy/scipy.gt.1.0/latest, not {path[:80]!r}")
+    return name, tag
+
+
+async def look(service: "ImageService", path: str) -> ImageLook:
+    """What `<name>/<tag>` solves to and, once built, what a pull gets; raises RegistryError."""
+    name, tag = split_name_tag(path)
+    request = parse_name(name, service.meta_packages)
+    reference = parse_reference(tag)
+    if isinstance(reference, Digest):
+        raise ManifestUnknown("look at a tag ('latest' or a past 'YYYY-MM-DD'), not a digest")
+    return await service.look(request, reference)
+
+
+def register(app: web.Application, service: "ImageService") -> None:
+    async def image(request: web.Request) -> web.StreamResponse:
+        return web.json_response((await look(service, request.match_info["tail"])).as_json())
+
+    async def composed(request: web.Request) -> web.StreamResponse:
+        result = compose(request.query.get("specs", ""), service.meta_packages)
+        return web.json_response({
+            "name": result.name,
+            "problems": [{"spec": spec, "reason": reason} for spec, reason in result.problems],
+        })
+
+    app.router.add_get("/api/v1/images/{tail:.+}", image)
+    app.router.add_get("/api/v1/compose", composed)

@@ -1,0 +1,240 @@
+"""The landing page at `/` and one page per image at `/images/<name>/<tag>`.
+
+Server-rendered HTML, readable without JavaScript; `static/composer.js` only makes the
+name composer live (it asks `/api/v1/compose` and `/api/v1/images/...`, so the grammar
+is known in one place). Nothing is loaded from outside: an air-gapped registry's users
+reach nothing else. Every value that comes from a request, a name, a package or the
+configuration goes through `_e` (html.escape, quotes included) and channel URLs through
+redact, so a package whose build string or channel holds `<script>` shows as text.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
+from urllib.parse import quote
+
+from aiohttp import web
+
+from condery.lookup import ImageLook, shown_channels
+from condery.redact import redact_text
+from condery.registry.compose import Composed, compose
+from condery.registry.errors import RegistryError
+from condery.registry.images_api import look
+
+if TYPE_CHECKING:
+    from condery.build import ImageService
+
+STATIC_DIR = Path(__file__).parent / "static"
+_HTML = "text/html"
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _href(name: str, tag: str = "latest") -> str:
+    # Names are checked by the grammar before they reach a page, but a failure's name
+    # may not be: quote it anyway.
+    return "/images/" + quote(f"{name}/{tag}", safe="/")
+
+
+def _size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def _page(title: str, body: str, *, script: bool = False) -> str:
+    js = '<script src="/static/composer.js" defer></script>' if script else ""
+    return (
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        f"<title>{_e(title)}</title><link rel=\"stylesheet\" href=\"/static/condery.css\">{js}</head>"
+        f"<body><header><a href=\"/\" class=\"brand\">condery</a></header><main>{body}</main></body></html>\n"
+    )
+
+
+def pull_lines(host: str, name: str, tag: str = "latest") -> list[tuple[str, str]]:
+    """(where, line to copy) for an image: the ways users meet a registry name."""
+    image = f"{host}/{name}:{tag}"
+    return [
+        ("docker", f"docker pull {image}"),
+        ("podman", f"podman run --rm -it {image}"),
+        ("JupyterHub (KubeSpawner profile)", f"image: {image}"),
+        ("GitHub Actions job", f"container: {image}"),
+    ]
+
+
+def _lines_html(host: str, name: str, tag: str = "latest") -> str:
+    rows = "".join(
+        f"<dt>{_e(where)}</dt><dd><code class=\"copy\" data-kind=\"{_e(where.split()[0].lower())}\">{_e(line)}</code></dd>"
+        for where, line in pull_lines(host, name, tag)
+    )
+    return f"<dl class=\"lines\">{rows}</dl>"
+
+
+def _table(headers: Iterable[str], rows: Iterable[Iterable[str]], cls: str = "") -> str:
+    """A table; `rows` hold HTML already escaped by the caller."""
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
+    return f"<table class=\"{_e(cls)}\"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+# -- the landing page ---------------------------------------------------------------
+def _served(service: "ImageService") -> str:
+    config = service.config
+    metas = _table(
+        ("meta-package", "specs"),
+        ((f"<code>{_e(name)}</code>", _e(", ".join(meta.specs))) for name, meta in sorted(config.meta_packages.items())),
+        "meta",
+    )
+    channels = "".join(f"<li><code>{_e(c)}</code></li>" for c in shown_channels(config.channels))
+    return (
+        "<section id=\"served\"><h2>What this registry serves</h2><dl class=\"facts\">"
+        f"<dt>channels</dt><dd><ul class=\"channels\">{channels}</ul></dd>"
+        f"<dt>platforms</dt><dd>{_e(', '.join(config.platforms))}</dd>"
+        f"<dt>base image</dt><dd><code>{_e(redact_text(config.base_image))}</code></dd>"
+        f"<dt>prefix</dt><dd><code>{_e(config.prefix)}</code></dd>"
+        "<dt>tags</dt><dd><code>latest</code> (solved again after "
+        f"{_e(config.latest_ttl)} s) and <code>YYYY-MM-DD</code> (the channels as they were that UTC day)</dd>"
+        f"</dl><h3>Meta-packages</h3>{metas}</section>"
+    )
+
+
+def _composer(host: str, specs: str, composed: Composed | None) -> str:
+    result = ""
+    if composed is not None:
+        problems = "".join(
+            f"<li><code>{_e(spec)}</code>: {_e(reason)}</li>" for spec, reason in composed.problems
+        )
+        result = f"<ul class=\"problems\" id=\"problems\">{problems}</ul>"
+        if composed.name:
+            result += (
+                f"<p>Image name: <a id=\"image-name\" href=\"{_e(_href(composed.name))}\">"
+                f"<code>{_e(composed.name)}</code></a></p>{_lines_html(host, composed.name)}"
+            )
+    else:
+        result = "<ul class=\"problems\" id=\"problems\"></ul>"
+    return (
+        "<section id=\"composer\"><h2>Compose an image name</h2>"
+        "<p>One conda spec per line (<code>numpy&gt;=1.26</code>, <code>scipy 1.*</code>, "
+        "<code>python=3.11</code>) or a meta-package name.</p>"
+        "<form method=\"get\" action=\"/\" id=\"compose-form\">"
+        f"<textarea name=\"specs\" id=\"specs\" rows=\"4\" cols=\"40\" spellcheck=\"false\">{_e(specs)}</textarea>"
+        "<button type=\"submit\">Compose</button></form>"
+        f"<div id=\"composed\" data-host=\"{_e(host)}\">{result}</div>"
+        "<div id=\"solved\"></div></section>"
+    )
+
+
+def _builds(service: "ImageService") -> str:
+    queue = service.builds
+    rows = []
+    for key, running in queue.in_flight_keys():
+        # An image key is "<canonical name>/_/<tag>/<fingerprint>" (cache.image_record_key).
+        name, _, rest = key.partition("/_/")
+        tag = rest.split("/", 1)[0]
+        rows.append((
+            f"<a href=\"{_e(_href(name, tag))}\"><code>{_e(name)}</code></a>", _e(tag),
+            "building" if running else "queued",
+        ))
+    listing = _table(("image", "tag", "state"), rows, "builds") if rows else "<p>No build in progress.</p>"
+    return (
+        "<section id=\"builds\"><h2>Builds in progress</h2>"
+        f"<p>{queue.running} building (of {queue.max_running}), {queue.queued} queued "
+        f"(of {queue.max_queued}), {queue.waiting} requests waiting.</p>{listing}</section>"
+    )
+
+
+def _failures(service: "ImageService") -> str:
+    failures = service.failures.recent()
+    if not failures:
+        return "<section id=\"failures\"><h2>Recent failures</h2><p>None since this process started.</p></section>"
+    rows = (
+        (
+            _e(time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(f.at))),
+            f"<a href=\"{_e(_href(f.name, f.tag))}\"><code>{_e(f.name)}</code></a>:{_e(f.tag)}",
+            _e(f.code),
+            f"<span class=\"reason\">{_e(f.message)}</span>",
+        )
+        for f in failures
+    )
+    return f"<section id=\"failures\"><h2>Recent failures</h2>{_table(('when', 'image', 'code', 'reason'), rows, 'failures')}</section>"
+
+
+def landing_page(service: "ImageService", host: str, specs: str) -> str:
+    composed = compose(specs, service.meta_packages) if specs.strip() else None
+    body = (
+        f"<h1>condery at <code>{_e(host)}</code></h1>"
+        "<p class=\"lead\">A container registry that builds conda images on demand: the image name is the "
+        "list of packages. <code>docker pull " + _e(host) + "/numpy/scipy.gt.1.0</code> solves, builds one "
+        "layer per package and serves the image.</p>"
+        f"{_composer(host, specs, composed)}{_served(service)}{_builds(service)}{_failures(service)}"
+    )
+    return _page(f"condery at {host}", body, script=True)
+
+
+# -- an image's page ----------------------------------------------------------------
+def image_page(host: str, image: ImageLook) -> str:
+    sections = [
+        f"<h1>Image <code id=\"name\">{_e(image.name)}</code>:<code>{_e(image.tag)}</code></h1>",
+        _lines_html(host, image.name, image.tag),
+        "<p>Built: <code id=\"digest\">" + _e(image.digest) + "</code></p>" if image.digest
+        else "<p id=\"not-built\">Not built yet: the first pull builds it (these are the packages it will hold).</p>",
+    ]
+    for subdir, reason in image.solved.skipped.items():
+        sections.append(f"<p class=\"skipped\">Not served for {_e(subdir)}: {_e(reason)}</p>")
+    for subdir, platform in image.solved.platforms.items():
+        rows = (
+            (f"<code>{_e(p.name)}</code>", _e(p.version), _e(p.build), _e(p.channel), _e(_size(p.size)))
+            for p in platform.packages
+        )
+        sections.append(
+            f"<section class=\"platform\"><h2>{_e(subdir)}: {len(platform.packages)} packages, "
+            f"{_e(_size(platform.size))} to download</h2>"
+            f"{_table(('package', 'version', 'build', 'channel', 'size'), rows, 'packages')}"
+            f"<h3>Lock</h3><pre class=\"lock\">{_e(platform.lock)}</pre></section>"
+        )
+    if image.layers is not None:
+        rows = (
+            (_e(layer.platform), f"<code>{_e(layer.digest)}</code>", _e(_size(layer.size)),
+             _e(" ".join(layer.packages) or "(base image)"))
+            for layer in image.layers
+        )
+        total = sum(layer.size for layer in image.layers)
+        sections.append(
+            f"<section id=\"layers\"><h2>Layers ({len(image.layers)}, {_e(_size(total))} compressed)</h2>"
+            f"{_table(('platform', 'digest', 'size', 'packages'), rows, 'layers')}</section>"
+        )
+    return _page(f"{image.name}:{image.tag} - condery", "".join(sections))
+
+
+def error_page(error: RegistryError) -> web.Response:
+    body = (
+        f"<h1>{_e(error.status)} {_e(error.code)}</h1>"
+        f"<p class=\"error\" id=\"error\">{_e(redact_text(error.message))}</p><p><a href=\"/\">Back</a></p>"
+    )
+    return web.Response(status=error.status, text=_page(f"{error.code} - condery", body), content_type=_HTML)
+
+
+def register(app: web.Application, service: "ImageService") -> None:
+    async def landing(request: web.Request) -> web.StreamResponse:
+        page = landing_page(service, request.host, request.query.get("specs", ""))
+        return web.Response(text=page, content_type=_HTML)
+
+    async def image(request: web.Request) -> web.StreamResponse:
+        try:
+            found = await look(service, request.match_info["tail"])
+        except RegistryError as error:
+            return error_page(error)
+        return web.Response(text=image_page(request.host, found), content_type=_HTML)
+
+    app.router.add_get("/", landing)
+    app.router.add_get("/images/{tail:.+}", image)
+    app.router.add_static("/static/", STATIC_DIR)
