@@ -31,6 +31,7 @@ from urllib.parse import quote
 from aiohttp import hdrs, web
 
 from condery.config import MetaPackage
+from condery.registry import builds_api
 from condery.registry.errors import (
     BlobUnknown,
     DigestInvalid,
@@ -442,4 +443,5 @@ def create_app(service: ImageService, store: Store) -> web.Application:
     app.router.add_route("*", "/v2", api.base)
     app.router.add_route("*", "/v2/", api.base)
     app.router.add_route("*", "/v2/{tail:.+}", api.dispatch)
+    builds_api.register(app, service)  # type: ignore[arg-type]  # condery.build.ImageService is both
     return app
