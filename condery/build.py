@@ -208,12 +208,15 @@ class ImageService:
     ) -> tuple[BuildStatus, bool]:
         """Start the build a pull of this name and tag would start, without waiting for it.
 
-        Returns its status and whether it was already built (no build started). Raises
+        Returns its status and whether it was already built (no build started; an expired
+        one is refreshed in the background, as a pull would). Raises
         what a pull would raise before building: TOOMANYREQUESTS when the queue refuses
         it, MANIFEST_UNKNOWN for a name that recently failed to solve.
         """
         key, bases, record = await self._image_of(request, reference)
         if record is not None:
+            if not self.freshness.is_fresh(record, reference):
+                self._refresh(key, request, reference, bases)  # as a pull would: in the background
             known = self.state.build_status.of(key)
             if known is not None and known.state == "done":
                 return known, True

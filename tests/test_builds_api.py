@@ -18,7 +18,7 @@ from condery.registry.names import parse_name
 from condery.registry.server import create_app
 from condery.registry.tags import Latest
 from tests.fixtures.gated_channel import GatedChannel
-from tests.test_build import gated, make_service, until  # noqa: F401 - fixtures used below
+from tests.test_build import counting_builds, gated, make_service, until  # noqa: F401 - fixtures used below
 
 
 # -- progress tracking --------------------------------------------------------------
@@ -112,6 +112,7 @@ async def error_of(response, status: int, code: str) -> str:
         (b'{"name": "zlib", "tag": "sha256:' + b"0" * 64 + b'"}', 400, "NAME_INVALID"),
         (b'{"name": "zlib", "tag": "nightly"}', 404, "MANIFEST_UNKNOWN"),  # as a pull answers it
         (b"\xff\xfe", 400, "NAME_INVALID"),
+        (b"[" * 60_000, 400, "NAME_INVALID"),
     ],
 )
 async def test_bad_requests_get_a_clear_error(api, body: bytes, status: int, code: str) -> None:
@@ -165,3 +166,20 @@ async def test_a_queued_pull_that_is_dropped_leaves_no_status(make_service, gate
     gated.packages.set()
     await running
     assert [s.state for s in service.build_status.listing()] == ["done"]
+
+
+async def test_a_prebuild_of_an_expired_image_refreshes_it_as_a_pull_would(
+    aiohttp_client: Any, make_service, gated: GatedChannel  # noqa: F811
+) -> None:
+    gated.packages.set()
+    service = await make_service(latest_ttl=0)
+    client = await aiohttp_client(create_app(service, service.store))
+    builds = counting_builds(service)
+    first = await client.post("/api/v1/builds", json={"name": "condery-hello"})
+    assert first.status == 202
+    location = first.headers["Location"]
+    await until(lambda: service.build_status.get(location.rsplit("/", 1)[1]).state == "done")
+    again = await client.post("/api/v1/builds", json={"name": "condery-hello"})
+    assert again.status == 200 and (await again.json())["state"] == "done"
+    await service.refreshes_settled()
+    assert builds == ["condery-hello", "condery-hello"]  # the second one: the refresh

@@ -75,14 +75,17 @@ class BuildsAPI:
 
 async def _name_and_tag(request: web.Request) -> tuple[str, str]:
     """The body's name and tag, or NAME_INVALID saying what is wrong with it."""
+    too_large = NameInvalid(f'the body is larger than {MAX_BODY} bytes; send {{"name": ..., "tag": ...}}')
     if request.content_length is not None and request.content_length > MAX_BODY:
-        raise NameInvalid(f"the body is larger than {MAX_BODY} bytes; send {{\"name\": ..., \"tag\": ...}}")
-    raw = await request.content.read(MAX_BODY + 1)
-    if len(raw) > MAX_BODY:
-        raise NameInvalid(f"the body is larger than {MAX_BODY} bytes; send {{\"name\": ..., \"tag\": ...}}")
+        raise too_large
+    raw = bytearray()
+    async for chunk in request.content.iter_any():  # read() would stop at what has arrived
+        raw += chunk
+        if len(raw) > MAX_BODY:
+            raise too_large
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; RecursionError: [[[[...
         raise NameInvalid('the body is not JSON; send {"name": "python/numpy", "tag": "latest"}') from None
     if not isinstance(body, dict) or not isinstance(body.get("name"), str):
         raise NameInvalid('the body must be a JSON object with a string "name" (and optionally "tag")')
