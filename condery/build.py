@@ -26,7 +26,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Mapping, Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 import rattler
 
@@ -40,6 +40,7 @@ from condery.layers.env_layer import explicit_lock
 from condery.layers.package_layer import python_site_packages
 from condery.layers.solve import SolveError, SolveRequest, SolveUnavailable, SpecError, solve
 from condery.lookup import FailureLog, ImageLook, SolveCache, Solved, SolvedPlatform, built_layers, solved_platform
+from condery.progress import BuildStatus, BuildTracker, build_id
 from condery.registry import errors
 from condery.registry.base_image import BaseImage, BaseImageError, resolve_base_image
 from condery.registry.manifest import (
@@ -75,11 +76,16 @@ BASE_RECHECK = 30  # seconds a resolved base image is used before it is resolved
 
 
 class BuildProgress(Protocol):
-    """What a build reports as it goes (the CLI draws a progress bar from it)."""
+    """What a build reports as it goes (the CLI draws a progress bar from it, the builds
+    API keeps a condery.progress.BuildStatus). Sizes are the packages' sizes in repodata."""
 
-    def solved(self, platform: str, packages: int) -> None: ...
+    def solving(self, platform: str) -> None: ...
 
-    def layer_done(self, platform: str, package: str, built: bool) -> None: ...
+    def solved(self, platform: str, packages: int, size: int) -> None: ...
+
+    def layer_done(self, platform: str, package: str, built: bool, size: int) -> None: ...
+
+    def assembling(self, platform: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,7 @@ class ImageService:
         self.repodata = RepodataClock(state.gateway, self.config.latest_ttl)
         self._bases: SingleFlight[BaseImage] = SingleFlight()
         self._refreshes: dict[str, asyncio.Task[None]] = {}
+        self._prebuilds: set[asyncio.Task[ImageRef]] = set()  # held here: the loop keeps weak references
         self.keys = ImageKeys(self.config)
         self._last_bases: dict[str, BaseImage] = {}
         self._bases_checked_at = 0.0  # time.monotonic() of the last successful resolution
@@ -124,18 +131,15 @@ class ImageService:
     def meta_packages(self) -> Mapping[str, MetaPackage]:
         return self.config.meta_packages
 
+    @property
+    def build_status(self) -> BuildTracker:
+        """Builds in flight and recent ones, with their progress (the builds API)."""
+        return self.state.build_status
+
     # -- the registry's protocol ------------------------------------------------
     async def resolve(self, request: ImageRequest, reference: Latest | Snapshot, client: str = "local") -> ImageRef:
         """The image for a name and tag; `client` (the peer address) is who pays for a cold build."""
-        tag = tag_of(reference)
-        if isinstance(reference, Snapshot) and reference.exclude_newer > datetime.now(timezone.utc):
-            raise errors.ManifestUnknown(f"snapshot {tag} has not ended yet (UTC); use :latest or a past day")
-        bases = await self._bases_for_platforms()
-        key = self.keys.key(request, tag, bases)
-        try:
-            record = await self.records.image(key)
-        except StorageError as exc:
-            raise _store_failed(request, exc) from None
+        key, bases, record = await self._image_of(request, reference)
         if record is not None:
             if not self.freshness.is_fresh(record, reference):
                 # stale-while-revalidate: a warm pull never waits for a re-solve.
@@ -144,7 +148,104 @@ class ImageService:
         failure = self.state.failed_solves.get(key)
         if failure is not None:
             raise errors.ManifestUnknown(failure)
-        return await self.builds.run(key, client, lambda: self._build_and_record(key, request, reference, bases))
+        return await self._cold_build(key, request, reference, bases, client)
+
+    async def _image_of(
+        self, request: ImageRequest, reference: Latest | Snapshot
+    ) -> tuple[str, dict[str, BaseImage], ImageRecord | None]:
+        """The image's record key, the bases it is built on, and its record if built."""
+        tag = tag_of(reference)
+        if isinstance(reference, Snapshot) and reference.exclude_newer > datetime.now(timezone.utc):
+            raise errors.ManifestUnknown(f"snapshot {tag} has not ended yet (UTC); use :latest or a past day")
+        bases = await self._bases_for_platforms()
+        key = self.keys.key(request, tag, bases)
+        try:
+            return key, bases, await self.records.image(key)
+        except StorageError as exc:
+            raise _store_failed(request, exc) from None
+
+    async def _cold_build(
+        self, key: str, request: ImageRequest, reference: Latest | Snapshot, bases: Mapping[str, BaseImage],
+        client: str, on_status: Callable[[BuildStatus], None] | None = None,
+    ) -> ImageRef:
+        """The build of a missing image through the queue, joined when in flight, with a
+        status the builds API shows (queued until it holds a slot).
+
+        No await before `builds.run` admits or joins: the status found or started here
+        is the one of the flight that runs.
+        """
+        tracker = self.state.build_status
+        if self.builds.in_flight(key):
+            # Untracked only for a flight not started here (a refresh whose record went meanwhile).
+            status = tracker.of(key) or BuildStatus(build_id(key), request.canonical_name, tag_of(reference))
+        else:
+            status = tracker.start(key, request.canonical_name, tag_of(reference))
+        if on_status is not None:
+            on_status(status)
+        try:
+            return await self.builds.run(key, client, lambda: self._tracked(status, key, request, reference, bases))
+        except (errors.TooManyRequests, asyncio.CancelledError):
+            if status.state == "queued" and not self.builds.in_flight(key):
+                self.state.build_status.discard(status)  # refused, or dropped before it started
+            raise
+
+    async def _tracked(
+        self, status: BuildStatus, key: str, request: ImageRequest, reference: Latest | Snapshot,
+        bases: Mapping[str, BaseImage],
+    ) -> ImageRef:
+        # Inside the single flight: the outcome is written once, whoever waits for it.
+        status.started()
+        try:
+            ref = await self._build_and_record(key, request, reference, bases, status)
+        except errors.RegistryError as exc:
+            status.failed(exc.code, exc.message)
+            raise
+        except BaseException:  # cancelled (shutdown) or a bug, answered as a 500 by the server
+            status.failed("UNKNOWN", "the build stopped on an internal error")
+            raise
+        status.finished(ref.oci_digest)
+        return ref
+
+    async def prebuild(
+        self, request: ImageRequest, reference: Latest | Snapshot, client: str
+    ) -> tuple[BuildStatus, bool]:
+        """Start the build a pull of this name and tag would start, without waiting for it.
+
+        Returns its status and whether it was already built (no build started; an expired
+        one is refreshed in the background, as a pull would). Raises
+        what a pull would raise before building: TOOMANYREQUESTS when the queue refuses
+        it, MANIFEST_UNKNOWN for a name that recently failed to solve.
+        """
+        key, bases, record = await self._image_of(request, reference)
+        if record is not None:
+            if not self.freshness.is_fresh(record, reference):
+                self._refresh(key, request, reference, bases)  # as a pull would: in the background
+            known = self.state.build_status.of(key)
+            if known is not None and known.state == "done":
+                return known, True
+            done = BuildStatus(build_id(key), request.canonical_name, tag_of(reference))
+            done.finished(record.ref.oci_digest)
+            return done, True  # not tracked: no build happened, there is nothing to follow
+        failure = self.state.failed_solves.get(key)
+        if failure is not None:
+            raise errors.ManifestUnknown(failure)
+        # The prebuild waits for its build like a pull does (so a queued build is not
+        # dropped as abandoned), in a task of its own. Admission happens in the task's
+        # first step, before it first suspends: one turn of the loop tells whether the
+        # queue refused it.
+        statuses: list[BuildStatus] = []
+        task = asyncio.ensure_future(self._cold_build(key, request, reference, bases, client, statuses.append))
+        await asyncio.sleep(0)
+        if task.done():
+            task.result()  # raises TOOMANYREQUESTS
+        self._prebuilds.add(task)
+        task.add_done_callback(self._prebuild_done)
+        return statuses[0], False
+
+    def _prebuild_done(self, task: asyncio.Task[ImageRef]) -> None:
+        self._prebuilds.discard(task)
+        if not task.cancelled():
+            task.exception()  # the outcome is in the build's status; nobody else reads it
 
     async def manifest_media_type(self, digest: str) -> str | None:
         record = await self.store.get_record("manifest-types", digest.split(":", 1)[-1])
@@ -191,10 +292,11 @@ class ImageService:
         return built.ref, built.images
 
     async def _build_and_record(
-        self, key: str, request: ImageRequest, reference: Latest | Snapshot, bases: Mapping[str, BaseImage]
+        self, key: str, request: ImageRequest, reference: Latest | Snapshot, bases: Mapping[str, BaseImage],
+        progress: BuildProgress | None = None,
     ) -> ImageRef:
         try:
-            built = await self._build(key, request, reference, bases, None)
+            built = await self._build(key, request, reference, bases, progress)
         except errors.RegistryError as exc:
             self.failures.add(request.canonical_name, tag_of(reference), exc)
             raise
@@ -412,6 +514,8 @@ class ImageService:
         progress: BuildProgress | None,
     ) -> PlatformImage | Unsolvable:
         platform = oci_platform(subdir)
+        if progress:
+            progress.solving(subdir)
         try:
             records = await self._solve(request, reference, subdir, base)
         except SolveUnavailable:
@@ -419,20 +523,22 @@ class ImageService:
         except SolveError as exc:
             return Unsolvable(subdir, str(exc))
         if progress:
-            progress.solved(subdir, len(records))
+            progress.solved(subdir, len(records), sum(r.size or 0 for r in records))
         python = next((r for r in records if r.name.normalized == "python"), None)
         site_packages = python_site_packages(python)
 
         async def one(record: rattler.RepoDataRecord) -> LayerEntry:
             entry, built = await self.layers.package_layer(record, python, site_packages, subdir)
             if progress:
-                progress.layer_done(subdir, record.file_name, built)
+                progress.layer_done(subdir, record.file_name, built, record.size or 0)
             return entry
 
         package_layers = list(await asyncio.gather(*(one(r) for r in records)))
         # The base's layers and the environment layer count against the budget too.
         room = max(1, self.config.layer_budget - len(base.layers) - 1)
         layers = await self.layers.grouped(package_layers, room)
+        if progress:
+            progress.assembling(subdir)
 
         created = created_of(records)
         lock = explicit_lock(records, subdir)

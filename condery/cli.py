@@ -181,21 +181,35 @@ def _reference(tag: str):
 
 
 class _Bar:
-    """BuildProgress drawn with tqdm: one bar over every package of every platform."""
+    """BuildProgress drawn with tqdm: bytes of every package of every platform (the sizes
+    in repodata), with packages done of total and an ETA from the rate so far."""
 
     def __init__(self) -> None:
-        self.bar = tqdm(total=0, unit="pkg", desc="solving", file=sys.stderr)
+        self.bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc="solving", file=sys.stderr)
         self.built = 0
+        self.packages_done = 0
+        self.packages_total = 0
 
-    def solved(self, platform: str, packages: int) -> None:
-        self.bar.total += packages
+    def solving(self, platform: str) -> None:
+        self.bar.set_description(f"solving ({platform})")
+
+    def solved(self, platform: str, packages: int, size: int) -> None:
+        self.packages_total += packages
+        self.bar.total += size
         self.bar.set_description(f"layers ({platform})")
-        self.bar.refresh()
+        self._postfix("")
 
-    def layer_done(self, platform: str, package: str, built: bool) -> None:
+    def layer_done(self, platform: str, package: str, built: bool, size: int) -> None:
         self.built += built
-        self.bar.set_postfix_str(package[:40])
-        self.bar.update(1)
+        self.packages_done += 1
+        self._postfix(package)
+        self.bar.update(size)
+
+    def assembling(self, platform: str) -> None:
+        self.bar.set_description(f"manifests ({platform})")
+
+    def _postfix(self, package: str) -> None:
+        self.bar.set_postfix_str(f"{self.packages_done}/{self.packages_total} pkg {package[:40]}".rstrip())
 
 
 async def _build(config: Config, name: str, tag: str, output: str) -> int:

@@ -31,6 +31,7 @@ from urllib.parse import quote
 from aiohttp import hdrs, web
 
 from condery.config import MetaPackage
+
 from condery.registry.errors import (
     BlobUnknown,
     DigestInvalid,
@@ -43,7 +44,7 @@ from condery.registry.errors import (
     Unsupported,
     error_body,
 )
-from condery.registry import images_api, landing
+from condery.registry import builds_api, images_api, landing
 from condery.registry.names import ImageRef, ImageRequest, parse_name
 from condery.registry.media_types import INDEX_TYPES, OCI_INDEX
 from condery.registry.negotiation import client_platform, negotiate, platform_manifest
@@ -444,5 +445,6 @@ def create_app(service: ImageService, store: Store) -> web.Application:
     app.router.add_route("*", "/v2/", api.base)
     app.router.add_route("*", "/v2/{tail:.+}", api.dispatch)
     images_api.register(app, service)  # type: ignore[arg-type]  # condery.build's service
+    builds_api.register(app, service)  # type: ignore[arg-type]
     landing.register(app, service)  # type: ignore[arg-type]
     return app
