@@ -11,7 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -20,6 +20,7 @@ import rattler
 from condery.admission import BuildQueue, RecentFailures
 from condery.config import Config
 from condery.layers.package_layer import channel_client
+from condery.observability.metrics import Metrics
 from condery.registry.names import ImageRef
 from condery.storage import Store, StorageError, open_store
 from condery.storage.filesystem import FilesystemStore
@@ -45,6 +46,10 @@ class AppState:
     cpu_slots: asyncio.Semaphore  # concurrent package layer builds (CPU-bound)
     download_slots: asyncio.Semaphore  # concurrent package downloads (network-bound)
     owns_work_dir: bool = False  # a private temporary directory, removed on close
+    metrics: Metrics = field(default_factory=Metrics)  # this app's own registry (/metrics)
+
+    def __post_init__(self) -> None:
+        self.metrics.watch_builds(lambda: self.builds.running, lambda: self.builds.queued)
 
     @classmethod
     async def open(cls, config: Config) -> "AppState":

@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 from aiohttp.test_utils import TestClient
 
 from condery.config import DEFAULT_META_PACKAGES, ConfigError, MetaPackage, load_config
+from condery.observability.logs import FIELDS
 from condery.registry.connections import (
     ConnectionLimits,
     Throttled,
@@ -494,9 +495,11 @@ async def test_storage_failure_is_503_naming_the_cause(client: TestClient, servi
 async def test_passing_faults_are_logged(client: TestClient, service: InTestService,
                                          caplog: pytest.LogCaptureFixture) -> None:
     service.failure = Unavailable("cannot solve numpy: cannot read the channels: timed out")
-    with caplog.at_level(logging.WARNING, logger="condery.registry"):
+    with caplog.at_level(logging.WARNING, logger="condery.access"):
         await assert_error(await client.get("/v2/numpy/manifests/latest"), 503, "UNAVAILABLE")
-    assert any("503 UNAVAILABLE" in r.getMessage() and "timed out" in r.getMessage() for r in caplog.records)
+    # One line for the event: the request's own, with the error's code and reason.
+    (line,) = [getattr(r, FIELDS) for r in caplog.records if r.name == "condery.access"]
+    assert line["status"] == 503 and line["error"] == "UNAVAILABLE" and "timed out" in line["reason"]
 
 
 async def test_client_hangup_withdraws_its_wait(client: TestClient, service: InTestService) -> None:

@@ -31,6 +31,9 @@ from urllib.parse import quote
 from aiohttp import hdrs, web
 
 from condery.config import MetaPackage
+from condery.observability.metrics import Metrics
+from condery.registry import health
+from condery.registry.access_log import ERROR_KEY, access_middleware
 from condery.registry.errors import (
     BlobUnknown,
     DigestInvalid,
@@ -398,27 +401,29 @@ async def _error_middleware(
     try:
         return await handler(request)
     except RegistryError as error:
-        if error.status in (429, 503):
-            # Passing faults and refusals are what an operator looks for first; a 404 is
-            # the client's business. (The log filter removes any credential.)
-            log.warning("%s %s: %d %s: %s", request.method, request.path[:120], error.status, error.code,
-                        error.message)
+        request[ERROR_KEY] = error  # the request's log line carries its code and reason
         return error_response(error)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(_http_exception_error(request, exc))
+        error = _http_exception_error(request, exc)
+        request[ERROR_KEY] = error
+        return error_response(error)
     except StorageError as exc:
         if request.get(_STREAMING):
             raise
         log.exception("%s %s: storage failed", request.method, request.path[:120])
         # StorageError messages name the blob or record and the cause, never a path.
-        return error_response(Unavailable(f"the store failed: {exc}"))
+        error = Unavailable(f"the store failed: {exc}")
+        request[ERROR_KEY] = error
+        return error_response(error)
     except Exception:
         if request.get(_STREAMING):
             raise
         log.exception("%s %s: internal error", request.method, request.path[:120])
-        return error_response(RegistryError())
+        error = RegistryError()
+        request[ERROR_KEY] = error
+        return error_response(error)
 
 
 def _http_exception_error(request: web.Request, exc: web.HTTPException) -> RegistryError:
@@ -434,12 +439,18 @@ async def _add_api_version(request: web.Request, response: web.StreamResponse) -
     response.headers[API_VERSION_HEADER] = API_VERSION
 
 
-def create_app(service: ImageService, store: Store) -> web.Application:
-    """The pull API as an aiohttp application."""
+def create_app(service: ImageService, store: Store, metrics: Metrics | None = None) -> web.Application:
+    """The pull API as an aiohttp application (and /healthz, /readyz, /metrics).
+
+    `metrics` is the AppState's; a fresh registry when none is given (tests).
+    """
     api = PullAPI(service, store)
-    app = web.Application(middlewares=[_error_middleware])
+    metrics = metrics or Metrics()
+    # The request log is outermost: it sees every answer, the error middleware's included.
+    app = web.Application(middlewares=[access_middleware(metrics), _error_middleware])
     app.on_response_prepare.append(_add_api_version)
     app.router.add_route("*", "/v2", api.base)
     app.router.add_route("*", "/v2/", api.base)
     app.router.add_route("*", "/v2/{tail:.+}", api.dispatch)
+    health.register(app, store, metrics)
     return app
