@@ -8,7 +8,6 @@ import io
 import json
 import logging
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from condery.observability.metrics import ROUTES, Metrics, route_of
 from condery.redact import RedactingFilter
 from condery.registry.server import create_app
 from condery.state import AppState
+from tests.test_e2e_storage import tmpfs
 
 SECRET_URL = "https://user:hunter2@conda.example/t/TOKEN123/channel/linux-64/x.conda"
 
@@ -196,23 +196,11 @@ async def test_health_and_metrics_over_http(tmp_path: Path, fixture_channel: Pat
         assert _families(Metrics().render().decode())["condery_http_requests"].samples == []
 
 
-@contextlib.contextmanager
-def _tmpfs(path: Path) -> Iterator[Path]:
-    path.mkdir(parents=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(path)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root and mount rights): {mounted.stderr.decode().strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
 async def test_readyz_is_503_when_the_store_turns_read_only(
     tmp_path: Path, fixture_channel: Path, base_layout: Path
 ) -> None:
     # As root chmod does not stop a write: a tmpfs remounted read-only does.
-    with _tmpfs(tmp_path / "mnt") as mnt:
+    with tmpfs(tmp_path / "mnt", "8m") as mnt:
         async with _served(mnt / "store", fixture_channel, base_layout) as (client, _):
             assert (await client.get("/readyz")).status == 200
             subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)

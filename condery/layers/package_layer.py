@@ -467,11 +467,12 @@ async def build_package_layer(record: rattler.RepoDataRecord, *, python_record: 
         with report.timed("fetch") if report else contextlib.nullcontext():
             archive = await fetch_verified(record, package_cache_dir, limits.max_unpacked_bytes, client,
                                            on_download=report.downloaded if report else None)
-    async with cpu_slots or contextlib.nullcontext(), report.timed("layers") if report else contextlib.nullcontext():
-        return await _build_from_archive(record, archive, python_record=python_record, prefix=prefix,
-                                         platform=platform, work_dir=Path(work_dir),
-                                         package_cache_dir=Path(package_cache_dir),
-                                         allow_scripts=allow_scripts, limits=limits)
+    async with cpu_slots or contextlib.nullcontext():
+        with report.timed("layers") if report else contextlib.nullcontext():
+            return await _build_from_archive(record, archive, python_record=python_record, prefix=prefix,
+                                             platform=platform, work_dir=Path(work_dir),
+                                             package_cache_dir=Path(package_cache_dir),
+                                             allow_scripts=allow_scripts, limits=limits)
 
 
 async def _build_from_archive(record: rattler.RepoDataRecord, archive: Path, *,
