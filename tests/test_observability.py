@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from condery.build import ImageService
 from condery.config import load_config
 from condery.observability.build_report import BuildReport, union_seconds
-from condery.observability.logs import JsonFormatter, TextFormatter, event
+from condery.observability.logs import JsonFormatter, TextFormatter, configure_logging, event
 from condery.observability.metrics import ROUTES, Metrics, route_of
 from condery.redact import RedactingFilter
 from condery.registry.server import create_app
@@ -212,3 +212,22 @@ async def test_readyz_is_503_when_the_store_turns_read_only(
             assert (await client.get("/healthz")).status == 200  # alive, just not ready
             subprocess.run(["mount", "-o", "remount,rw", str(mnt)], check=True)
             assert (await client.get("/readyz")).status == 200
+
+
+def test_configure_logging_json_redacts_every_line(capsys: pytest.CaptureFixture[str]) -> None:
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        configure_logging(False, "json")  # what `condery serve` does with log_format: json
+        event(logging.getLogger("condery.build"), logging.WARNING, "build ended", result="failed",
+              reason=f"cannot fetch {SECRET_URL}")
+        logging.getLogger("rattler").error("fetch of %s failed", SECRET_URL)  # a third-party line too
+        logging.getLogger("condery").debug("not shown without -v")
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    lines = capsys.readouterr().err.splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["logger"] for r in records] == ["condery.build", "rattler"]
+    assert "hunter2" not in "".join(lines) and "TOKEN123" not in "".join(lines)
+    assert records[0]["reason"] == "cannot fetch https://conda.example/channel/linux-64/x.conda"

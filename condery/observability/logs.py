@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import datetime, timezone
 from typing import Any
@@ -22,12 +23,16 @@ from condery.redact import RedactingFilter, redact_text, redact_values
 # The record attribute that carries an event's structured fields.
 FIELDS = "condery_fields"
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# A text value with any of these is quoted (JSON string syntax): one event, one line.
+_NEEDS_QUOTES = re.compile(r'[\s"=\\]')
 
 
 def event(logger: logging.Logger, level: int, msg: str, **fields: Any) -> None:
     """Log `msg` with structured `fields` (shown as key=value, or as JSON members)."""
     if logger.isEnabledFor(level):
-        logger.log(level, msg, extra={FIELDS: fields})
+        # makeRecord + handle is logger.log without the caller lookup (a stack walk per
+        # line, for a file and line number no format shows): one runs per request.
+        logger.handle(logger.makeRecord(logger.name, level, "(event)", 0, msg, (), None, extra={FIELDS: fields}))
 
 
 def _text_value(value: Any) -> str:
@@ -36,7 +41,7 @@ def _text_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         value = ",".join(str(v) for v in value)
     text = "" if value is None else str(value)
-    if not text or any(c in text for c in ' "=\n\r\t\\'):
+    if not text or _NEEDS_QUOTES.search(text):
         return json.dumps(text)
     return text
 
