@@ -475,12 +475,14 @@ async def test_unexpected_failure_is_500_without_traceback(
     client: TestClient, service: InTestService, caplog: pytest.LogCaptureFixture
 ) -> None:
     service.failure = RuntimeError("secret internal detail at /root/somewhere")
-    with caplog.at_level(logging.ERROR, logger="condery.registry"):
+    with caplog.at_level(logging.ERROR, logger="condery.access"):
         response = await client.get("/v2/numpy/manifests/latest")
         error = await assert_error(response, 500, "UNKNOWN")
     assert "secret" not in json.dumps(error)
-    # The traceback goes to the log instead.
-    assert any(record.exc_info and "secret internal detail" in str(record.exc_info[1]) for record in caplog.records)
+    # The traceback goes to the log instead, on the request's own line (one line per event).
+    (line,) = [record for record in caplog.records if record.name == "condery.access"]
+    assert line.levelname == "ERROR" and line.condery_fields["status"] == 500
+    assert line.exc_info and "secret internal detail" in str(line.exc_info[1])
 
 
 async def test_storage_failure_is_503_naming_the_cause(client: TestClient, service: InTestService) -> None:

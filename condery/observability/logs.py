@@ -27,12 +27,15 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _NEEDS_QUOTES = re.compile(r'[\s"=\\]')
 
 
-def event(logger: logging.Logger, level: int, msg: str, **fields: Any) -> None:
-    """Log `msg` with structured `fields` (shown as key=value, or as JSON members)."""
+def event(logger: logging.Logger, level: int, msg: str, exc: BaseException | None = None, **fields: Any) -> None:
+    """Log `msg` with structured `fields` (shown as key=value, or as JSON members), and
+    `exc`'s traceback when given."""
     if logger.isEnabledFor(level):
+        exc_info = (type(exc), exc, exc.__traceback__) if exc is not None else None
         # makeRecord + handle is logger.log without the caller lookup (a stack walk per
         # line, for a file and line number no format shows): one runs per request.
-        logger.handle(logger.makeRecord(logger.name, level, "(event)", 0, msg, (), None, extra={FIELDS: fields}))
+        logger.handle(logger.makeRecord(logger.name, level, "(event)", 0, msg, (), exc_info,
+                                        extra={FIELDS: fields}))
 
 
 def _text_value(value: Any) -> str:

@@ -21,8 +21,10 @@ from condery.registry.errors import RegistryError
 
 log = logging.getLogger("condery.access")
 
-# Set by the error middleware on the request: the error its response carries.
+# Set by the error middleware on the request: the error its response carries, and the
+# unexpected exception behind it (logged with its traceback on the request's line).
 ERROR_KEY = web.RequestKey("condery_error", RegistryError) if hasattr(web, "RequestKey") else "condery_error"
+CAUSE_KEY = web.RequestKey("condery_cause", BaseException) if hasattr(web, "RequestKey") else "condery_cause"
 # Longer paths are cut in the log line (a client may send up to 8 KiB of request line).
 _MAX_LOGGED_PATH = 512
 _NO_BODY = frozenset({204, 304})
@@ -30,6 +32,13 @@ _NO_BODY = frozenset({204, 304})
 CLIENT_GONE = 499
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def note_error(request: web.Request, error: RegistryError, cause: BaseException | None = None) -> None:
+    """Put the error a response carries (and an unexpected cause) on the request's log line."""
+    request[ERROR_KEY] = error
+    if cause is not None:
+        request[CAUSE_KEY] = cause
 
 
 def access_middleware(metrics: Metrics) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
@@ -76,4 +85,7 @@ def _log_request(request: web.Request, status: int, size: int, seconds: float) -
     # Refusals and passing faults are what an operator looks for first; a 404 is the
     # client's business.
     level = logging.WARNING if status >= 500 or status == 429 else logging.INFO
-    event(log, level, "request", **fields)
+    cause: BaseException | None = request.get(CAUSE_KEY)
+    if cause is not None:
+        level = logging.ERROR
+    event(log, level, "request", cause, **fields)

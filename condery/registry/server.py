@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from aiohttp import hdrs, web
 from condery.config import MetaPackage
 from condery.observability.metrics import Metrics
 from condery.registry import health
-from condery.registry.access_log import ERROR_KEY, access_middleware
+from condery.registry.access_log import access_middleware, note_error
 from condery.registry.errors import (
     BlobUnknown,
     DigestInvalid,
@@ -53,7 +52,6 @@ from condery.registry.tags import SHA256_DIGEST_RE, Digest, Latest, Snapshot, pa
 from condery.redact import redact_text
 from condery.storage import Store, StorageError
 
-log = logging.getLogger("condery.registry")
 
 API_VERSION_HEADER = "Docker-Distribution-API-Version"
 API_VERSION = "registry/2.0"
@@ -401,28 +399,26 @@ async def _error_middleware(
     try:
         return await handler(request)
     except RegistryError as error:
-        request[ERROR_KEY] = error  # the request's log line carries its code and reason
+        note_error(request, error)
         return error_response(error)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         error = _http_exception_error(request, exc)
-        request[ERROR_KEY] = error
+        note_error(request, error)
         return error_response(error)
     except StorageError as exc:
         if request.get(_STREAMING):
             raise
-        log.exception("%s %s: storage failed", request.method, request.path[:120])
         # StorageError messages name the blob or record and the cause, never a path.
         error = Unavailable(f"the store failed: {exc}")
-        request[ERROR_KEY] = error
+        note_error(request, error, exc)  # the request's line carries the traceback
         return error_response(error)
-    except Exception:
+    except Exception as exc:
         if request.get(_STREAMING):
             raise
-        log.exception("%s %s: internal error", request.method, request.path[:120])
         error = RegistryError()
-        request[ERROR_KEY] = error
+        note_error(request, error, exc)  # the request's line carries the traceback
         return error_response(error)
 
 
