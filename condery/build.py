@@ -41,6 +41,7 @@ from condery.layers.package_layer import python_site_packages
 from condery.layers.solve import SolveError, SolveRequest, SolveUnavailable, SpecError, solve
 from condery.lookup import FailureLog, ImageLook, SolveCache, Solved, SolvedPlatform, built_layers, solved_platform
 from condery.progress import BuildStatus, BuildTracker, build_id
+from condery.observability.build_report import BuildReport
 from condery.registry import errors
 from condery.registry.base_image import BaseImage, BaseImageError, resolve_base_image
 from condery.registry.manifest import (
@@ -324,6 +325,32 @@ class ImageService:
         bases: Mapping[str, BaseImage],
         progress: BuildProgress | None,
     ) -> Built:
+        """`_build_image`, with its start and end logged and its metrics counted."""
+        report = BuildReport.start(request.canonical_name, tag_of(reference), self.config.platforms,
+                                   self.state.metrics)
+        try:
+            built = await self._build_image(key, request, reference, bases, progress, report)
+        except errors.RegistryError as exc:
+            report.finish(f"{exc.code}: {exc.message}")
+            raise
+        except asyncio.CancelledError:
+            report.finish("cancelled")
+            raise
+        except Exception as exc:
+            report.finish(f"internal error ({type(exc).__name__})")
+            raise
+        report.finish(skipped=built.skipped)
+        return built
+
+    async def _build_image(
+        self,
+        key: str,
+        request: ImageRequest,
+        reference: Latest | Snapshot,
+        bases: Mapping[str, BaseImage],
+        progress: BuildProgress | None,
+        report: BuildReport,
+    ) -> Built:
         """Every platform's image and the top-level manifests, or a registry error.
 
         The caller bounds concurrency (the server's BuildQueue; the CLI builds one image).
@@ -341,7 +368,7 @@ class ImageService:
         try:
             results = await asyncio.wait_for(
                 _all_or_nothing(
-                    [self._build_platform(request, reference, subdir, bases[subdir], progress)
+                    [self._build_platform(request, reference, subdir, bases[subdir], progress, report)
                      for subdir in self.config.platforms]
                 ),
                 timeout=self.config.build_timeout,
@@ -370,7 +397,10 @@ class ImageService:
             raise self._unsolvable(key, name, skipped)
         for subdir, reason in skipped.items():
             log.warning("%s: served without %s, which does not solve: %s", name, subdir, reason)
-        return Built(await self._top_level(request, images), images, data_as_of, skipped)
+        started = time.monotonic()
+        ref = await self._top_level(request, images)
+        report.span("manifests", started)
+        return Built(ref, images, data_as_of, skipped)
 
     def _unsolvable(self, key: str, name: str, skipped: Mapping[str, str]) -> errors.ManifestUnknown:
         if len(skipped) == 1:
@@ -512,28 +542,35 @@ class ImageService:
         subdir: str,
         base: BaseImage,
         progress: BuildProgress | None,
+        report: BuildReport,
     ) -> PlatformImage | Unsolvable:
         platform = oci_platform(subdir)
         if progress:
             progress.solving(subdir)
+        started = time.monotonic()
         try:
             records = await self._solve(request, reference, subdir, base)
         except SolveUnavailable:
             raise  # a passing fault fails the whole image: a partial one would be cached
         except SolveError as exc:
             return Unsolvable(subdir, str(exc))
+        finally:
+            report.span("solve", started)
+        report.solved(len(records), started)
         if progress:
             progress.solved(subdir, len(records), sum(r.size or 0 for r in records))
         python = next((r for r in records if r.name.normalized == "python"), None)
         site_packages = python_site_packages(python)
 
         async def one(record: rattler.RepoDataRecord) -> LayerEntry:
-            entry, built = await self.layers.package_layer(record, python, site_packages, subdir)
+            entry, built = await self.layers.package_layer(record, python, site_packages, subdir, report)
+            report.layer(built, entry.size)
             if progress:
                 progress.layer_done(subdir, record.file_name, built, record.size or 0)
             return entry
 
         package_layers = list(await asyncio.gather(*(one(r) for r in records)))
+        started = time.monotonic()
         # The base's layers and the environment layer count against the budget too.
         room = max(1, self.config.layer_budget - len(base.layers) - 1)
         layers = await self.layers.grouped(package_layers, room)
@@ -543,6 +580,7 @@ class ImageService:
         created = created_of(records)
         lock = explicit_lock(records, subdir)
         ours = [*layers, await self.layers.env_layer(request, records, subdir, created)]
+        report.stored(ours[-1].size)
         settings = image_settings(self.config, request, records, created, lock)
         history = [f"conda: {', '.join(entry.packages)}" for entry in ours]
         config_bytes = image_config(base.config, [e.diff_id for e in ours], settings, platform, history)
@@ -555,6 +593,7 @@ class ImageService:
         annotations = manifest_annotations(request, created)
         oci = await self._put_manifest(OCI_MANIFEST, oci_manifest(config, layer_descriptors, annotations), platform)
         docker = await self._put_manifest(DOCKER_MANIFEST, docker_manifest(config, layer_descriptors), platform)
+        report.span("manifests", started)
         return PlatformImage(platform, oci, docker, lock)
 
     async def _put_manifest(self, media_type: str, data: bytes, platform: OciPlatform | None) -> Descriptor:

@@ -18,7 +18,8 @@ from tqdm import tqdm
 from condery.build import ImageService
 from condery.config import Config, ConfigError, effective_yaml, load_config
 from condery.layers.env_layer import explicit_lock
-from condery.redact import RedactingFilter, redact_text
+from condery.observability.logs import configure_logging
+from condery.redact import redact_text
 from condery.registry.connections import (
     ConnectionLimits,
     default_max_connections,
@@ -80,20 +81,14 @@ def _version() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(RedactingFilter())  # no channel credential in any log line
-    for noisy in ("botocore", "aiobotocore", "aiohttp.access"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging(args.verbose)  # text until the configuration names the format
     try:
         config = load_config(
             args.config,
             host=getattr(args, "host", None),
             port=getattr(args, "port", None),
         )
+        configure_logging(args.verbose, config.log_format)
         if args.command == "config":
             sys.stdout.write(effective_yaml(config))
             return 0
@@ -157,7 +152,7 @@ async def _serve(config: Config) -> int:
 
 async def _serve_app(config: Config) -> web.Application:
     state = await AppState.open(config)
-    app = create_app(ImageService(state), state.store)
+    app = create_app(ImageService(state), state.store, state.metrics)
 
     async def close(_: web.Application) -> None:
         await state.close()

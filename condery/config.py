@@ -120,6 +120,8 @@ class Config:
     max_connections_per_client: int = 0  # 0: an eighth of max_connections, at least 8
     header_timeout: int = 15  # seconds to send a request's headers, else 408 and closed
     idle_timeout: int = 30  # seconds a keep-alive connection may wait for its next request
+    # "text" (key=value lines for people) or "json" (one JSON object a line, for log shippers).
+    log_format: str = "text"
 
     @property
     def package_cache_dir(self) -> Path:
@@ -131,6 +133,7 @@ class Config:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+LOG_FORMATS = ("text", "json")
 # Integer keys where 0 would make the registry useless (0 failed_solve_ttl, 0 queue are fine).
 _AT_LEAST_ONE = frozenset(
     {"layer_budget", "max_packages", "max_concurrent_builds", "max_builds_per_client", "max_package_files",
@@ -431,6 +434,9 @@ def _coerce(key: str, value: Any, problems: _Problems) -> Any:
         # The prefix is pasted into activation scripts and binary placeholders: keep it plain.
         if not re.fullmatch(r"(/[A-Za-z0-9._+-]+)+", value) or "/../" in value + "/":
             problems.add(key, f"expected an absolute path of [A-Za-z0-9._+-] parts, got {_shown(value)}")
+    if key == "log_format" and value is not None and value not in LOG_FORMATS:
+        problems.add(key, f"expected {' or '.join(LOG_FORMATS)}, got {_shown(value)}")
+        return None
     return value
 
 

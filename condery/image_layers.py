@@ -20,7 +20,7 @@ from condery.layers import LayerBlob
 from condery.layers.env_layer import build_env_layer
 from condery.layers.grouping import group_layers
 from condery.layers.members import PackageLimits
-from condery.layers.package_layer import build_package_layer
+from condery.layers.package_layer import LayerReport, build_package_layer
 from condery.layers.tarball import concat_layers
 from condery.registry.names import ImageRequest
 from condery.singleflight import SingleFlight
@@ -38,7 +38,7 @@ class LayerBuilder:
 
     async def package_layer(
         self, record: rattler.RepoDataRecord, python: rattler.RepoDataRecord | None,
-        site_packages: str | None, subdir: str,
+        site_packages: str | None, subdir: str, report: LayerReport | None = None,
     ) -> tuple[LayerEntry, bool]:
         """The package's layer from the cache, or built now (once, however many ask);
         and whether it was built."""
@@ -64,6 +64,7 @@ class LayerBuilder:
                 download_slots=self.state.download_slots,
                 cpu_slots=self.state.cpu_slots,
                 client=self.state.download_client,
+                report=report,
             )
             return await self._store(key, blob, (record.file_name,))
 

@@ -21,6 +21,7 @@ from condery.admission import BuildQueue, RecentFailures
 from condery.config import Config
 from condery.layers.package_layer import channel_client
 from condery.progress import BuildTracker
+from condery.observability.metrics import Metrics
 from condery.registry.names import ImageRef
 from condery.storage import Store, StorageError, open_store
 from condery.storage.filesystem import FilesystemStore
@@ -48,6 +49,10 @@ class AppState:
     owns_work_dir: bool = False  # a private temporary directory, removed on close
     # Image builds in flight and recently finished, with their progress (the builds API).
     build_status: BuildTracker = field(default_factory=BuildTracker)
+    metrics: Metrics = field(default_factory=Metrics)  # this app's own registry (/metrics)
+
+    def __post_init__(self) -> None:
+        self.metrics.watch_builds(lambda: self.builds.running, lambda: self.builds.queued)
 
     @classmethod
     async def open(cls, config: Config) -> "AppState":

@@ -50,6 +50,7 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"max_packages": 0}, "max_packages: 0 is out of range (at least 1)"),
     ({"latest_ttl": -1}, "latest_ttl: -1 is out of range (at least 0 seconds)"),
     ({"idle_timeout": 0}, "idle_timeout: 0 is out of range (at least 1 second)"),
+    ({"log_format": "xml"}, "log_format: expected text or json, got 'xml'"),
     # sizes
     ({"max_package_unpacked_size": "8 parsecs"}, "max_package_unpacked_size: expected a size such as 8GiB or 500MB, got '8 parsecs'"),
     ({"max_package_unpacked_size": True}, "max_package_unpacked_size: expected a size such as 8GiB or 500MB, got True"),

@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 from aiohttp.test_utils import TestClient
 
 from condery.config import DEFAULT_META_PACKAGES, ConfigError, MetaPackage, load_config
+from condery.observability.logs import FIELDS
 from condery.registry.connections import (
     ConnectionLimits,
     Throttled,
@@ -474,12 +475,14 @@ async def test_unexpected_failure_is_500_without_traceback(
     client: TestClient, service: InTestService, caplog: pytest.LogCaptureFixture
 ) -> None:
     service.failure = RuntimeError("secret internal detail at /root/somewhere")
-    with caplog.at_level(logging.ERROR, logger="condery.registry"):
+    with caplog.at_level(logging.ERROR, logger="condery.access"):
         response = await client.get("/v2/numpy/manifests/latest")
         error = await assert_error(response, 500, "UNKNOWN")
     assert "secret" not in json.dumps(error)
-    # The traceback goes to the log instead.
-    assert any(record.exc_info and "secret internal detail" in str(record.exc_info[1]) for record in caplog.records)
+    # The traceback goes to the log instead, on the request's own line (one line per event).
+    (line,) = [record for record in caplog.records if record.name == "condery.access"]
+    assert line.levelname == "ERROR" and line.condery_fields["status"] == 500
+    assert line.exc_info and "secret internal detail" in str(line.exc_info[1])
 
 
 async def test_storage_failure_is_503_naming_the_cause(client: TestClient, service: InTestService) -> None:
@@ -494,9 +497,11 @@ async def test_storage_failure_is_503_naming_the_cause(client: TestClient, servi
 async def test_passing_faults_are_logged(client: TestClient, service: InTestService,
                                          caplog: pytest.LogCaptureFixture) -> None:
     service.failure = Unavailable("cannot solve numpy: cannot read the channels: timed out")
-    with caplog.at_level(logging.WARNING, logger="condery.registry"):
+    with caplog.at_level(logging.WARNING, logger="condery.access"):
         await assert_error(await client.get("/v2/numpy/manifests/latest"), 503, "UNAVAILABLE")
-    assert any("503 UNAVAILABLE" in r.getMessage() and "timed out" in r.getMessage() for r in caplog.records)
+    # One line for the event: the request's own, with the error's code and reason.
+    (line,) = [getattr(r, FIELDS) for r in caplog.records if r.name == "condery.access"]
+    assert line["status"] == 503 and line["error"] == "UNAVAILABLE" and "timed out" in line["reason"]
 
 
 async def test_client_hangup_withdraws_its_wait(client: TestClient, service: InTestService) -> None:

@@ -261,6 +261,20 @@ async def test_s3_missing_bucket_is_a_clear_error(seaweed: SeaweedS3) -> None:
         await store.close()
 
 
+async def test_ping_answers_when_the_store_takes_writes(store: Store) -> None:
+    await store.ping()
+    await store.ping()  # nothing left behind that a second probe would trip over
+
+
+async def test_s3_ping_of_a_missing_bucket_says_so(seaweed: SeaweedS3) -> None:
+    store = S3Store(s3_config(seaweed, "condery-no-such-bucket"))
+    try:
+        with pytest.raises(StorageError, match="condery-no-such-bucket.*does not exist"):
+            await store.ping()
+    finally:
+        await store.close()
+
+
 async def test_s3_unreachable_endpoint_is_a_storage_error(seaweed: SeaweedS3) -> None:
     from tests.fixtures.procs import free_port
 

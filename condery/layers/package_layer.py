@@ -38,7 +38,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ContextManager, Protocol
 from urllib.parse import unquote, urlparse
 
 import rattler
@@ -51,6 +51,14 @@ from condery.layers.tarball import check_member_name, write_layer
 from condery.redact import redact_url, redact_values
 
 log = logging.getLogger(__name__)
+
+
+class LayerReport(Protocol):
+    """Where a layer build reports its phases and downloads (condery.observability's BuildReport)."""
+
+    def timed(self, phase: str) -> ContextManager[None]: ...
+
+    def downloaded(self, size: int) -> None: ...
 
 # Bump when the layer contents change for the same package (scrubbing, tar layout...),
 # so that layers cached under the old layout are not reused.
@@ -235,7 +243,8 @@ async def _download_with_retries(client: rattler.Client, record: rattler.RepoDat
 
 async def fetch_verified(record: rattler.RepoDataRecord, package_cache_dir: Path,
                          max_bytes: int = PackageLimits().max_unpacked_bytes,
-                         client: rattler.Client | None = None) -> Path:
+                         client: rattler.Client | None = None,
+                         on_download: Callable[[int], None] | None = None) -> Path:
     """The package archive on local disk, its sha256 checked against the repodata.
 
     The download stops past the size the repodata gives (or `max_bytes` when it gives
@@ -267,6 +276,8 @@ async def fetch_verified(record: rattler.RepoDataRecord, package_cache_dir: Path
         if actual != sha:
             raise PackageError(f"{dist}: sha256 mismatch: repodata says {sha}, archive is {actual}")
         os.replace(tmp, path)  # atomic: concurrent builds see a whole, verified file or none
+        if on_download is not None:  # bytes that came over the network (not from the cache)
+            on_download(path.stat().st_size)
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -434,7 +445,8 @@ async def build_package_layer(record: rattler.RepoDataRecord, *, python_record: 
                               allow_scripts: bool = False, limits: PackageLimits = PackageLimits(),
                               download_slots: asyncio.Semaphore | None = None,
                               cpu_slots: asyncio.Semaphore | None = None,
-                              client: rattler.Client | None = None) -> LayerBlob:
+                              client: rattler.Client | None = None,
+                              report: LayerReport | None = None) -> LayerBlob:
     """Build the layer of one package at `prefix`; the gzip file is left in `work_dir`.
 
     Package scripts (post-link) run only if `allow_scripts`: they are code from the
@@ -452,12 +464,15 @@ async def build_package_layer(record: rattler.RepoDataRecord, *, python_record: 
     if noarch_python and python_record is None:
         raise PackageError(f"{dist} is a noarch: python package, but the environment has no python")
     async with download_slots or contextlib.nullcontext():
-        archive = await fetch_verified(record, package_cache_dir, limits.max_unpacked_bytes, client)
+        with report.timed("fetch") if report else contextlib.nullcontext():
+            archive = await fetch_verified(record, package_cache_dir, limits.max_unpacked_bytes, client,
+                                           on_download=report.downloaded if report else None)
     async with cpu_slots or contextlib.nullcontext():
-        return await _build_from_archive(record, archive, python_record=python_record, prefix=prefix,
-                                         platform=platform, work_dir=Path(work_dir),
-                                         package_cache_dir=Path(package_cache_dir),
-                                         allow_scripts=allow_scripts, limits=limits)
+        with report.timed("layers") if report else contextlib.nullcontext():
+            return await _build_from_archive(record, archive, python_record=python_record, prefix=prefix,
+                                             platform=platform, work_dir=Path(work_dir),
+                                             package_cache_dir=Path(package_cache_dir),
+                                             allow_scripts=allow_scripts, limits=limits)
 
 
 async def _build_from_archive(record: rattler.RepoDataRecord, archive: Path, *,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -31,7 +30,9 @@ from urllib.parse import quote
 from aiohttp import hdrs, web
 
 from condery.config import MetaPackage
-
+from condery.observability.metrics import Metrics
+from condery.registry import health
+from condery.registry.access_log import access_middleware, note_error
 from condery.registry.errors import (
     BlobUnknown,
     DigestInvalid,
@@ -52,7 +53,6 @@ from condery.registry.tags import SHA256_DIGEST_RE, Digest, Latest, Snapshot, pa
 from condery.redact import redact_text
 from condery.storage import Store, StorageError
 
-log = logging.getLogger("condery.registry")
 
 API_VERSION_HEADER = "Docker-Distribution-API-Version"
 API_VERSION = "registry/2.0"
@@ -400,27 +400,27 @@ async def _error_middleware(
     try:
         return await handler(request)
     except RegistryError as error:
-        if error.status in (429, 503):
-            # Passing faults and refusals are what an operator looks for first; a 404 is
-            # the client's business. (The log filter removes any credential.)
-            log.warning("%s %s: %d %s: %s", request.method, request.path[:120], error.status, error.code,
-                        error.message)
+        note_error(request, error)
         return error_response(error)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(_http_exception_error(request, exc))
+        error = _http_exception_error(request, exc)
+        note_error(request, error)
+        return error_response(error)
     except StorageError as exc:
         if request.get(_STREAMING):
             raise
-        log.exception("%s %s: storage failed", request.method, request.path[:120])
         # StorageError messages name the blob or record and the cause, never a path.
-        return error_response(Unavailable(f"the store failed: {exc}"))
-    except Exception:
+        error = Unavailable(f"the store failed: {exc}")
+        note_error(request, error, exc)  # the request's line carries the traceback
+        return error_response(error)
+    except Exception as exc:
         if request.get(_STREAMING):
             raise
-        log.exception("%s %s: internal error", request.method, request.path[:120])
-        return error_response(RegistryError())
+        error = RegistryError()
+        note_error(request, error, exc)  # the request's line carries the traceback
+        return error_response(error)
 
 
 def _http_exception_error(request: web.Request, exc: web.HTTPException) -> RegistryError:
@@ -436,10 +436,15 @@ async def _add_api_version(request: web.Request, response: web.StreamResponse) -
     response.headers[API_VERSION_HEADER] = API_VERSION
 
 
-def create_app(service: ImageService, store: Store) -> web.Application:
-    """The pull API as an aiohttp application."""
+def create_app(service: ImageService, store: Store, metrics: Metrics | None = None) -> web.Application:
+    """The pull API as an aiohttp application (and /healthz, /readyz, /metrics).
+
+    `metrics` is the AppState's; a fresh registry when none is given (tests).
+    """
     api = PullAPI(service, store)
-    app = web.Application(middlewares=[_error_middleware])
+    metrics = metrics or Metrics()
+    # The request log is outermost: it sees every answer, the error middleware's included.
+    app = web.Application(middlewares=[access_middleware(metrics), _error_middleware])
     app.on_response_prepare.append(_add_api_version)
     app.router.add_route("*", "/v2", api.base)
     app.router.add_route("*", "/v2/", api.base)
@@ -447,4 +452,5 @@ def create_app(service: ImageService, store: Store) -> web.Application:
     images_api.register(app, service)  # type: ignore[arg-type]  # condery.build's service
     builds_api.register(app, service)  # type: ignore[arg-type]
     landing.register(app, service)  # type: ignore[arg-type]
+    health.register(app, store, metrics)
     return app

@@ -182,6 +182,14 @@ class Store(abc.ABC):
     async def list_records(self, kind: str, prefix: str = "") -> list[str]:
         """Keys of the records of `kind` whose key starts with `prefix`, sorted."""
 
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Return when the store answers and takes writes, else raise StorageError.
+
+        For /readyz: cheap (one tiny write, or one request), and its message says what
+        is wrong without a path or a credential.
+        """
+
     async def close(self) -> None:
         """Release connections; the store is not used after this."""
 

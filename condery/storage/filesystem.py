@@ -31,7 +31,15 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from condery.singleflight import SingleFlight
-from condery.storage import BlobInfo, Store, StorageError, check_digest, check_record_key, os_error_text
+from condery.storage import (
+    BlobInfo,
+    Store,
+    StorageError,
+    check_digest,
+    check_record_key,
+    os_error_text,
+    store_fault_reason,
+)
 from condery.storage.litter import remove_stale
 
 log = logging.getLogger("condery.storage")
@@ -198,6 +206,23 @@ class FilesystemStore(Store):
         finally:
             if staged is not None:
                 Path(staged).unlink(missing_ok=True)
+
+    async def ping(self) -> None:
+        await asyncio.to_thread(self._probe)
+
+    def _probe(self) -> None:
+        # A write in the staging directory, where every blob write starts: a read-only
+        # or full disk, or a removed store directory, fails here as it would on a build.
+        try:
+            fd, name = tempfile.mkstemp(dir=self.tmp, prefix="ping-")
+            try:
+                os.write(fd, b"ping")
+            finally:
+                os.close(fd)
+                Path(name).unlink(missing_ok=True)
+        except OSError as exc:
+            reason = store_fault_reason(exc) or f"the store cannot be written ({os_error_text(exc)})"
+            raise StorageError(reason, exc.errno) from exc
 
     async def clean_staging(self, max_age: float) -> int:
         return await asyncio.to_thread(remove_stale, self.tmp, max_age)

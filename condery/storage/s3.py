@@ -137,6 +137,12 @@ class S3Store(Store):
             if stack is not None:
                 await stack.aclose()
 
+    async def ping(self) -> None:
+        # HeadBucket: the endpoint answers, the credentials are accepted, the bucket exists.
+        client = await self._client()
+        with _failures(f"HeadBucket of {self.bucket!r}"):
+            await self._check_bucket(client)
+
     # -- keys ----------------------------------------------------------------
     @staticmethod
     def _blob_key(digest: str) -> str:
