@@ -22,7 +22,7 @@ from condery.observability.metrics import ROUTES, Metrics, route_of
 from condery.redact import RedactingFilter
 from condery.registry.server import create_app
 from condery.state import AppState
-from tests.test_e2e_storage import tmpfs
+from tests.fixtures.disk import tmpfs
 
 SECRET_URL = "https://user:hunter2@conda.example/t/TOKEN123/channel/linux-64/x.conda"
 
@@ -42,6 +42,8 @@ SECRET_URL = "https://user:hunter2@conda.example/t/TOKEN123/channel/linux-64/x.c
         ("/readyz", "readyz"),
         ("/api/v1/builds/abc", "api"),
         ("/", "landing"),
+        ("/images/python/numpy/latest", "landing"),
+        ("/static/condery.css", "landing"),
         ("/v2/manifests", "other"),
         ("/favicon.ico", "other"),
     ],

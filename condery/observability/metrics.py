@@ -44,8 +44,8 @@ def route_of(path: str) -> str:
         return path[1:]
     if path == "/api" or path.startswith("/api/"):
         return "api"
-    if path == "/":
-        return "landing"
+    if path == "/" or path.startswith(("/images/", "/static/")):
+        return "landing"  # the landing page, image pages and their static files
     return "other"
 
 
