@@ -136,15 +136,18 @@ def _composer(host: str, specs: str, composed: Composed | None) -> str:
 def _builds(service: "ImageService") -> str:
     queue = service.builds
     rows = []
-    for key, running in queue.in_flight_keys():
-        # An image key is "<canonical name>/_/<tag>/<fingerprint>" (cache.image_record_key).
-        name, _, rest = key.partition("/_/")
-        tag = rest.split("/", 1)[0]
+    for status in service.build_status.listing():
+        if status.is_finished:
+            continue
+        packages = f"{status.packages_done} of {status.packages_total}" if status.packages_total else "solving"
+        size = f"{_size(status.bytes_done)} of {_size(status.bytes_total)}" if status.bytes_total else ""
         rows.append((
-            f"<a href=\"{_e(_href(name, tag))}\"><code>{_e(name)}</code></a>", _e(tag),
-            "building" if running else "queued",
+            f"<a href=\"{_e(_href(status.name, status.tag))}\"><code>{_e(status.name)}</code></a>", _e(status.tag),
+            _e(status.state), _e(packages), _e(size),
+            f"<a href=\"/api/v1/builds/{_e(status.id)}\">status</a>",
         ))
-    listing = _table(("image", "tag", "state"), rows, "builds") if rows else "<p>No build in progress.</p>"
+    listing = (_table(("image", "tag", "state", "packages", "bytes", "API"), rows, "builds") if rows
+               else "<p>No build in progress.</p>")
     return (
         "<section id=\"builds\"><h2>Builds in progress</h2>"
         f"<p>{queue.running} building (of {queue.max_running}), {queue.queued} queued "
