@@ -149,7 +149,22 @@ class ImageService:
         failure = self.state.failed_solves.get(key)
         if failure is not None:
             raise errors.ManifestUnknown(failure)
+        if not self.builds.in_flight(key):
+            # Another replica building it: wait for its record like a join, without a queue slot.
+            ref = await self.state.coordinator.wait_elsewhere(key, lambda: self._recorded(key),
+                                                              self.config.build_timeout)
+            if ref is not None:
+                return ref
         return await self._cold_build(key, request, reference, bases, client)
+
+    async def _recorded(self, key: str) -> ImageRef | None:
+        """The image's ref once built (by any replica); a store fault reads as not yet,
+        so that the build of our own that follows reports it as a pull would."""
+        try:
+            record = await self.records.image(key)
+        except StorageError:
+            return None
+        return None if record is None else record.ref
 
     async def _image_of(
         self, request: ImageRequest, reference: Latest | Snapshot
@@ -197,7 +212,11 @@ class ImageService:
         # Inside the single flight: the outcome is written once, whoever waits for it.
         status.started()
         try:
-            ref = await self._build_and_record(key, request, reference, bases, status)
+            # Under the key's cross-replica lock; another replica's result when it built it first.
+            ref = await self.state.coordinator.exclusive(
+                key, lambda: self._build_and_record(key, request, reference, bases, status),
+                lambda: self._recorded(key), self.config.build_timeout,
+            )
         except errors.RegistryError as exc:
             status.failed(exc.code, exc.message)
             raise

@@ -77,6 +77,15 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class CoordinationConfig:
+    """How replicas on one bucket avoid building the same image twice (coordination.py)."""
+
+    backend: str = "local"  # "local" (one replica) or "redis"
+    url: str | None = None  # redis: redis://HOST:PORT/DB (or rediss://, unix://)
+    lease: int = 30  # redis: seconds a killed builder can keep others waiting on its image
+
+
+@dataclass(frozen=True)
 class Config:
     host: str = "127.0.0.1"
     port: int = 8080
@@ -85,6 +94,7 @@ class Config:
     prefix: str = "/opt/conda"
     base_image: str = DEFAULT_BASE_IMAGE
     storage: StorageConfig = field(default_factory=StorageConfig)
+    coordination: CoordinationConfig = field(default_factory=CoordinationConfig)
     # Most engines refuse images of more than ~125 layers; leave room for the base.
     layer_budget: int = 100
     latest_ttl: int = 3600  # seconds a `latest` solve is reused before solving again
@@ -148,6 +158,8 @@ _SIZE_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
 _STORAGE_KEYS = {"filesystem": frozenset({"path"}),
                  "s3": frozenset({"bucket", "endpoint_url", "region", "redirect"})}
 _META_KEYS = frozenset(f.name for f in dataclasses.fields(MetaPackage))
+_COORDINATION_KEYS = {"local": frozenset(), "redis": frozenset({"url", "lease"})}
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 class _Problems:
@@ -301,6 +313,37 @@ def _storage(path: str, value: Any, problems: _Problems) -> StorageConfig | None
     return StorageConfig(**values) if len(problems.lines) == before else None
 
 
+def _coordination(path: str, value: Any, problems: _Problems) -> CoordinationConfig | None:
+    if isinstance(value, CoordinationConfig):  # a caller's ready-made one (tests, tools)
+        return value
+    if not isinstance(value, Mapping):
+        problems.add(path, f"expected a mapping, got {_shown(value)}")
+        return None
+    before = len(problems.lines)
+    backend = value.get("backend", CoordinationConfig.backend)
+    if backend not in _COORDINATION_KEYS:
+        problems.add(f"{path}.backend", f"expected local or redis, got {_shown(backend)}")
+        return None
+    values: dict[str, Any] = {"backend": backend}
+    for key, item in value.items():
+        if key == "backend":
+            continue
+        if key not in _COORDINATION_KEYS["redis"]:
+            problems.add(_join(path, key), _unknown(key, {"backend", *_COORDINATION_KEYS["redis"]}))
+        elif key not in _COORDINATION_KEYS[backend]:
+            problems.add(_join(path, key), f"not a key of the {backend} backend (only redis has url and lease)")
+        elif key == "lease":
+            values[key] = _integer(_join(path, key), item, problems, 1, None, "second")
+        else:
+            url = _string(_join(path, key), item, problems)
+            if url is not None and not url.startswith(_REDIS_SCHEMES):
+                problems.add(_join(path, key), f"expected a redis://HOST:PORT/DB URL, got {_shown(redact_text(url))}")
+            values[key] = url
+    if backend == "redis" and "url" not in value and len(problems.lines) == before:
+        problems.add(f"{path}.url", "required for the redis backend (redis://HOST:PORT/DB)")
+    return CoordinationConfig(**values) if len(problems.lines) == before else None
+
+
 def _meta_name(path: str, name: Any, problems: _Problems) -> bool:
     """A meta-package name is one name component that no spec component can also mean."""
     if not isinstance(name, str) or not COMPONENT_RE.fullmatch(name):
@@ -418,6 +461,8 @@ def _coerce(key: str, value: Any, problems: _Problems) -> Any:
         return _platforms(key, value, problems)
     if key == "storage":
         return _storage(key, value, problems)
+    if key == "coordination":
+        return _coordination(key, value, problems)
     if key == "meta_packages":
         return _meta_packages(key, value, problems)
     if key in _SIZE_KEYS:
@@ -516,6 +561,8 @@ def _plain(config: Config) -> dict[str, Any]:
         if name == "storage":
             keys = ("backend", *sorted(_STORAGE_KEYS[value.backend]))
             value = {k: getattr(value, k) for k in keys if getattr(value, k) is not None}
+        elif name == "coordination":
+            value = {k: getattr(value, k) for k in ("backend", *sorted(_COORDINATION_KEYS[value.backend]))}
         elif name == "meta_packages":
             value = {
                 meta: {k: (list(v) if isinstance(v, tuple) else dict(v) if isinstance(v, Mapping) else v)

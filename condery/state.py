@@ -19,6 +19,7 @@ import rattler
 
 from condery.admission import BuildQueue, RecentFailures
 from condery.config import Config
+from condery.coordination import Coordinator, LocalCoordinator, open_coordinator
 from condery.layers.package_layer import channel_client
 from condery.progress import BuildTracker
 from condery.observability.metrics import Metrics
@@ -50,9 +51,15 @@ class AppState:
     # Image builds in flight and recently finished, with their progress (the builds API).
     build_status: BuildTracker = field(default_factory=BuildTracker)
     metrics: Metrics = field(default_factory=Metrics)  # this app's own registry (/metrics)
+    # Cold builds across replicas on one bucket (a Redis lock per image key), or nothing.
+    coordinator: Coordinator = field(default_factory=LocalCoordinator)
 
     def __post_init__(self) -> None:
         self.metrics.watch_builds(lambda: self.builds.running, lambda: self.builds.queued)
+        if isinstance(self.coordinator, LocalCoordinator):  # opened here: its events go to these metrics
+            self.coordinator = open_coordinator(
+                self.config.coordination, lambda event: self.metrics.build_locks.labels(event).inc()
+            )
 
     @classmethod
     async def open(cls, config: Config) -> "AppState":
@@ -90,6 +97,7 @@ class AppState:
         )
 
     async def close(self) -> None:
+        await self.coordinator.close()
         await self.http.close()
         await self.store.close()
         if self.owns_work_dir:

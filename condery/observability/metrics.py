@@ -83,6 +83,11 @@ class Metrics:
         self.download_bytes = Counter(
             "condery_package_download_bytes", "Bytes of package archives downloaded from the channels", registry=r
         )
+        # Cross-replica build locks (coordination.py): acquired, waited (another replica
+        # was building), unavailable (Redis could not answer: built without the lock).
+        self.build_locks = Counter(
+            "condery_build_locks", "Cross-replica build lock events, by event", ["event"], registry=r
+        )
         for result in ("ok", "failed"):
             self.builds.labels(result)  # present at 0, so a rate() has a series from the start
         for result in ("built", "reused"):
