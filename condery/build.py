@@ -161,7 +161,7 @@ class ImageService:
         """The image's ref once built (by any replica); a store fault reads as not yet,
         so that the build of our own that follows reports it as a pull would."""
         try:
-            record = await self.records.image(key)
+            record = await self.records.image(key, quiet=True)  # polled while another replica builds
         except StorageError:
             return None
         return None if record is None else record.ref

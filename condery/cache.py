@@ -282,20 +282,21 @@ class RecordCache:
         while len(self._recent) > RECENT_ENTRIES:
             self._recent.popitem(last=False)
 
-    async def image(self, key: str) -> ImageRecord | None:
+    async def image(self, key: str, *, quiet: bool = False) -> ImageRecord | None:
+        """The image record under `key`, if built and whole; `quiet` logs no miss (polling)."""
         recent = self._recent.get(key)
         if recent is not None and recent[0] > time.monotonic() \
                 and self._complete.get(recent[1].ref.oci_digest) == self.store.removal_generation:
             return recent[1]
-        record = await self._read_image(key)
+        record = await self._read_image(key, quiet)
         if record is not None:
             self._remember(key, record)
         return record
 
-    async def _read_image(self, key: str) -> ImageRecord | None:
+    async def _read_image(self, key: str, quiet: bool) -> ImageRecord | None:
         raw = await self.store.get_record("images", key)
         if raw is None:
-            log.info("image miss key=%s", key)
+            log.log(logging.DEBUG if quiet else logging.INFO, "image miss key=%s", key)
             return None
         record = ImageRecord.from_record(raw)
         if record is None:
