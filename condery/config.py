@@ -77,6 +77,18 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class GcConfig:
+    """`condery gc` (condery/gc.py): how long what nothing current reaches is kept."""
+
+    keep: int = 7 * 24 * 3600  # seconds an image replaced as `latest` (or of another configuration) stays
+    grace: int = 24 * 3600  # seconds: nothing younger is removed, nothing served within it either
+    snapshots_max_age: int | None = None  # seconds a date tag unused stays; None: forever
+
+
+_GC_KEYS = tuple(f.name for f in dataclasses.fields(GcConfig))
+
+
+@dataclass(frozen=True)
 class Config:
     host: str = "127.0.0.1"
     port: int = 8080
@@ -85,6 +97,7 @@ class Config:
     prefix: str = "/opt/conda"
     base_image: str = DEFAULT_BASE_IMAGE
     storage: StorageConfig = field(default_factory=StorageConfig)
+    gc: GcConfig = field(default_factory=GcConfig)
     # Most engines refuse images of more than ~125 layers; leave room for the base.
     layer_budget: int = 100
     latest_ttl: int = 3600  # seconds a `latest` solve is reused before solving again
@@ -301,6 +314,24 @@ def _storage(path: str, value: Any, problems: _Problems) -> StorageConfig | None
     return StorageConfig(**values) if len(problems.lines) == before else None
 
 
+def _gc(path: str, value: Any, problems: _Problems) -> GcConfig | None:
+    if isinstance(value, GcConfig):  # a caller's ready-made one (tests, tools)
+        return value
+    if not isinstance(value, Mapping):
+        problems.add(path, f"expected a mapping, got {_shown(value)}")
+        return None
+    before = len(problems.lines)
+    values: dict[str, Any] = {}
+    for key, item in value.items():
+        if key not in _GC_KEYS:
+            problems.add(_join(path, key), _unknown(key, _GC_KEYS))
+        elif item is None and key == "snapshots_max_age":
+            values[key] = None  # null: date tags live forever
+        else:
+            values[key] = _integer(_join(path, key), item, problems, 0, None, "second")
+    return GcConfig(**values) if len(problems.lines) == before else None
+
+
 def _meta_name(path: str, name: Any, problems: _Problems) -> bool:
     """A meta-package name is one name component that no spec component can also mean."""
     if not isinstance(name, str) or not COMPONENT_RE.fullmatch(name):
@@ -418,6 +449,8 @@ def _coerce(key: str, value: Any, problems: _Problems) -> Any:
         return _platforms(key, value, problems)
     if key == "storage":
         return _storage(key, value, problems)
+    if key == "gc":
+        return _gc(key, value, problems)
     if key == "meta_packages":
         return _meta_packages(key, value, problems)
     if key in _SIZE_KEYS:
@@ -516,6 +549,8 @@ def _plain(config: Config) -> dict[str, Any]:
         if name == "storage":
             keys = ("backend", *sorted(_STORAGE_KEYS[value.backend]))
             value = {k: getattr(value, k) for k in keys if getattr(value, k) is not None}
+        elif name == "gc":
+            value = dataclasses.asdict(value)
         elif name == "meta_packages":
             value = {
                 meta: {k: (list(v) if isinstance(v, tuple) else dict(v) if isinstance(v, Mapping) else v)
