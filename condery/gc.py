@@ -102,9 +102,10 @@ def live_images(images: list[Listed], served: dict[str, float], gc: GcConfig, no
     return live
 
 
-async def _walk(store: Store, roots: set[str]) -> set[str]:
-    """`roots` and every blob their manifests and indexes name."""
-    live, pending = set(), list(roots)
+async def _walk(store: Store, manifests: set[str]) -> set[str]:
+    """`manifests` (manifests or indexes) and every blob they name, reading only manifests:
+    configs and layers are named, never read (a layer may be gigabytes)."""
+    live, pending = set(), list(manifests)
     while pending:
         digest = pending.pop()
         if digest in live:
@@ -112,14 +113,16 @@ async def _walk(store: Store, roots: set[str]) -> set[str]:
         live.add(digest)
         try:
             document = json.loads(await store.get_blob_bytes(digest))
-        except (KeyError, ValueError, UnicodeDecodeError):
-            continue  # absent, or a layer/config named as a root: nothing below it
+        except KeyError:
+            continue  # absent: the image reads as a miss and is rebuilt
+        except (ValueError, UnicodeDecodeError):
+            log.warning("gc: %s is no manifest; what it names is not marked", digest)
+            continue
         if not isinstance(document, dict):
             continue
         pending.extend(d["digest"] for d in document.get("manifests", []))
-        if isinstance(document.get("config"), dict):
-            pending.append(document["config"]["digest"])
-        pending.extend(layer["digest"] for layer in document.get("layers", []) if isinstance(layer, dict))
+        children = [document.get("config"), *document.get("layers", [])]
+        live.update(d["digest"] for d in children if isinstance(d, dict) and isinstance(d.get("digest"), str))
     return live
 
 
@@ -141,16 +144,15 @@ async def collect(store: Store, gc: GcConfig, *, dry_run: bool = False, now: flo
         if now - entry.modified < gc.grace:
             roots.update(_ref_digests(await store.get_record("served", entry.name)))
     expired: list[tuple[str, Listed]] = []
-    for entry in await store.list_record_entries("replaced"):
-        record = await store.get_record("replaced", entry.name) or {}
-        if now - float(record.get("replaced_at", entry.modified)) < gc.keep:
-            roots.update(_ref_digests(record))
+    for entry in await store.list_record_entries("replaced"):  # written once, when replaced
+        if now - entry.modified < gc.keep:
+            roots.update(_ref_digests(await store.get_record("replaced", entry.name)))
         elif now - entry.modified >= gc.grace:
             expired.append(("replaced", entry))
-    for kind in ("base-images", "base-gzip-layers"):
-        for key in await store.list_records(kind):
-            roots.update(_digests_in(await store.get_record(kind, key)))
     live = await _walk(store, roots)
+    for kind in ("base-images", "base-gzip-layers"):  # they name configs and layers, not manifests
+        for key in await store.list_records(kind):
+            live.update(_digests_in(await store.get_record(kind, key)))
     report.live_blobs = len(live)
 
     def old(entry: Listed) -> bool:
