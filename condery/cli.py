@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.metadata
 import logging
 import signal
@@ -17,7 +18,7 @@ from tqdm import tqdm
 
 from condery.build import ImageService
 from condery.config import Config, ConfigError, effective_yaml, load_config
-from condery.gc import collect
+from condery.gc import collect, run_every
 from condery.layers.env_layer import explicit_lock
 from condery.observability.logs import configure_logging
 from condery.redact import redact_text
@@ -163,6 +164,15 @@ async def _serve_app(config: Config) -> web.Application:
     async def close(_: web.Application) -> None:
         await state.close()
 
+    if config.gc.interval > 0:
+        async def collecting(_: web.Application):
+            task = asyncio.create_task(run_every(state.store, config.gc, state.metrics))
+            yield
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+        app.cleanup_ctx.append(collecting)
     app.on_cleanup.append(close)
     log.info(
         "condery serving %s on http://%s:%d (store: %s)",

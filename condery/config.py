@@ -83,6 +83,7 @@ class GcConfig:
     keep: int = 7 * 24 * 3600  # seconds an image replaced as `latest` (or of another configuration) stays
     grace: int = 24 * 3600  # seconds: nothing younger is removed, nothing served within it either
     snapshots_max_age: int | None = None  # seconds a date tag unused stays; None: forever
+    interval: int = 0  # seconds between runs inside `condery serve`; 0: only `condery gc`
 
 
 _GC_KEYS = tuple(f.name for f in dataclasses.fields(GcConfig))

@@ -27,6 +27,7 @@ the layer is built again; nothing is served broken for long.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -35,7 +36,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from condery.config import GcConfig
-from condery.storage import DIGEST_RE, Listed, Store
+from condery.observability.metrics import Metrics
+from condery.storage import DIGEST_RE, Listed, StorageError, Store
 
 log = logging.getLogger("condery.gc")
 _DATE_TAG = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -180,3 +182,24 @@ async def collect(store: Store, gc: GcConfig, *, dry_run: bool = False, now: flo
     for line in report.lines()[-1:]:
         log.info("gc: %s", line)
     return report
+
+
+async def run_every(store: Store, gc: GcConfig, metrics: Metrics) -> None:
+    """`condery serve` with gc.interval > 0: a run every interval, counted in metrics.
+
+    The first run waits one interval, so replicas started together do not all collect
+    at once (they may: concurrent runs are safe, only wasteful). A failed run is logged
+    and tried again at the next interval; the server goes on serving either way.
+    """
+    while True:
+        await asyncio.sleep(gc.interval)
+        try:
+            report = await collect(store, gc)
+        except (StorageError, OSError) as exc:
+            metrics.gc_runs.labels("failed").inc()
+            log.warning("gc: run failed, next in %ds: %s", gc.interval, exc)
+            continue
+        metrics.gc_runs.labels("ok").inc()
+        metrics.gc_removed.labels("blob").inc(len(report.blobs))
+        metrics.gc_removed.labels("record").inc(len(report.records))
+        metrics.gc_freed_bytes.inc(report.bytes_freed)

@@ -99,3 +99,21 @@ def test_gc_next_to_a_running_registry_and_a_build_in_flight(tmp_path: Path, bas
             skopeo_copy(f"{registry.host}/{TINY}:latest", tmp_path / "tiny", "latest")
             status, _, _ = registry.get(f"/v2/{TINY}/manifests/{first[0]}", accept=(OCI_MANIFEST,))
             assert status == 404
+
+
+def test_serve_collects_every_interval_and_counts_it(tmp_path: Path, base_layout: Path) -> None:
+    channel_dir = tiny_channel(tmp_path / "channel")
+    with condery(tmp_path, [str(channel_dir)], f"oci:{base_layout}:bookworm",
+                 gc={"interval": 1, "grace": 0, "keep": 0}) as registry:
+        first = digests(registry, TINY)
+
+        def runs() -> float:
+            _, _, body = registry.get("/metrics")
+            lines = [line for line in body.decode().splitlines() if line.startswith('condery_gc_runs_total{result="ok"}')]
+            return float(lines[0].split()[-1]) if lines else 0.0
+
+        wait_for(lambda: runs() >= 2, timeout=30)
+        # grace 0, keep 0: only what a live image reaches is left, and the image still pulls.
+        assert digests(registry, TINY) == first
+        skopeo_copy(f"{registry.host}/{TINY}:latest", tmp_path / "tiny", "latest")
+        assert "condery_gc_freed_bytes_total" in registry.get("/metrics")[2].decode()

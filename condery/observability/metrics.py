@@ -83,8 +83,14 @@ class Metrics:
         self.download_bytes = Counter(
             "condery_package_download_bytes", "Bytes of package archives downloaded from the channels", registry=r
         )
+        self.gc_runs = Counter("condery_gc_runs", "Garbage collections run by serve (gc.interval), by result",
+                               ["result"], registry=r)
+        self.gc_removed = Counter("condery_gc_removed", "Blobs and records garbage collection removed", ["kind"],
+                                  registry=r)
+        self.gc_freed_bytes = Counter("condery_gc_freed_bytes", "Bytes garbage collection freed", registry=r)
         for result in ("ok", "failed"):
-            self.builds.labels(result)  # present at 0, so a rate() has a series from the start
+            self.builds.labels(result)
+            self.gc_runs.labels(result)  # present at 0, so a rate() has a series from the start
         for result in ("built", "reused"):
             self.layers.labels(result)
 
