@@ -343,6 +343,8 @@ class ImageService:
         except Exception as exc:
             report.finish(f"internal error ({type(exc).__name__})")
             raise
+        finally:
+            await self.state.cap_package_cache()
         report.finish(skipped=built.skipped)
         return built
 

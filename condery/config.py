@@ -119,6 +119,7 @@ class Config:
     build_timeout: int = 1800  # seconds
     # Where downloaded package archives are kept (verified by sha256 before use).
     package_cache: str | None = None  # default: <filesystem store>/pkgs or ~/.cache
+    package_cache_max_size: int = 20 << 30  # least recently used archives go past it (archive_cache.py)
     allow_package_scripts: bool = False  # run post-link scripts (untrusted code!)
     # Package downloads in flight at once, apart from the CPU-bound layer work: a slow
     # channel should not hold the cores, nor the cores the network.
@@ -153,7 +154,7 @@ _AT_LEAST_ONE = frozenset(
     {"layer_budget", "max_packages", "max_concurrent_builds", "max_builds_per_client", "max_package_files",
      "max_concurrent_downloads", "header_timeout", "idle_timeout"}  # a 0 timeout would close every connection
 )
-_SIZE_KEYS = frozenset({"max_package_unpacked_size"})
+_SIZE_KEYS = frozenset({"max_package_unpacked_size", "package_cache_max_size"})
 _SECONDS = frozenset({"latest_ttl", "snapshot_grace", "failed_solve_ttl", "solve_timeout", "build_timeout",
                       "header_timeout", "idle_timeout"})
 _SIZE_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,

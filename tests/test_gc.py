@@ -19,13 +19,14 @@ import pytest
 from condery.build import ImageService
 from condery.config import GcConfig, StorageConfig, load_config
 from condery.gc import collect
+from condery.layers.archive_cache import cap_archive_cache
 from condery.registry.names import ImageRef, parse_name
 from condery.registry.tags import Latest, parse_reference
 from condery.state import AppState
 from condery.storage import Store
 from condery.storage.filesystem import FilesystemStore
 from tests.fixtures.seaweed import SeaweedS3
-from tests.test_cache import MS_2024_03_01, TINY, add_version, tiny_channel
+from tests.test_cache import MS_2024_03_01, SCRIPTED, TINY, add_version, tiny_channel
 
 DAY = 24 * 3600
 
@@ -148,3 +149,48 @@ async def test_an_image_served_within_grace_stays(built, tmp_path: Path) -> None
     # Once the serve is older than grace too, it goes.
     report = await collect(store, GcConfig(keep=60, grace=60), now=later)
     assert {b.name for b in report.blobs} == only_first
+
+
+# -- the local package archive cache, capped by size -------------------------------------------
+def archive_dirs(package_cache: Path) -> set[str]:
+    return {p.name for p in (package_cache / "archives").iterdir() if p.is_dir()}
+
+
+async def test_the_archive_cache_stays_under_its_cap_after_builds(tmp_path: Path, base_layout: Path) -> None:
+    channel = tiny_channel(tmp_path / "channel")
+    pkgs = tmp_path / "pkgs"
+    config = load_config(None, environ={}, channels=[str(channel)], base_image=f"oci:{base_layout}:bookworm",
+                         storage={"backend": "filesystem", "path": str(tmp_path / "store")},
+                         package_cache=str(pkgs), package_cache_max_size="1")
+    state = await AppState.open(config)
+    try:
+        service = ImageService(state)
+        await service.resolve(parse_name(TINY, service.meta_packages), Latest())
+        tiny = archive_dirs(pkgs)
+        assert len(tiny) == 1  # over the cap, but just used: a build may still read it
+        hour_ago = time.time() - 3600
+        for path in (pkgs / "archives").rglob("*"):
+            os.utime(path, (hour_ago, hour_ago))
+        await service.resolve(parse_name(SCRIPTED, service.meta_packages), Latest())
+        left = archive_dirs(pkgs)
+        assert len(left) == 1 and not left & tiny  # the least recently used went after the build
+    finally:
+        await state.close()
+
+
+def test_the_cap_removes_least_recently_used_whole_directories(tmp_path: Path) -> None:
+    now = time.time()
+    for name, age, size in [("a", 400, 100), ("b", 900, 100), ("c", 800, 100), ("recent", 10, 100)]:
+        directory = tmp_path / "archives" / name
+        directory.mkdir(parents=True)
+        (directory / f"{name}.conda").write_bytes(b"x" * size)
+        os.utime(directory / f"{name}.conda", (now - age, now - age))
+    downloading = tmp_path / "archives" / "downloading"
+    downloading.mkdir()
+    (downloading / ".download-1").write_bytes(b"x" * 100)
+    os.utime(downloading / ".download-1", (now - 5000, now - 5000))
+
+    assert cap_archive_cache(tmp_path, 250, now=now) == (3, 300)  # b, c, then a: oldest first
+    assert archive_dirs(tmp_path) == {"recent", "downloading"}  # in use, or being written
+    assert cap_archive_cache(tmp_path, 10_000, now=now) == (0, 0)
+    assert cap_archive_cache(tmp_path / "nowhere", 0) == (0, 0)
