@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from condery.build import ImageService
-from condery.config import GcConfig, StorageConfig, load_config
+from condery.config import ConfigError, GcConfig, StorageConfig, load_config
 from condery.gc import collect
 from condery.layers.archive_cache import cap_archive_cache
 from condery.registry.names import ImageRef, parse_name
@@ -194,3 +194,19 @@ def test_the_cap_removes_least_recently_used_whole_directories(tmp_path: Path) -
     assert archive_dirs(tmp_path) == {"recent", "downloading"}  # in use, or being written
     assert cap_archive_cache(tmp_path, 10_000, now=now) == (0, 0)
     assert cap_archive_cache(tmp_path / "nowhere", 0) == (0, 0)
+
+
+def test_gc_settings_are_validated_like_the_other_keys() -> None:
+    config = load_config(None, environ={"CONDERY_GC": "{keep: 60, snapshots_max_age: null}"},
+                         package_cache_max_size="1GiB")
+    assert config.gc == GcConfig(keep=60) and config.package_cache_max_size == 1 << 30
+    with pytest.raises(ConfigError) as problems:
+        load_config(None, environ={}, gc={"keep": "1d", "grace": -1, "intervall": 5, "snapshots_max_age": True})
+    assert str(problems.value).splitlines() == [
+        "gc.keep: expected an integer, got '1d'",
+        "gc.grace: -1 is out of range (at least 0 seconds)",
+        "gc.intervall: unknown key (did you mean interval?); known: grace, interval, keep, snapshots_max_age",
+        "gc.snapshots_max_age: expected an integer, got True",
+    ]
+    with pytest.raises(ConfigError, match="^gc: expected a mapping"):
+        load_config(None, environ={}, gc=7)
