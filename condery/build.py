@@ -145,6 +145,10 @@ class ImageService:
             if not self.freshness.is_fresh(record, reference):
                 # stale-while-revalidate: a warm pull never waits for a re-solve.
                 self._refresh(key, request, reference, bases)
+            try:
+                await self.records.note_served(key, record)
+            except StorageError as exc:  # bookkeeping for gc: never worth failing a pull
+                log.warning("cannot note %s as served: %s", key, exc)
             return record.ref
         failure = self.state.failed_solves.get(key)
         if failure is not None:
@@ -358,6 +362,8 @@ class ImageService:
         except Exception as exc:
             report.finish(f"internal error ({type(exc).__name__})")
             raise
+        finally:
+            await self.state.cap_package_cache()
         report.finish(skipped=built.skipped)
         return built
 

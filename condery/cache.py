@@ -55,6 +55,7 @@ LAYER_SCHEMA = 2
 _COMPLETE_CACHE_ENTRIES = 100_000
 RECENT_SECONDS = 2.0
 RECENT_ENTRIES = 10_000
+SERVED_EVERY = 3600.0  # seconds between two `served` records of one image by one process (gc)
 
 
 def tag_of(reference: Latest | Snapshot) -> str:
@@ -275,6 +276,7 @@ class RecordCache:
         # reads its record from the store on every request (most of its cost). Another
         # replica's write is seen once the entry expires.
         self._recent: OrderedDict[str, tuple[float, ImageRecord]] = OrderedDict()
+        self._served: dict[str, float] = {}  # image key -> monotonic time of its last `served` record
 
     def _remember(self, key: str, record: ImageRecord) -> None:
         self._recent[key] = (time.monotonic() + RECENT_SECONDS, record)
@@ -310,9 +312,25 @@ class RecordCache:
         return record
 
     async def put_image(self, key: str, record: ImageRecord) -> None:
+        # gc keeps the image a rewrite replaces for gc.keep: clients may hold its manifest.
+        previous = ImageRecord.from_record(await self.store.get_record("images", key) or {})
+        if previous is not None and previous.ref != record.ref:
+            replaced = f"{key}/{previous.ref.oci_digest.split(':', 1)[1]}"
+            await self.store.put_record("replaced", replaced, {"ref": previous.ref.__dict__, "replaced_at": time.time()})
         await self.store.put_record("images", key, record.as_record())
         self._recent.pop(key, None)  # read back (and its blobs checked) on the next pull
         log.info("image write key=%s digest=%s", key, record.ref.oci_digest)
+
+    async def note_served(self, key: str, record: ImageRecord) -> None:
+        """Tell gc the image is in use: a record write at most once per SERVED_EVERY per process."""
+        now = time.monotonic()
+        last = self._served.get(key)
+        if last is not None and now - last < SERVED_EVERY:
+            return
+        if len(self._served) >= RECENT_ENTRIES:
+            self._served.clear()  # a memo: dropping it costs one record write per image
+        self._served[key] = now
+        await self.store.put_record("served", key, {"ref": record.ref.__dict__})
 
     async def tags(self, request: ImageRequest) -> set[str]:
         prefix = tags_prefix(request)

@@ -1,10 +1,11 @@
 """Command line: `condery serve`, `condery build NAME --output oci:DIR`, `condery solve NAME`,
-`condery verify [--repair]`, `condery config`, `condery --version`."""
+`condery verify [--repair]`, `condery gc [--dry-run]`, `condery config`, `condery --version`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.metadata
 import logging
 import signal
@@ -17,6 +18,7 @@ from tqdm import tqdm
 
 from condery.build import ImageService
 from condery.config import Config, ConfigError, effective_yaml, load_config
+from condery.gc import collect, run_every
 from condery.layers.env_layer import explicit_lock
 from condery.observability.logs import configure_logging
 from condery.redact import redact_text
@@ -63,8 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="hash every stored blob; report (or --repair) corrupt ones")
     verify.add_argument("--repair", action="store_true", help="remove corrupt blobs (rebuilt when next needed)")
 
+    gc = commands.add_parser("gc", help="remove the blobs and records no live image reaches (see gc: in the config)")
+    gc.add_argument("--dry-run", action="store_true", help="print what would be removed; remove nothing")
+
     config = commands.add_parser("config", help="print the effective configuration as YAML, secrets masked")
-    for command in (serve, build, solve, verify, config):
+    for command in (serve, build, solve, verify, gc, config):
         # `condery serve --config FILE` as well as `condery --config FILE serve`. SUPPRESS:
         # without a value here, keep the one given before the subcommand.
         command.add_argument("--config", default=argparse.SUPPRESS, help="YAML configuration file")
@@ -98,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_build(config, args.name, args.tag, args.output))
         if args.command == "verify":
             return asyncio.run(_verify(config, args.repair))
+        if args.command == "gc":
+            return asyncio.run(_gc(config, args.dry_run))
         return asyncio.run(_solve(config, args.name, args.tag, args.platform))
     except (ConfigError, NameInvalid, RegistryError, ValueError) as exc:
         # One line per problem (a configuration may have several), each marked as ours.
@@ -157,6 +164,15 @@ async def _serve_app(config: Config) -> web.Application:
     async def close(_: web.Application) -> None:
         await state.close()
 
+    if config.gc.interval > 0:
+        async def collecting(_: web.Application):
+            task = asyncio.create_task(run_every(state.store, config.gc, state.metrics))
+            yield
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+        app.cleanup_ctx.append(collecting)
     app.on_cleanup.append(close)
     log.info(
         "condery serving %s on http://%s:%d (store: %s)",
@@ -262,3 +278,17 @@ async def _verify(config: Config, repair: bool) -> int:
         summary += f", {report.removed} removed (rebuilt when next needed)"
     print(summary)
     return 1 if len(report.corrupt) > report.removed else 0
+
+
+async def _gc(config: Config, dry_run: bool) -> int:
+    """Exit 0 when the run finished (also when it removed nothing), 1 when the store failed."""
+    store = open_store(config.storage)
+    try:
+        report = await collect(store, config.gc, dry_run=dry_run)
+    except StorageError as exc:
+        print(f"condery: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await store.close()
+    print("\n".join(report.lines()))
+    return 0

@@ -86,6 +86,19 @@ class CoordinationConfig:
 
 
 @dataclass(frozen=True)
+class GcConfig:
+    """`condery gc` (condery/gc.py): how long what nothing current reaches is kept."""
+
+    keep: int = 7 * 24 * 3600  # seconds an image replaced as `latest` (or of another configuration) stays
+    grace: int = 24 * 3600  # seconds: nothing younger is removed, nothing served within it either
+    snapshots_max_age: int | None = None  # seconds a date tag unused stays; None: forever
+    interval: int = 0  # seconds between runs inside `condery serve`; 0: only `condery gc`
+
+
+_GC_KEYS = tuple(f.name for f in dataclasses.fields(GcConfig))
+
+
+@dataclass(frozen=True)
 class Config:
     host: str = "127.0.0.1"
     port: int = 8080
@@ -95,6 +108,7 @@ class Config:
     base_image: str = DEFAULT_BASE_IMAGE
     storage: StorageConfig = field(default_factory=StorageConfig)
     coordination: CoordinationConfig = field(default_factory=CoordinationConfig)
+    gc: GcConfig = field(default_factory=GcConfig)
     # Most engines refuse images of more than ~125 layers; leave room for the base.
     layer_budget: int = 100
     latest_ttl: int = 3600  # seconds a `latest` solve is reused before solving again
@@ -115,6 +129,7 @@ class Config:
     build_timeout: int = 1800  # seconds
     # Where downloaded package archives are kept (verified by sha256 before use).
     package_cache: str | None = None  # default: <filesystem store>/pkgs or ~/.cache
+    package_cache_max_size: int = 20 << 30  # least recently used archives go past it (archive_cache.py)
     allow_package_scripts: bool = False  # run post-link scripts (untrusted code!)
     # Package downloads in flight at once, apart from the CPU-bound layer work: a slow
     # channel should not hold the cores, nor the cores the network.
@@ -149,7 +164,7 @@ _AT_LEAST_ONE = frozenset(
     {"layer_budget", "max_packages", "max_concurrent_builds", "max_builds_per_client", "max_package_files",
      "max_concurrent_downloads", "header_timeout", "idle_timeout"}  # a 0 timeout would close every connection
 )
-_SIZE_KEYS = frozenset({"max_package_unpacked_size"})
+_SIZE_KEYS = frozenset({"max_package_unpacked_size", "package_cache_max_size"})
 _SECONDS = frozenset({"latest_ttl", "snapshot_grace", "failed_solve_ttl", "solve_timeout", "build_timeout",
                       "header_timeout", "idle_timeout"})
 _SIZE_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
@@ -344,6 +359,24 @@ def _coordination(path: str, value: Any, problems: _Problems) -> CoordinationCon
     return CoordinationConfig(**values) if len(problems.lines) == before else None
 
 
+def _gc(path: str, value: Any, problems: _Problems) -> GcConfig | None:
+    if isinstance(value, GcConfig):  # a caller's ready-made one (tests, tools)
+        return value
+    if not isinstance(value, Mapping):
+        problems.add(path, f"expected a mapping, got {_shown(value)}")
+        return None
+    before = len(problems.lines)
+    values: dict[str, Any] = {}
+    for key, item in value.items():
+        if key not in _GC_KEYS:
+            problems.add(_join(path, key), _unknown(key, _GC_KEYS))
+        elif item is None and key == "snapshots_max_age":
+            values[key] = None  # null: date tags live forever
+        else:
+            values[key] = _integer(_join(path, key), item, problems, 0, None, "second")
+    return GcConfig(**values) if len(problems.lines) == before else None
+
+
 def _meta_name(path: str, name: Any, problems: _Problems) -> bool:
     """A meta-package name is one name component that no spec component can also mean."""
     if not isinstance(name, str) or not COMPONENT_RE.fullmatch(name):
@@ -463,6 +496,8 @@ def _coerce(key: str, value: Any, problems: _Problems) -> Any:
         return _storage(key, value, problems)
     if key == "coordination":
         return _coordination(key, value, problems)
+    if key == "gc":
+        return _gc(key, value, problems)
     if key == "meta_packages":
         return _meta_packages(key, value, problems)
     if key in _SIZE_KEYS:
@@ -563,6 +598,8 @@ def _plain(config: Config) -> dict[str, Any]:
             value = {k: getattr(value, k) for k in keys if getattr(value, k) is not None}
         elif name == "coordination":
             value = {k: getattr(value, k) for k in ("backend", *sorted(_COORDINATION_KEYS[value.backend]))}
+        elif name == "gc":
+            value = dataclasses.asdict(value)
         elif name == "meta_packages":
             value = {
                 meta: {k: (list(v) if isinstance(v, tuple) else dict(v) if isinstance(v, Mapping) else v)

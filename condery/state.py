@@ -24,7 +24,8 @@ from condery.layers.package_layer import channel_client
 from condery.progress import BuildTracker
 from condery.observability.metrics import Metrics
 from condery.registry.names import ImageRef
-from condery.storage import Store, StorageError, open_store
+from condery.layers.archive_cache import cap_archive_cache
+from condery.storage import Store, StorageError, open_store, os_error_text
 from condery.storage.filesystem import FilesystemStore
 from condery.storage.litter import remove_stale, stale_age
 
@@ -72,7 +73,7 @@ class AppState:
             work_dir = Path(tempfile.mkdtemp(prefix=f"{WORK_DIR_PREFIX}{os.getpid()}-"))
         config.package_cache_dir.mkdir(parents=True, exist_ok=True)
         await _clean_litter(store, config.package_cache_dir, max_age)
-        return cls(
+        state = cls(
             config=config,
             store=store,
             # Both clients read channel credentials from rattler's auth file (RATTLER_AUTH_FILE),
@@ -95,6 +96,16 @@ class AppState:
             download_slots=asyncio.Semaphore(config.max_concurrent_downloads),
             owns_work_dir=not isinstance(store, FilesystemStore),
         )
+        await state.cap_package_cache()
+        return state
+
+    async def cap_package_cache(self) -> None:
+        """Keep the local archive cache under package_cache_max_size (at start, after builds)."""
+        try:
+            await asyncio.to_thread(cap_archive_cache, self.config.package_cache_dir,
+                                    self.config.package_cache_max_size)
+        except OSError as exc:  # a cache we cannot trim is no reason to fail a build
+            log.warning("cannot trim the package cache: %s", os_error_text(exc))
 
     async def close(self) -> None:
         await self.coordinator.close()

@@ -404,6 +404,24 @@ async def test_verify_list_and_remove_blobs(store: Store, request: pytest.Fixtur
     assert bad_digest not in {d async for d in store.list_blobs()}
 
 
+async def test_entries_with_times_and_sizes_and_record_removal(store: Store) -> None:
+    """What gc lists and removes: blobs and records with their write time and size."""
+    data = b"gc entry"
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    started = time.time() - 5  # S3 times are whole seconds
+    await store.put_blob_bytes(digest, data)
+    await store.put_record("gc-test", "a/b", {"x": 1})
+    entries = {e.name: e async for e in store.list_blob_entries()}
+    assert entries[digest].size == len(data) and started <= entries[digest].modified <= time.time() + 5
+    records = await store.list_record_entries("gc-test")
+    assert [r.name for r in records] == ["a/b"] and records[0].size > 0 and records[0].modified >= started
+    await store.remove_record("gc-test", "a/b")
+    await store.remove_record("gc-test", "a/b")  # absent: a no-op
+    assert await store.get_record("gc-test", "a/b") is None
+    assert await store.list_record_entries("gc-test") == []
+    assert await store.list_record_entries("gc-never-written") == []
+
+
 async def test_failed_put_names_the_blob_not_the_path(store: Store, tmp_path: Path) -> None:
     # Storage errors reach clients (503 UNAVAILABLE): no server path in them.
     missing = digest_of(b"nothing")

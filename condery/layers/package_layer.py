@@ -259,6 +259,8 @@ async def fetch_verified(record: rattler.RepoDataRecord, package_cache_dir: Path
     path = Path(package_cache_dir) / "archives" / sha / record.file_name
     if path.exists():
         if await asyncio.to_thread(_hash_file, path) == sha:
+            # Used now: the cache's size cap (archive_cache.py) removes the least recently used.
+            await asyncio.to_thread(os.utime, path)
             return path
         log.warning("cached archive of %s does not match its sha256; fetching it again", dist)
         path.unlink()

@@ -88,10 +88,18 @@ class Metrics:
         self.build_locks = Counter(
             "condery_build_locks", "Cross-replica build lock events, by event", ["event"], registry=r
         )
+        self.gc_runs = Counter("condery_gc_runs", "Garbage collections run by serve (gc.interval), by result",
+                               ["result"], registry=r)
+        self.gc_removed = Counter("condery_gc_removed", "Blobs and records garbage collection removed", ["kind"],
+                                  registry=r)
+        self.gc_freed_bytes = Counter("condery_gc_freed_bytes", "Bytes garbage collection freed", registry=r)
         for result in ("ok", "failed"):
-            self.builds.labels(result)  # present at 0, so a rate() has a series from the start
+            self.builds.labels(result)
+            self.gc_runs.labels(result)  # present at 0, so a rate() has a series from the start
         for result in ("built", "reused"):
             self.layers.labels(result)
+        for event in ("acquired", "waited", "unavailable"):
+            self.build_locks.labels(event)
 
     def watch_builds(self, running: Callable[[], int], queued: Callable[[], int]) -> None:
         """Read the build gauges from the build queue at each scrape (never stale)."""

@@ -98,6 +98,15 @@ class BlobInfo:
     size: int
 
 
+@dataclass(frozen=True)
+class Listed:
+    """A stored blob or record as a listing gives it: for gc, which sweeps by age."""
+
+    name: str  # a blob's digest, or a record's key
+    modified: float  # wall clock of its last write
+    size: int
+
+
 class Store(abc.ABC):
     """The storage interface. All methods are coroutines; I/O stays off the event loop."""
 
@@ -149,6 +158,10 @@ class Store(abc.ABC):
     def list_blobs(self) -> AsyncIterator[str]:
         """The digests of every stored blob, in no particular order."""
 
+    @abc.abstractmethod
+    def list_blob_entries(self) -> AsyncIterator[Listed]:
+        """Every stored blob with its write time and size (one listing, no per-blob request)."""
+
     async def verify_blob(self, digest: str) -> bool:
         """Whether the stored bytes hash to `digest` (reads the whole blob).
 
@@ -181,6 +194,14 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def list_records(self, kind: str, prefix: str = "") -> list[str]:
         """Keys of the records of `kind` whose key starts with `prefix`, sorted."""
+
+    @abc.abstractmethod
+    async def list_record_entries(self, kind: str) -> list[Listed]:
+        """Every record of `kind` with its write time and size."""
+
+    @abc.abstractmethod
+    async def remove_record(self, kind: str, key: str) -> None:
+        """Remove a record (gc); removing an absent record is a no-op."""
 
     @abc.abstractmethod
     async def ping(self) -> None:

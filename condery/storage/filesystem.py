@@ -33,6 +33,7 @@ from typing import Any, AsyncIterator
 from condery.singleflight import SingleFlight
 from condery.storage import (
     BlobInfo,
+    Listed,
     Store,
     StorageError,
     check_digest,
@@ -146,6 +147,23 @@ class FilesystemStore(Store):
             except ValueError:
                 continue  # not a blob name (a stray file an operator put there)
 
+    async def list_blob_entries(self) -> AsyncIterator[Listed]:
+        base = self.root / "blobs" / "sha256"
+
+        def scan() -> list[Listed]:
+            found = []
+            with os.scandir(base) as entries:
+                for entry in entries:
+                    try:
+                        digest, stat = check_digest("sha256:" + entry.name), entry.stat()
+                    except (ValueError, FileNotFoundError):
+                        continue  # a stray file, or removed since the listing
+                    found.append(Listed(digest, stat.st_mtime, stat.st_size))
+            return found
+
+        for listed in await asyncio.to_thread(scan):
+            yield listed
+
     async def put_blob_file(self, digest: str, path: Path) -> None:
         """Move (or copy) `path` in; the file is gone afterwards, whether this worked or not.
 
@@ -253,6 +271,27 @@ class FilesystemStore(Store):
             return sorted(keys)
 
         return await asyncio.to_thread(scan)
+
+    async def list_record_entries(self, kind: str) -> list[Listed]:
+        base = self.root / "records" / check_record_key(kind)
+
+        def scan() -> list[Listed]:
+            found = []
+            for path in base.rglob("*.json") if base.is_dir() else ():
+                try:
+                    stat = path.stat()
+                except FileNotFoundError:
+                    continue
+                found.append(Listed(path.relative_to(base).as_posix()[: -len(".json")], stat.st_mtime, stat.st_size))
+            return found
+
+        return await asyncio.to_thread(scan)
+
+    async def remove_record(self, kind: str, key: str) -> None:
+        try:
+            await asyncio.to_thread(self._record_path(kind, key).unlink, missing_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot remove record {kind}/{key}: {os_error_text(exc)}", exc.errno) from exc
 
 
 def _hash_file(path: Path) -> str:

@@ -29,6 +29,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from condery.storage import (
     DIGEST_RE,
     BlobInfo,
+    Listed,
     StorageError,
     Store,
     check_digest,
@@ -292,6 +293,17 @@ class S3Store(Store):
                     if DIGEST_RE.fullmatch(digest):
                         yield digest
 
+    async def list_blob_entries(self) -> AsyncIterator[Listed]:
+        client = await self._client()
+        with _failures("LIST blobs/sha256/"):
+            async for page in client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix="blobs/sha256/"
+            ):
+                for entry in page.get("Contents", []):
+                    digest = "sha256:" + entry["Key"].rsplit("/", 1)[-1]
+                    if DIGEST_RE.fullmatch(digest):
+                        yield Listed(digest, entry["LastModified"].timestamp(), int(entry["Size"]))
+
     async def clean_staging(self, max_age: float) -> int:
         """Abort multipart uploads that a killed replica left open (they are billed).
 
@@ -356,3 +368,21 @@ class S3Store(Store):
                         keys.append(name[: -len(".json")])
         # S3 lists in key order, but with ".json" stripped the order may differ ("a-b" vs "a").
         return sorted(keys)
+
+    async def list_record_entries(self, kind: str) -> list[Listed]:
+        base = f"records/{check_record_key(kind)}/"
+        client = await self._client()
+        found = []
+        with _failures(f"LIST {base}"):
+            async for page in client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
+                for entry in page.get("Contents", []):
+                    name = entry["Key"][len(base):]
+                    if name.endswith(".json"):
+                        found.append(Listed(name[: -len(".json")], entry["LastModified"].timestamp(), int(entry["Size"])))
+        return found
+
+    async def remove_record(self, kind: str, key: str) -> None:
+        object_key = self._record_key(kind, key)
+        client = await self._client()
+        with _failures(f"DELETE {object_key}"):
+            await client.delete_object(Bucket=self.bucket, Key=object_key)

@@ -1,0 +1,205 @@
+"""Garbage collection: remove the blobs and records that no live image reaches.
+
+Mark, from the records that are live:
+- an image record is live when it is the newest-written record of its name and tag (what
+  the tag answers with now), or was written or served within `gc.keep` (a record of
+  another configuration fingerprint that some replica may still run with). A date tag's
+  newest record is live forever, or until it was neither written nor served for
+  `gc.snapshots_max_age`;
+- an image a `latest` record replaced (a `replaced` record, written by RecordCache.put_image)
+  for `gc.keep` after it was replaced: a client that read the old manifest can still pull;
+- every image served within `gc.grace` (a `served` record, written at most once an hour
+  per image and process);
+- every base image (its records are few and name the blobs a build starts from).
+From those manifests and indexes, every config and layer they name is live; a layer or
+manifest-type record is live when its blob is.
+
+Sweep what is not live AND was written more than `gc.grace` ago: a build in progress on
+any replica writes its blobs and records just now, so it is never swept under it.
+
+Running gc on several replicas at once is safe: each run removes only what is both
+unreachable and old, which no other run can make reachable again, and removing an
+absent blob or record is a no-op. The one race left is a build that reuses an old layer
+nothing live reaches (a package version no live image holds) while gc removes it: its
+image then reads as a miss (RecordCache checks an image's blobs before trusting it) and
+the layer is built again; nothing is served broken for long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from condery.config import GcConfig
+from condery.observability.metrics import Metrics
+from condery.storage import DIGEST_RE, Listed, StorageError, Store
+
+log = logging.getLogger("condery.gc")
+_DATE_TAG = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+# Records named by the digest (hex) of the blob they describe: live when their blob is.
+_BLOB_RECORDS = ("manifest-types",)
+
+
+@dataclass
+class GcReport:
+    """What a run removed (or, dry, would remove)."""
+
+    dry_run: bool
+    live_blobs: int = 0
+    blobs: list[Listed] = field(default_factory=list)
+    records: list[tuple[str, Listed]] = field(default_factory=list)  # (kind, entry)
+
+    @property
+    def bytes_freed(self) -> int:
+        return sum(b.size for b in self.blobs) + sum(r.size for _, r in self.records)
+
+    def lines(self) -> list[str]:
+        verb = "would remove" if self.dry_run else "removed"
+        out = [f"{verb} blob {b.name} ({b.size} bytes)" for b in self.blobs]
+        out += [f"{verb} record {kind}/{r.name}" for kind, r in self.records]
+        out.append(f"{verb} {len(self.blobs)} blobs and {len(self.records)} records, "
+                   f"{self.bytes_freed} bytes; {self.live_blobs} blobs live")
+        return out
+
+
+def _digests_in(value: Any) -> Iterable[str]:
+    """Every digest a JSON document names (base-image records: config, layers, gzip copies)."""
+    if isinstance(value, str):
+        if DIGEST_RE.fullmatch(value):
+            yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _digests_in(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _digests_in(item)
+
+
+def _ref_digests(record: dict | None) -> list[str]:
+    ref = (record or {}).get("ref") or {}
+    return [d for d in (ref.get("oci_digest"), ref.get("docker_digest")) if isinstance(d, str)]
+
+
+def live_images(images: list[Listed], served: dict[str, float], gc: GcConfig, now: float) -> set[str]:
+    """The keys of the image records that are live (see the module's docstring)."""
+    newest: dict[str, Listed] = {}
+    for entry in images:
+        group = entry.name.rsplit("/", 1)[0]  # <name>/_/<tag>
+        if group not in newest or entry.modified > newest[group].modified:
+            newest[group] = entry
+    live = set()
+    for entry in images:
+        tag = entry.name.split("/")[-2]
+        last_use = max(entry.modified, served.get(entry.name, 0.0))
+        if now - entry.modified < gc.grace or now - last_use < gc.keep:
+            live.add(entry.name)
+        elif newest[entry.name.rsplit("/", 1)[0]] is entry:
+            if not _DATE_TAG.fullmatch(tag) or gc.snapshots_max_age is None or now - last_use < gc.snapshots_max_age:
+                live.add(entry.name)
+    return live
+
+
+async def _walk(store: Store, manifests: set[str]) -> set[str]:
+    """`manifests` (manifests or indexes) and every blob they name, reading only manifests:
+    configs and layers are named, never read (a layer may be gigabytes)."""
+    live, pending = set(), list(manifests)
+    while pending:
+        digest = pending.pop()
+        if digest in live:
+            continue
+        live.add(digest)
+        try:
+            document = json.loads(await store.get_blob_bytes(digest))
+        except KeyError:
+            continue  # absent: the image reads as a miss and is rebuilt
+        except (ValueError, UnicodeDecodeError):
+            log.warning("gc: %s is no manifest; what it names is not marked", digest)
+            continue
+        if not isinstance(document, dict):
+            continue
+        pending.extend(d["digest"] for d in document.get("manifests", []))
+        children = [document.get("config"), *document.get("layers", [])]
+        live.update(d["digest"] for d in children if isinstance(d, dict) and isinstance(d.get("digest"), str))
+    return live
+
+
+async def collect(store: Store, gc: GcConfig, *, dry_run: bool = False, now: float | None = None) -> GcReport:
+    """Mark what is live, sweep the rest that is older than `gc.grace`."""
+    now = time.time() if now is None else now
+    report = GcReport(dry_run)
+    # Blobs are listed first: one written after this listing is not swept by this run at all.
+    blobs = [b async for b in store.list_blob_entries()]
+    images = await store.list_record_entries("images")
+    served_entries = await store.list_record_entries("served")
+    served = {e.name: e.modified for e in served_entries}
+    live_keys = live_images(images, served, gc, now)
+
+    roots: set[str] = set()
+    for key in live_keys:
+        roots.update(_ref_digests(await store.get_record("images", key)))
+    for entry in served_entries:
+        if now - entry.modified < gc.grace:
+            roots.update(_ref_digests(await store.get_record("served", entry.name)))
+    expired: list[tuple[str, Listed]] = []
+    for entry in await store.list_record_entries("replaced"):  # written once, when replaced
+        if now - entry.modified < gc.keep:
+            roots.update(_ref_digests(await store.get_record("replaced", entry.name)))
+        elif now - entry.modified >= gc.grace:
+            expired.append(("replaced", entry))
+    live = await _walk(store, roots)
+    for kind in ("base-images", "base-gzip-layers"):  # they name configs and layers, not manifests
+        for key in await store.list_records(kind):
+            live.update(_digests_in(await store.get_record(kind, key)))
+    report.live_blobs = len(live)
+
+    def old(entry: Listed) -> bool:
+        return now - entry.modified >= gc.grace
+
+    report.blobs = [b for b in blobs if b.name not in live and old(b)]
+    dead_images = [("images", e) for e in images if e.name not in live_keys and old(e)]
+    dead_keys = {e.name for _, e in dead_images}
+    report.records = dead_images + expired
+    report.records += [("served", e) for e in served_entries
+                       if old(e) and (e.name in dead_keys or e.name not in {i.name for i in images})]
+    for entry in await store.list_record_entries("layers"):
+        record = await store.get_record("layers", entry.name) or {}
+        if old(entry) and record.get("digest") not in live:
+            report.records.append(("layers", entry))
+    for kind in _BLOB_RECORDS:
+        report.records += [(kind, e) for e in await store.list_record_entries(kind)
+                           if old(e) and "sha256:" + e.name not in live]
+    if not dry_run:
+        # Records first: a record never points at a blob already gone (readers check anyway).
+        for kind, entry in report.records:
+            await store.remove_record(kind, entry.name)
+        for blob in report.blobs:
+            await store.remove_blob(blob.name)
+    for line in report.lines()[-1:]:
+        log.info("gc: %s", line)
+    return report
+
+
+async def run_every(store: Store, gc: GcConfig, metrics: Metrics) -> None:
+    """`condery serve` with gc.interval > 0: a run every interval, counted in metrics.
+
+    The first run waits one interval, so replicas started together do not all collect
+    at once (they may: concurrent runs are safe, only wasteful). A failed run is logged
+    and tried again at the next interval; the server goes on serving either way.
+    """
+    while True:
+        await asyncio.sleep(gc.interval)
+        try:
+            report = await collect(store, gc)
+        except (StorageError, OSError) as exc:
+            metrics.gc_runs.labels("failed").inc()
+            log.warning("gc: run failed, next in %ds: %s", gc.interval, exc)
+            continue
+        metrics.gc_runs.labels("ok").inc()
+        metrics.gc_removed.labels("blob").inc(len(report.blobs))
+        metrics.gc_removed.labels("record").inc(len(report.records))
+        metrics.gc_freed_bytes.inc(report.bytes_freed)
