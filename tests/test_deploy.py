@@ -10,6 +10,7 @@ backends, and must answer /readyz, serve a pull, and write nothing outside the v
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shlex
@@ -189,3 +190,146 @@ def test_serve_as_nobody_with_the_image_environment(
          "-not", "-path", f"{volume}*"], capture_output=True, text=True,
     ).stdout.split()
     assert outside == []
+
+
+# -- Kubernetes ----------------------------------------------------------------------------
+def condery_config(text: str, environ: dict[str, str] | None = None):  # noqa: ANN201
+    """A configuration file's text loaded as condery loads it (strict: unknown keys fail).
+
+    `coordination` is the Redis key of issue 8's other half; while this branch's Config
+    has no such key it is left out, and checked as soon as the key exists."""
+    from condery.config import Config
+    known = {f.name for f in dataclasses.fields(Config)}
+    data = yaml.safe_load(text)
+    if "coordination" not in known:
+        data.pop("coordination", None)
+        environ = {k: v for k, v in (environ or {}).items() if k != "CONDERY_COORDINATION"}
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as file:
+        file.write(yaml.safe_dump(data))
+        file.flush()
+        return load_config(file.name, environ=environ or {})
+
+
+def kustomize() -> dict[str, dict]:
+    """deploy/k8s's resources, by kind, as `kubectl apply -k` applies them.
+
+    The files are complete manifests (labels and selectors written out, no kustomize
+    transformer but `images`), so they are read directly; where kubectl is installed its
+    kustomize must render the same thing (Debian has no kubectl package to require)."""
+    kustomization = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
+    resources = {}
+    for name in kustomization["resources"]:
+        for doc in yaml.safe_load_all((DEPLOY / "k8s" / name).read_text()):
+            resources[doc["kind"]] = doc
+    [image] = kustomization["images"]
+    for container in resources["Deployment"]["spec"]["template"]["spec"]["containers"]:
+        if container["image"] == image["name"]:
+            container["image"] = f"{image['newName']}:{image['newTag']}"
+    if shutil.which("kubectl"):
+        out = subprocess.run(["kubectl", "kustomize", str(DEPLOY / "k8s")], capture_output=True, text=True,
+                             check=True, timeout=60).stdout
+        assert {doc["kind"]: doc for doc in yaml.safe_load_all(out)} == resources
+    return resources
+
+
+def k8s_errors(resource: dict) -> list[str]:
+    """What the Kubernetes schemas say about `resource` (kubernetes-validate ships them:
+    no network); strict, so that a misspelt field is an error, not ignored."""
+    import kubernetes_validate
+    errors = []
+    for version in ("1.29", kubernetes_validate.utils.latest_version()):
+        try:
+            kubernetes_validate.validate(resource, version, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            errors.append(f"{version}: {error.message} at {list(error.path)}")
+    return errors
+
+
+def test_the_manifests_validate_against_the_kubernetes_schemas() -> None:
+    resources = kustomize()
+    assert set(resources) == {"ConfigMap", "Deployment", "Service", "PodDisruptionBudget"}
+    for kind, resource in resources.items():
+        assert k8s_errors(resource) == [], kind
+    # The validator does fail: a wrong type, and a field Kubernetes does not have.
+    broken = json.loads(json.dumps(resources["Deployment"]))
+    broken["spec"]["replicas"] = "three"
+    assert k8s_errors(broken)
+    broken = json.loads(json.dumps(resources["Deployment"]))
+    broken["spec"]["template"]["spec"]["containers"][0]["readinessprobe"] = {}
+    assert k8s_errors(broken)
+
+
+def test_the_deployment_runs_replicas_on_the_configmap_with_probes_and_the_secret() -> None:
+    resources = kustomize()
+    deployment, service, pdb = resources["Deployment"], resources["Service"], resources["PodDisruptionBudget"]
+    assert deployment["spec"]["replicas"] >= 2
+    pod = deployment["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    # The Service and the budget select exactly the Deployment's pods.
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert 1 <= pdb["spec"]["minAvailable"] < deployment["spec"]["replicas"]  # a drain can proceed
+    [container] = pod["spec"]["containers"]
+    port = container["ports"][0]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port["name"]}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": port["name"]}
+    assert {"cpu", "memory"} <= set(container["resources"]["requests"])
+    # The same user as the image; the root filesystem read-only since it writes only to /data.
+    assert pod["spec"]["securityContext"]["runAsUser"] == NOBODY
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["data"] == one("VOLUME")
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    # The ConfigMap's file is where the image's command reads it, and is a valid configuration.
+    config_path = Path(container["args"][container["args"].index("--config") + 1])
+    assert container["args"] == json.loads(one("CMD"))
+    assert mounts["config"] == str(config_path.parent)
+    assert volumes["config"]["configMap"]["name"] == resources["ConfigMap"]["metadata"]["name"]
+    config = condery_config(resources["ConfigMap"]["data"][config_path.name])
+    assert config.storage.backend == "s3" and config.port == port["containerPort"] and config.host == "0.0.0.0"
+    # S3 credentials from a Secret, never in the ConfigMap.
+    secrets = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
+    assert set(secrets) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert "secret" not in resources["ConfigMap"]["data"][config_path.name].lower()
+
+
+# -- compose -------------------------------------------------------------------------------
+def test_the_compose_file_has_two_replicas_seaweedfs_redis_and_nginx() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = compose["services"]
+    assert {"condery-1", "condery-2", "seaweedfs", "redis", "nginx"} <= set(services)
+    replicas = [services["condery-1"], services["condery-2"]]
+    for replica in replicas:
+        assert replica["build"]["dockerfile"] == "deploy/Dockerfile"
+        assert (DEPLOY / replica["build"]["context"] / replica["build"]["dockerfile"]).exists()
+        config = condery_config((DEPLOY / "condery.yaml").read_text(), replica["environment"])
+        assert config.storage.backend == "s3" and "//seaweedfs:" in config.storage.endpoint_url
+        assert "redis://redis:" in replica["environment"]["CONDERY_COORDINATION"]
+    # Replicas share the configuration (image keys depend on it), not their cache volumes.
+    assert replicas[0]["environment"] == replicas[1]["environment"]
+    assert replicas[0]["volumes"] != replicas[1]["volumes"]
+    nginx_conf = [v.split(":")[0] for v in services["nginx"]["volumes"] if "nginx.conf" in v]
+    assert nginx_conf == ["./nginx.conf"] and (DEPLOY / "nginx.conf").exists()
+
+
+def test_the_nginx_configuration_is_valid_and_waits_for_a_cold_build(tmp_path: Path) -> None:
+    text = (DEPLOY / "nginx.conf").read_text()
+    port = load_config(str(DEPLOY / "condery.yaml"), environ={}).port
+    assert f"server condery-1:{port};" in text and f"server condery-2:{port};" in text
+    config = load_config(str(DEPLOY / "condery.yaml"), environ={})
+    read_timeout = int(text.split("proxy_read_timeout")[1].split("s;")[0])
+    assert read_timeout > config.solve_timeout + config.build_timeout
+    assert "proxy_next_upstream error;" in text  # no second build wait after a timeout
+    # `nginx -t` on it, in an http block as conf.d has it, with the compose hostnames and
+    # cache directory mapped to this machine.
+    (tmp_path / "cache").mkdir()  # the nginx image has /var/cache/nginx
+    (tmp_path / "conf.d.conf").write_text(
+        text.replace("condery-1:", "127.0.0.1:").replace("condery-2:", "127.0.0.2:")
+            .replace("/var/cache/nginx", str(tmp_path / "cache")))
+    (tmp_path / "nginx.conf").write_text(
+        f"pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;\nevents {{}}\n"
+        f"http {{ access_log off; include {tmp_path}/conf.d.conf; }}\n")
+    result = subprocess.run(["nginx", "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
