@@ -4,6 +4,7 @@ concurrent writers, built once from a scan on stores written before it existed."
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from condery.config import StorageConfig
 from condery.registry.names import ImageRef, parse_name
 from condery.storage import Store, open_store
 from tests.fixtures.seaweed import SeaweedS3
+from tests.test_e2e import OCI_MANIFEST, condery
 
 NUMPY = parse_name("numpy", {})
 REF = ImageRef("sha256:" + "a" * 64, "application/vnd.oci.image.manifest.v1+json",
@@ -79,3 +81,27 @@ async def test_concurrent_writers_on_two_replicas_keep_every_tag(store: Store) -
     ))
     assert await replicas[0].tags(NUMPY) == set(tags)
     assert await replicas[1].tags(NUMPY) == set(tags)
+
+
+@pytest.mark.e2e
+def test_tags_list_of_a_served_name_comes_from_its_index(tmp_path: Path, fixture_channel: Path, base_layout: Path) -> None:
+    with condery(tmp_path, [str(fixture_channel)], f"oci:{base_layout}:bookworm") as registry:
+        status, _, body = registry.get("/v2/xz/manifests/latest", accept=(OCI_MANIFEST,))
+        assert status == 200, body
+        index_path = registry.store / "records" / TAGS_KIND / "xz.json"
+        assert set(json.loads(index_path.read_text())["tags"]) == {"latest"}
+        # A date record written behind the index's back (as by a store from before the
+        # index): not listed, since tags/list reads the index and scans nothing.
+        [latest] = (registry.store / "records" / "images" / "xz" / "_" / "latest").glob("*.json")
+        dated = registry.store / "records" / "images" / "xz" / "_" / "2024-06-01" / latest.name
+        dated.parent.mkdir()
+        dated.write_bytes(latest.read_bytes())
+        status, _, body = registry.get("/v2/xz/tags/list")
+        assert status == 200 and json.loads(body) == {"name": "xz", "tags": ["latest"]}
+        # No index (a store from before it): listed from one scan, and the index written.
+        index_path.unlink()
+        status, _, body = registry.get("/v2/xz/tags/list?n=1")
+        assert status == 200 and json.loads(body)["tags"] == ["2024-06-01"]
+        assert set(json.loads(index_path.read_text())["tags"]) == {"latest", "2024-06-01"}
+        status, _, body = registry.get("/v2/xz/tags/list")
+        assert json.loads(body)["tags"] == ["2024-06-01", "latest"]
