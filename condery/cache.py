@@ -13,6 +13,8 @@ Two kinds of records point at stored blobs:
   covers every input whose bytes reach the layer: the archive (sha256), where it came
   from (its URL without credentials: conda-meta names it), the prefix, the site-packages
   path for noarch python, allow_package_scripts, and the layer layout version.
+- tags index records (`tags/<name>`): the tags a name has image records for, merged in
+  by every image write, so that tags/list reads one record however large the store.
 
 Every record carries a `schema` number; a record of another schema reads as a miss and
 is rebuilt, never half-trusted. Every decision is logged on `condery.cache` with its key.
