@@ -47,7 +47,7 @@ from condery.redact import redact_url
 from condery.registry.base_image import BaseImage
 from condery.registry.names import ImageRef, ImageRequest
 from condery.registry.tags import Latest, Snapshot
-from condery.storage import Store
+from condery.storage import StorageError, Store
 
 log = logging.getLogger("condery.cache")
 
@@ -344,7 +344,11 @@ class RecordCache:
         log.info("image write key=%s digest=%s", key, record.ref.oci_digest)
         head, tag, _fingerprint = key.rsplit("/", 2)  # image_record_key's "<name>/_/<tag>/<fp>"
         name = head.removesuffix("/_")
-        await self._index_tags(name, {tag: time.time()})
+        try:
+            await self._index_tags(name, {tag: time.time()})
+        except StorageError as exc:
+            # The image is stored and served; only its listing waits for the next write.
+            log.warning("tags index of %s: not updated: %s", name, exc)
 
     async def tags(self, request: ImageRequest) -> set[str]:
         """The tags stored for a name, from its index record (one read, whatever the store holds)."""
