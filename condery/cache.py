@@ -13,6 +13,8 @@ Two kinds of records point at stored blobs:
   covers every input whose bytes reach the layer: the archive (sha256), where it came
   from (its URL without credentials: conda-meta names it), the prefix, the site-packages
   path for noarch python, allow_package_scripts, and the layer layout version.
+- tags index records (`tags/<name>`): the tags a name has image records for, merged in
+  by every image write, so that tags/list reads one record however large the store.
 
 Every record carries a `schema` number; a record of another schema reads as a miss and
 is rebuilt, never half-trusted. Every decision is logged on `condery.cache` with its key.
@@ -25,9 +27,11 @@ after that point answers forever.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
+import random
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -43,7 +47,7 @@ from condery.redact import redact_url
 from condery.registry.base_image import BaseImage
 from condery.registry.names import ImageRef, ImageRequest
 from condery.registry.tags import Latest, Snapshot
-from condery.storage import Store
+from condery.storage import StorageError, Store
 
 log = logging.getLogger("condery.cache")
 
@@ -52,6 +56,10 @@ log = logging.getLogger("condery.cache")
 IMAGE_LAYOUT = f"image-v2+layer-{LAYOUT_VERSION}"  # image-v2: no ref.name annotation
 IMAGE_SCHEMA = 2
 LAYER_SCHEMA = 2
+TAGS_SCHEMA = 1
+TAGS_KIND = "tags"
+_INDEX_SETTLE = 0.1  # seconds between an index write and its check (a cold build takes seconds)
+_INDEX_ATTEMPTS = 5  # writes of one index update before giving up (logged; the images are stored)
 _COMPLETE_CACHE_ENTRIES = 100_000
 RECENT_SECONDS = 2.0
 RECENT_ENTRIES = 10_000
@@ -206,6 +214,27 @@ class ImageRecord:
             return None
 
 
+@dataclass(frozen=True)
+class TagsIndex:
+    """The tags of one name (kind `tags`, key: the canonical name) and when each was last
+    written (wall clock), so that `tags/list` reads one record rather than listing every
+    image record of the name."""
+
+    tags: Mapping[str, float]
+
+    def as_record(self) -> dict:
+        return {"schema": TAGS_SCHEMA, "tags": dict(sorted(self.tags.items()))}
+
+    @classmethod
+    def from_record(cls, record: Mapping | None) -> "TagsIndex | None":
+        if record is None or record.get("schema") != TAGS_SCHEMA:
+            return None
+        try:
+            return cls({str(tag): float(at) for tag, at in record["tags"].items()})
+        except (AttributeError, KeyError, TypeError, ValueError):
+            return None
+
+
 # -- freshness ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Freshness:
@@ -277,6 +306,7 @@ class RecordCache:
         # replica's write is seen once the entry expires.
         self._recent: OrderedDict[str, tuple[float, ImageRecord]] = OrderedDict()
         self._served: dict[str, float] = {}  # image key -> monotonic time of its last `served` record
+        self._index_lock = asyncio.Lock()
 
     def _remember(self, key: str, record: ImageRecord) -> None:
         self._recent[key] = (time.monotonic() + RECENT_SECONDS, record)
@@ -320,6 +350,13 @@ class RecordCache:
         await self.store.put_record("images", key, record.as_record())
         self._recent.pop(key, None)  # read back (and its blobs checked) on the next pull
         log.info("image write key=%s digest=%s", key, record.ref.oci_digest)
+        head, tag, _fingerprint = key.rsplit("/", 2)  # image_record_key's "<name>/_/<tag>/<fp>"
+        name = head.removesuffix("/_")
+        try:
+            await self._index_tags(name, {tag: time.time()})
+        except StorageError as exc:
+            # The image is stored and served; only its listing waits for the next write.
+            log.warning("tags index of %s: not updated: %s", name, exc)
 
     async def note_served(self, key: str, record: ImageRecord) -> None:
         """Tell gc the image is in use: a record write at most once per SERVED_EVERY per process."""
@@ -333,9 +370,61 @@ class RecordCache:
         await self.store.put_record("served", key, {"ref": record.ref.__dict__})
 
     async def tags(self, request: ImageRequest) -> set[str]:
+        """The tags stored for a name, from its index record (one read, whatever the store holds)."""
+        name = request.canonical_name
+        index = TagsIndex.from_record(await self.store.get_record(TAGS_KIND, name))
+        if index is not None:
+            return set(index.tags)
+        # A store written before the index existed (or an index of another schema): scan
+        # this name's image records once and write what was found. A name with no image
+        # gets no index record, so that listing unknown names cannot fill the store.
         prefix = tags_prefix(request)
         keys = await self.store.list_records("images", prefix)
-        return {rest.split("/")[0] for rest in (key[len(prefix):] for key in keys) if rest.count("/") == 1}
+        found = {rest.split("/")[0] for rest in (key[len(prefix):] for key in keys) if rest.count("/") == 1}
+        if found:
+            log.info("tags index of %s: built from a scan of %d image records", name, len(keys))
+            now = time.time()
+            found = set(await self._index_tags(name, {tag: now for tag in found}))
+        return found
+
+    async def _index_tags(self, name: str, tags: Mapping[str, float]) -> dict[str, float]:
+        """Merge `tags` into the name's index; the index as written.
+
+        Replicas share the store, which only offers last-writer-wins on a whole record, so
+        a plain read-modify-write by two replicas at once could drop the tag of the one
+        that wrote first. Each writer therefore re-reads after its write and merges again
+        if its tags are missing, the check waiting _INDEX_SETTLE after the write. What
+        remains is a narrower race: A writes and checks, and B, which read before A's
+        write, writes more than _INDEX_SETTLE later, after A's check; A's tag is then missing
+        from the index (not from the store: the image record is there and is served) until
+        the next write for that tag. `latest` is listed whatever the index says, and a date
+        tag is indexed again when its image is next written. A store with conditional
+        writes (S3 If-Match) would close it; the filesystem backend has none.
+        """
+        # One update at a time in this process (index writes come once per build: rare),
+        # so that only other replicas can contend.
+        async with self._index_lock:
+            return await self._merge_tags(name, tags)
+
+    async def _merge_tags(self, name: str, tags: Mapping[str, float]) -> dict[str, float]:
+        merged: dict[str, float] = {}
+        for attempt in range(_INDEX_ATTEMPTS + 1):
+            if attempt > 0:
+                # Check after a write only once a writer that read before it has had time
+                # to land its write (one store round trip); jitter, so that two contended
+                # writers step out of lockstep.
+                await asyncio.sleep(_INDEX_SETTLE * random.uniform(1, 1 + attempt))
+            current = TagsIndex.from_record(await self.store.get_record(TAGS_KIND, name))
+            merged = dict(current.tags) if current is not None else {}
+            if all(merged.get(tag, -1.0) >= at for tag, at in tags.items()):
+                return merged  # every tag is in, as recent as ours
+            if attempt == _INDEX_ATTEMPTS:
+                break
+            for tag, at in tags.items():
+                merged[tag] = max(at, merged.get(tag, at))
+            await self.store.put_record(TAGS_KIND, name, TagsIndex(merged).as_record())
+        log.warning("tags index of %s: still contended after %d writes", name, _INDEX_ATTEMPTS)
+        return merged
 
     async def layer(self, key: str) -> LayerEntry | None:
         raw = await self.store.get_record("layers", key)

@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from condery.cache import TAGS_KIND, TagsIndex
 from condery.config import GcConfig
 from condery.observability.metrics import Metrics
 from condery.storage import DIGEST_RE, Listed, StorageError, Store
@@ -179,9 +180,30 @@ async def collect(store: Store, gc: GcConfig, *, dry_run: bool = False, now: flo
             await store.remove_record(kind, entry.name)
         for blob in report.blobs:
             await store.remove_blob(blob.name)
+        await _prune_tags_index(store, dead_keys, {e.name for e in images} - dead_keys)
     for line in report.lines()[-1:]:
         log.info("gc: %s", line)
     return report
+
+
+def _name_and_tag(image_key: str) -> tuple[str, str]:
+    head, tag, _fingerprint = image_key.rsplit("/", 2)  # cache.image_record_key's "<name>/_/<tag>/<fp>"
+    return head.removesuffix("/_"), tag
+
+
+async def _prune_tags_index(store: Store, removed: set[str], remaining: set[str]) -> None:
+    """Drop from each name's tags index the tags whose last image record was removed."""
+    left: dict[str, set[str]] = {}
+    for key in remaining:
+        name, tag = _name_and_tag(key)
+        left.setdefault(name, set()).add(tag)
+    for name in {_name_and_tag(key)[0] for key in removed}:
+        index = TagsIndex.from_record(await store.get_record(TAGS_KIND, name))
+        if index is None:
+            continue
+        kept = {tag: at for tag, at in index.tags.items() if tag in left.get(name, set())}
+        if kept != dict(index.tags):
+            await store.put_record(TAGS_KIND, name, TagsIndex(kept).as_record())
 
 
 async def run_every(store: Store, gc: GcConfig, metrics: Metrics) -> None:

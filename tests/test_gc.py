@@ -132,6 +132,12 @@ async def test_date_tags_live_forever_unless_snapshots_max_age(built) -> None:
     assert any("/_/2024-06-01/" in key for key in swept_images)
     assert not any("/_/latest/" in key for key in swept_images)
 
+    # Swept for real: tags/list (the per-name index) no longer names the date.
+    request = parse_name(TINY, service.meta_packages)
+    assert "2024-06-01" in await service.records.tags(request)
+    await collect(store, GcConfig(keep=DAY, grace=DAY, snapshots_max_age=30 * DAY), now=far)
+    assert await service.records.tags(request) == {"latest"}
+
 
 async def test_an_image_served_within_grace_stays(built, tmp_path: Path) -> None:
     service, first, second = built
