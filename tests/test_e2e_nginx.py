@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.clients import Podman, oci_validate, skopeo_copy
-from tests.fixtures.nginx import Nginx, nginx
+from tests.fixtures.nginx import DEPLOY_CONF, deploy_conf, nginx
 from tests.fixtures.procs import running
 from tests.fixtures.redis_server import RedisServer, redis  # noqa: F401 - the fixture
 from tests.test_e2e import NoRedirect, Registry, serve
@@ -36,8 +37,10 @@ def two_replicas(tmp: Path, channel: str, base_layout: Path, seaweed, redis_url:
         started = []
         for name in ("r1", "r2"):
             (tmp / name).mkdir()
+            # As deploy/compose.yaml: every connection comes from nginx's one address.
             argv, store, port = serve(tmp / name, [channel], f"oci:{base_layout}:bookworm", storage=storage,
-                                      coordination={"backend": "redis", "url": redis_url})
+                                      coordination={"backend": "redis", "url": redis_url},
+                                      max_connections=1000, max_connections_per_client=1000)
             url = f"http://127.0.0.1:{port}"
             stack.enter_context(running(argv, url=url + "/v2/", env=seaweed.env, log_path=tmp / name / "condery.log",
                                         timeout=60))
@@ -114,3 +117,23 @@ def test_the_second_replica_answers_a_name_the_first_built_without_building(
         assert metric(second, "condery_layer_bytes_total") == 0
         assert bucket_keys(seaweed, bucket, "blobs/") == blobs_before
         assert bucket_keys(seaweed, bucket, "records/layers/") == layer_records_before
+
+
+def test_the_mapped_deploy_conf_keeps_its_settings(tmp_path: Path) -> None:
+    """The fixture maps only names and paths; without rate limits (bench) nginx -t still passes."""
+    shipped = DEPLOY_CONF.read_text()
+    mapped = deploy_conf(["127.0.0.1:1", "127.0.0.1:2"], 3, tmp_path / "cache")
+    assert "server 127.0.0.1:1;" in mapped and "server 127.0.0.1:2;" in mapped and "condery-" not in mapped
+    assert "listen 127.0.0.1:3;" in mapped
+    for setting in ("proxy_read_timeout 1980s;", "proxy_next_upstream error;", "proxy_max_temp_file_size 0;",
+                    "proxy_cache_valid 200 30d;", "limit_req  zone=condery_requests"):
+        assert setting in shipped and setting in mapped
+    unlimited = deploy_conf(["127.0.0.1:1"], 3, tmp_path / "cache", rate_limits=False)
+    assert "limit_req " not in unlimited and "limit_conn " not in unlimited and "limit_req_zone" in unlimited
+    (tmp_path / "conf.d.conf").write_text(unlimited)
+    (tmp_path / "nginx.conf").write_text(
+        f"pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;\nevents {{}}\n"
+        f"http {{ access_log off; include {tmp_path}/conf.d.conf; }}\n")
+    result = subprocess.run(["nginx", "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
