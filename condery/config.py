@@ -15,7 +15,7 @@ import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import rattler
 import yaml
@@ -298,32 +298,48 @@ def _platforms(path: str, value: Any, problems: _Problems) -> tuple[str, ...] | 
     return subdirs if ok else None
 
 
-def _storage(path: str, value: Any, problems: _Problems) -> StorageConfig | None:
-    if isinstance(value, StorageConfig):  # a caller's ready-made one (tests, tools)
-        return value
+def _backend_values(path: str, value: Any, problems: _Problems, keys: Mapping[str, frozenset[str]],
+                    default: str, convert: Callable[[str, str, Any], Any]) -> dict[str, Any] | None:
+    """A section chosen by its `backend` key (storage, coordination): `backend` and each of
+    its keys' values through `convert(backend, key, item)`, in the file's order, every key
+    of another backend or of none reported. A null is an unset key."""
     if not isinstance(value, Mapping):
         problems.add(path, f"expected a mapping, got {_shown(value)}")
         return None
-    before = len(problems.lines)
-    backend = value.get("backend", StorageConfig.backend)
-    if backend not in _STORAGE_KEYS:
-        problems.add(f"{path}.backend", f"expected filesystem or s3, got {_shown(backend)}")
+    backend = value.get("backend", default)
+    if backend not in keys:
+        problems.add(f"{path}.backend", f"expected {' or '.join(keys)}, got {_shown(backend)}")
         return None
+    known = frozenset().union(*keys.values())
     values: dict[str, Any] = {"backend": backend}
     for key, item in value.items():
-        if key == "backend" or (item is None and key in _STORAGE_KEYS["s3"] | _STORAGE_KEYS["filesystem"]):
-            continue  # null: unset, whichever backend the key belongs to
-        if not any(key in keys for keys in _STORAGE_KEYS.values()):
-            problems.add(_join(path, key), _unknown(key, {"backend", *_STORAGE_KEYS[backend]}))
-        elif key not in _STORAGE_KEYS[backend]:
+        if key == "backend" or (item is None and key in known):
+            continue
+        if key not in known:
+            problems.add(_join(path, key), _unknown(key, {"backend", *keys[backend]}))
+        elif key not in keys[backend]:
             # e.g. a bucket left over under the filesystem backend: the operator meant s3?
-            problems.add(_join(path, key), f"not a key of the {backend} backend "
-                                           f"(its keys: backend, {', '.join(sorted(_STORAGE_KEYS[backend]))})")
-        elif key == "redirect":
-            values[key] = _boolean(_join(path, key), item, problems)
+            shown = ", ".join(["backend", *sorted(keys[backend])])
+            problems.add(_join(path, key), f"not a key of the {backend} backend (its keys: {shown})")
         else:
-            values[key] = _string(_join(path, key), item, problems, optional=key != "path")
-    if backend == "s3" and not value.get("bucket") and len(problems.lines) == before:
+            values[key] = convert(backend, key, item)
+    return values
+
+
+def _storage(path: str, value: Any, problems: _Problems) -> StorageConfig | None:
+    if isinstance(value, StorageConfig):  # a caller's ready-made one (tests, tools)
+        return value
+    before = len(problems.lines)
+
+    def convert(backend: str, key: str, item: Any) -> Any:
+        if key == "redirect":
+            return _boolean(_join(path, key), item, problems)
+        return _string(_join(path, key), item, problems, optional=key != "path")
+
+    values = _backend_values(path, value, problems, _STORAGE_KEYS, StorageConfig.backend, convert)
+    if values is None:
+        return None
+    if values["backend"] == "s3" and not values.get("bucket") and len(problems.lines) == before:
         problems.add(f"{path}.bucket", "required for the s3 backend")
     return StorageConfig(**values) if len(problems.lines) == before else None
 
@@ -331,30 +347,20 @@ def _storage(path: str, value: Any, problems: _Problems) -> StorageConfig | None
 def _coordination(path: str, value: Any, problems: _Problems) -> CoordinationConfig | None:
     if isinstance(value, CoordinationConfig):  # a caller's ready-made one (tests, tools)
         return value
-    if not isinstance(value, Mapping):
-        problems.add(path, f"expected a mapping, got {_shown(value)}")
-        return None
     before = len(problems.lines)
-    backend = value.get("backend", CoordinationConfig.backend)
-    if backend not in _COORDINATION_KEYS:
-        problems.add(f"{path}.backend", f"expected local or redis, got {_shown(backend)}")
+
+    def convert(backend: str, key: str, item: Any) -> Any:
+        if key == "lease":
+            return _integer(_join(path, key), item, problems, 1, None, "second")
+        url = _string(_join(path, key), item, problems)
+        if url is not None and not url.startswith(_REDIS_SCHEMES):
+            problems.add(_join(path, key), f"expected a redis://HOST:PORT/DB URL, got {_shown(redact_text(url))}")
+        return url
+
+    values = _backend_values(path, value, problems, _COORDINATION_KEYS, CoordinationConfig.backend, convert)
+    if values is None:
         return None
-    values: dict[str, Any] = {"backend": backend}
-    for key, item in value.items():
-        if key == "backend":
-            continue
-        if key not in _COORDINATION_KEYS["redis"]:
-            problems.add(_join(path, key), _unknown(key, {"backend", *_COORDINATION_KEYS["redis"]}))
-        elif key not in _COORDINATION_KEYS[backend]:
-            problems.add(_join(path, key), f"not a key of the {backend} backend (only redis has url and lease)")
-        elif key == "lease":
-            values[key] = _integer(_join(path, key), item, problems, 1, None, "second")
-        else:
-            url = _string(_join(path, key), item, problems)
-            if url is not None and not url.startswith(_REDIS_SCHEMES):
-                problems.add(_join(path, key), f"expected a redis://HOST:PORT/DB URL, got {_shown(redact_text(url))}")
-            values[key] = url
-    if backend == "redis" and "url" not in value and len(problems.lines) == before:
+    if values["backend"] == "redis" and not values.get("url") and len(problems.lines) == before:
         problems.add(f"{path}.url", "required for the redis backend (redis://HOST:PORT/DB)")
     return CoordinationConfig(**values) if len(problems.lines) == before else None
 

@@ -154,9 +154,10 @@ class Store(abc.ABC):
 
         Implementations bump `removal_generation`."""
 
-    @abc.abstractmethod
-    def list_blobs(self) -> AsyncIterator[str]:
+    async def list_blobs(self) -> AsyncIterator[str]:
         """The digests of every stored blob, in no particular order."""
+        async for entry in self.list_blob_entries():
+            yield entry.name
 
     @abc.abstractmethod
     def list_blob_entries(self) -> AsyncIterator[Listed]:

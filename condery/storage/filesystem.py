@@ -138,15 +138,6 @@ class FilesystemStore(Store):
         except OSError as exc:
             raise StorageError(f"cannot remove blob {digest}: {os_error_text(exc)}", exc.errno) from exc
 
-    async def list_blobs(self) -> AsyncIterator[str]:
-        names = await asyncio.to_thread(os.listdir, self.root / "blobs" / "sha256")
-        for name in sorted(names):
-            digest = "sha256:" + name
-            try:
-                yield check_digest(digest)
-            except ValueError:
-                continue  # not a blob name (a stray file an operator put there)
-
     async def list_blob_entries(self) -> AsyncIterator[Listed]:
         base = self.root / "blobs" / "sha256"
 

@@ -282,17 +282,6 @@ class S3Store(Store):
         with _failures(f"DELETE {key}"):
             await client.delete_object(Bucket=self.bucket, Key=key)
 
-    async def list_blobs(self) -> AsyncIterator[str]:
-        client = await self._client()
-        with _failures("LIST blobs/sha256/"):
-            async for page in client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix="blobs/sha256/"
-            ):
-                for entry in page.get("Contents", []):
-                    digest = "sha256:" + entry["Key"].rsplit("/", 1)[-1]
-                    if DIGEST_RE.fullmatch(digest):
-                        yield digest
-
     async def list_blob_entries(self) -> AsyncIterator[Listed]:
         client = await self._client()
         with _failures("LIST blobs/sha256/"):
