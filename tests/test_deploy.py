@@ -27,6 +27,7 @@ import yaml
 
 from condery.config import load_config
 from tests.fixtures.clients import skopeo_copy
+from tests.fixtures.nginx import check_config
 from tests.fixtures.procs import free_port, running
 
 REPO = Path(__file__).resolve().parent.parent
@@ -323,12 +324,5 @@ def test_the_nginx_configuration_is_valid_and_waits_for_a_cold_build(tmp_path: P
     # `nginx -t` on it, in an http block as conf.d has it, with the compose hostnames and
     # cache directory mapped to this machine.
     (tmp_path / "cache").mkdir()  # the nginx image has /var/cache/nginx
-    (tmp_path / "conf.d.conf").write_text(
-        text.replace("condery-1:", "127.0.0.1:").replace("condery-2:", "127.0.0.2:")
-            .replace("/var/cache/nginx", str(tmp_path / "cache")))
-    (tmp_path / "nginx.conf").write_text(
-        f"pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;\nevents {{}}\n"
-        f"http {{ access_log off; include {tmp_path}/conf.d.conf; }}\n")
-    result = subprocess.run(["nginx", "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
-                            capture_output=True, text=True, timeout=30)
-    assert result.returncode == 0, result.stderr
+    check_config(text.replace("condery-1:", "127.0.0.1:").replace("condery-2:", "127.0.0.2:")
+                 .replace("/var/cache/nginx", str(tmp_path / "cache")), tmp_path)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.clients import Podman, oci_validate, skopeo_copy
-from tests.fixtures.nginx import DEPLOY_CONF, deploy_conf, nginx
+from tests.fixtures.nginx import DEPLOY_CONF, check_config, deploy_conf, nginx
 from tests.fixtures.procs import running
 from tests.fixtures.redis_server import RedisServer, redis  # noqa: F401 - the fixture
 from tests.test_e2e import NoRedirect, Registry, serve
@@ -130,10 +129,4 @@ def test_the_mapped_deploy_conf_keeps_its_settings(tmp_path: Path) -> None:
         assert setting in shipped and setting in mapped
     unlimited = deploy_conf(["127.0.0.1:1"], 3, tmp_path / "cache", rate_limits=False)
     assert "limit_req " not in unlimited and "limit_conn " not in unlimited and "limit_req_zone" in unlimited
-    (tmp_path / "conf.d.conf").write_text(unlimited)
-    (tmp_path / "nginx.conf").write_text(
-        f"pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;\nevents {{}}\n"
-        f"http {{ access_log off; include {tmp_path}/conf.d.conf; }}\n")
-    result = subprocess.run(["nginx", "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
-                            capture_output=True, text=True, timeout=30)
-    assert result.returncode == 0, result.stderr
+    check_config(unlimited, tmp_path)

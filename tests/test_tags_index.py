@@ -26,6 +26,7 @@ def record() -> ImageRecord:
     return ImageRecord(REF, 1.0, {"linux/amd64": {"oci": REF.oci_digest}})
 
 
+# Not test_storage.py's `store`: that shares one bucket per module, these tests need an empty one.
 @pytest.fixture(params=["filesystem", "s3"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     if request.param == "filesystem":
