@@ -408,36 +408,29 @@ def _finish_layer(record: rattler.RepoDataRecord, staging: Path, target: Path, *
     if not keep_unrecorded:
         # Only what the package declares (and its record) goes into the layer.
         wanted = {str(f) for f in data.get("files", [])} | {f"conda-meta/{dist}.json"}
-        _prune(target, wanted)
         softlinks = {str(e.get("_path")) for e in (data.get("paths_data") or {}).get("paths", [])
                      if isinstance(e, dict) and e.get("path_type") == "softlink"}
-        _check_symlinks(target, softlinks, dist)
+        _prune(target, wanted, softlinks, dist)
     return write_layer(target, prefix.strip("/"), out_path)
 
 
-def _check_symlinks(target: Path, softlinks: set[str], dist: str) -> None:
-    """Second line of defence: the installed tree holds no symlink the package did not declare.
+def _prune(target: Path, wanted: set[str], softlinks: set[str], dist: str) -> None:
+    """Drop what the package does not declare, in one walk of the installed tree.
 
-    The archive was checked member by member before the install (members.py); this
-    catches an installer that made links of its own.
+    A kept symlink must be one the package declares: the archive was checked member by
+    member before the install (members.py), so this second line of defence catches an
+    installer that made links of its own.
     """
-    for dirpath, dirnames, filenames in os.walk(target):
-        for item in (*dirnames, *filenames):
-            path = os.path.join(dirpath, item)
-            if os.path.islink(path):
-                rel = os.path.relpath(path, target)
-                if rel not in softlinks:
-                    raise PackageError(f"{dist}: the install left an undeclared symlink {rel!r}")
-
-
-def _prune(target: Path, wanted: set[str]) -> None:
     for dirpath, dirnames, filenames in os.walk(target, topdown=False):
         rel_dir = os.path.relpath(dirpath, target)
         for item in (*filenames, *[d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]):
             rel = item if rel_dir == "." else f"{rel_dir}/{item}"
+            path = os.path.join(dirpath, item)
             if rel not in wanted:
                 log.debug("dropping unrecorded %s", rel)
-                os.unlink(os.path.join(dirpath, item))
+                os.unlink(path)
+            elif rel not in softlinks and os.path.islink(path):
+                raise PackageError(f"{dist}: the install left an undeclared symlink {rel!r}")
         if rel_dir != "." and not os.listdir(dirpath):
             os.rmdir(dirpath)
 
