@@ -44,6 +44,7 @@ from condery.progress import BuildStatus, BuildTracker, build_id
 from condery.observability.build_report import BuildReport
 from condery.registry import errors
 from condery.registry.base_image import BaseImage, BaseImageError, resolve_base_image
+from condery.registry.registry_auth import RegistryAuth
 from condery.registry.manifest import (
     Descriptor,
     docker_manifest,
@@ -508,7 +509,9 @@ class ImageService:
         the last good one stands in (stale-if-error): images built on it are still
         served, and builds use it, until the base is back.
         """
-        if self._last_bases and time.monotonic() - self._bases_checked_at < BASE_RECHECK:
+        # A shorter base_image_refresh is honoured: a moved tag shows within it.
+        recheck = min(BASE_RECHECK, self.config.base_image_refresh)
+        if self._last_bases and time.monotonic() - self._bases_checked_at < recheck:
             return dict(self._last_bases)
         try:
             bases = dict(zip(self.config.platforms, await asyncio.gather(
@@ -536,7 +539,9 @@ class ImageService:
         return await self._bases.run(
             subdir,
             lambda: resolve_base_image(
-                self.config.base_image, platform, self.store, self.state.http, layer_budget=self.config.layer_budget
+                self.config.base_image, platform, self.store, self.state.http, layer_budget=self.config.layer_budget,
+                auth=RegistryAuth.from_setting(self.config.base_image_auth_file),
+                refresh=self.config.base_image_refresh,
             ),
         )
 

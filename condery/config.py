@@ -106,6 +106,13 @@ class Config:
     platforms: tuple[str, ...] = ("linux-64",)
     prefix: str = "/opt/conda"
     base_image: str = DEFAULT_BASE_IMAGE
+    # A Docker config.json with the base image registry's credentials (registry_auth.py);
+    # unset: $REGISTRY_AUTH_FILE, else ${XDG_RUNTIME_DIR}/containers/auth.json and
+    # $DOCKER_CONFIG/config.json (~/.docker/config.json), as podman and skopeo read them.
+    base_image_auth_file: str | None = None
+    # Seconds a base pinned only by tag (debian:12) is used before its tag is asked for
+    # again; a base pinned by digest is never asked for again.
+    base_image_refresh: int = 24 * 3600
     storage: StorageConfig = field(default_factory=StorageConfig)
     coordination: CoordinationConfig = field(default_factory=CoordinationConfig)
     gc: GcConfig = field(default_factory=GcConfig)
@@ -162,11 +169,11 @@ LOG_FORMATS = ("text", "json")
 # Integer keys where 0 would make the registry useless (0 failed_solve_ttl, 0 queue are fine).
 _AT_LEAST_ONE = frozenset(
     {"layer_budget", "max_packages", "max_concurrent_builds", "max_builds_per_client", "max_package_files",
-     "max_concurrent_downloads", "header_timeout", "idle_timeout"}  # a 0 timeout would close every connection
+     "max_concurrent_downloads", "header_timeout", "idle_timeout", "base_image_refresh"}  # a 0 timeout would close every connection
 )
 _SIZE_KEYS = frozenset({"max_package_unpacked_size", "package_cache_max_size"})
 _SECONDS = frozenset({"latest_ttl", "snapshot_grace", "failed_solve_ttl", "solve_timeout", "build_timeout",
-                      "header_timeout", "idle_timeout"})
+                      "header_timeout", "idle_timeout", "base_image_refresh"})
 _SIZE_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
                "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
 # Storage keys each backend reads; `backend` itself is common to both.
@@ -520,6 +527,9 @@ def _coerce(key: str, value: Any, problems: _Problems) -> Any:
         # The prefix is pasted into activation scripts and binary placeholders: keep it plain.
         if not re.fullmatch(r"(/[A-Za-z0-9._+-]+)+", value) or "/../" in value + "/":
             problems.add(key, f"expected an absolute path of [A-Za-z0-9._+-] parts, got {_shown(value)}")
+    if key == "base_image_auth_file" and value is not None and not Path(value).is_file():
+        problems.add(key, f"{_shown(value)} is not a file (a Docker config.json with an `auths` section)")
+        return None
     if key == "log_format" and value is not None and value not in LOG_FORMATS:
         problems.add(key, f"expected {' or '.join(LOG_FORMATS)}, got {_shown(value)}")
         return None
@@ -625,7 +635,9 @@ def _mask(value: Any, path: str, masked: list[str]) -> Any:
         for key, item in value.items():
             child = _join(path, key)
             # Scalars only: a meta-package may well be called `auth`; its settings are no secret.
-            if _SECRET_KEY.search(str(key)) and isinstance(item, (str, int, float)) and item != "":
+            # A `*_file` key (base_image_auth_file) names where secrets are, which is none.
+            if (_SECRET_KEY.search(str(key)) and not str(key).endswith("_file")
+                    and isinstance(item, (str, int, float)) and item != ""):
                 out[key] = MASK
                 masked.append(child)
             else:

@@ -1,8 +1,13 @@
 """The base image under every conda image: fetched, verified, stored, remembered.
 
 Spec forms (configuration key `base_image`):
-- `REGISTRY/REPO:TAG@sha256:<digest>` or `REGISTRY/REPO@sha256:<digest>`: pinned;
-- `REGISTRY/REPO:TAG`: resolved once, then the stored answer is reused;
+- `REGISTRY/REPO:TAG@sha256:<digest>` or `REGISTRY/REPO@sha256:<digest>`: pinned, never
+  asked for again once imported;
+- `REGISTRY/REPO:TAG`: the stored answer is reused for `refresh` seconds (configuration
+  `base_image_refresh`), then the tag is asked for again; a tag that moved is imported
+  anew (a new base digest makes new image keys, cache.py), and when the registry cannot
+  answer the last good base stays in use (stale-if-error) and is retried after
+  FAILED_REFRESH_RETRY seconds;
 - `oci:PATH[:TAG]`: a local OCI image layout (read on every resolve, it is local and
   small; the layer work is cached by the manifest's digest);
 - `scratch`: no base at all.
@@ -10,7 +15,12 @@ Spec forms (configuration key `base_image`):
 Every blob is verified against its digest and size before it is stored, layers are
 also checked against the config's diff_ids while they are decompressed, and nothing is
 stored unless the whole image verified. The result is recorded under the record kind
-`base-images`, so later resolves make no network call.
+`base-images`, so later resolves make no network call until a tag's refresh is due.
+Registry credentials come from `auth` (registry_auth.py: Docker config.json files).
+
+A multi-platform index gives each built platform its own child (`_select_platform`:
+os and architecture equal, variant equal or absent on either side, an exact variant
+preferred), and an index without the platform is refused by name.
 
 Uncompressed and zstd layers are recompressed to gzip once: a Docker schema 2 manifest
 can only describe gzip layers, and every image is served in both families. The gzip
@@ -39,6 +49,7 @@ import re
 import stat
 import tarfile
 import tempfile
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +76,7 @@ from condery.registry.manifest import (
     parse_descriptor,
 )
 from condery.registry.platforms import OciPlatform
+from condery.registry.registry_auth import RegistryAuth
 from condery.registry.upstream import (
     MAX_MANIFEST_SIZE,
     FetchedManifest,
@@ -94,6 +106,10 @@ _MAX_MESSAGE = 500  # error text quotes untrusted JSON: keep the client's answer
 _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 _DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
 _REF_NAME = "org.opencontainers.image.ref.name"
+DEFAULT_REFRESH = 24 * 3600  # seconds a base pinned only by tag is used before asking again
+# After a failed refresh, the seconds before the next attempt: soon enough to pick up the
+# registry's return, rare enough that a registry that hangs does not slow every pull.
+FAILED_REFRESH_RETRY = 60
 
 
 class BaseImageError(RuntimeError):
@@ -118,17 +134,20 @@ async def resolve_base_image(
     session: aiohttp.ClientSession,
     *,
     layer_budget: int,
+    auth: RegistryAuth | None = None,
+    refresh: float = DEFAULT_REFRESH,
 ) -> BaseImage:
     """The base image for `platform`, imported into `store` on first use.
 
     `layer_budget` is the configuration's: a base may bring at most
     `layer_budget - OWN_LAYERS` layers, checked before anything is downloaded.
+    `refresh`: seconds before a base pinned only by tag is asked for again.
     """
     spec = spec.strip()
     if spec == "scratch":
         return SCRATCH
     try:
-        image = await _resolve(spec, platform, store, session, layer_budget)
+        image = await _resolve(spec, platform, store, _Fetch(session, auth, refresh), layer_budget)
         if len(image.layers) > layer_budget - OWN_LAYERS:  # recorded under a larger budget
             raise _too_many_layers(len(image.layers), layer_budget)
         return image
@@ -142,30 +161,69 @@ async def resolve_base_image(
         raise BaseImageError(f"{_describe(spec)}: {message}") from None
 
 
-async def _resolve(
-    spec: str, platform: OciPlatform, store: Store, session: aiohttp.ClientSession, layer_budget: int
-) -> BaseImage:
-    source: _Source
+@dataclass(frozen=True)
+class _Fetch:
+    """How a registry base is fetched and how long a tag's answer stands."""
+
+    session: aiohttp.ClientSession
+    auth: RegistryAuth | None
+    refresh: float
+
+
+async def _resolve(spec: str, platform: OciPlatform, store: Store, fetch: _Fetch, layer_budget: int) -> BaseImage:
     if spec.startswith("oci:"):
         layout = _Layout.from_spec(spec[len("oci:") :])
         # A layout can change under the same path: key the work by what it holds now.
         layout_root = await asyncio.to_thread(layout.root_manifest)
         key = _record_key(f"oci-manifest:{layout_root.digest}", platform)
-        root: FetchedManifest | None = layout_root
-        source, reference = layout, layout_root.digest
-    else:
-        ref = _parse_reference(spec)
-        # An unpinned tag is resolved once: its record answers until someone removes it.
-        root, key = None, _record_key(str(ref), platform)
-        source, reference = _Registry(UpstreamClient(session), ref), ref.digest or ref.tag or "latest"
+        cached = await _from_record(store, key)
+        if cached is not None:
+            return cached[0]
+        return await _import_and_record(spec, layout, layout_root, platform, store, key, layer_budget)
 
+    ref = _parse_reference(spec)
+    key = _record_key(str(ref), platform)
+    source = _Registry(UpstreamClient(fetch.session, auth=fetch.auth), ref)
     cached = await _from_record(store, key)
-    if cached is not None:
-        return cached
-    if root is None:
-        root = await source.get_manifest(reference)
+    if ref.digest is not None:  # pinned: what the digest names never changes
+        if cached is not None:
+            return cached[0]
+        root = await source.get_manifest(ref.digest)
+        return await _import_and_record(spec, source, root, platform, store, key, layer_budget)
+    if cached is None:
+        root = await source.get_manifest(ref.tag or "latest")
+        return await _import_and_record(spec, source, root, platform, store, key, layer_budget)
+
+    image, record = cached
+    checked_at = record.get("checked_at")
+    now = time.time()
+    if isinstance(checked_at, (int, float)) and 0 <= now - checked_at < fetch.refresh:
+        return image
+    try:
+        root = await source.get_manifest(ref.tag or "latest")
+        if root.digest == record.get("root"):  # the tag has not moved: the stored base stands
+            await store.put_record(RECORD_KIND, key, {**record, "checked_at": now})
+            return image
+        refreshed = await _import_and_record(spec, source, root, platform, store, key, layer_budget)
+    except (BaseImageError, UpstreamError, ManifestError, asyncio.TimeoutError) as exc:
+        # stale-if-error: the last good base serves until the registry answers again.
+        log.warning("%s: refresh failed, using the base resolved before (%s): %s",
+                    _describe(spec), record.get("manifest"), str(exc)[:_MAX_MESSAGE] or "timed out")
+        retry_at = now - fetch.refresh + min(fetch.refresh, FAILED_REFRESH_RETRY)
+        await store.put_record(RECORD_KIND, key, {**record, "checked_at": retry_at})
+        return image
+    if refreshed.layers != image.layers or refreshed.config != image.config:
+        log.info("%s for %s: the tag moved to %s", _describe(spec), platform, root.digest)
+    return refreshed
+
+
+async def _import_and_record(
+    spec: str, source: "_Source", root: FetchedManifest, platform: OciPlatform, store: Store, key: str,
+    layer_budget: int,
+) -> BaseImage:
     image, record = await _import(source, root, platform, store, layer_budget)
-    record["spec"] = spec
+    # `root`: what the tag pointed at (an index or a manifest), compared at each refresh.
+    record.update(spec=spec, root=root.digest, checked_at=time.time())
     await store.put_record(RECORD_KIND, key, record)
     return image
 
@@ -200,8 +258,9 @@ def _record_key(text: str, platform: OciPlatform) -> str:
     return f"{slug}/{hashlib.sha256(text.encode()).hexdigest()}"
 
 
-async def _from_record(store: Store, key: str) -> BaseImage | None:
-    """The recorded image, if its record is sound and all its blobs are still stored."""
+async def _from_record(store: Store, key: str) -> tuple[BaseImage, dict[str, Any]] | None:
+    """The recorded image and its record, if the record is sound and all its blobs are
+    still stored."""
     record = await store.get_record(RECORD_KIND, key)
     if record is None:
         return None
@@ -218,7 +277,7 @@ async def _from_record(store: Store, key: str) -> BaseImage | None:
         if not isinstance(digest, str) or await store.blob_info(digest) is None:
             return None
     config = json.loads(await store.get_blob_bytes(config_digest))
-    return BaseImage(config, layers, diff_ids, glibc if isinstance(glibc, str) else None)
+    return BaseImage(config, layers, diff_ids, glibc if isinstance(glibc, str) else None), record
 
 
 class _Source(Protocol):

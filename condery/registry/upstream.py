@@ -2,8 +2,15 @@
 
 The upstream is treated as hostile: every manifest and blob is checked against the
 digest we asked for, sizes are bounded, and a blob reaches the caller only as a local
-file whose sha256 and size already matched. Anonymous bearer tokens (Docker Hub style)
-are fetched when the registry answers 401.
+file whose sha256 and size already matched.
+
+When the registry answers 401, its challenge says how to authenticate: `Basic` gets the
+registry's credentials (registry_auth.py) directly; `Bearer` gets a token from the realm
+it names, asked for with those credentials (Basic, or an OAuth2 refresh-token POST for an
+identity token) or anonymously when there are none. Credentials go only to the registry
+they are for and to the token realm it names (https, or loopback for a loopback
+registry); aiohttp drops the Authorization header when a blob GET is redirected to
+another origin (S3, a CDN). No message holds a credential.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from condery.registry.media_types import INDEX_TYPES, MANIFEST_TYPES
+from condery.registry.registry_auth import Credentials, RegistryAuth, RegistryAuthError
 
 MANIFEST_ACCEPT = (
     "application/vnd.oci.image.index.v1+json",
@@ -125,7 +133,7 @@ def parse_bearer_challenge(header: str) -> dict[str, str]:
     scheme, _, params = header.strip().partition(" ")
     if scheme.lower() != "bearer":
         raise UpstreamError(
-            f"upstream asks for {scheme or 'unknown'} authentication; only anonymous bearer tokens are supported"
+            f"upstream asks for {scheme or 'unknown'} authentication; only Basic and Bearer are supported"
         )
     values = {m.group(1).lower(): m.group(2) if m.group(2) is not None else m.group(3)
               for m in _CHALLENGE_PARAM_RE.finditer(params)}
@@ -135,14 +143,40 @@ def parse_bearer_challenge(header: str) -> dict[str, str]:
 
 
 class UpstreamClient:
-    """Pulls manifests and blobs from registries, with per-repository anonymous tokens."""
+    """Pulls manifests and blobs from registries, authenticating per repository."""
 
-    def __init__(self, session: aiohttp.ClientSession, *, read_timeout: float = 60.0) -> None:
+    def __init__(self, session: aiohttp.ClientSession, *, auth: RegistryAuth | None = None,
+                 read_timeout: float = 60.0) -> None:
         self._session = session
-        self._tokens: dict[tuple[str, str], str] = {}
+        self._auth = auth
+        self._authorization: dict[tuple[str, str], str] = {}  # (registry, repo) -> Authorization value
+        self._credentials: dict[tuple[str, str], Credentials | None] = {}  # looked up once per client
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=read_timeout)
 
-    async def _token(self, ref: ImageReference, challenge: str) -> str:
+    async def _lookup(self, ref: ImageReference) -> Credentials | None:
+        key = (ref.registry, ref.repository)
+        if key not in self._credentials:
+            try:
+                self._credentials[key] = await self._auth.lookup(*key) if self._auth else None
+            except RegistryAuthError as exc:
+                raise UpstreamError(f"{ref.registry}: {exc}") from None
+        return self._credentials[key]
+
+    async def _authorize(self, ref: ImageReference, challenge: str) -> str:
+        """The Authorization header value that answers a 401's challenge."""
+        scheme = challenge.strip().partition(" ")[0].lower()
+        credentials = await self._lookup(ref)
+        if scheme == "basic":
+            if credentials is None:
+                raise UpstreamError(f"unauthorized: {ref.registry} asks for a user name and password "
+                                    "and none is configured for it (see base_image_auth_file)")
+            if credentials.identity_token is not None:
+                raise UpstreamError(f"unauthorized: {ref.registry} asks for a password; "
+                                    f"{credentials.source} has only an identity token for it")
+            return credentials.basic()
+        return "Bearer " + await self._token(ref, challenge, credentials)
+
+    async def _token(self, ref: ImageReference, challenge: str, credentials: Credentials | None) -> str:
         params = parse_bearer_challenge(challenge)
         realm = params["realm"]
         parts = urlsplit(realm)
@@ -156,7 +190,18 @@ class UpstreamClient:
         if params.get("service"):
             query["service"] = params["service"]
         try:
-            async with self._session.get(realm, params=query, timeout=self._timeout) as resp:
+            if credentials is not None and credentials.identity_token is not None:
+                # OAuth2 refresh-token grant, as docker does with an identity token.
+                form = {"grant_type": "refresh_token", "refresh_token": credentials.identity_token,
+                        "client_id": "condery", **query}
+                request = self._session.post(realm, data=form, timeout=self._timeout)
+            else:
+                headers = {"Authorization": credentials.basic()} if credentials is not None else {}
+                request = self._session.get(realm, params=query, headers=headers, timeout=self._timeout)
+            async with request as resp:
+                if resp.status in (401, 403) and credentials is not None:
+                    raise UpstreamError(f"unauthorized: the token server for {ref.registry} refused the "
+                                        f"credentials from {credentials.source} (HTTP {resp.status})")
                 if resp.status != 200:
                     raise UpstreamError(f"token server {_origin(realm)} answered {resp.status}")
                 body = await _read_limited(resp, MAX_TOKEN_SIZE, "token response")
@@ -172,13 +217,13 @@ class UpstreamClient:
         return token
 
     async def _get(self, ref: ImageReference, path: str, headers: Mapping[str, str]) -> aiohttp.ClientResponse:
-        """GET with one bearer-token retry; the caller must release the response."""
+        """GET with one authenticated retry; the caller must release the response."""
         url = f"{base_url(ref.registry)}/v2/{ref.repository}/{path}"
         key = (ref.registry, ref.repository)
         for attempt in range(2):
             request_headers = dict(headers)
-            if key in self._tokens:
-                request_headers["Authorization"] = f"Bearer {self._tokens[key]}"
+            if key in self._authorization:
+                request_headers["Authorization"] = self._authorization[key]
             try:
                 resp = await self._session.get(url, headers=request_headers, timeout=self._timeout)
             except aiohttp.ClientError as exc:
@@ -186,13 +231,25 @@ class UpstreamClient:
             if resp.status == 401 and attempt == 0:
                 challenge = resp.headers.get("WWW-Authenticate", "")
                 resp.release()
-                self._tokens[key] = await self._token(ref, challenge)
+                self._authorization[key] = await self._authorize(ref, challenge)
                 continue
+            if resp.status in (401, 403):
+                resp.release()
+                raise UpstreamError(self._refusal(ref, resp.status))
             if resp.status != 200:
                 resp.release()
                 raise UpstreamError(f"{ref.registry}/{ref.repository}: GET {path} answered {resp.status}")
             return resp
         raise AssertionError("unreachable")
+
+    def _refusal(self, ref: ImageReference, status: int) -> str:
+        """Why the registry still refuses after we authenticated: whose credentials, never which."""
+        word = "unauthorized" if status == 401 else "denied"
+        credentials = self._credentials.get((ref.registry, ref.repository))
+        if credentials is None:
+            return (f"{word}: {ref.registry} refused anonymous access to {ref.repository} (HTTP {status}); "
+                    "configure credentials for it (see base_image_auth_file)")
+        return f"{word}: {ref.registry} refused the credentials from {credentials.source} for {ref.repository} (HTTP {status})"
 
     async def get_manifest(self, ref: ImageReference, reference: str) -> FetchedManifest:
         """The manifest or index named by a tag or digest; a digest reference is verified."""
