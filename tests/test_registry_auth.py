@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import stat
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 from aiohttp import web
 
 from condery.config import ConfigError, load_config
+from condery.registry import base_image
 from condery.registry.base_image import (
     RECORD_KIND,
     BaseImageError,
@@ -408,3 +410,22 @@ def test_config_keys(tmp_path: Path) -> None:
         load_config(environ={}, base_image_auth_file=str(tmp_path / "missing.json"))
     with pytest.raises(ConfigError, match="base_image_refresh: 0 is out of range"):
         load_config(environ={}, base_image_refresh=0)
+
+
+async def test_a_hanging_registry_does_not_hold_a_refresh(
+    upstream_registry: Registry, tmp_path: Path, store, session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upstream_registry.push(small_layout(tmp_path / "one", "one").path, "hung/base:v1", "v1")
+    spec = f"{upstream_registry.host}/hung/base:v1"
+    first = await resolve_base_image(spec, AMD64, store, session, layer_budget=BUDGET, refresh=1)
+    upstream_registry.stop()
+    # the registry's port now accepts connections and never answers
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", int(upstream_registry.host.rsplit(":", 1)[1])))
+        listener.listen(8)
+        monkeypatch.setattr(base_image, "REFRESH_CHECK_TIMEOUT", 0.5)
+        time.sleep(1.1)
+        started = time.monotonic()
+        assert await resolve_base_image(spec, AMD64, store, session, layer_budget=BUDGET, refresh=1) == first
+        assert time.monotonic() - started < 3

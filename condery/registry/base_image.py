@@ -110,6 +110,7 @@ DEFAULT_REFRESH = 24 * 3600  # seconds a base pinned only by tag is used before 
 # After a failed refresh, the seconds before the next attempt: soon enough to pick up the
 # registry's return, rare enough that a registry that hangs does not slow every pull.
 FAILED_REFRESH_RETRY = 60
+REFRESH_CHECK_TIMEOUT = 10  # seconds the tag's manifest request of a refresh may take
 
 
 class BaseImageError(RuntimeError):
@@ -200,7 +201,9 @@ async def _resolve(spec: str, platform: OciPlatform, store: Store, fetch: _Fetch
     if isinstance(checked_at, (int, float)) and 0 <= now - checked_at < fetch.refresh:
         return image
     try:
-        root = await source.get_manifest(ref.tag or "latest")
+        # Bounded: a pull waits for this check, and a registry that hangs must not hold it
+        # for aiohttp's connect and read timeouts; a timeout is a failed refresh.
+        root = await asyncio.wait_for(source.get_manifest(ref.tag or "latest"), REFRESH_CHECK_TIMEOUT)
         if root.digest == record.get("root"):  # the tag has not moved: the stored base stands
             await store.put_record(RECORD_KIND, key, {**record, "checked_at": now})
             return image
