@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from condery.config import ConfigError, load_config
+from condery.config import ConfigError, effective_yaml, load_config
 from condery.registry import base_image
 from condery.registry.base_image import (
     RECORD_KIND,
@@ -406,6 +406,8 @@ def test_config_keys(tmp_path: Path) -> None:
     config = load_config(environ={}, base_image_auth_file=str(path), base_image_refresh=600)
     assert (config.base_image_auth_file, config.base_image_refresh) == (str(path), 600)
     assert load_config(environ={}).base_image_refresh == 24 * 3600
+    # `condery config` shows where the credentials are (a path is no secret), loadable again
+    assert f"base_image_auth_file: {path}" in effective_yaml(config, environ={})
     with pytest.raises(ConfigError, match="base_image_auth_file: .* is not a file"):
         load_config(environ={}, base_image_auth_file=str(tmp_path / "missing.json"))
     with pytest.raises(ConfigError, match="base_image_refresh: 0 is out of range"):
