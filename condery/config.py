@@ -76,9 +76,9 @@ DEFAULT_META_PACKAGES: dict[str, MetaPackage] = {
     "shell": MetaPackage(specs=("bash", "coreutils", "git", "curl", "ca-certificates", "tar", "gzip",
                                 "findutils", "sed", "grep", "less")),
     # The Jupyter Docker Stacks' conventions (jovyan, uid 1000, gid 100 `users`, which
-    # z2jh's fsGid defaults to), and KubeSpawner's default command: a JupyterHub spawn
-    # runs `jupyterhub-singleuser` whatever Cmd says unless told otherwise, and the same
-    # Cmd makes `docker run IMAGE` start the server the hub would start.
+    # z2jh's fsGid defaults to), and the command KubeSpawner and z2jh run by default.
+    # Not start-notebook.sh: it exists to drop root and chown the home, which this image
+    # needs neither of (docs/jupyterhub.md).
     "jupyter": MetaPackage(
         specs=("jupyterlab", "jupyterhub-singleuser"),
         user=JOVYAN,
