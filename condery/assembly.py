@@ -16,7 +16,8 @@ from typing import Sequence
 
 import rattler
 
-from condery.config import Config
+from condery.config import Config, MetaPackage, combine_meta_packages
+from condery.layers.env_layer import Account
 from condery.registry.manifest import Descriptor, ImageSettings
 from condery.registry.names import ImageRequest
 from condery.registry.platforms import OciPlatform
@@ -38,30 +39,63 @@ def created_of(records: Sequence[rattler.RepoDataRecord]) -> datetime:
     return max((r.timestamp for r in records if r.timestamp), default=_EPOCH)
 
 
+def meta_settings(config: Config, request: ImageRequest) -> MetaPackage:
+    """The combined settings of the name's meta-packages (parse_name refused conflicts)."""
+    return combine_meta_packages({name: config.meta_packages[name] for name in request.meta})
+
+
+def _has(records: Sequence[rattler.RepoDataRecord], name: str) -> bool:
+    return any(r.name.normalized == name for r in records)
+
+
+def image_account(config: Config, request: ImageRequest, records: Sequence[rattler.RepoDataRecord],
+                  base_passwd: str | None, base_group: str | None) -> Account | None:
+    """The user the image runs as, with its shell and directories resolved; None: the base's."""
+    meta = meta_settings(config, request)
+    user = meta.user
+    if user is None:
+        return None
+    # The environment's bash when it has one: the shell a terminal in JupyterLab opens.
+    shell = user.shell or (f"{config.prefix}/bin/bash" if _has(records, "bash") else "/bin/sh")
+    return Account(name=user.name, uid=user.uid, gid=user.gid, group=user.group, home=user.home, shell=shell,
+                   workdir=meta.workdir or user.home, base_passwd=base_passwd, base_group=base_group)
+
+
+def default_cmd(prefix: str, records: Sequence[rattler.RepoDataRecord]) -> tuple[str, ...] | None:
+    """What `docker run IMAGE` runs when nothing else says: the environment's shell, else
+    its python; without either nothing (an engine then asks for a command)."""
+    for program in ("bash", "python"):
+        if _has(records, program):
+            return (f"{prefix}/bin/{program}",)
+    return None
+
+
 def image_settings(
-    config: Config, request: ImageRequest, records: Sequence[rattler.RepoDataRecord], created: datetime, lock: str
+    config: Config, request: ImageRequest, records: Sequence[rattler.RepoDataRecord], created: datetime, lock: str,
+    account: Account | None = None,
 ) -> ImageSettings:
     prefix = config.prefix
     activate = f"{prefix}/etc/condery/activate.sh"
     env: dict[str, str] = {"CONDA_PREFIX": prefix, "LANG": "C.UTF-8", "BASH_ENV": activate, "ENV": activate}
-    if any(r.name.normalized == "ca-certificates" for r in records):
+    if _has(records, "ca-certificates"):
         bundle = f"{prefix}/ssl/cacert.pem"
         env.update(SSL_CERT_FILE=bundle, REQUESTS_CA_BUNDLE=bundle, CURL_CA_BUNDLE=bundle)
+    meta = meta_settings(config, request)
     user = workdir = None
-    cmd: Sequence[str] | None = None
-    for name in request.meta:
-        meta = config.meta_packages[name]
-        env.update(meta.env)
-        user = meta.user or user
-        workdir = meta.workdir or workdir
-        cmd = meta.cmd or cmd
+    if account is not None:
+        # Numeric, so that Kubernetes' runAsNonRoot can check it without the image's passwd.
+        user, workdir = f"{account.uid}:{account.gid}", account.workdir
+        env.update(HOME=account.home, SHELL=account.shell)
+    env.update(meta.env)  # a meta-package's own word is the last
     labels = {
+        **meta.labels,
         f"{LABEL_PREFIX}.name": request.canonical_name,
         f"{LABEL_PREFIX}.specs": json.dumps(list(request.specs)),
         f"{LABEL_PREFIX}.lock.digest": "sha256:" + hashlib.sha256(lock.encode()).hexdigest(),
     }
     return ImageSettings(
-        env=env, path_prefix=f"{prefix}/bin", labels=labels, user=user, workdir=workdir, cmd=cmd, created=created,
+        env=env, path_prefix=f"{prefix}/bin", labels=labels, user=user, workdir=workdir or meta.workdir,
+        cmd=meta.cmd, entrypoint=meta.entrypoint, default_cmd=default_cmd(prefix, records), created=created,
     )
 
 

@@ -31,7 +31,9 @@ from typing import Callable, Mapping, Protocol, Sequence
 import rattler
 
 from condery.admission import BuildQueue
-from condery.assembly import PlatformImage, created_of, image_settings, layer_annotations, manifest_annotations
+from condery.assembly import (
+    PlatformImage, created_of, image_account, image_settings, layer_annotations, manifest_annotations,
+)
 from condery.cache import Freshness, ImageKeys, ImageRecord, LayerEntry, RecordCache, RepodataClock, tag_of
 from condery.config import MetaPackage
 from condery.image_layers import LayerBuilder
@@ -609,9 +611,10 @@ class ImageService:
 
         created = created_of(records)
         lock = explicit_lock(records, subdir)
-        ours = [*layers, await self.layers.env_layer(request, records, subdir, created)]
+        account = image_account(self.config, request, records, base.passwd, base.group)
+        ours = [*layers, await self.layers.env_layer(request, records, subdir, created, account)]
         report.stored(ours[-1].size)
-        settings = image_settings(self.config, request, records, created, lock)
+        settings = image_settings(self.config, request, records, created, lock, account)
         history = [f"conda: {', '.join(entry.packages)}" for entry in ours]
         config_bytes = image_config(base.config, [e.diff_id for e in ours], settings, platform, history)
         config = Descriptor(OCI_CONFIG, sha256_digest(config_bytes), len(config_bytes))

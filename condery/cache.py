@@ -53,7 +53,7 @@ log = logging.getLogger("condery.cache")
 
 # Bump IMAGE_LAYOUT when the images built from the same inputs change (annotations,
 # config, environment layer); bump a schema when its record's fields change.
-IMAGE_LAYOUT = f"image-v2+layer-{LAYOUT_VERSION}"  # image-v2: no ref.name annotation
+IMAGE_LAYOUT = f"image-v3+layer-{LAYOUT_VERSION}"  # v2: no ref.name annotation; v3: users, default Cmd
 IMAGE_SCHEMA = 2
 LAYER_SCHEMA = 2
 TAGS_SCHEMA = 1

@@ -44,26 +44,88 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class ImageUser:
+    """The account an image runs as. The environment layer writes it into /etc/passwd and
+    /etc/group (the base's entries kept) and creates its home owned by it, so that every
+    runtime agrees: containerd and runc create a missing working directory as root."""
+
+    name: str
+    uid: int
+    gid: int
+    group: str  # the primary group's name (a base group with this gid or name is replaced)
+    home: str
+    shell: str | None = None  # None: the environment's bash if it has one, else /bin/sh
+
+
+@dataclass(frozen=True)
 class MetaPackage:
     """A name component that stands for a set of specs plus image settings."""
 
     specs: tuple[str, ...]
-    user: str | None = None
+    user: ImageUser | None = None
     env: Mapping[str, str] = field(default_factory=dict)
-    workdir: str | None = None
+    workdir: str | None = None  # None with a user: the user's home
     cmd: tuple[str, ...] | None = None
+    entrypoint: tuple[str, ...] | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
 
 
+JOVYAN = ImageUser(name="jovyan", uid=1000, gid=100, group="users", home="/home/jovyan")
 DEFAULT_META_PACKAGES: dict[str, MetaPackage] = {
-    "shell": MetaPackage(specs=("bash", "coreutils", "sed", "grep", "less")),
+    # What a CI job reaches for first: a shell, git, curl with CA certificates, archives.
+    "shell": MetaPackage(specs=("bash", "coreutils", "git", "curl", "ca-certificates", "tar", "gzip",
+                                "findutils", "sed", "grep", "less")),
+    # The Jupyter Docker Stacks' conventions (jovyan, uid 1000, gid 100 `users`, which
+    # z2jh's fsGid defaults to), and the command KubeSpawner and z2jh run by default.
+    # Not start-notebook.sh: it exists to drop root and chown the home, which this image
+    # needs neither of (docs/jupyterhub.md).
     "jupyter": MetaPackage(
-        specs=("jupyterlab",),
-        user="1000",
+        specs=("jupyterlab", "jupyterhub-singleuser"),
+        user=JOVYAN,
         workdir="/home/jovyan",
-        env={"HOME": "/home/jovyan"},
-        cmd=("jupyter", "lab", "--ip=0.0.0.0"),
+        cmd=("jupyterhub-singleuser",),
     ),
 }
+
+
+class MetaConflict(ValueError):
+    """Two meta-packages of one name give one setting different values."""
+
+
+def combine_meta_packages(packages: Mapping[str, MetaPackage]) -> MetaPackage:
+    """The settings of several meta-packages used together (`jupyter/shell/numpy`).
+
+    Components have no order (`a/b` is `b/a`), so no meta-package can win by coming
+    later: specs, env and labels are united, and each setting (user, workdir, cmd,
+    entrypoint, one env variable, one label) may be given by several only if they agree.
+    Anything else is a MetaConflict naming both.
+    """
+    specs: list[str] = []
+    single: dict[str, tuple[str, Any]] = {}  # setting -> (meta-package that set it, value)
+    merged: dict[str, dict[str, str]] = {"env": {}, "labels": {}}
+    owners: dict[tuple[str, str], str] = {}
+
+    def agree(setting: str, name: str, value: Any, seen: tuple[str, Any] | None) -> None:
+        if seen is not None and seen[1] != value:
+            raise MetaConflict(f"meta-packages {seen[0]!r} and {name!r} set {setting} differently; "
+                               "use one of them, or configure a meta-package that combines them")
+
+    for name in sorted(packages):
+        package = packages[name]
+        specs.extend(s for s in package.specs if s not in specs)
+        for setting in ("user", "workdir", "cmd", "entrypoint"):
+            value = getattr(package, setting)
+            if value is not None:
+                agree(setting, name, value, single.get(setting))
+                single.setdefault(setting, (name, value))
+        for kind in ("env", "labels"):
+            for key, value in getattr(package, kind).items():
+                known = merged[kind].get(key)
+                agree(f"{kind} {key}", name, value, None if known is None else (owners[(kind, key)], known))
+                merged[kind][key] = value
+                owners.setdefault((kind, key), name)
+    values = {setting: value for setting, (_, value) in single.items()}
+    return MetaPackage(specs=tuple(specs), env=merged["env"], labels=merged["labels"], **values)
 
 
 @dataclass(frozen=True)
@@ -434,6 +496,82 @@ def _cmd(path: str, value: Any, problems: _Problems) -> tuple[str, ...] | None:
     return tuple(value)
 
 
+# POSIX's portable user and group names (useradd's default check), at most 32 characters.
+_ACCOUNT_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+# An absolute path that needs no quoting in /etc/passwd (no ':') or a shell, as the prefix.
+_PLAIN_PATH = re.compile(r"(/[A-Za-z0-9._+-]+)+")
+# A home or working directory is written into the environment layer owned by the user:
+# never one of the system's own directories, whose owner and mode every program relies on.
+_SYSTEM_DIRS = frozenset({"/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/media", "/mnt",
+                          "/opt", "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var"})
+_UNDER_SYSTEM = ("/etc/", "/proc/", "/sys/", "/dev/", "/usr/", "/bin/", "/sbin/", "/lib/", "/lib64/", "/run/")
+_USER_KEYS = frozenset(f.name for f in dataclasses.fields(ImageUser))
+_MAX_ID = 2**31 - 1
+
+
+def _plain_path(path: str, value: Any, problems: _Problems, *, owned: bool = False) -> str | None:
+    text = _string(path, value, problems, optional=True)
+    if text is None:
+        return None
+    if not _PLAIN_PATH.fullmatch(text) or any(part in (".", "..") for part in text.split("/")):
+        problems.add(path, f"expected an absolute path of [A-Za-z0-9._+-] parts, got {_shown(text)}")
+        return None
+    if owned and (text in _SYSTEM_DIRS or text.startswith(_UNDER_SYSTEM)):
+        problems.add(path, f"{_shown(text)} is a system directory; the user's own directory goes elsewhere "
+                           "(e.g. /home/NAME)")
+        return None
+    return text
+
+
+def _image_user(path: str, value: Any, problems: _Problems) -> ImageUser | None:
+    """`{name: jovyan, uid: 1000, gid: 100, group: users, home: /home/jovyan, shell: ...}`;
+    only name and uid are required (gid defaults to uid, group to name, home to /home/NAME)."""
+    if value is None or isinstance(value, ImageUser):
+        return value
+    if not isinstance(value, Mapping):
+        problems.add(path, f"expected a mapping such as {{name: jovyan, uid: 1000}}, got {_shown(value)}")
+        return None
+    before = len(problems.lines)
+    for key in value:
+        if key not in _USER_KEYS:
+            problems.add(_join(path, key), _unknown(key, _USER_KEYS))
+    for key in ("name", "uid"):
+        if key not in value:
+            problems.add(_join(path, key), "required")
+    name, group = value.get("name"), value.get("group", value.get("name"))
+    for key, text in (("name", name), ("group", group)):
+        if key in value and not (isinstance(text, str) and _ACCOUNT_NAME.fullmatch(text)):
+            problems.add(_join(path, key), f"expected a name of [a-z0-9_-] starting with a letter or _ "
+                                           f"(at most 32), got {_shown(text)}")
+    # uid 0 would replace root's line in /etc/passwd; an image that runs as root needs no user.
+    uid = _integer(_join(path, "uid"), value.get("uid", 1), problems, 1, _MAX_ID)
+    gid = _integer(_join(path, "gid"), value.get("gid", uid if uid is not None else 1), problems, 0, _MAX_ID)
+    if gid == 0 and group != "root":
+        problems.add(_join(path, "group"), f"gid 0 is the group root, got {_shown(group)}")
+    if "home" not in value and len(problems.lines) != before:
+        return None  # no default home from a bad name: one problem, one line
+    home = _plain_path(_join(path, "home"), value.get("home", f"/home/{name}"), problems, owned=True)
+    shell = _plain_path(_join(path, "shell"), value.get("shell"), problems)
+    if len(problems.lines) != before or uid is None or gid is None or home is None:
+        return None
+    return ImageUser(name=name, uid=uid, gid=gid, group=group, home=home, shell=shell)
+
+
+def _string_map(path: str, value: Any, problems: _Problems, key_re: str, what: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        problems.add(path, f"expected a mapping of {what} to value, got {_shown(value)}")
+        return {}
+    for key, setting in value.items():
+        if not isinstance(key, str) or not re.fullmatch(key_re, key):
+            problems.add(path, f"{_shown(key)} is not {'an' if what[0] in 'aeiou' else 'a'} {what}")
+        elif isinstance(setting, bool) or not isinstance(setting, (str, int, float)):
+            # `DEBUG: yes` is a YAML bool; the image would get "True". Quote it.
+            problems.add(_join(path, key), f"expected a string (quote it), got {_shown(setting)}")
+    return {str(k): str(v) for k, v in value.items()}
+
+
 def _meta_package(path: str, value: Any, problems: _Problems) -> MetaPackage | None:
     if isinstance(value, MetaPackage):
         return value
@@ -449,27 +587,18 @@ def _meta_package(path: str, value: Any, problems: _Problems) -> MetaPackage | N
     if "specs" not in value:
         problems.add(f"{path}.specs", "required (a non-empty list of conda specs)")
     specs = _specs(f"{path}.specs", value["specs"], problems) if "specs" in value else None
-    user = value.get("user")
-    if isinstance(user, int) and not isinstance(user, bool) and user >= 0:
-        user = str(user)  # a numeric uid, as `user: 1000` reads
-    user = _string(f"{path}.user", user, problems, optional=True)
-    workdir = _string(f"{path}.workdir", value.get("workdir"), problems, optional=True)
-    if workdir is not None and not workdir.startswith("/"):
-        problems.add(f"{path}.workdir", f"expected an absolute path, got {_shown(workdir)}")
-    env = value.get("env") or {}
-    if not isinstance(env, Mapping):
-        problems.add(f"{path}.env", f"expected a mapping of variable to value, got {_shown(env)}")
-        env = {}
-    for var, setting in env.items():
-        if not isinstance(var, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", var):
-            problems.add(f"{path}.env", f"{_shown(var)} is not an environment variable name")
-        elif isinstance(setting, bool) or not isinstance(setting, (str, int, float)):
-            # `DEBUG: yes` is a YAML bool; the image would get "True". Quote it.
-            problems.add(f"{path}.env.{var}", f"expected a string (quote it), got {_shown(setting)}")
+    user = _image_user(f"{path}.user", value.get("user"), problems)
+    workdir = _plain_path(f"{path}.workdir", value.get("workdir"), problems, owned=True)
+    env = _string_map(f"{path}.env", value.get("env"), problems, r"[A-Za-z_][A-Za-z0-9_]*",
+                      "environment variable name")
+    # OCI's label keys are reverse-DNS by convention; any printable key without '=' works in engines.
+    labels = _string_map(f"{path}.labels", value.get("labels"), problems, r"[A-Za-z0-9][A-Za-z0-9._/-]*", "label key")
     cmd = _cmd(f"{path}.cmd", value.get("cmd"), problems)
+    entrypoint = _cmd(f"{path}.entrypoint", value.get("entrypoint"), problems)
     if len(problems.lines) != before or specs is None:
         return None
-    return MetaPackage(specs=specs, user=user, env={k: str(v) for k, v in env.items()}, workdir=workdir, cmd=cmd)
+    return MetaPackage(specs=specs, user=user, env=env, workdir=workdir, cmd=cmd, entrypoint=entrypoint,
+                       labels=labels)
 
 
 def _meta_packages(path: str, value: Any, problems: _Problems) -> dict[str, MetaPackage] | None:
@@ -557,6 +686,16 @@ def _read_file(path: str | os.PathLike[str]) -> Mapping[str, Any]:
     return loaded
 
 
+def _check_owned_dirs(metas: Mapping[str, MetaPackage] | None, prefix: str, problems: _Problems) -> None:
+    """A user's home or working directory must not overlap the prefix: the environment
+    layer writes them owned by the user, and the prefix belongs to root."""
+    for name, package in (metas or {}).items():
+        owned = {"workdir": package.workdir, "user.home": package.user.home if package.user else None}
+        for key, directory in owned.items():
+            if directory and (f"{directory}/".startswith(f"{prefix}/") or f"{prefix}/".startswith(f"{directory}/")):
+                problems.add(f"meta_packages.{name}.{key}", f"{_shown(directory)} overlaps the prefix {prefix}")
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] | None = None,
@@ -587,6 +726,7 @@ def load_config(
         if key not in _FIELDS:
             problems.add(str(key), _unknown(key, _FIELDS))
     typed = {k: _coerce(k, v, problems) for k, v in values.items() if k in _FIELDS}
+    _check_owned_dirs(typed.get("meta_packages"), typed.get("prefix") or Config.prefix, problems)
     for i, line in enumerate(problems.lines):  # name the variable when the value came from one
         key = re.split(r"[.:\[]", line, maxsplit=1)[0]
         if key in origin:

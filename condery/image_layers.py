@@ -17,7 +17,7 @@ import rattler
 
 from condery.cache import LayerEntry, RecordCache, group_key, layer_key
 from condery.layers import LayerBlob
-from condery.layers.env_layer import build_env_layer
+from condery.layers.env_layer import Account, build_env_layer
 from condery.layers.grouping import group_layers
 from condery.layers.members import PackageLimits
 from condery.layers.package_layer import LayerReport, build_package_layer
@@ -115,7 +115,8 @@ class LayerBuilder:
         return entry
 
     async def env_layer(
-        self, request: ImageRequest, records: Sequence[rattler.RepoDataRecord], subdir: str, created: datetime
+        self, request: ImageRequest, records: Sequence[rattler.RepoDataRecord], subdir: str, created: datetime,
+        account: Account | None = None,
     ) -> LayerEntry:
         with tempfile.TemporaryDirectory(dir=self.state.work_dir) as tmp:
             blob = await asyncio.to_thread(
@@ -127,6 +128,7 @@ class LayerBuilder:
                 created=created,
                 out_path=Path(tmp) / "env.tar.gz",
                 command=f"condery {request.canonical_name}",
+                account=account,
             )
             await self.store.put_blob_file(blob.digest, blob.path)
         return LayerEntry("env", blob.digest, blob.diff_id, blob.size, ("environment",))

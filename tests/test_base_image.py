@@ -926,3 +926,28 @@ def test_gzip_layer_reads_every_compression(tmp_path: Path) -> None:
     (tmp_path / "bad").write_bytes(b"\x28\xb5\x2f\xfd" + os.urandom(64))
     with pytest.raises(ManifestError):
         gzip_layer(tmp_path / "bad", tmp_path / "bad.out")
+
+
+def test_scan_reads_the_accounts_and_their_whiteouts(tmp_path: Path) -> None:
+    passwd, group = b"root:x:0:0:root:/root:/bin/sh\n", b"root:x:0:\n"
+    cases = {
+        "both": (make_tar({"etc/passwd": passwd, "./etc/group": group}), {"passwd": passwd.decode(), "group": group.decode()}),
+        "none": (make_tar({"etc/hostname": b"x\n"}), {}),
+        "whiteout": (make_tar({"etc/.wh.passwd": b""}), {"passwd": None}),
+        # An opaque etc hides the layers below, not this layer's own passwd.
+        "opaque": (make_tar({"etc/.wh..wh..opq": b"", "etc/passwd": passwd}), {"passwd": passwd.decode(), "group": None}),
+    }
+    for name, (tar, expected) in cases.items():
+        path = tmp_path / f"{name}.tar.gz"
+        path.write_bytes(gzip_bytes(tar))
+        assert dict(scan_layer(path).accounts) == expected, name
+
+
+async def test_base_accounts_survive_the_record(tmp_path: Path, store, session) -> None:
+    """The glibc test base's passwd reaches BaseImage, from the import and from its record."""
+    spec = f"oci:{glibc_base_layout()}:bookworm"
+    first = await resolve_base_image(spec, AMD64, store, session, layer_budget=BUDGET)
+    again = await resolve_base_image(spec, AMD64, store, session, layer_budget=BUDGET)
+    for image in (first, again):
+        assert image.passwd is not None and "user:x:1000:1000:" in image.passwd
+        assert image.group is not None and image.group.startswith("root:x:0:")

@@ -335,3 +335,20 @@ async def test_a_platform_that_does_not_solve_is_left_out(
         await service.resolve(parse_name("condery-nowhere", service.meta_packages), Latest())
     message = refused.value.message
     assert "linux-64:" in message and "linux-aarch64:" in message and "condery-nowhere" in message
+
+
+@pytest.mark.parametrize("change", [
+    {"user": {"name": "ada", "uid": 1002}}, {"user": {"name": "ada", "uid": 1001, "gid": 100}},
+    {"user": {"name": "ada", "uid": 1001, "home": "/srv/ada"}}, {"entrypoint": ["tini", "--"]},
+    {"labels": {"org.example.team": "ml"}}, {"cmd": ["bash"]},
+])
+def test_every_meta_package_setting_is_in_the_image_key(change: dict) -> None:
+    """A user, entrypoint or label shapes the image (passwd, home, config): another value, another key."""
+    base = {"specs": ["xz"], "user": {"name": "ada", "uid": 1001}}
+
+    def key(settings: dict) -> str:
+        config = load_config(None, environ={}, meta_packages={"dev": settings})
+        return cache.ImageKeys(config).key(parse_name("dev", config.meta_packages), "latest", {})
+
+    assert key(base) == key(dict(base))
+    assert key({**base, **change}) != key(base)

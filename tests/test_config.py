@@ -15,6 +15,7 @@ import yaml
 from condery.config import (
     DEFAULT_META_PACKAGES,
     MASK,
+    ImageUser,
     Config,
     ConfigError,
     MetaPackage,
@@ -78,14 +79,31 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"meta_packages": {"Dev": ["ipython"]}}, "meta_packages.Dev: name 'Dev' is not a name component"),
     ({"meta_packages": {"my/dev": ["ipython"]}}, "meta_packages.my/dev: name 'my/dev' is not a name component"),
     ({"meta_packages": {"dev.gt.1": ["ipython"]}}, "meta_packages.dev.gt.1: name 'dev.gt.1' has the operator word 'gt'"),
-    ({"meta_packages": {"dev": {"user": "1000"}}}, "meta_packages.dev.specs: required"),
+    ({"meta_packages": {"dev": {"workdir": "/srv/dev"}}}, "meta_packages.dev.specs: required"),
     ({"meta_packages": {"dev": []}}, "meta_packages.dev.specs: expected a non-empty list, got []"),
     ({"meta_packages": {"dev": ["numpy >=>1"]}}, "meta_packages.dev.specs[0]: 'numpy >=>1' is not a conda match spec"),
     ({"meta_packages": {"dev": {"specs": ["x"], "cmd": "python -c 'x"}}}, "meta_packages.dev.cmd: cannot split"),
     ({"meta_packages": {"dev": {"specs": ["x"], "cmd": [1]}}}, "meta_packages.dev.cmd: expected a list of strings or a command line"),
     ({"meta_packages": {"dev": {"specs": ["x"], "env": {"DEBUG": True}}}}, "meta_packages.dev.env.DEBUG: expected a string (quote it), got True"),
     ({"meta_packages": {"dev": {"specs": ["x"], "env": {"A B": "1"}}}}, "meta_packages.dev.env: 'A B' is not an environment variable name"),
-    ({"meta_packages": {"dev": {"specs": ["x"], "workdir": "home"}}}, "meta_packages.dev.workdir: expected an absolute path, got 'home'"),
+    ({"meta_packages": {"dev": {"specs": ["x"], "workdir": "home"}}}, "meta_packages.dev.workdir: expected an absolute path of"),
+    ({"meta_packages": {"dev": {"specs": ["x"], "workdir": "/tmp"}}}, "meta_packages.dev.workdir: '/tmp' is a system directory"),
+    ({"meta_packages": {"dev": {"specs": ["x"], "workdir": "/etc/x"}}}, "meta_packages.dev.workdir: '/etc/x' is a system directory"),
+    ({"meta_packages": {"dev": {"specs": ["x"], "workdir": "/opt/conda/w"}}}, "meta_packages.dev.workdir: '/opt/conda/w' overlaps the prefix"),
+    ({"meta_packages": {"dev": {"specs": ["x"], "labels": {"a=b": "1"}}}}, "meta_packages.dev.labels: 'a=b' is not a label key"),
+    ({"meta_packages": {"dev": {"specs": ["x"], "entrypoint": []}}}, "meta_packages.dev.entrypoint: expected a list of strings"),
+    # The old short form: a bare uid cannot give /etc/passwd a name or a home.
+    ({"meta_packages": {"dev": {"specs": ["x"], "user": "1000"}}}, "meta_packages.dev.user: expected a mapping such as {name: jovyan, uid: 1000}"),
+    ({"meta_packages": {"dev": {"specs": ["x"], "user": {"uid": 1000}}}}, "meta_packages.dev.user.name: required"),
+    ({"meta_packages": {"dev": {"specs": ["x"], "user": {"name": "ada"}}}}, "meta_packages.dev.user.uid: required"),
+    ({"meta_packages": {"dev": {"specs": ["x"], "user": {"name": "ada", "uid": 0}}}}, "meta_packages.dev.user.uid: 0 is out of range"),
+    ({"meta_packages": {"dev": {"specs": ["x"], "user": {"name": "ada", "uid": True}}}}, "meta_packages.dev.user.uid: expected an integer"),
+    ({"meta_packages": {"dev": {"specs": ["x"], "user": {"name": "Ada:x", "uid": 1}}}}, "meta_packages.dev.user.name: expected a name"),
+    ({"meta_packages": {"dev": {"specs": ["x"], "user": {"name": "ada", "uid": 1, "gid": 0}}}}, "meta_packages.dev.user.group: gid 0 is the group root"),
+    ({"meta_packages": {"dev": {"specs": ["x"], "user": {"name": "ada", "uid": 1, "home": "/home/a:b"}}}}, "meta_packages.dev.user.home: expected an absolute path"),
+    ({"meta_packages": {"dev": {"specs": ["x"], "user": {"name": "ada", "uid": 1, "home": "/opt"}}}}, "meta_packages.dev.user.home: '/opt' is a system directory"),
+    ({"meta_packages": {"dev": {"specs": ["x"], "user": {"name": "ada", "uid": 1, "hom": "/h"}}}}, "meta_packages.dev.user.hom: unknown key (did you mean home?)"),
+    ({"meta_packages": {"dev": {"specs": ["x"], "user": {"name": "ada", "uid": 1, "shell": "bash"}}}}, "meta_packages.dev.user.shell: expected an absolute path"),
     ({"meta_packages": ["dev"]}, "meta_packages: expected a mapping of name to settings"),
 ]
 
@@ -115,9 +133,15 @@ GOOD: list[tuple[dict[str, Any], str, Any]] = [
      StorageConfig(path="/srv/c")),
     ({"meta_packages": {"dev": ["ipython", "numpy >=1.20"]}}, "meta_packages.dev",
      MetaPackage(specs=("ipython", "numpy >=1.20"))),
-    ({"meta_packages": {"dev": {"specs": ["ipython"], "cmd": "ipython --no-banner -c 'print(1)'", "user": 1000,
-                                "env": {"N": 3}, "workdir": "/w"}}}, "meta_packages.dev",
-     MetaPackage(specs=("ipython",), user="1000", env={"N": "3"}, workdir="/w", cmd=("ipython", "--no-banner", "-c", "print(1)"))),
+    ({"meta_packages": {"dev": {"specs": ["ipython"], "cmd": "ipython --no-banner -c 'print(1)'",
+                                "user": {"name": "ada", "uid": 1001}, "env": {"N": 3}, "workdir": "/w",
+                                "entrypoint": "tini --", "labels": {"org.example.team": "ml"}}}}, "meta_packages.dev",
+     MetaPackage(specs=("ipython",), user=ImageUser("ada", 1001, 1001, "ada", "/home/ada"), env={"N": "3"}, workdir="/w",
+                 cmd=("ipython", "--no-banner", "-c", "print(1)"), entrypoint=("tini", "--"),
+                 labels={"org.example.team": "ml"})),
+    ({"meta_packages": {"dev": {"specs": ["x"], "user": {"name": "ada", "uid": 1001, "gid": 0, "group": "root",
+                                                         "home": "/srv/ada", "shell": "/bin/sh"}}}},
+     "meta_packages.dev.user", ImageUser("ada", 1001, 0, "root", "/srv/ada", "/bin/sh")),
     ({"meta_packages": {"dev": {"specs": ["ipython"], "cmd": ["a b", "c"]}}}, "meta_packages.dev.cmd", ("a b", "c")),
     ({"meta_packages": {"dev": ["ipython"]}}, "meta_packages.shell", DEFAULT_META_PACKAGES["shell"]),
     ({"meta_packages": {"py3.11": ["python 3.11.*"]}}, "meta_packages.py3.11.specs", ("python 3.11.*",)),
@@ -239,7 +263,7 @@ def test_effective_yaml_names_s3_credentials_without_their_values() -> None:
 
 def test_a_meta_package_called_auth_is_not_masked() -> None:
     config = load_config(None, environ={}, meta_packages={"auth": ["oauthlib"]})
-    assert yaml.safe_load(effective_yaml(config, environ={}))["meta_packages"]["auth"] == {"specs": ["oauthlib"], "env": {}}
+    assert yaml.safe_load(effective_yaml(config, environ={}))["meta_packages"]["auth"] == {"specs": ["oauthlib"], "env": {}, "labels": {}}
 
 
 def test_problems_never_quote_channel_credentials() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import rattler
 
-from condery.layers.env_layer import build_env_layer, channel_name, explicit_lock
+from condery.layers.env_layer import Account, build_env_layer, channel_name, explicit_lock
 from tests.fixtures.condapkg import PkgFile, index_channel, write_conda_package
 
 ANACONDA = Path("/work/shared/fixtures/anaconda-main-2020")
@@ -132,3 +132,50 @@ def test_activation_runs_in_shells(records, tmp_path: Path) -> None:
     out = subprocess.run(["sh", "-i", "-c", probe], env={**env, "ENV": str(prefix / "etc/condery/activate.sh")},
                          check=True, capture_output=True, text=True, stdin=subprocess.DEVNULL).stdout
     assert out == f"{prefix}|{prefix}/bin|x\n"
+
+
+BASE_PASSWD = ("root:x:0:0:root:/root:/bin/bash\n# a comment stays\nubuntu:x:1000:1000:Ubuntu:/home/ubuntu:/bin/bash\n"
+               "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin")  # no final newline
+BASE_GROUP = "root:x:0:\nusers:x:100:\nubuntu:x:1000:\n"
+
+
+def jovyan(**overrides) -> Account:
+    values = dict(name="jovyan", uid=1000, gid=100, group="users", home="/home/jovyan", shell="/opt/conda/bin/bash",
+                  workdir="/home/jovyan/work", base_passwd=BASE_PASSWD, base_group=BASE_GROUP)
+    values.update(overrides)
+    return Account(**values)
+
+
+def test_user_accounts_and_owned_home(records, tmp_path: Path) -> None:
+    layer = build(records, tmp_path / "env.tgz", account=jovyan())
+    assert build(records, tmp_path / "again.tgz", account=jovyan()).digest == layer.digest
+    with tarfile.open(layer.path, "r:gz") as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        passwd = tar.extractfile("etc/passwd").read().decode()
+        group = tar.extractfile("etc/group").read().decode()
+    # The base's entries stay as written; the one holding our uid (Ubuntu's `ubuntu`) gives way.
+    assert passwd.splitlines() == [
+        "root:x:0:0:root:/root:/bin/bash", "# a comment stays", "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin",
+        "jovyan:x:1000:100:jovyan:/home/jovyan:/opt/conda/bin/bash",
+    ]
+    assert group.splitlines() == ["root:x:0:", "ubuntu:x:1000:", "users:x:100:"]
+    for directory in ("home/jovyan", "home/jovyan/work"):
+        member = members[directory]
+        assert member.isdir() and (member.uid, member.gid, member.mode) == (1000, 100, 0o755), directory
+    # Their parents are the base's business (a layer entry would reset /home's owner and mode).
+    assert "home" not in members
+    assert all((m.uid, m.gid) == (0, 0) for name, m in members.items() if not name.startswith("home/"))
+    assert (members["etc/passwd"].mode, members["etc/group"].mode) == (0o644, 0o644)
+
+
+def test_user_on_scratch_gets_root_too(records, tmp_path: Path) -> None:
+    account = jovyan(base_passwd=None, base_group=None, workdir="/home/jovyan", gid=1000, group="jovyan")
+    members = read_members(build(records, tmp_path / "env.tgz", account=account).path)
+    assert members["etc/passwd"].decode().splitlines() == [
+        "root:x:0:0:root:/root:/bin/sh", "jovyan:x:1000:1000:jovyan:/home/jovyan:/opt/conda/bin/bash"]
+    assert members["etc/group"].decode().splitlines() == ["root:x:0:", "jovyan:x:1000:"]
+
+
+def test_no_user_no_accounts(records, tmp_path: Path) -> None:
+    members = read_members(build(records, tmp_path / "env.tgz").path)
+    assert "etc/passwd" not in members and not any(name.startswith("home") for name in members)

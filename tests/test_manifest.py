@@ -317,3 +317,25 @@ def test_oci_image_tool_validates_a_layout_written_from_these_functions(tmp_path
     result = subprocess.run(["oci-image-tool", "validate", "--type", "config", str(tmp_path / "config.json")],
                             capture_output=True, text=True)
     assert result.returncode != 0
+
+
+def _config_of(base_settings: dict, ours: ImageSettings) -> dict:
+    base = {"rootfs": {"type": "layers", "diff_ids": []}, "config": base_settings}
+    return json.loads(image_config(base, [], ours, AMD64, []))["config"]
+
+
+def test_default_cmd_only_when_nothing_else_gives_one() -> None:
+    fallback = settings(default_cmd=("/opt/conda/bin/bash",))
+    assert _config_of({}, fallback)["Cmd"] == ["/opt/conda/bin/bash"]
+    assert _config_of({"Cmd": ["bash"]}, fallback)["Cmd"] == ["bash"]  # the base's stays
+    # An entrypoint of the base's would get our shell as its argument: no Cmd then.
+    assert "Cmd" not in _config_of({"Entrypoint": ["/tini", "--"]}, fallback)
+    assert _config_of({"Cmd": ["bash"]}, settings(cmd=("jupyterhub-singleuser",), default_cmd=("x",)))["Cmd"] == [
+        "jupyterhub-singleuser"]
+
+
+def test_entrypoint_drops_the_base_cmd_as_a_dockerfile_does() -> None:
+    config = _config_of({"Cmd": ["bash"], "Entrypoint": ["/old"]}, settings(entrypoint=("tini", "--")))
+    assert config["Entrypoint"] == ["tini", "--"] and "Cmd" not in config
+    config = _config_of({"Cmd": ["bash"]}, settings(entrypoint=("tini", "--"), cmd=("python",)))
+    assert (config["Entrypoint"], config["Cmd"]) == (["tini", "--"], ["python"])

@@ -64,9 +64,22 @@ def test_meta_packages_contribute_their_specs() -> None:
     request = parse_name("sci/shell/numpy", metas)
     assert request.meta == ("sci", "shell")
     assert request.components == ("numpy", "sci", "shell")
-    assert request.specs == tuple(sorted({"numpy", "scipy >1", "bash", "coreutils", "sed", "grep", "less"}))
+    assert request.specs == tuple(sorted({"numpy", "scipy >1", *DEFAULT_META_PACKAGES["shell"].specs}))
     # With an operator, a meta-package's name is an ordinary package name.
     assert parse_name("shell.gt.1", metas).specs == ("shell >1",)
+
+
+def test_meta_packages_that_disagree_are_a_name_error() -> None:
+    # Components have no order, so neither can win: the name is refused, naming both.
+    metas = {**METAS, "lab": MetaPackage(specs=("python",), cmd=("jupyter", "lab")),
+             "tools": MetaPackage(specs=("git",), env={"EDITOR": "vi"}),
+             "nano": MetaPackage(specs=("nano",), env={"EDITOR": "nano"})}
+    with pytest.raises(NameInvalid, match="meta-packages 'jupyter' and 'lab' set cmd differently"):
+        parse_name("lab/jupyter", metas)
+    with pytest.raises(NameInvalid, match="'nano' and 'tools' set env EDITOR differently"):
+        parse_name("tools/nano", metas)
+    # Settings that agree, or that only one of them gives, combine.
+    assert parse_name("jupyter/shell/tools/numpy", metas).meta == ("jupyter", "shell", "tools")
 
 
 def test_package_named_like_an_operator() -> None:

@@ -8,6 +8,12 @@
   `etc/conda/activate.d/*.sh` when a shell starts, not at build time (those scripts read
   the container's environment). `/etc/profile.d/condery.sh` sources it for login shells;
   non-login shells get it through BASH_ENV/ENV in the image config.
+- With a user (a meta-package's `user`): `/etc/passwd` and `/etc/group` as the base left
+  them plus that user and its group, and its home and working directory owned by it.
+  containerd and runc create a missing working directory as root, and nothing can
+  write in it then (podman chowns it and hides the problem); a uid without a passwd
+  entry breaks `getpwuid` (`whoami`, ssh, some Python tools). The package layers stay
+  root's, shared by every image.
 
 The layer depends only on the arguments, so it is reproducible like the package layers.
 """
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import re
 import tempfile
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
@@ -23,7 +30,7 @@ from typing import Sequence
 import rattler
 
 from condery.layers import LayerBlob, PackageError
-from condery.layers.tarball import write_layer
+from condery.layers.tarball import OwnedDir, write_layer
 from condery.redact import redact_url
 
 # The prefix is pasted into shell scripts: keep it to characters that need no quoting.
@@ -117,8 +124,53 @@ fi
 """
 
 
+@dataclass(frozen=True)
+class Account:
+    """The user an image runs as, resolved (assembly.image_account), and what the base has."""
+
+    name: str
+    uid: int
+    gid: int
+    group: str
+    home: str
+    shell: str
+    workdir: str  # owned by the user too (often the home itself)
+    base_passwd: str | None  # the base image's /etc/passwd text; None: it has none (scratch)
+    base_group: str | None
+
+
+# What a base without /etc/passwd (scratch, distroless static) gets besides the user.
+_ROOT_PASSWD = "root:x:0:0:root:/root:/bin/sh\n"
+_ROOT_GROUP = "root:x:0:\n"
+
+
+def _kept_lines(text: str, name: str, number: int) -> list[str]:
+    """The lines of a passwd or group file without the entries of `name` or id `number`:
+    ours replace them (Ubuntu's images have `ubuntu` at uid 1000), everything else stays
+    as the base wrote it, comments and odd lines included."""
+    kept = []
+    for line in text.splitlines():
+        fields = line.split(":")
+        if len(fields) >= 3 and (fields[0] == name or fields[2] == str(number)):
+            continue
+        kept.append(line + "\n")
+    return kept
+
+
+def passwd_text(account: Account) -> str:
+    base = _ROOT_PASSWD if account.base_passwd is None else account.base_passwd
+    entry = f"{account.name}:x:{account.uid}:{account.gid}:{account.name}:{account.home}:{account.shell}\n"
+    return "".join([*_kept_lines(base, account.name, account.uid), entry])
+
+
+def group_text(account: Account) -> str:
+    base = _ROOT_GROUP if account.base_group is None else account.base_group
+    return "".join([*_kept_lines(base, account.group, account.gid), f"{account.group}:x:{account.gid}:\n"])
+
+
 def build_env_layer(records: Sequence[rattler.RepoDataRecord], *, requested_specs: Sequence[str], prefix: str,
-                    platform: str, created: datetime, out_path: Path, command: str) -> LayerBlob:
+                    platform: str, created: datetime, out_path: Path, command: str,
+                    account: Account | None = None) -> LayerBlob:
     """Write the environment layer to `out_path` (blocking; small)."""
     _check_prefix(prefix)
     out_path = Path(out_path)
@@ -127,12 +179,19 @@ def build_env_layer(records: Sequence[rattler.RepoDataRecord], *, requested_spec
         "conda-meta/explicit.txt": explicit_lock(records, platform),
         "etc/condery/activate.sh": activate_script(prefix),
     }
+    system_files = {"etc/profile.d/condery.sh": profile_script(prefix)}
+    owned: list[OwnedDir] = []
+    if account is not None:
+        system_files.update({"etc/passwd": passwd_text(account), "etc/group": group_text(account)})
+        for directory in dict.fromkeys((account.home, account.workdir)):  # once if they are one
+            owned.append(OwnedDir(directory.strip("/"), account.uid, account.gid))
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".env-") as tmp:
         root = Path(tmp)
         env = root / prefix.strip("/")
         for rel, text in files.items():
             (env / rel).parent.mkdir(parents=True, exist_ok=True)
             (env / rel).write_text(text)
-        (root / "etc" / "profile.d").mkdir(parents=True)
-        (root / "etc" / "profile.d" / "condery.sh").write_text(profile_script(prefix))
-        return write_layer(root, "", out_path)
+        for rel, text in system_files.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_text(text)
+        return write_layer(root, "", out_path, owned_dirs=owned)

@@ -2,7 +2,7 @@
 
 The same tree gives the same bytes on any machine and any day: entries sorted by archive
 path, one fixed mtime (1980-01-01: zip and other tools refuse earlier dates), owner root
-with empty names, modes normalised to 0755/0644 (exec bit kept), symlinks kept, files
+(but for a user's home in the environment layer: OwnedDir) with empty names, modes normalised to 0755/0644 (exec bit kept), symlinks kept, files
 that are hardlinks of each other written once plus tar hardlinks to the first name (so a
 2 MiB file with 20 links stays 2 MiB), PAX format, and a gzip header with no time and no
 file name. Nothing is held in memory beyond tarfile's and zlib's buffers.
@@ -67,6 +67,17 @@ class _Entry:
     size: int = 0
     linkname: str = ""
     source: Path | None = None  # file content, for kind == "file"
+    uid: int = 0  # not root only for the environment layer's home directories (OwnedDir)
+    gid: int = 0
+
+
+@dataclass(frozen=True)
+class OwnedDir:
+    """A directory written with an owner other than root (mode 0755), without parents."""
+
+    name: str  # archive path, e.g. "home/jovyan"
+    uid: int
+    gid: int
 
 
 def _has_control_character(text: str) -> bool:
@@ -120,17 +131,23 @@ def _parents(name: str) -> Iterator[str]:
         yield "/".join(parts[:i])
 
 
-def _scan(root: Path, arcname_prefix: str, extra_dirs: Sequence[str]) -> list[_Entry]:
+def _scan(root: Path, arcname_prefix: str, extra_dirs: Sequence[str],
+          owned_dirs: Sequence[OwnedDir] = ()) -> list[_Entry]:
     """Every entry under root, placed at arcname_prefix, with parent directories, sorted."""
     prefix = arcname_prefix.strip("/")
     entries: dict[str, _Entry] = {}
+    for owned in owned_dirs:
+        # No parent entries: a layer's directory entry replaces the owner and mode the base
+        # gave that directory (/home, /tmp), and runtimes create a missing parent 0755 root.
+        check_member_name(owned.name)
+        entries[owned.name] = _Entry(owned.name, "dir", uid=owned.uid, gid=owned.gid)
     inodes: dict[str, tuple[int, int]] = {}  # files with more than one link
 
     def add_dir(name: str) -> None:
         for parent in (*_parents(name), name):
             check_member_name(parent)
             existing = entries.get(parent)
-            if existing is not None and existing.kind != "dir":
+            if existing is not None and (existing.kind != "dir" or existing.uid or existing.gid):
                 raise PackageError(f"{parent!r} is both a directory and a {existing.kind}")
             entries.setdefault(parent, _Entry(parent, "dir"))
 
@@ -209,7 +226,7 @@ class _LayerWriter:
     def add(self, entry: _Entry, content: BinaryIO | None = None) -> None:
         info = tarfile.TarInfo(entry.name)
         info.mtime = LAYER_MTIME
-        info.uid = info.gid = 0
+        info.uid, info.gid = entry.uid, entry.gid
         info.uname = info.gname = ""
         info.mode = entry.mode
         if entry.kind == "dir":
@@ -251,16 +268,17 @@ class _LayerWriter:
 
 
 def write_layer(root: Path, arcname_prefix: str, out_path: Path, *,
-                extra_dirs: Sequence[str] = ()) -> LayerBlob:
+                extra_dirs: Sequence[str] = (), owned_dirs: Sequence[OwnedDir] = ()) -> LayerBlob:
     """Write every entry under `root` as a layer rooted at `arcname_prefix` (e.g. "opt/conda").
 
     The prefix's parent directories are emitted too, and so are `extra_dirs` (archive
-    paths of directories to create even when `root` has nothing there). Raises
+    paths of directories to create even when `root` has nothing there), and so are
+    `owned_dirs` (owned by their uid:gid, their parents left to the layers below). Raises
     PackageError for unsafe entries (special files, symlinks above the image root).
     """
     if not Path(root).is_dir():
         raise FileNotFoundError(f"layer root {root} is not a directory")
-    entries = _scan(Path(root), arcname_prefix, extra_dirs)
+    entries = _scan(Path(root), arcname_prefix, extra_dirs, owned_dirs)
     writer = _LayerWriter(Path(out_path))
     try:
         for entry in entries:

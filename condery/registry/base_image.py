@@ -40,6 +40,7 @@ scratch, busybox).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -123,6 +124,10 @@ class BaseImage:
     layers: tuple[Descriptor, ...]  # blobs present in the store, digests verified
     diff_ids: tuple[str, ...]
     glibc_version: str | None  # e.g. "2.36"; None when the base has no glibc we can see
+    # /etc/passwd and /etc/group as the base's layers leave them (None: absent), so that an
+    # image with a user of its own keeps the base's accounts (env_layer.py).
+    passwd: str | None = None
+    group: str | None = None
 
 
 SCRATCH = BaseImage(config=None, layers=(), diff_ids=(), glibc_version=None)
@@ -272,7 +277,9 @@ async def _from_record(store: Store, key: str) -> tuple[BaseImage, dict[str, Any
         diff_ids = tuple(record["diff_ids"])
         config_digest = record["config"]
         glibc = record.get("glibc")
-    except (KeyError, TypeError, ManifestError):
+        accounts = record["accounts"]  # absent: recorded before accounts were read, import again
+        passwd, group = accounts.get("passwd"), accounts.get("group")
+    except (KeyError, TypeError, AttributeError, ManifestError):
         return None  # an unreadable record is rebuilt, not trusted
     if any(layer.media_type in REGZIP_TYPES for layer in layers):
         return None  # recorded before recompression existed: import again
@@ -280,7 +287,8 @@ async def _from_record(store: Store, key: str) -> tuple[BaseImage, dict[str, Any
         if not isinstance(digest, str) or await store.blob_info(digest) is None:
             return None
     config = json.loads(await store.get_blob_bytes(config_digest))
-    return BaseImage(config, layers, diff_ids, glibc if isinstance(glibc, str) else None), record
+    return BaseImage(config, layers, diff_ids, glibc if isinstance(glibc, str) else None,
+                     passwd if isinstance(passwd, str) else None, group if isinstance(group, str) else None), record
 
 
 class _Source(Protocol):
@@ -579,14 +587,17 @@ async def _import(
     for source_digest, gzipped in regzipped.items():  # after their blobs: a record never dangles
         await store.put_record(GZIP_RECORD_KIND, _gzip_record_key(source_digest), gzipped.to_json())
     glibc: str | None = None
+    accounts: dict[str, str | None] = {}
     for layer in layers:  # in the image's order: the last layer with evidence wins
         glibc = scans[layer.digest].glibc_version or glibc
+        accounts.update(scans[layer.digest].accounts)  # a whiteout in a later layer is None
 
     diff_ids = tuple(diff_id_of[layer.digest] for layer in layers)
     # The config's diff_ids stay as they are: recompression keeps every uncompressed tar.
     layers = tuple(regzipped.get(layer.digest, layer) for layer in layers)
-    image = BaseImage(config, layers, diff_ids, glibc)
+    image = BaseImage(config, layers, diff_ids, glibc, accounts.get("passwd"), accounts.get("group"))
     record = {
+        "accounts": {"passwd": image.passwd, "group": image.group},
         "manifest": manifest.digest,
         "config": config_desc.digest,
         "layers": [layer.to_json() for layer in layers],
@@ -726,6 +737,8 @@ class LayerScan:
     diff_id: str  # sha256 of the uncompressed tar
     glibc_version: str | None
     size: int = 0  # bytes of the uncompressed tar
+    # "passwd"/"group" -> the layer's etc/passwd or etc/group text, None where it whites it out
+    accounts: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
 
 
 _LIBC_SO = re.compile(r"^(?:usr/)?lib(?:32|64|x32)?/(?:[^/]+/)?libc\.so\.6$")
@@ -736,6 +749,11 @@ _DPKG_STATUS = re.compile(r"^var/lib/dpkg/(?:status|status\.d/[^/]+)$")
 _BANNER = re.compile(rb"GNU C Library [^\n]{0,200}?version (\d+\.\d+)")
 _MAX_LIBC_READ = 32 << 20
 _MAX_STATUS_READ = 64 << 20
+_ACCOUNT_FILES = {"etc/passwd": "passwd", "etc/group": "group"}
+# OCI whiteouts that remove them: the file's own, or all of etc below this layer (opaque).
+_ACCOUNT_WHITEOUTS = {"etc/.wh.passwd": ("passwd",), "etc/.wh.group": ("group",),
+                      "etc/.wh..wh..opq": ("passwd", "group"), ".wh.etc": ("passwd", "group")}
+_MAX_ACCOUNTS_READ = 1 << 20  # a passwd of 10,000 users is ~600 KB
 # tarfile reads a pax or GNU long-name header whole into memory, however large it says
 # it is; real ones are a few hundred bytes (xattrs included).
 _MAX_TAR_HEADER = 1 << 20
@@ -803,6 +821,7 @@ def scan_layer(path: Path, limit: int = MAX_BASE_UNPACKED_SIZE) -> LayerScan:
     """Hash a layer's uncompressed tar (at most `limit` bytes of it) and look for the
     glibc version it carries. Anything unreadable is a ManifestError."""
     dpkg = banner = filename = None
+    accounts: dict[str, str | None] = {}
     with open(path, "rb") as handle:
         reader = _HashingReader(_decompressed(handle), limit)
         try:
@@ -820,12 +839,17 @@ def scan_layer(path: Path, limit: int = MAX_BASE_UNPACKED_SIZE) -> LayerScan:
                     elif (_LIBC_SO.match(name) or _LD_SO.match(name)) and member.issym():
                         target = _VERSIONED_TARGET.search(member.linkname)
                         filename = target.group(1) if target else filename
+                    elif name in _ACCOUNT_FILES and member.isfile() and member.size <= _MAX_ACCOUNTS_READ:
+                        accounts[_ACCOUNT_FILES[name]] = _read_member(tar, member).decode("utf-8", "replace")
+                    elif name in _ACCOUNT_WHITEOUTS:
+                        for kind in _ACCOUNT_WHITEOUTS[name]:  # hides lower layers' only, not this one's
+                            accounts.setdefault(kind, None)
             diff_id = reader.drain()
         except ManifestError:
             raise
         except _STREAM_ERRORS as exc:
             raise ManifestError(f"layer is not a readable tar stream: {exc}") from None
-    return LayerScan(diff_id, dpkg or banner or filename, reader.size)
+    return LayerScan(diff_id, dpkg or banner or filename, reader.size, accounts)
 
 
 def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:

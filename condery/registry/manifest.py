@@ -95,6 +95,12 @@ class ImageSettings:
     workdir: str | None
     cmd: Sequence[str] | None
     created: datetime  # deterministic: the newest package timestamp, not "now"
+    # Replaces the base's Entrypoint, and (as a Dockerfile's ENTRYPOINT does) drops its Cmd
+    # unless `cmd` is given too: the base's Cmd was written for the base's entrypoint.
+    entrypoint: Sequence[str] | None = None
+    # Cmd when neither the base nor `cmd`/`entrypoint` gives one: `podman run IMAGE` with no
+    # command otherwise fails with "no command or entrypoint provided".
+    default_cmd: Sequence[str] | None = None
 
 
 def sha256_digest(data: bytes) -> str:
@@ -203,8 +209,13 @@ def image_config(
         config["User"] = settings.user
     if settings.workdir is not None:
         config["WorkingDir"] = settings.workdir
+    if settings.entrypoint is not None:
+        config["Entrypoint"] = list(settings.entrypoint)
+        config.pop("Cmd", None)
     if settings.cmd is not None:
         config["Cmd"] = list(settings.cmd)
+    elif settings.default_cmd is not None and not config.get("Cmd") and not config.get("Entrypoint"):
+        config["Cmd"] = list(settings.default_cmd)
 
     created = _rfc3339(settings.created)
     base_history = base.get("history") or []

@@ -197,6 +197,13 @@ def parse_name(name: str, meta_packages: Mapping[str, "MetaPackage"]) -> ImageRe
             raise _invalid(name, str(exc)) from None
         canonical.add(parsed.canonical)
         specs.add(parsed.spec)
+    if len(meta) > 1:
+        from condery.config import MetaConflict, combine_meta_packages  # config imports this module
+
+        try:
+            combine_meta_packages({m: meta_packages[m] for m in meta})
+        except MetaConflict as exc:
+            raise NameInvalid(f"invalid image name {_quoted(name)}: {exc}") from None
     components = tuple(sorted(canonical))
     return ImageRequest(
         canonical_name="/".join(components),
