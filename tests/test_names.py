@@ -212,3 +212,69 @@ def test_hostile_names_only_raise_name_invalid_with_a_short_message(text: str) -
     assert request.components == tuple(sorted(set(request.components)))
     assert len(request.canonical_name) <= len(text)
     assert parse_name(request.canonical_name, METAS) == request
+
+
+# -- conda syntax in a name: the NAME_INVALID says how to write it -----------------------
+@pytest.mark.parametrize(
+    ("typed", "spelling"),
+    [
+        ("numpy=1.26", "write numpy.eq.1.26"),
+        ("numpy==1.26", "write numpy.eq.1.26 (eq matches 1.26.*; exactly 1.26 is numpy.ge.1.26.le.1.26)"),
+        ("numpy>=1.26", "write numpy.ge.1.26"),
+        ("numpy<2", "write numpy.lt.2"),
+        ("numpy 1.26", "write numpy.eq.1.26"),
+        ("numpy >=1.20,<2", "write numpy.ge.1.20.lt.2"),
+        ("numpy!=1.26.0", "write numpy.ne.1.26.0"),
+        ("conda-forge::numpy", "write numpy; an image name cannot choose a channel ('conda-forge::')"),
+        ("NumPy", "(lowercase): write numpy"),
+    ],
+)
+def test_conda_syntax_gets_the_condery_spelling(typed: str, spelling: str) -> None:
+    with pytest.raises(NameInvalid) as err:
+        parse_name(typed, METAS)
+    assert spelling in err.value.message
+    assert "operators eq ne gt ge lt le" in err.value.message  # the grammar is still shown
+
+
+def test_the_whole_name_is_rewritten_when_every_component_can_be() -> None:
+    with pytest.raises(NameInvalid) as err:
+        parse_name("python=3.11/numpy>=1.26,<2/scipy", METAS)
+    assert "the image: numpy.ge.1.26.lt.2/python.eq.3.11/scipy" in err.value.message
+    # ... and that name is one the registry reads, to the specs typed.
+    assert parse_name("numpy.ge.1.26.lt.2/python.eq.3.11/scipy", METAS).specs == (
+        "numpy >=1.26,<2", "python 3.11.*", "scipy")
+
+
+@pytest.mark.parametrize(
+    ("typed", "reason"),
+    [
+        ("numpy=1.26=py311_0", "a build string cannot be written"),
+        ("numpy 1.26 py311_0", "a build string cannot be written"),
+        ("numpy[version=1]", "brackets and channel prefixes cannot be written"),
+        ("numpy>=1|<0.5", "alternatives (|) cannot be written"),
+    ],
+)
+def test_conda_syntax_that_a_name_cannot_hold_says_why(typed: str, reason: str) -> None:
+    with pytest.raises(NameInvalid) as err:
+        parse_name(typed, METAS)
+    assert f"as a conda spec: {reason}" in err.value.message
+
+
+def test_a_name_that_is_not_conda_syntax_keeps_the_grammar_message() -> None:
+    with pytest.raises(NameInvalid) as err:
+        parse_name("numpy..ge", METAS)
+    assert "does not match the OCI name grammar" in err.value.message
+    assert "conda" not in err.value.message
+
+
+@given(st.text(alphabet="abcAB0123456789.=<>!:, *|[]_-", min_size=1, max_size=60))
+@settings(max_examples=300, deadline=None)
+def test_any_typed_component_gets_name_invalid_of_bounded_size_or_parses(typed: str) -> None:
+    try:
+        parse_name(typed, METAS)
+    except NameInvalid as err:
+        assert len(err.message) < 1200
+        # A spelling offered is one the registry reads.
+        match = re.search(r"in an image name write (\S+?)[;( ]", err.message + " ")
+        if match:
+            parse_name(match.group(1), METAS)

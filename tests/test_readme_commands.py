@@ -1,4 +1,4 @@
-"""The README's curl lines, run as written against a real `condery serve`.
+"""The README's quick start and curl lines, run as written against a real `condery serve`.
 
 Only the address changes (the README writes HOST, 127.0.0.1:8080 or registry:8080) and the
 example build id (a build's id is a hash of its image key, so it is read from the POST's
@@ -9,14 +9,17 @@ scipy, python), so every line means what it says.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.fixtures.condapkg import PkgFile, index_channel, write_conda_package
+from tests.fixtures.procs import free_port, start_process, wait_http
 from tests.test_e2e import condery
 
 pytestmark = pytest.mark.e2e
@@ -69,3 +72,59 @@ def test_the_readme_curl_lines_work_as_written(tmp_path: Path) -> None:
         run("\n".join(wait), registry.url)  # returns once the build is done or failed
         status = json.loads(run(f"curl -s {registry.url}{location}", ""))
         assert status["state"] == "done" and status["digest"].startswith("sha256:")
+
+
+# -- the quick start -----------------------------------------------------------------------
+DEBIAN_PYTHON = Path("/usr/bin/python3")  # the distribution's own, with its EXTERNALLY-MANAGED marker (PEP 668)
+
+
+def quick_start_lines() -> list[str]:
+    """The two command lines of the README's quick start (comments removed)."""
+    section = README.read_text().split("## Quick start", 1)[1]
+    block = re.search(r"^```sh\n(.*?)^```", section, re.MULTILINE | re.DOTALL).group(1)
+    return [line.split("  #", 1)[0].strip() for line in block.splitlines() if line.strip()]
+
+
+@pytest.mark.skipif(not DEBIAN_PYTHON.exists() or not list(Path("/usr/lib").glob("python3*/EXTERNALLY-MANAGED"))
+                    or shutil.which("git") is None,
+                    reason="needs Debian 12's python3 (PEP 668) with python3-venv, and git")
+def test_the_quick_start_works_as_written_on_debian(tmp_path: Path) -> None:
+    """As a Debian 12 user runs it: Debian's python3 first on PATH, a clean checkout.
+
+    The first line installs (from PyPI, or the machine's pip configuration) and serves;
+    CONDERY_PORT moves it off 8080, which other tests on this machine may hold. The
+    second line is checked for what makes it work under PEP 668 (its `python3` is the
+    venv's) without running the whole suite inside a test.
+    """
+    install_and_serve, run_tests = quick_start_lines()
+    assert install_and_serve.endswith(".venv/bin/condery serve") and "python3 -m venv .venv" in install_and_serve
+    assert run_tests == ". .venv/bin/activate && .ci/install && python3 -m pytest -q"
+    checkout = tmp_path / "condery"
+    checkout.mkdir()
+    root = README.parent
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                           capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, files):
+        if (root / name).is_file():
+            (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / name, checkout / name)
+    env = {"PATH": f"/usr/bin:/bin:{os.environ['PATH']}", "CONDERY_PORT": str(port := free_port()),
+           "PYTHONPATH": "", "VIRTUAL_ENV": ""}
+    # What the README's venv is for: Debian's python3 refuses `pip install .` as root or not.
+    refused = subprocess.run(["bash", "-c", "python3 -m pip install --dry-run ."], cwd=checkout,
+                             env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "externally-managed-environment" in refused.stderr
+
+    log = tmp_path / "quick-start.log"
+    proc = start_process(["bash", "-c", install_and_serve], cwd=checkout, env=env, log_path=log)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/v2/", timeout=300, proc=proc, log_path=log)
+        assert "condery serving conda-forge" in log.read_text()
+        assert (checkout / "condery-data").is_dir()
+    finally:
+        # bash waits for condery: stop the whole session this test started, by its id.
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    python = subprocess.run(["bash", "-c", ". .venv/bin/activate && python3 -c 'import sys; print(sys.prefix)'"],
+                            cwd=checkout, env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+    assert python.stdout.strip() == str(checkout / ".venv")

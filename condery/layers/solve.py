@@ -18,6 +18,7 @@ from rattler import BuildString, Channel, GenericVirtualPackage, PackageName, Ve
 from rattler.exceptions import InvalidMatchSpecError, SolverError
 
 from condery.layers.package_layer import http_status
+from condery.layers.suggest import suggestions
 from condery.redact import redact_text
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,23 @@ def public_message(text: str, channels: Sequence[str]) -> str:
     return text
 
 
+def network_reason(exc: BaseException, limit: int = 400) -> str:
+    """rattler's network error in one line that says why: its headline, the URL it was
+    fetching and the root cause ("Request failed after 3 retries: error sending request
+    for url (https://…): failed to lookup address information: …"). The headline alone
+    ("Request failed after 3 retries") leaves an operator without a reason."""
+    lines = [line.removeprefix("Caused by:").strip() for line in str(exc).strip().splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        return type(exc).__name__
+    picked = [lines[0]]
+    picked += [line for line in lines[1:] if "url (" in line][:1]
+    if lines[-1] not in picked:
+        picked.append(lines[-1])
+    text = ": ".join(picked)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def virtual_packages(platform: str, glibc: str | None) -> list[GenericVirtualPackage]:
     def vp(name: str, version: str, build: str = "0") -> GenericVirtualPackage:
         return GenericVirtualPackage(PackageName(name), Version(version), BuildString(build))
@@ -102,13 +120,15 @@ async def solve(
 ) -> list[rattler.RepoDataRecord]:
     """The environment's records in topological order (dependencies first)."""
     check_specs(request.specs)
+    sources = [channel(c) for c in channels]
+    platforms = [request.platform, "noarch"]
     try:
         records = await asyncio.wait_for(
             rattler.solve(
-                [channel(c) for c in channels],
+                sources,
                 list(request.specs),
                 gateway=gateway,
-                platforms=[request.platform, "noarch"],
+                platforms=platforms,
                 virtual_packages=virtual_packages(request.platform, request.glibc),
                 exclude_newer=request.exclude_newer,
                 # A snapshot is the channel as it was: rattler places each record by its
@@ -126,11 +146,13 @@ async def solve(
         message = str(exc).strip()
         if "cancelled" in message.lower():
             raise SolveUnavailable(f"the solve took longer than {timeout:.0f} s") from None
-        raise SolveError(public_message(message, channels)) from None
+        # A misspelt name is the commonest unsolvable request: say which names are close.
+        hint = await suggestions(request.specs, sources, platforms, gateway)
+        raise SolveError(public_message(message, channels) + hint) from None
     except asyncio.TimeoutError:
         raise SolveUnavailable(f"the solve took longer than {timeout:.0f} s") from None
     except Exception as exc:  # rattler raises its own types for fetch failures
-        first = redact_text(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        first = redact_text(network_reason(exc))
         status = http_status(exc)
         if status in (401, 403, 407):
             # Configuration, not a passing fault, but nothing the client can fix either:

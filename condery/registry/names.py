@@ -16,6 +16,10 @@ that parses back differently.
 
 Canonical form: constraints sorted and de-duplicated inside a component, components
 sorted and de-duplicated in the name. `scipy/numpy` and `numpy/scipy` are one image.
+
+People type conda's own syntax into names (`numpy>=1.26`, `numpy=1.26`, `numpy 1.26`,
+`conda-forge::numpy`): `spec_component` turns a conda spec into its component, and a
+NAME_INVALID for such a component says how to write it (`numpy.ge.1.26`).
 """
 
 from __future__ import annotations
@@ -171,6 +175,93 @@ def spec_to_component(name: str, constraints: Sequence[tuple[str, str]]) -> str:
     return parsed.canonical
 
 
+_SPEC_RE = re.compile(r"([A-Za-z0-9_.\-]+)(.*)", re.DOTALL)
+_CONSTRAINT_RE = re.compile(r"(==|!=|>=|<=|>|<|=)?([^=!<>]+)")
+_OPERATOR_WORDS = {"==": "eq", "=": "eq", None: "eq", "!=": "ne", ">=": "ge", ">": "gt", "<=": "le", "<": "lt"}
+_CHANNEL_PREFIX_RE = re.compile(r"([^:\s]+)::(.+)", re.DOTALL)
+# Characters of conda's spec syntax that the OCI grammar has no room for.
+_CONDA_SYNTAX = set("=<>!: *,|[]") | set("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def spec_component(text: str) -> str:
+    """The name component of one conda spec; ValueError says why there is none."""
+    match = _SPEC_RE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError("expected a package name, optionally followed by constraints such as >=1.26")
+    package, rest = match.group(1).lower(), match.group(2)
+    if "|" in rest:
+        raise ValueError("alternatives (|) cannot be written in an image name: pick one")
+    if any(c in rest for c in "[]:"):
+        raise ValueError("brackets and channel prefixes cannot be written in an image name")
+    # Spaces around operators and commas are decoration; one left between words is a build
+    # string, and so is a third part of conda's `name=version=build`.
+    rest = re.sub(r"\s*([,<>=!])\s*", r"\1", rest.strip())
+    if re.search(r"\s", rest) or re.fullmatch(r"==?[^=<>!,]+=[^=<>!,]+", rest):
+        raise ValueError("a build string cannot be written in an image name; give versions only")
+    constraints: list[tuple[str, str]] = []
+    for piece in filter(None, rest.split(",")):
+        constraint = _CONSTRAINT_RE.fullmatch(piece)
+        if constraint is None:
+            raise ValueError(f"cannot read the constraint {piece[:40]!r}")
+        operator, version = constraint.groups()
+        if operator in (None, "=", "==") and version.endswith(".*"):
+            version = version[:-2]  # `1.*` is what eq means already
+        if version == "*":
+            continue
+        if "*" in version:
+            raise ValueError(f"wildcards inside a version ({version[:40]!r}) cannot be written; use 1.* or ge/lt")
+        constraints.append((_OPERATOR_WORDS[operator], version))
+    return spec_to_component(package, constraints)
+
+
+def conda_spelling(component: str) -> tuple[str | None, str]:
+    """For a component written in conda's syntax: (its component, a sentence saying how to
+    write it), or (None, why it cannot be written). ("", "") when it is not conda syntax.
+
+    `conda-forge::numpy` -> numpy: a name cannot choose a channel, the registry's
+    configuration does. `numpy==1.26` -> numpy.eq.1.26 like the composer, with a word on
+    the difference (eq is fuzzy, 1.26.*; == is exact).
+    """
+    if not _CONDA_SYNTAX & set(component):
+        return None, ""
+    spec, channel_note = component, ""
+    prefixed = _CHANNEL_PREFIX_RE.fullmatch(component)
+    if prefixed is not None:
+        spec = prefixed.group(2)
+        channel_note = (f"; an image name cannot choose a channel ({_quoted(prefixed.group(1) + '::', 40)}): "
+                        "the registry's configured channels are searched")
+    try:
+        fixed = spec_component(spec)
+    except ValueError as exc:
+        return None, f"component {_quoted(component)} does not match the OCI name grammar; as a conda spec: {exc}"
+    if _CONDA_SYNTAX & set(component.lower()):
+        sentence = (f"component {_quoted(component)} is conda syntax, not the OCI name grammar; "
+                    f"in an image name write {fixed}{channel_note}")
+    else:
+        sentence = f"component {_quoted(component)} does not match the OCI name grammar (lowercase): write {fixed}"
+    if "==" in spec and ".eq." in fixed:
+        version = fixed.split(".eq.", 1)[1]
+        sentence += f" (eq matches {version}.*; exactly {version} is {fixed.replace('.eq.', '.ge.', 1)}.le.{version})"
+    return fixed, sentence
+
+
+def _conda_hint(name: str, part: str, meta_packages: Mapping[str, "MetaPackage"]) -> str | None:
+    """The NAME_INVALID reason for a component in conda syntax, with the whole name
+    rewritten when every such component of it can be; None when `part` is not conda syntax."""
+    fixed, sentence = conda_spelling(part)
+    if not sentence:
+        return None
+    if fixed is not None:
+        parts = [conda_spelling(p)[0] or p for p in name.split("/")]
+        try:
+            whole = parse_name("/".join(parts), meta_packages).canonical_name
+        except NameInvalid:
+            return sentence
+        if whole != fixed:
+            sentence += f"; the image: {whole}"
+    return sentence
+
+
 def parse_name(name: str, meta_packages: Mapping[str, "MetaPackage"]) -> ImageRequest:
     """The image request a repository name stands for. Raises NameInvalid."""
     if not isinstance(name, str) or not name:
@@ -184,7 +275,8 @@ def parse_name(name: str, meta_packages: Mapping[str, "MetaPackage"]) -> ImageRe
         if not part:
             raise _invalid(name, "empty component (leading, trailing or double '/')")
         if not COMPONENT_RE.fullmatch(part):
-            raise _invalid(name, f"component {_quoted(part)} does not match the OCI name grammar")
+            hint = _conda_hint(name, part, meta_packages)
+            raise _invalid(name, hint or f"component {_quoted(part)} does not match the OCI name grammar")
         package = meta_packages.get(part)
         if package is not None:
             canonical.add(part)
