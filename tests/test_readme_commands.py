@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.condapkg import PkgFile, index_channel, write_conda_package
-from tests.fixtures.procs import free_port, start_process, wait_http
+from tests.fixtures.procs import cache_root, free_port, start_process, wait_http
 from tests.test_e2e import condery
 
 pytestmark = pytest.mark.e2e
@@ -91,7 +91,7 @@ def quick_start_lines() -> list[str]:
 def test_the_quick_start_works_as_written_on_debian(tmp_path: Path) -> None:
     """As a Debian 12 user runs it: Debian's python3 first on PATH, a clean checkout.
 
-    The first line installs (from PyPI, or the machine's pip configuration) and serves;
+    The first line installs (from the wheelhouse .ci/install made: no network) and serves;
     CONDERY_PORT moves it off 8080, which other tests on this machine may hold. The
     second line is checked for what makes it work under PEP 668 (its `python3` is the
     venv's) without running the whole suite inside a test.
@@ -108,8 +108,11 @@ def test_the_quick_start_works_as_written_on_debian(tmp_path: Path) -> None:
         if (root / name).is_file():
             (checkout / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(root / name, checkout / name)
+    wheelhouse = cache_root() / "wheelhouse"
+    assert any(wheelhouse.glob("condery-*.whl")), f"no wheelhouse at {wheelhouse}: run .ci/install"
+    # Tests reach nothing beyond loopback: pip installs from the wheelhouse .ci/install made.
     env = {"PATH": f"/usr/bin:/bin:{os.environ['PATH']}", "CONDERY_PORT": str(port := free_port()),
-           "PYTHONPATH": "", "VIRTUAL_ENV": ""}
+           "PYTHONPATH": "", "VIRTUAL_ENV": "", "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheelhouse)}
     # What the README's venv is for: Debian's python3 refuses `pip install .` as root or not.
     refused = subprocess.run(["bash", "-c", "python3 -m pip install --dry-run ."], cwd=checkout,
                              env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
@@ -123,7 +126,8 @@ def test_the_quick_start_works_as_written_on_debian(tmp_path: Path) -> None:
         assert (checkout / "condery-data").is_dir()
     finally:
         # bash waits for condery: stop the whole session this test started, by its id.
-        os.killpg(proc.pid, signal.SIGTERM)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
     python = subprocess.run(["bash", "-c", ". .venv/bin/activate && python3 -c 'import sys; print(sys.prefix)'"],
                             cwd=checkout, env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
