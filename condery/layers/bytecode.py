@@ -98,8 +98,8 @@ class HostInterpreters:
     """
 
     search_path: str | None = None
-    _found: dict[tuple[int, int], Interpreter | None] = field(default_factory=dict)
-    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _found: dict[tuple[int, int], Interpreter | None] = field(default_factory=dict, init=False, repr=False)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
 
     async def find(self, major: int, minor: int) -> Interpreter | None:
         async with self._lock:
