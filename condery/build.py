@@ -38,12 +38,14 @@ from condery.cache import Freshness, ImageKeys, ImageRecord, LayerEntry, RecordC
 from condery.config import MetaPackage
 from condery.image_layers import LayerBuilder
 from condery.layers import PackageError, PackageUnavailable
+from condery.layers.bytecode import BytecodePlan, plan_bytecode, wants_bytecode
 from condery.layers.env_layer import explicit_lock
 from condery.layers.package_layer import python_site_packages
 from condery.layers.solve import SolveError, SolveRequest, SolveUnavailable, SpecError, solve
 from condery.lookup import FailureLog, ImageLook, SolveCache, Solved, SolvedPlatform, built_layers, solved_platform
 from condery.progress import BuildStatus, BuildTracker, build_id
 from condery.observability.build_report import BuildReport
+from condery.observability.logs import event
 from condery.registry import errors
 from condery.registry.base_image import BaseImage, BaseImageError, resolve_base_image
 from condery.registry.registry_auth import RegistryAuth
@@ -593,9 +595,10 @@ class ImageService:
             progress.solved(subdir, len(records), sum(r.size or 0 for r in records))
         python = next((r for r in records if r.name.normalized == "python"), None)
         site_packages = python_site_packages(python)
+        bytecode = await self._bytecode_plan(request, records, python, site_packages)
 
         async def one(record: rattler.RepoDataRecord) -> LayerEntry:
-            entry, built = await self.layers.package_layer(record, python, site_packages, subdir, report)
+            entry, built = await self.layers.package_layer(record, python, site_packages, subdir, report, bytecode)
             report.layer(built, entry.size)
             if progress:
                 progress.layer_done(subdir, record.file_name, built, record.size or 0)
@@ -628,6 +631,17 @@ class ImageService:
         docker = await self._put_manifest(DOCKER_MANIFEST, docker_manifest(config, layer_descriptors), platform)
         report.span("manifests", started)
         return PlatformImage(platform, oci, docker, lock)
+
+    async def _bytecode_plan(self, request: ImageRequest, records: Sequence[rattler.RepoDataRecord],
+                             python: rattler.RepoDataRecord | None, site_packages: str | None) -> BytecodePlan | None:
+        """How this image's python modules are compiled; said once per build when they are not."""
+        plan = await plan_bytecode(python, site_packages, self.state.interpreters)
+        if isinstance(plan, BytecodePlan):
+            return plan
+        if any(wants_bytecode(r) for r in records):
+            event(log, logging.WARNING, "python bytecode not compiled: containers compile at import time",
+                  image=request.canonical_name, reason=plan)
+        return None
 
     async def _put_manifest(self, media_type: str, data: bytes, platform: OciPlatform | None) -> Descriptor:
         digest = sha256_digest(data)

@@ -131,11 +131,14 @@ def tags_prefix(request: ImageRequest) -> str:
     return f"{request.canonical_name}/_/"
 
 
-def layer_key(record: rattler.RepoDataRecord, *, prefix: str, site_packages: str | None, allow_scripts: bool) -> str:
+def layer_key(record: rattler.RepoDataRecord, *, prefix: str, site_packages: str | None, allow_scripts: bool,
+              bytecode: str | None = None) -> str:
     """A storage-safe key for the layer of `record` as this configuration builds it.
 
     The site-packages path counts for noarch python only, so that e.g. zlib's layer is
-    shared by every python version.
+    shared by every python version. `bytecode` is the pyc tag ("cpython-311") the layer
+    is compiled for (layers/bytecode.py bytecode_for), None when it holds no bytecode of
+    ours: a build host without the image's python makes another layer, never this one.
     """
     if record.sha256 is None:
         # build_package_layer refuses it too; a key that cannot name the bytes is no key.
@@ -145,6 +148,7 @@ def layer_key(record: rattler.RepoDataRecord, *, prefix: str, site_packages: str
         "prefix": prefix,
         "site_packages": site_packages if record.noarch.python else None,
         "allow_scripts": allow_scripts,
+        "bytecode": bytecode,
     }
     return f"{LAYOUT_VERSION}/{record.sha256.hex()}/{_digest(inputs)[:32]}"
 

@@ -17,6 +17,7 @@ import rattler
 
 from condery.cache import LayerEntry, RecordCache, group_key, layer_key
 from condery.layers import LayerBlob
+from condery.layers.bytecode import BytecodePlan, bytecode_for
 from condery.layers.env_layer import Account, build_env_layer
 from condery.layers.grouping import group_layers
 from condery.layers.members import PackageLimits
@@ -39,12 +40,14 @@ class LayerBuilder:
     async def package_layer(
         self, record: rattler.RepoDataRecord, python: rattler.RepoDataRecord | None,
         site_packages: str | None, subdir: str, report: LayerReport | None = None,
+        bytecode: BytecodePlan | None = None,
     ) -> tuple[LayerEntry, bool]:
         """The package's layer from the cache, or built now (once, however many ask);
-        and whether it was built."""
+        and whether it was built. `bytecode` is the image's plan (layers/bytecode.py)."""
+        bytecode = bytecode_for(record, bytecode)
         key = layer_key(
             record, prefix=self.config.prefix, site_packages=site_packages,
-            allow_scripts=self.config.allow_package_scripts,
+            allow_scripts=self.config.allow_package_scripts, bytecode=bytecode.tag if bytecode else None,
         )
         cached = await self.records.layer(key)
         if cached is not None:
@@ -65,6 +68,7 @@ class LayerBuilder:
                 cpu_slots=self.state.cpu_slots,
                 client=self.state.download_client,
                 report=report,
+                bytecode=bytecode,
             )
             return await self._store(key, blob, (record.file_name,))
 

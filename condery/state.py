@@ -20,6 +20,7 @@ import rattler
 from condery.admission import BuildQueue, RecentFailures
 from condery.config import Config
 from condery.coordination import Coordinator, LocalCoordinator, open_coordinator
+from condery.layers.bytecode import HostInterpreters
 from condery.layers.package_layer import channel_client
 from condery.progress import BuildTracker
 from condery.observability.metrics import Metrics
@@ -54,6 +55,8 @@ class AppState:
     metrics: Metrics = field(default_factory=Metrics)  # this app's own registry (/metrics)
     # Cold builds across replicas on one bucket (a Redis lock per image key), or nothing.
     coordinator: Coordinator = field(default_factory=LocalCoordinator)
+    # Host interpreters that compile python bytecode into layers, found once per version.
+    interpreters: HostInterpreters = field(default_factory=HostInterpreters)
 
     def __post_init__(self) -> None:
         self.metrics.watch_builds(lambda: self.builds.running, lambda: self.builds.queued)

@@ -18,7 +18,9 @@ Steps, each of which can refuse the package with a PackageError:
    prefix placeholders with the image's prefix (not the staging path). A `noarch: python`
    package is installed next to the environment's python record (ignored, so not
    installed) so that its files land in that python's site-packages.
-4. scrub and tar (in a thread): staging-only files go, the conda-meta record loses every
+4. compile (condery/layers/bytecode.py): the python modules of a package built for the
+   image's python get deterministic pycs, recorded in its conda-meta record.
+5. scrub and tar (in a thread): staging-only files go, the conda-meta record loses every
    build-machine path, and the tree becomes a reproducible layer at the prefix.
 
 rattler's own extraction cache is a fresh directory per build, so two channels that
@@ -46,6 +48,7 @@ import rattler.package_streaming as package_streaming
 from rattler.networking import AuthenticationMiddleware, RetryMiddleware
 
 from condery.layers import LayerBlob, PackageError, PackageUnavailable
+from condery.layers.bytecode import BytecodePlan, CompiledFile, compile_bytecode, record_compiled
 from condery.layers.members import PackageLimits, verify_archive
 from condery.layers.tarball import check_member_name, write_layer
 from condery.redact import redact_url, redact_values
@@ -62,7 +65,7 @@ class LayerReport(Protocol):
 
 # Bump when the layer contents change for the same package (scrubbing, tar layout...),
 # so that layers cached under the old layout are not reused.
-LAYOUT_VERSION = "v2"  # v2: tar hardlinks, mtime 1980-01-01
+LAYOUT_VERSION = "v3"  # v2: tar hardlinks, mtime 1980-01-01; v3: python bytecode
 
 # Keys of rattler's conda-meta record that hold paths of the machine that built the
 # layer, or facts about this one install rather than the package.
@@ -388,7 +391,8 @@ def _contains_path(value: Any, needles: tuple[str, ...]) -> bool:
 
 
 def _finish_layer(record: rattler.RepoDataRecord, staging: Path, target: Path, *, prefix: str,
-                  keep_unrecorded: bool, hidden: tuple[Path, ...], out_path: Path) -> LayerBlob:
+                  keep_unrecorded: bool, hidden: tuple[Path, ...], out_path: Path,
+                  compiled: list[CompiledFile]) -> LayerBlob:
     """Scrub the installed tree and write the layer (blocking; run in a thread)."""
     dist = dist_name(record)
     for rel in _STAGING_ONLY:
@@ -398,6 +402,7 @@ def _finish_layer(record: rattler.RepoDataRecord, staging: Path, target: Path, *
         raise PackageError(f"{dist}: the installer wrote unexpected records {[m.name for m in meta_files]}")
     meta = meta_files[0]
     data = _scrub_record(json.loads(meta.read_text()), record)
+    record_compiled(data, compiled)
     # Both directories are unique to this build, so a hit is a real leak, never a channel URL.
     needles = tuple(str(p) for p in (*hidden, staging))
     if _contains_path(data, needles):
@@ -441,7 +446,8 @@ async def build_package_layer(record: rattler.RepoDataRecord, *, python_record: 
                               download_slots: asyncio.Semaphore | None = None,
                               cpu_slots: asyncio.Semaphore | None = None,
                               client: rattler.Client | None = None,
-                              report: LayerReport | None = None) -> LayerBlob:
+                              report: LayerReport | None = None,
+                              bytecode: BytecodePlan | None = None) -> LayerBlob:
     """Build the layer of one package at `prefix`; the gzip file is left in `work_dir`.
 
     Package scripts (post-link) run only if `allow_scripts`: they are code from the
@@ -452,6 +458,9 @@ async def build_package_layer(record: rattler.RepoDataRecord, *, python_record: 
     The download holds one of `download_slots` and nothing else, the rest one of
     `cpu_slots`: a slow channel then keeps many downloads in flight without taking a
     core, and a core is never held waiting for the network.
+
+    With `bytecode` (layers/bytecode.py's bytecode_for), the package's python modules are
+    compiled into the layer, under the CPU slot too.
     """
     _check_prefix(prefix)
     dist = dist_name(record)
@@ -467,13 +476,13 @@ async def build_package_layer(record: rattler.RepoDataRecord, *, python_record: 
             return await _build_from_archive(record, archive, python_record=python_record, prefix=prefix,
                                              platform=platform, work_dir=Path(work_dir),
                                              package_cache_dir=Path(package_cache_dir),
-                                             allow_scripts=allow_scripts, limits=limits)
+                                             allow_scripts=allow_scripts, limits=limits, bytecode=bytecode)
 
 
 async def _build_from_archive(record: rattler.RepoDataRecord, archive: Path, *,
                               python_record: rattler.RepoDataRecord | None, prefix: str, platform: str,
                               work_dir: Path, package_cache_dir: Path, allow_scripts: bool,
-                              limits: PackageLimits) -> LayerBlob:
+                              limits: PackageLimits, bytecode: BytecodePlan | None = None) -> LayerBlob:
     """Inspect, install, scrub and tar a verified archive (the CPU-bound part)."""
     dist = dist_name(record)
     noarch_python = _is_noarch_python(record)
@@ -510,10 +519,12 @@ async def _build_from_archive(record: rattler.RepoDataRecord, archive: Path, *,
                 raise OSError(fault, f"{os.strerror(fault)} while installing {dist}") from None
             raise PackageError(f"{dist}: install failed: "
                                f"{_public_message(exc, staging, work_dir, Path(package_cache_dir))}") from exc
+        compiled = (await compile_bytecode(target, dist, bytecode, prefix=prefix, work_dir=staging)
+                    if bytecode else [])
         return await asyncio.to_thread(
             _finish_layer, record, staging, target, prefix=prefix, keep_unrecorded=allow_scripts,
             hidden=(archive.parent, archive.parent.resolve(), staging.resolve()),
-            out_path=out_path,
+            out_path=out_path, compiled=compiled,
         )
     except BaseException:
         out_path.unlink(missing_ok=True)
