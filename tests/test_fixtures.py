@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib.metadata
 import json
 import os
 import stat
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import rattler
-from rattler import BuildString, Channel, GenericVirtualPackage, PackageName, PathsJson, Version
+from rattler import BuildString, Channel, GenericVirtualPackage, IndexJson, PackageName, PathsJson, Version
 from rattler.platform.subdir import SubdirLiteral
 
 from tests.fixtures.base_image import (
@@ -41,6 +42,7 @@ from tests.fixtures.clients import (
 )
 from tests.fixtures.procs import cache_root
 from tests.fixtures.python_package import BUILD_PREFIX, python_version
+from tests.fixtures.wheel_packages import build_realistic_channel, conda_name, dependency_closure, wheel_packages
 
 PLATFORMS: list[SubdirLiteral] = ["linux-64", "noarch"]
 VIRTUAL_PACKAGES = [
@@ -224,3 +226,38 @@ def test_conda_packages_at_opt_conda_run_on_the_base(base_layout: Path, fixture_
     assert run("condery-hello") == "/opt/conda"
     assert run("condery-noarch-hello") == "hello from condery-noarch"
     assert run("sh", "-c", "echo data | xz | xz -d") == "data"
+
+
+# --- the realistic packages: PyPI wheels repackaged as conda packages ---
+
+
+def test_wheel_packages_are_laid_out_as_conda_forge_ships_them() -> None:
+    packages = wheel_packages()
+    ver = f"{sys.version_info[0]}.{sys.version_info[1]}"
+
+    (numpy,) = (packages / "linux-64").glob("numpy-*.conda")
+    index = IndexJson.from_package_archive(numpy)
+    assert not index.noarch.python and index.subdir == "linux-64"
+    assert str(index.version) == importlib.metadata.version("numpy")
+    assert index.depends == [f"python >={ver},<{sys.version_info[0]}.{sys.version_info[1] + 1}.0a0"]
+    paths = [e.relative_path.as_posix() for e in PathsJson.from_package_archive(numpy).paths]
+    assert all(p.startswith(f"lib/python{ver}/site-packages/") for p in paths)
+    assert any("/numpy.libs/" in p for p in paths), "the wheel's bundled libraries come along"
+    assert any(p.endswith(".dist-info/METADATA") for p in paths)
+    assert not any("__pycache__" in p or p.endswith("/INSTALLER") for p in paths)
+
+    (dateutil,) = (packages / "noarch").glob("python-dateutil-*.conda")
+    index = IndexJson.from_package_archive(dateutil)
+    assert index.noarch.python and index.subdir == "noarch"
+    assert "six >=1.5" in index.depends and index.depends[0].startswith("python ")
+    paths = [e.relative_path.as_posix() for e in PathsJson.from_package_archive(dateutil).paths]
+    assert paths and all(p.startswith("site-packages/") for p in paths)
+
+
+def test_realistic_channel_solves_the_wheels_closure(tmp_path: Path) -> None:
+    channel = build_realistic_channel(tmp_path / "channel")
+    records = {r.name.normalized: r for r in solve(channel, ["python", "numpy", "scipy", "pandas", "matplotlib"])}
+    expected = {conda_name(d.metadata["Name"]): d.version for d in dependency_closure()}
+    assert {"numpy", "scipy", "pandas", "matplotlib", "pillow", "python-dateutil", "six"} <= set(expected)
+    assert {name: str(records[name].version) for name in expected} == expected
+    assert str(records["python"].version) == python_version()
