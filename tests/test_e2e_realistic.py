@@ -5,7 +5,8 @@ wheel_packages.py), are served by a real `condery serve`; skopeo pulls
 `python/numpy/scipy/pandas/matplotlib` (hundreds of MB, thousands of files), umoci
 unpacks it, and the image computes with all four inside bwrap. The glibc test base
 provides what manylinux wheels expect from the system (libc, libm, libstdc++,
-libgcc_s, libz); everything else ships in the wheels' `*.libs` directories.
+libgcc_s, libz): a static check of every ELF file in site-packages says so, beside the
+script. Everything else ships in the wheels' `*.libs` directories.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.clients import bundle_env, run_in_rootfs
+from tests.fixtures.elf import missing_libraries
 from tests.fixtures.python_package import python_version
 from tests.fixtures.wheel_packages import build_realistic_channel
 from tests.test_e2e import condery, unpack
@@ -64,6 +66,11 @@ def test_scientific_image_computes(realistic_channel: Path, base_layout: Path, t
     server.mkdir()
     with condery(server, [str(realistic_channel)], f"oci:{base_layout}:bookworm") as registry:
         rootfs = unpack(registry, IMAGE, tmp_path)
+    # Every extension module and bundled library of the wheels finds what it links, not
+    # only the ones the script imports: the base provides what they take from the system
+    # (libz among them: the bundled libgfortran, libpng and libtiff link it).
+    site_packages = f"/opt/conda/lib/python{python_version().rsplit('.', 1)[0]}/site-packages"
+    assert missing_libraries(rootfs, site_packages) == {}
     env = {**bundle_env(tmp_path / "bundle"), "MPLCONFIGDIR": "/tmp/matplotlib"}
     result = run_in_rootfs(rootfs, ["python", "-c", COMPUTE], env=env)
     assert result.returncode == 0, result.stderr

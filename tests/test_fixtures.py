@@ -28,7 +28,8 @@ from tests.fixtures.base_image import (
     resolve_debs,
     write_layout,
 )
-from tests.fixtures.channel import HELLO_PLACEHOLDER
+from tests.fixtures.channel import HELLO_PLACEHOLDER, compile_hello
+from tests.fixtures.elf import missing_libraries
 from tests.fixtures.clients import (
     Podman,
     bundle_env,
@@ -261,3 +262,15 @@ def test_realistic_channel_solves_the_wheels_closure(tmp_path: Path) -> None:
     assert {"numpy", "scipy", "pandas", "matplotlib", "pillow", "python-dateutil", "six"} <= set(expected)
     assert {name: str(records[name].version) for name in expected} == expected
     assert str(records["python"].version) == python_version()
+
+
+def test_missing_libraries_follows_the_loaders_search(tmp_path: Path) -> None:
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "bin").mkdir(parents=True)
+    (rootfs / "bin" / "hello").write_bytes(compile_hello(HELLO_PLACEHOLDER))
+    assert missing_libraries(rootfs, "/bin") == {"bin/hello": ["libc.so.6"]}
+    system = rootfs / "usr/lib/x86_64-linux-gnu"
+    system.mkdir(parents=True)
+    (system / "libc.so.6").write_bytes(b"")
+    (rootfs / "lib").symlink_to("usr/lib")  # merged /usr, as the glibc base has it
+    assert missing_libraries(rootfs, "/bin") == {}
