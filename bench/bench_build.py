@@ -26,12 +26,12 @@ import time
 from pathlib import Path
 
 import aiohttp
-import rattler
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.baselines import compressors, dockerfile_baseline  # noqa: E402
 from condery.build import ImageService  # noqa: E402
 from condery.config import load_config  # noqa: E402
 from condery.registry.names import parse_name  # noqa: E402
@@ -73,16 +73,8 @@ async def cold_build(work: Path, channel: Path, base: Path, image: str) -> tuple
 
 async def baseline_build(work: Path, records: list) -> float:
     """What `RUN micromamba install ...` plus the engine's layer commit amount to."""
-    started = time.perf_counter()
-    prefix = work / "env" / "opt" / "conda"
-    await rattler.install(
-        records, prefix, cache_dir=work / "baseline-pkgs", show_progress=False, platform=rattler.Platform("linux-64"),
-        alternative_target_prefix="/opt/conda",
-    )
-    subprocess.run(
-        f"tar -C {work / 'env'} -cf - . | gzip -6 > {work / 'layer.tar.gz'}", shell=True, check=True
-    )
-    return time.perf_counter() - started
+    result = await dockerfile_baseline(records, work, "gzip -6", compressors()["gzip -6"])
+    return result.seconds
 
 
 async def load(url: str, requests: int, concurrency: int) -> dict:

@@ -23,6 +23,7 @@ import yaml
 
 from tests.fixtures.clients import oci_validate, run_in_rootfs, skopeo_copy, umoci_unpack
 from tests.fixtures.procs import free_port, running
+from tests.fixtures.python_package import python_version
 
 pytestmark = pytest.mark.e2e
 
@@ -112,6 +113,8 @@ def test_pull_unpack_and_run(registry: Registry, tmp_path: Path) -> None:
 
     for argv, expected in [
         (["/opt/conda/bin/python", "-c", "import tqdm, sys; print(tqdm.__version__, sys.prefix)"], "4.54.1 /opt/conda"),
+        # The interpreter keeps its version after prefix replacement (sys.version is intact).
+        (["/opt/conda/bin/python", "-c", "import platform; print(platform.python_version())"], python_version()),
         (["/opt/conda/bin/tqdm", "--version"], "4.54.1"),
         (["/opt/conda/bin/xz", "--version"], "xz (XZ Utils) 5.2.5"),
         (["/bin/sh", "-c", "echo $PATH"], None),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib.metadata
 import json
 import os
 import stat
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import rattler
-from rattler import BuildString, Channel, GenericVirtualPackage, PackageName, PathsJson, Version
+from rattler import BuildString, Channel, GenericVirtualPackage, IndexJson, PackageName, PathsJson, Version
 from rattler.platform.subdir import SubdirLiteral
 
 from tests.fixtures.base_image import (
@@ -27,7 +28,8 @@ from tests.fixtures.base_image import (
     resolve_debs,
     write_layout,
 )
-from tests.fixtures.channel import HELLO_PLACEHOLDER
+from tests.fixtures.channel import HELLO_PLACEHOLDER, compile_hello
+from tests.fixtures.elf import missing_libraries
 from tests.fixtures.clients import (
     Podman,
     bundle_env,
@@ -40,7 +42,8 @@ from tests.fixtures.clients import (
     umoci_unpack,
 )
 from tests.fixtures.procs import cache_root
-from tests.fixtures.python_package import python_version
+from tests.fixtures.python_package import BUILD_PREFIX, python_version
+from tests.fixtures.wheel_packages import build_realistic_channel, conda_name, dependency_closure, wheel_packages
 
 PLATFORMS: list[SubdirLiteral] = ["linux-64", "noarch"]
 VIRTUAL_PACKAGES = [
@@ -74,12 +77,15 @@ def hex_of(digest: bytes | None) -> str:
 def test_python_package_records_placeholders(python_pkg: Path) -> None:
     paths = {e.relative_path.as_posix(): e for e in PathsJson.from_package_archive(python_pkg).paths}
     ver = f"{sys.version_info[0]}.{sys.version_info[1]}"
-    interpreter = paths[f"bin/python{ver}"]
-    assert interpreter.prefix_placeholder is not None
-    assert interpreter.prefix_placeholder.placeholder == sys.base_prefix
-    assert "binary" in str(interpreter.prefix_placeholder.file_mode)
-    sysconfigdata = paths[next(p for p in paths if "_sysconfigdata_" in p)].prefix_placeholder
-    assert sysconfigdata is not None and "text" in str(sysconfigdata.file_mode)
+    # Run paths are $ORIGIN-relative: no binary needs its bytes rewritten (libpython's
+    # version string shares bytes with the host prefix, so rewriting it broke the version).
+    assert paths[f"bin/python{ver}"].prefix_placeholder is None
+    placeholders = {p: e.prefix_placeholder for p, e in paths.items() if e.prefix_placeholder is not None}
+    assert placeholders, "the build prefix is recorded where text names it"
+    for placeholder in placeholders.values():
+        assert placeholder.placeholder == str(BUILD_PREFIX)
+        assert "text" in str(placeholder.file_mode)
+    assert any("_sysconfigdata_" in p for p in placeholders)
     site_packages = [p for p in paths if "/site-packages/" in p]
     assert site_packages == [f"lib/python{ver}/site-packages/README.txt"]
     assert not any(f"/python{ver}/test/" in p or "__pycache__" in p or "/idlelib/" in p for p in paths)
@@ -91,14 +97,14 @@ def test_python_package_runs_at_its_install_prefix(fixture_channel: Path, short_
     prefix = short_tmp / "env"
     install(records, prefix, short_tmp / "pkgs")
     result = subprocess.run(
-        [prefix / "bin" / "python", "-c", "import sys, json; print(sys.prefix)"],
+        [prefix / "bin" / "python", "-c", "import platform, sys; print(platform.python_version(), sys.prefix)"],
         check=False,
         capture_output=True,
         text=True,
         env={"PATH": BASE_PATH},  # nothing of the test interpreter's environment
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == str(prefix)
+    assert result.stdout.strip() == f"{python_version()} {prefix}"
 
 
 # --- the channels ---
@@ -221,3 +227,50 @@ def test_conda_packages_at_opt_conda_run_on_the_base(base_layout: Path, fixture_
     assert run("condery-hello") == "/opt/conda"
     assert run("condery-noarch-hello") == "hello from condery-noarch"
     assert run("sh", "-c", "echo data | xz | xz -d") == "data"
+
+
+# --- the realistic packages: PyPI wheels repackaged as conda packages ---
+
+
+def test_wheel_packages_are_laid_out_as_conda_forge_ships_them() -> None:
+    packages = wheel_packages()
+    ver = f"{sys.version_info[0]}.{sys.version_info[1]}"
+
+    (numpy,) = (packages / "linux-64").glob("numpy-*.conda")
+    index = IndexJson.from_package_archive(numpy)
+    assert not index.noarch.python and index.subdir == "linux-64"
+    assert str(index.version) == importlib.metadata.version("numpy")
+    assert index.depends == [f"python >={ver},<{sys.version_info[0]}.{sys.version_info[1] + 1}.0a0"]
+    paths = [e.relative_path.as_posix() for e in PathsJson.from_package_archive(numpy).paths]
+    assert all(p.startswith(f"lib/python{ver}/site-packages/") for p in paths)
+    assert any("/numpy.libs/" in p for p in paths), "the wheel's bundled libraries come along"
+    assert any(p.endswith(".dist-info/METADATA") for p in paths)
+    assert not any("__pycache__" in p or p.endswith("/INSTALLER") for p in paths)
+
+    (dateutil,) = (packages / "noarch").glob("python-dateutil-*.conda")
+    index = IndexJson.from_package_archive(dateutil)
+    assert index.noarch.python and index.subdir == "noarch"
+    assert "six >=1.5" in index.depends and index.depends[0].startswith("python ")
+    paths = [e.relative_path.as_posix() for e in PathsJson.from_package_archive(dateutil).paths]
+    assert paths and all(p.startswith("site-packages/") for p in paths)
+
+
+def test_realistic_channel_solves_the_wheels_closure(tmp_path: Path) -> None:
+    channel = build_realistic_channel(tmp_path / "channel")
+    records = {r.name.normalized: r for r in solve(channel, ["python", "numpy", "scipy", "pandas", "matplotlib"])}
+    expected = {conda_name(d.metadata["Name"]): d.version for d in dependency_closure()}
+    assert {"numpy", "scipy", "pandas", "matplotlib", "pillow", "python-dateutil", "six"} <= set(expected)
+    assert {name: str(records[name].version) for name in expected} == expected
+    assert str(records["python"].version) == python_version()
+
+
+def test_missing_libraries_follows_the_loaders_search(tmp_path: Path) -> None:
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "bin").mkdir(parents=True)
+    (rootfs / "bin" / "hello").write_bytes(compile_hello(HELLO_PLACEHOLDER))
+    assert missing_libraries(rootfs, "/bin") == {"bin/hello": ["libc.so.6"]}
+    system = rootfs / "usr/lib/x86_64-linux-gnu"
+    system.mkdir(parents=True)
+    (system / "libc.so.6").write_bytes(b"")
+    (rootfs / "lib").symlink_to("usr/lib")  # merged /usr, as the glibc base has it
+    assert missing_libraries(rootfs, "/bin") == {}
