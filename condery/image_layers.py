@@ -44,7 +44,7 @@ class LayerBuilder:
         and whether it was built."""
         key = layer_key(
             record, prefix=self.config.prefix, site_packages=site_packages,
-            allow_scripts=self.config.allow_package_scripts,
+            allow_scripts=self.config.allow_package_scripts, compression=self.config.layer_compression,
         )
         cached = await self.records.layer(key)
         if cached is not None:
@@ -65,6 +65,7 @@ class LayerBuilder:
                 cpu_slots=self.state.cpu_slots,
                 client=self.state.download_client,
                 report=report,
+                compression=self.config.layer_compression,
             )
             return await self._store(key, blob, (record.file_name,))
 
@@ -102,7 +103,8 @@ class LayerBuilder:
                         async for chunk in self.store.read_blob(member.digest):
                             handle.write(chunk)
                     paths.append(path)
-                blob = await asyncio.to_thread(concat_layers, paths, Path(tmp) / "group.tar.gz")
+                blob = await asyncio.to_thread(concat_layers, paths, Path(tmp) / "group.tar.gz",
+                                               self.config.layer_compression)
                 return await self._store(key, blob, tuple(p for m in members for p in m.packages))
 
         return await self.flights.run(key, build)
@@ -127,6 +129,7 @@ class LayerBuilder:
                 created=created,
                 out_path=Path(tmp) / "env.tar.gz",
                 command=f"condery {request.canonical_name}",
+                compression=self.config.layer_compression,
             )
             await self.store.put_blob_file(blob.digest, blob.path)
         return LayerEntry("env", blob.digest, blob.diff_id, blob.size, ("environment",))

@@ -23,6 +23,7 @@ from typing import Sequence
 import rattler
 
 from condery.layers import LayerBlob, PackageError
+from condery.layers.compression import GZIP
 from condery.layers.tarball import write_layer
 from condery.redact import redact_url
 
@@ -118,7 +119,8 @@ fi
 
 
 def build_env_layer(records: Sequence[rattler.RepoDataRecord], *, requested_specs: Sequence[str], prefix: str,
-                    platform: str, created: datetime, out_path: Path, command: str) -> LayerBlob:
+                    platform: str, created: datetime, out_path: Path, command: str,
+                    compression: str = GZIP) -> LayerBlob:
     """Write the environment layer to `out_path` (blocking; small)."""
     _check_prefix(prefix)
     out_path = Path(out_path)
@@ -135,4 +137,4 @@ def build_env_layer(records: Sequence[rattler.RepoDataRecord], *, requested_spec
             (env / rel).write_text(text)
         (root / "etc" / "profile.d").mkdir(parents=True)
         (root / "etc" / "profile.d" / "condery.sh").write_text(profile_script(prefix))
-        return write_layer(root, "", out_path)
+        return write_layer(root, "", out_path, compression=compression)
