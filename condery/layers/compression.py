@@ -149,12 +149,14 @@ class ZstdWriter:
         self._stream.close()
 
 
+def check_compression(compression: str) -> None:
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"unknown layer compression {compression!r} (one of {', '.join(COMPRESSIONS)})")
+
+
 def compressing_writer(compression: str, sink: BinaryIO) -> GzipChunkWriter | ZstdWriter:
-    if compression == GZIP:
-        return GzipChunkWriter(sink)
-    if compression == ZSTD:
-        return ZstdWriter(sink)
-    raise ValueError(f"unknown layer compression {compression!r} (one of {', '.join(COMPRESSIONS)})")
+    check_compression(compression)
+    return GzipChunkWriter(sink) if compression == GZIP else ZstdWriter(sink)
 
 
 def open_decompressed(handle: IO[bytes]) -> IO[bytes]:

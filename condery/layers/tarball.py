@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator, Sequence
 
 from condery.layers import LayerBlob, PackageError
-from condery.layers.compression import GZIP, compressing_writer, open_decompressed
+from condery.layers.compression import GZIP, check_compression, compressing_writer, open_decompressed
 
 _DIR_MODE = 0o755
 _FILE_MODE = 0o644
@@ -190,14 +190,11 @@ class _LayerWriter:
     """tar -> sha256 (diff_id) -> compress -> sha256 (digest) -> file, in one stream."""
 
     def __init__(self, out_path: Path, compression: str = GZIP) -> None:
+        check_compression(compression)  # before the file exists
         self._out_path = out_path
         self._raw = open(out_path, "wb")
         self._gz_hash = _HashingWriter(self._raw)
-        try:
-            self._compressor = compressing_writer(compression, self._gz_hash)  # type: ignore[arg-type]
-        except BaseException:
-            self._raw.close()
-            raise
+        self._compressor = compressing_writer(compression, self._gz_hash)  # type: ignore[arg-type]
         self._tar_hash = _HashingWriter(self._compressor)  # type: ignore[arg-type]
         self._tar = tarfile.open(fileobj=self._tar_hash, mode="w|", format=tarfile.PAX_FORMAT)  # type: ignore[call-overload]
 
