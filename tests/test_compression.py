@@ -68,6 +68,18 @@ def test_golden_layer_digest(tmp_path: Path, compression: str) -> None:
     assert blob.digest == GOLDEN[compression], COMPRESSOR_ID[compression]
 
 
+def test_layer_bytes_never_come_from_the_hosts_zlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever zlib (or zlib-ng) Python links, it writes no layer byte: with its
+    compressors out of reach the golden digest still comes out."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the host's zlib compressed layer bytes")
+
+    for name in ("compress", "compressobj"):
+        monkeypatch.setattr(zlib, name, refuse)
+    blob = write_layer(golden_tree(tmp_path / "tree"), "opt/conda", tmp_path / "layer.tgz")
+    assert blob.digest == GOLDEN[GZIP]
+
+
 def test_bytes_do_not_depend_on_thread_count(tmp_path: Path) -> None:
     blob = write_layer(golden_tree(tmp_path / "tree"), "opt/conda", tmp_path / "layer.tgz")
     tar = gzip.decompress(blob.path.read_bytes())
