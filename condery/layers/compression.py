@@ -10,8 +10,8 @@ gzip module and GNU gzip). The cut points depend on the input only, so the outpu
 the same whatever the number of threads or the order in which they finish.
 
 libdeflate has no streaming interface, so pigz's single-member layout (raw deflate
-blocks joined by sync flushes) is out of reach; independent members cost ~0.05% of size
-at 1 MiB (docs/performance.md measures it).
+blocks joined by sync flushes) is out of reach; independent 1 MiB members cost ~0.1% of
+size against one stream (docs/performance.md measures it).
 
 Chunks go to ONE process-wide pool of os.cpu_count() threads (libdeflate releases the
 GIL). Package layers already build in parallel, at most cpu_count at a time
@@ -44,10 +44,10 @@ ZSTD = "zstd"
 COMPRESSIONS = (GZIP, ZSTD)
 
 # Chosen by measurement (bench/bench_compressors.py, docs/performance.md): on real
-# package content libdeflate level 4 gives 1.02x the bytes of zlib -6 at ~5x its speed
-# on one core; level 3 is 1.025x (too close to the 1.03x budget), level 5 0.997x but
-# 20% slower. 1 MiB chunks cost 0.1% against 4 MiB ones and let a 3 MiB layer use
-# three threads; below 256 KiB the loss grows (0.5%).
+# package content libdeflate level 4 gives 1.017x the bytes of zlib -6 at ~5.5x its
+# speed on one core; level 3 is 1.024x (too close to the 1.03x budget), level 5 0.995x
+# but 13-23% slower. 1 MiB chunks cost 0.1% against 4 MiB ones and let a 3 MiB layer
+# use three threads; at 256 KiB the loss is 0.5%.
 DEFLATE_LEVEL = 4
 CHUNK_SIZE = 1 << 20
 ZSTD_LEVEL = 3

@@ -46,8 +46,8 @@ import rattler.package_streaming as package_streaming
 from rattler.networking import AuthenticationMiddleware, RetryMiddleware
 
 from condery.layers import LayerBlob, PackageError, PackageUnavailable
-from condery.layers.members import PackageLimits, verify_archive
 from condery.layers.compression import GZIP
+from condery.layers.members import PackageLimits, verify_archive
 from condery.layers.tarball import check_member_name, write_layer
 from condery.redact import redact_url, redact_values
 
