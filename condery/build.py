@@ -39,6 +39,7 @@ from condery.config import MetaPackage
 from condery.image_layers import LayerBuilder
 from condery.layers import PackageError, PackageUnavailable
 from condery.layers.bytecode import BytecodePlan, plan_bytecode, wants_bytecode
+from condery.layers.compression import GZIP, ZSTD
 from condery.layers.env_layer import explicit_lock
 from condery.layers.package_layer import python_site_packages
 from condery.layers.solve import SolveError, SolveRequest, SolveUnavailable, SpecError, solve
@@ -64,6 +65,7 @@ from condery.registry.media_types import (
     OCI_CONFIG,
     OCI_INDEX,
     OCI_LAYER_GZIP,
+    OCI_LAYER_ZSTD,
     OCI_MANIFEST,
 )
 from condery.registry.names import ImageRef, ImageRequest
@@ -623,12 +625,18 @@ class ImageService:
         config = Descriptor(OCI_CONFIG, sha256_digest(config_bytes), len(config_bytes))
         await self.store.put_blob_bytes(config.digest, config_bytes)
 
+        layer_type = _LAYER_MEDIA_TYPES[self.config.layer_compression]
         layer_descriptors = [*base.layers] + [
-            Descriptor(OCI_LAYER_GZIP, e.digest, e.size, annotations=layer_annotations(e.packages)) for e in ours
+            Descriptor(layer_type, e.digest, e.size, annotations=layer_annotations(e.packages)) for e in ours
         ]
         annotations = manifest_annotations(request, created)
         oci = await self._put_manifest(OCI_MANIFEST, oci_manifest(config, layer_descriptors, annotations), platform)
-        docker = await self._put_manifest(DOCKER_MANIFEST, docker_manifest(config, layer_descriptors), platform)
+        if layer_type == OCI_LAYER_ZSTD:
+            # Docker schema 2 has no zstd layer type: the OCI manifest is the only one, and
+            # negotiation.py serves it to Docker-family clients that accept OCI too.
+            docker = oci
+        else:
+            docker = await self._put_manifest(DOCKER_MANIFEST, docker_manifest(config, layer_descriptors), platform)
         report.span("manifests", started)
         return PlatformImage(platform, oci, docker, lock)
 
@@ -652,15 +660,21 @@ class ImageService:
     async def _top_level(self, request: ImageRequest, images: Sequence[PlatformImage]) -> ImageRef:
         if len(self.config.platforms) == 1:
             (image,) = images
-            return ImageRef(image.oci.digest, OCI_MANIFEST, image.docker.digest, DOCKER_MANIFEST)
+            return ImageRef(image.oci.digest, OCI_MANIFEST, image.docker.digest, image.docker.media_type)
         # Several platforms configured: an index, even when only some of them solved, so
         # that the kind of answer does not depend on which ones did.
         annotations = {"org.opencontainers.image.title": request.canonical_name}
         index = await self._put_manifest(OCI_INDEX, oci_index([i.oci for i in images], annotations), None)
+        if self.config.layer_compression == ZSTD:  # OCI only, as each platform's manifest
+            return ImageRef(index.digest, OCI_INDEX, index.digest, OCI_INDEX)
         listing = await self._put_manifest(
             DOCKER_MANIFEST_LIST, docker_manifest_list([i.docker for i in images]), None
         )
         return ImageRef(index.digest, OCI_INDEX, listing.digest, DOCKER_MANIFEST_LIST)
+
+
+# The layer media type of each layer_compression (the layers/ package knows no OCI types).
+_LAYER_MEDIA_TYPES = {GZIP: OCI_LAYER_GZIP, ZSTD: OCI_LAYER_ZSTD}
 
 
 def _store_failed(request: ImageRequest, exc: StorageError) -> errors.Unavailable:

@@ -5,14 +5,15 @@ Two kinds of records point at stored blobs:
 - image records (`images/<name>/_/<tag>/<fingerprint>`): the manifests a name and tag
   resolved to. The fingerprint covers every setting that shapes the image (channels
   without credentials, platforms, prefix, each platform's base image as resolved, the
-  definitions of the meta-packages the name uses, allow_package_scripts, layer_budget)
+  definitions of the meta-packages the name uses, allow_package_scripts, layer_budget,
+  the layer compressor)
   and the image layout version, so a configuration change can never answer with an
   image built under another one, and the same name, tag and configuration give the
   same key whatever the store holds.
 - layer records (`layers/<layout>/<sha256>/<inputs>`): one package's layer. The key
   covers every input whose bytes reach the layer: the archive (sha256), where it came
   from (its URL without credentials: conda-meta names it), the prefix, the site-packages
-  path for noarch python, allow_package_scripts, and the layer layout version.
+  path for noarch python, allow_package_scripts, the compressor, and the layer layout version.
 - tags index records (`tags/<name>`): the tags a name has image records for, merged in
   by every image write, so that tags/list reads one record however large the store.
 
@@ -41,6 +42,7 @@ import rattler
 
 from condery.config import Config
 from condery.layers import PackageError
+from condery.layers.compression import COMPRESSOR_ID, GZIP
 from condery.layers.package_layer import LAYOUT_VERSION
 from condery.layers.solve import channel
 from condery.redact import redact_url
@@ -95,6 +97,8 @@ class ImageKeys:
             "prefix": config.prefix,
             "allow_package_scripts": config.allow_package_scripts,
             "layer_budget": config.layer_budget,
+            # Its layers' media types and bytes (the compressor's version: layer_key).
+            "layer_compression": COMPRESSOR_ID[config.layer_compression],
         }
         self._meta = {
             name: {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(meta).items()}
@@ -132,13 +136,16 @@ def tags_prefix(request: ImageRequest) -> str:
 
 
 def layer_key(record: rattler.RepoDataRecord, *, prefix: str, site_packages: str | None, allow_scripts: bool,
-              bytecode: str | None = None) -> str:
+              bytecode: str | None = None, compression: str = GZIP) -> str:
     """A storage-safe key for the layer of `record` as this configuration builds it.
 
     The site-packages path counts for noarch python only, so that e.g. zlib's layer is
     shared by every python version. `bytecode` is the pyc tag ("cpython-311") the layer
     is compiled for (layers/bytecode.py bytecode_for), None when it holds no bytecode of
     ours: a build host without the image's python makes another layer, never this one.
+    The compressor (algorithm, library version, level, chunk size) counts too: switching
+    layer_compression never serves a layer of the other kind, and a new libdeflate never
+    reuses layers it would not write the same.
     """
     if record.sha256 is None:
         # build_package_layer refuses it too; a key that cannot name the bytes is no key.
@@ -149,6 +156,7 @@ def layer_key(record: rattler.RepoDataRecord, *, prefix: str, site_packages: str
         "site_packages": site_packages if record.noarch.python else None,
         "allow_scripts": allow_scripts,
         "bytecode": bytecode,
+        "compressor": COMPRESSOR_ID[compression],
     }
     return f"{LAYOUT_VERSION}/{record.sha256.hex()}/{_digest(inputs)[:32]}"
 

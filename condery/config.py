@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping
 import rattler
 import yaml
 
+from condery.layers.compression import COMPRESSIONS, GZIP
 from condery.layers.solve import channel
 from condery.redact import redact_text
 from condery.registry.names import COMPONENT_RE, OPERATORS
@@ -216,6 +217,9 @@ class Config:
     idle_timeout: int = 30  # seconds a keep-alive connection may wait for its next request
     # "text" (key=value lines for people) or "json" (one JSON object a line, for log shippers).
     log_format: str = "text"
+    # "gzip" (every client) or "zstd" (smaller, faster to unpack; containerd 1.5+, podman,
+    # Docker 23+; such images are served as OCI manifests only: negotiation.py).
+    layer_compression: str = GZIP
 
     @property
     def package_cache_dir(self) -> Path:
@@ -228,6 +232,8 @@ class Config:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 LOG_FORMATS = ("text", "json")
+# String keys that take one of a few words.
+_CHOICES = {"log_format": LOG_FORMATS, "layer_compression": COMPRESSIONS}
 # Integer keys where 0 would make the registry useless (0 failed_solve_ttl, 0 queue are fine).
 _AT_LEAST_ONE = frozenset(
     {"layer_budget", "max_packages", "max_concurrent_builds", "max_builds_per_client", "max_package_files",
@@ -659,8 +665,8 @@ def _coerce(key: str, value: Any, problems: _Problems) -> Any:
     if key == "base_image_auth_file" and value is not None and not Path(value).is_file():
         problems.add(key, f"{_shown(value)} is not a file (a Docker config.json with an `auths` section)")
         return None
-    if key == "log_format" and value is not None and value not in LOG_FORMATS:
-        problems.add(key, f"expected {' or '.join(LOG_FORMATS)}, got {_shown(value)}")
+    if key in _CHOICES and value is not None and value not in _CHOICES[key]:
+        problems.add(key, f"expected {' or '.join(_CHOICES[key])}, got {_shown(value)}")
         return None
     return value
 

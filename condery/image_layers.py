@@ -48,6 +48,7 @@ class LayerBuilder:
         key = layer_key(
             record, prefix=self.config.prefix, site_packages=site_packages,
             allow_scripts=self.config.allow_package_scripts, bytecode=bytecode.tag if bytecode else None,
+            compression=self.config.layer_compression,
         )
         cached = await self.records.layer(key)
         if cached is not None:
@@ -69,6 +70,7 @@ class LayerBuilder:
                 client=self.state.download_client,
                 report=report,
                 bytecode=bytecode,
+                compression=self.config.layer_compression,
             )
             return await self._store(key, blob, (record.file_name,))
 
@@ -106,7 +108,8 @@ class LayerBuilder:
                         async for chunk in self.store.read_blob(member.digest):
                             handle.write(chunk)
                     paths.append(path)
-                blob = await asyncio.to_thread(concat_layers, paths, Path(tmp) / "group.tar.gz")
+                blob = await asyncio.to_thread(concat_layers, paths, Path(tmp) / "group.tar.gz",
+                                               self.config.layer_compression)
                 return await self._store(key, blob, tuple(p for m in members for p in m.packages))
 
         return await self.flights.run(key, build)
@@ -133,6 +136,7 @@ class LayerBuilder:
                 out_path=Path(tmp) / "env.tar.gz",
                 command=f"condery {request.canonical_name}",
                 account=account,
+                compression=self.config.layer_compression,
             )
             await self.store.put_blob_file(blob.digest, blob.path)
         return LayerEntry("env", blob.digest, blob.diff_id, blob.size, ("environment",))

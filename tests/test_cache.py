@@ -150,6 +150,27 @@ async def test_every_setting_that_shapes_the_image_is_in_its_key(services: Servi
     assert await services.digest() == plain
 
 
+async def test_switching_layer_compression_never_mixes_layers(services: Services) -> None:
+    """zstd and gzip images of one name have their own keys, layers and media types."""
+    gzipped = await services.digest()
+    zstd = await services.digest(layer_compression="zstd")
+    assert zstd != gzipped
+    service = await services.make(layer_compression="zstd")
+    layers = (await manifest_of(service, zstd))["layers"]
+    ours = [layer for layer in layers if "org.condery.packages" in layer.get("annotations", {})]
+    assert len(ours) >= 2  # the package's and the environment's
+    for layer in ours:
+        assert layer["mediaType"] == "application/vnd.oci.image.layer.v1.tar+zstd"
+        assert (await service.store.get_blob_bytes(layer["digest"]))[:4] == b"\x28\xb5\x2f\xfd"
+    # The zstd image has no Docker schema 2 form: its Docker side is the OCI manifest.
+    ref = await service.resolve(parse_name(TINY, service.meta_packages), Latest())
+    assert (ref.docker_digest, ref.docker_media_type) == (ref.oci_digest, ref.oci_media_type)
+    # Back to gzip: the gzip image, from the cache, not a zstd layer in sight.
+    assert await services.digest() == gzipped
+    gz_layers = (await manifest_of(service, gzipped))["layers"]
+    assert all(layer["mediaType"].endswith("tar+gzip") for layer in gz_layers)
+
+
 async def test_same_configuration_same_digest_whatever_the_store_held(services: Services, tmp_path: Path) -> None:
     mirror = str(shutil.copytree(tmp_path / "channel", tmp_path / "mirror"))
     # A warm store that built the packages from another channel, and with scripts on.

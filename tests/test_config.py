@@ -52,6 +52,8 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"latest_ttl": -1}, "latest_ttl: -1 is out of range (at least 0 seconds)"),
     ({"idle_timeout": 0}, "idle_timeout: 0 is out of range (at least 1 second)"),
     ({"log_format": "xml"}, "log_format: expected text or json, got 'xml'"),
+    ({"layer_compression": "xz"}, "layer_compression: expected gzip or zstd, got 'xz'"),
+    ({"layer_compression": "GZIP"}, "layer_compression: expected gzip or zstd, got 'GZIP'"),
     # sizes
     ({"max_package_unpacked_size": "8 parsecs"}, "max_package_unpacked_size: expected a size such as 8GiB or 500MB, got '8 parsecs'"),
     ({"max_package_unpacked_size": True}, "max_package_unpacked_size: expected a size such as 8GiB or 500MB, got True"),

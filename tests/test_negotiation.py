@@ -56,6 +56,21 @@ def test_no_accept_means_oci() -> None:
     assert choose_variant([DOCKER_V1_SIGNED]) == "oci"
 
 
+def test_oci_only_images_go_to_docker_clients_that_take_oci() -> None:
+    """zstd images have no Docker schema 2 form (build.py): OCI to whoever accepts it."""
+    # Docker 23+ and containerd prefer Docker types but list OCI ones too.
+    choice = negotiate([f"{DOCKER_MANIFEST}, {DOCKER_MANIFEST_LIST}, {OCI_MANIFEST};q=0.5, {OCI_INDEX};q=0.5"],
+                       oci_only=True)
+    assert choice == Choice("oci", True, True)
+    assert negotiate([DOCKER_MANIFEST, OCI_MANIFEST + ";q=0.1"], oci_only=True) == Choice("oci", False, True)
+    assert negotiate([], oci_only=True) == Choice("oci", True, True)
+    # A client that takes no OCI type at all cannot be served the image.
+    assert negotiate([DOCKER_MANIFEST, DOCKER_MANIFEST_LIST], oci_only=True).acceptable is False
+    assert negotiate([DOCKER_MANIFEST, f"{OCI_MANIFEST};q=0"], oci_only=True).acceptable is False
+    # Without oci_only nothing changes for that client.
+    assert negotiate([DOCKER_MANIFEST, DOCKER_MANIFEST_LIST]) == Choice("docker", True, True)
+
+
 def test_q_values() -> None:
     assert choose_variant([f"{OCI_MANIFEST};q=0.5, {DOCKER_MANIFEST}"]) == "docker"
     assert choose_variant([f"{OCI_MANIFEST}; q=0", DOCKER_MANIFEST]) == "docker"

@@ -261,6 +261,11 @@ def test_layer_key(channel: Path) -> None:
     assert key(moved(pyth, "https://mirror.example/ch")) == key(moved(pyth, "https://mirror.example/t/tok-123/ch"))
     # Only noarch python layers depend on the python version.
     assert key(hello) == key(hello, site=None)
+    # The compressor is an input: a zstd layer is never served for a gzip one.
+    assert key(pyth) == layer_key(pyth, prefix=PREFIX, site_packages="lib/python3.11/site-packages",
+                                  allow_scripts=False, compression="gzip")
+    assert key(pyth) != layer_key(pyth, prefix=PREFIX, site_packages="lib/python3.11/site-packages",
+                                  allow_scripts=False, compression="zstd")
     assert python_site_packages(None) is None
 
 

@@ -30,6 +30,7 @@ from typing import Sequence
 import rattler
 
 from condery.layers import LayerBlob, PackageError
+from condery.layers.compression import GZIP
 from condery.layers.tarball import OwnedDir, write_layer
 from condery.redact import redact_url
 
@@ -170,7 +171,7 @@ def group_text(account: Account) -> str:
 
 def build_env_layer(records: Sequence[rattler.RepoDataRecord], *, requested_specs: Sequence[str], prefix: str,
                     platform: str, created: datetime, out_path: Path, command: str,
-                    account: Account | None = None) -> LayerBlob:
+                    account: Account | None = None, compression: str = GZIP) -> LayerBlob:
     """Write the environment layer to `out_path` (blocking; small)."""
     _check_prefix(prefix)
     out_path = Path(out_path)
@@ -194,4 +195,4 @@ def build_env_layer(records: Sequence[rattler.RepoDataRecord], *, requested_spec
         for rel, text in system_files.items():
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             (root / rel).write_text(text)
-        return write_layer(root, "", out_path, owned_dirs=owned)
+        return write_layer(root, "", out_path, owned_dirs=owned, compression=compression)

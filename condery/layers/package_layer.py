@@ -49,6 +49,7 @@ from rattler.networking import AuthenticationMiddleware, RetryMiddleware
 
 from condery.layers import LayerBlob, PackageError, PackageUnavailable
 from condery.layers.bytecode import BytecodePlan, CompiledFile, compile_bytecode, record_compiled
+from condery.layers.compression import GZIP
 from condery.layers.members import PackageLimits, verify_archive
 from condery.layers.tarball import check_member_name, write_layer
 from condery.redact import redact_url, redact_values
@@ -65,7 +66,7 @@ class LayerReport(Protocol):
 
 # Bump when the layer contents change for the same package (scrubbing, tar layout...),
 # so that layers cached under the old layout are not reused.
-LAYOUT_VERSION = "v3"  # v2: tar hardlinks, mtime 1980-01-01; v3: python bytecode
+LAYOUT_VERSION = "v3"  # v2: tar hardlinks, mtime 1980-01-01; v3: python bytecode, libdeflate gzip members
 
 # Keys of rattler's conda-meta record that hold paths of the machine that built the
 # layer, or facts about this one install rather than the package.
@@ -392,7 +393,7 @@ def _contains_path(value: Any, needles: tuple[str, ...]) -> bool:
 
 def _finish_layer(record: rattler.RepoDataRecord, staging: Path, target: Path, *, prefix: str,
                   keep_unrecorded: bool, hidden: tuple[Path, ...], out_path: Path,
-                  compiled: list[CompiledFile]) -> LayerBlob:
+                  compiled: list[CompiledFile], compression: str = GZIP) -> LayerBlob:
     """Scrub the installed tree and write the layer (blocking; run in a thread)."""
     dist = dist_name(record)
     for rel in _STAGING_ONLY:
@@ -416,7 +417,7 @@ def _finish_layer(record: rattler.RepoDataRecord, staging: Path, target: Path, *
         softlinks = {str(e.get("_path")) for e in (data.get("paths_data") or {}).get("paths", [])
                      if isinstance(e, dict) and e.get("path_type") == "softlink"}
         _prune(target, wanted, softlinks, dist)
-    return write_layer(target, prefix.strip("/"), out_path)
+    return write_layer(target, prefix.strip("/"), out_path, compression=compression)
 
 
 def _prune(target: Path, wanted: set[str], softlinks: set[str], dist: str) -> None:
@@ -447,8 +448,8 @@ async def build_package_layer(record: rattler.RepoDataRecord, *, python_record: 
                               cpu_slots: asyncio.Semaphore | None = None,
                               client: rattler.Client | None = None,
                               report: LayerReport | None = None,
-                              bytecode: BytecodePlan | None = None) -> LayerBlob:
-    """Build the layer of one package at `prefix`; the gzip file is left in `work_dir`.
+                              bytecode: BytecodePlan | None = None, compression: str = GZIP) -> LayerBlob:
+    """Build the layer of one package at `prefix`; the compressed file is left in `work_dir`.
 
     Package scripts (post-link) run only if `allow_scripts`: they are code from the
     channel running on this host. With scripts off, the layer holds exactly the files
@@ -476,13 +477,15 @@ async def build_package_layer(record: rattler.RepoDataRecord, *, python_record: 
             return await _build_from_archive(record, archive, python_record=python_record, prefix=prefix,
                                              platform=platform, work_dir=Path(work_dir),
                                              package_cache_dir=Path(package_cache_dir),
-                                             allow_scripts=allow_scripts, limits=limits, bytecode=bytecode)
+                                             allow_scripts=allow_scripts, limits=limits, bytecode=bytecode,
+                                             compression=compression)
 
 
 async def _build_from_archive(record: rattler.RepoDataRecord, archive: Path, *,
                               python_record: rattler.RepoDataRecord | None, prefix: str, platform: str,
                               work_dir: Path, package_cache_dir: Path, allow_scripts: bool,
-                              limits: PackageLimits, bytecode: BytecodePlan | None = None) -> LayerBlob:
+                              limits: PackageLimits, bytecode: BytecodePlan | None = None,
+                              compression: str = GZIP) -> LayerBlob:
     """Inspect, install, scrub and tar a verified archive (the CPU-bound part)."""
     dist = dist_name(record)
     noarch_python = _is_noarch_python(record)
@@ -524,7 +527,7 @@ async def _build_from_archive(record: rattler.RepoDataRecord, archive: Path, *,
         return await asyncio.to_thread(
             _finish_layer, record, staging, target, prefix=prefix, keep_unrecorded=allow_scripts,
             hidden=(archive.parent, archive.parent.resolve(), staging.resolve()),
-            out_path=out_path, compiled=compiled,
+            out_path=out_path, compiled=compiled, compression=compression,
         )
     except BaseException:
         out_path.unlink(missing_ok=True)

@@ -1,18 +1,18 @@
-"""Reproducible image layers: deterministic tar, deterministic gzip, both hashed while streaming.
+"""Reproducible image layers: deterministic tar, deterministic compression, both hashed while streaming.
 
 The same tree gives the same bytes on any machine and any day: entries sorted by archive
 path, one fixed mtime (1980-01-01: zip and other tools refuse earlier dates), owner root
 (but for a user's home in the environment layer: OwnedDir) with empty names, modes normalised to 0755/0644 (exec bit kept), symlinks kept, files
 that are hardlinks of each other written once plus tar hardlinks to the first name (so a
-2 MiB file with 20 links stays 2 MiB), PAX format, and a gzip header with no time and no
-file name. Nothing is held in memory beyond tarfile's and zlib's buffers.
+2 MiB file with 20 links stays 2 MiB), PAX format, then compression.py's host-independent
+compressor (gzip members with no time and no file name, or zstd). Nothing is held in
+memory beyond tarfile's buffer and the compressor's few chunks in flight.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import gzip
 import hashlib
 import os
 import stat
@@ -22,14 +22,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator, Sequence
 
 from condery.layers import LayerBlob, PackageError
-
-# Measured on this machine (installed trees; seconds for tar+gzip, bytes of gzip):
-#   openssl-1.1.1i, 14.1 MB: level 1 0.15 s 5.02 MB | 6 0.40 s 4.43 MB | 9 2.9 s 4.38 MB
-#   ncurses-6.2,     6.0 MB: level 1 0.18 s 1.57 MB | 6 0.23 s 1.35 MB | 9 0.9 s 1.32 MB
-# A layer is built once and then downloaded by every client that pulls any image with
-# that package, so bytes matter more than build time: level 6 (zlib's default) is 12-14%
-# smaller than level 1 for ~0.25 s per 14 MB, while level 9 costs 7x more for ~1%.
-GZIP_LEVEL = 6
+from condery.layers.compression import GZIP, check_compression, compressing_writer, open_decompressed
 
 _DIR_MODE = 0o755
 _FILE_MODE = 0o644
@@ -211,16 +204,15 @@ def _open_regular(path: Path, size: int) -> BinaryIO:
 
 
 class _LayerWriter:
-    """tar -> sha256 (diff_id) -> gzip -> sha256 (digest) -> file, in one stream."""
+    """tar -> sha256 (diff_id) -> compress -> sha256 (digest) -> file, in one stream."""
 
-    def __init__(self, out_path: Path) -> None:
+    def __init__(self, out_path: Path, compression: str = GZIP) -> None:
+        check_compression(compression)  # before the file exists
         self._out_path = out_path
         self._raw = open(out_path, "wb")
         self._gz_hash = _HashingWriter(self._raw)
-        # filename="" keeps the name out of the header; mtime=0 keeps the time out.
-        self._gzip = gzip.GzipFile(filename="", mode="wb", fileobj=self._gz_hash,  # type: ignore[arg-type]
-                                   compresslevel=GZIP_LEVEL, mtime=0)
-        self._tar_hash = _HashingWriter(self._gzip)  # type: ignore[arg-type]
+        self._compressor = compressing_writer(compression, self._gz_hash)  # type: ignore[arg-type]
+        self._tar_hash = _HashingWriter(self._compressor)  # type: ignore[arg-type]
         self._tar = tarfile.open(fileobj=self._tar_hash, mode="w|", format=tarfile.PAX_FORMAT)  # type: ignore[call-overload]
 
     def add(self, entry: _Entry, content: BinaryIO | None = None) -> None:
@@ -249,7 +241,7 @@ class _LayerWriter:
 
     def close(self) -> LayerBlob:
         self._tar.close()
-        self._gzip.close()
+        self._compressor.close()
         self._raw.close()
         return LayerBlob(
             digest="sha256:" + self._gz_hash.sha256.hexdigest(),
@@ -261,25 +253,27 @@ class _LayerWriter:
     def abort(self) -> None:
         # Close the stream stack in order (a half-closed tarfile would write into a closed
         # file when garbage-collected), then drop the partial output.
-        for close in (self._tar.close, self._gzip.close, self._raw.close):
+        for close in (self._tar.close, self._compressor.abort, self._raw.close):
             with contextlib.suppress(Exception):
                 close()
         self._out_path.unlink(missing_ok=True)
 
 
 def write_layer(root: Path, arcname_prefix: str, out_path: Path, *,
-                extra_dirs: Sequence[str] = (), owned_dirs: Sequence[OwnedDir] = ()) -> LayerBlob:
+                extra_dirs: Sequence[str] = (), owned_dirs: Sequence[OwnedDir] = (),
+                compression: str = GZIP) -> LayerBlob:
     """Write every entry under `root` as a layer rooted at `arcname_prefix` (e.g. "opt/conda").
 
     The prefix's parent directories are emitted too, and so are `extra_dirs` (archive
     paths of directories to create even when `root` has nothing there), and so are
     `owned_dirs` (owned by their uid:gid, their parents left to the layers below). Raises
     PackageError for unsafe entries (special files, symlinks above the image root).
+    `compression` is compression.GZIP or compression.ZSTD.
     """
     if not Path(root).is_dir():
         raise FileNotFoundError(f"layer root {root} is not a directory")
     entries = _scan(Path(root), arcname_prefix, extra_dirs, owned_dirs)
-    writer = _LayerWriter(Path(out_path))
+    writer = _LayerWriter(Path(out_path), compression)
     try:
         for entry in entries:
             writer.add(entry)
@@ -306,8 +300,19 @@ def _member_entry(member: tarfile.TarInfo) -> _Entry:
     raise PackageError(f"{name!r} in a layer is not a file, directory, symlink or hardlink")
 
 
-def concat_layers(layers: Sequence[Path], out_path: Path) -> LayerBlob:
-    """One layer with the entries of several gzip layers, as if they were applied in order.
+@contextlib.contextmanager
+def _read_layer(path: Path) -> Iterator[tarfile.TarFile]:
+    """A streaming reader of a layer written by _LayerWriter (gzip members or zstd).
+
+    Not tarfile's own "r|gz": it reads the first gzip member only.
+    """
+    with open(path, "rb") as handle, open_decompressed(handle) as stream:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
+            yield tar
+
+
+def concat_layers(layers: Sequence[Path], out_path: Path, compression: str = GZIP) -> LayerBlob:
+    """One layer with the entries of several layers, as if they were applied in order.
 
     Directories are written once (first occurrence); for any other path the last layer
     that has it wins, as it would when the layers are stacked. A path that is a
@@ -317,7 +322,7 @@ def concat_layers(layers: Sequence[Path], out_path: Path) -> LayerBlob:
     kinds: dict[str, str] = {}
     keep: dict[str, tuple[int, int]] = {}  # path -> (layer index, member index) to write
     for li, layer in enumerate(layers):
-        with tarfile.open(layer, mode="r|gz") as tar:
+        with _read_layer(layer) as tar:
             for mi, member in enumerate(tar):
                 entry = _member_entry(member)
                 seen = kinds.get(entry.name)
@@ -327,10 +332,10 @@ def concat_layers(layers: Sequence[Path], out_path: Path) -> LayerBlob:
                 if entry.kind != "dir" or entry.name not in keep:
                     keep[entry.name] = (li, mi)
     wanted = set(keep.values())
-    writer = _LayerWriter(Path(out_path))
+    writer = _LayerWriter(Path(out_path), compression)
     try:
         for li, layer in enumerate(layers):
-            with tarfile.open(layer, mode="r|gz") as tar:
+            with _read_layer(layer) as tar:
                 for mi, member in enumerate(tar):
                     if (li, mi) not in wanted:
                         continue

@@ -24,8 +24,8 @@ preferred), and an index without the platform is refused by name.
 
 Uncompressed and zstd layers are recompressed to gzip once: a Docker schema 2 manifest
 can only describe gzip layers, and every image is served in both families. The gzip
-stream is deterministic (condery's own layer settings: GZIP_LEVEL, mtime 0, no file
-name) and recorded by the source layer's digest under `base-gzip-layers`, so every
+stream is deterministic (condery's own layer compressor, condery/layers/compression.py)
+and recorded by the source layer's digest under `base-gzip-layers`, so every
 replica sharing a store serves the same digest; its diff_id is checked against the
 config's before it is used.
 
@@ -59,7 +59,7 @@ from typing import IO, Any, Mapping, Protocol
 import aiohttp
 import zstandard
 
-from condery.layers.tarball import GZIP_LEVEL
+from condery.layers.compression import GzipChunkWriter, open_decompressed
 from condery.registry.media_types import (
     CONFIG_TYPES,
     INDEX_TYPES,
@@ -689,36 +689,41 @@ class GzipBlob:
 
 
 def gzip_layer(source: Path, out_path: Path) -> GzipBlob:
-    """Recompress the layer at `source` (tar, gzip or zstd) to one deterministic gzip
-    member at `out_path`: GZIP_LEVEL, mtime 0, no file name, as condery's own layers.
+    """Recompress the layer at `source` (tar, gzip or zstd) to deterministic gzip at
+    `out_path`, with the compressor of condery's own layers (host-independent bytes).
 
     The digest and diff_id are read back from the written file, so the diff_id is that
     of the stream a client will unpack, not of what we meant to write.
     """
     with open(source, "rb") as handle, open(out_path, "wb") as raw:
-        reader = _decompressed(handle)
-        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=GZIP_LEVEL, mtime=0) as packed:
-            try:
-                while chunk := reader.read(1 << 20):
-                    packed.write(chunk)
-            except _STREAM_ERRORS as exc:
-                if isinstance(exc, OSError) and exc.errno is not None:
-                    raise  # the work directory, not the stream
-                raise ManifestError(f"layer is not a readable stream: {exc}") from None
+        reader = open_decompressed(handle)
+        packed = GzipChunkWriter(raw)  # type: ignore[arg-type]
+        try:
+            while chunk := reader.read(1 << 20):
+                packed.write(chunk)
+            packed.close()
+        except _STREAM_ERRORS as exc:
+            packed.abort()
+            if isinstance(exc, OSError) and exc.errno is not None:
+                raise  # the work directory, not the stream
+            raise ManifestError(f"layer is not a readable stream: {exc}") from None
+        except BaseException:
+            packed.abort()
+            raise
     return _gzip_digests(out_path)
 
 
 def _gzip_digests(path: Path) -> GzipBlob:
     compressed, uncompressed, size = hashlib.sha256(), hashlib.sha256(), 0
-    inflate = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip framing
     with open(path, "rb") as handle:
         while chunk := handle.read(1 << 20):
             compressed.update(chunk)
             size += len(chunk)
-            while chunk:  # bounded output per step: tar padding inflates a long way
-                uncompressed.update(inflate.decompress(chunk, 1 << 20))
-                chunk = inflate.unconsumed_tail
-    uncompressed.update(inflate.flush())
+        handle.seek(0)
+        # Every gzip member: our layers are several (compression.py); bounded reads.
+        with gzip.GzipFile(fileobj=handle, mode="rb") as inflated:
+            while chunk := inflated.read(1 << 20):
+                uncompressed.update(chunk)
     return GzipBlob("sha256:" + compressed.hexdigest(), size, "sha256:" + uncompressed.hexdigest())
 
 
@@ -795,16 +800,6 @@ class _HashingReader:
         return "sha256:" + self.hasher.hexdigest()
 
 
-def _decompressed(handle: IO[bytes]) -> IO[bytes]:
-    magic = handle.read(4)
-    handle.seek(0)
-    if magic[:2] == b"\x1f\x8b":
-        return gzip.GzipFile(fileobj=handle, mode="rb")  # type: ignore[return-value]
-    if magic == b"\x28\xb5\x2f\xfd":
-        return zstandard.ZstdDecompressor().stream_reader(handle, read_across_frames=True)  # type: ignore[return-value]
-    return handle  # an uncompressed tar
-
-
 def _dpkg_libc6_version(text: str) -> str | None:
     for stanza in text.split("\n\n"):
         fields = dict(
@@ -823,7 +818,7 @@ def scan_layer(path: Path, limit: int = MAX_BASE_UNPACKED_SIZE) -> LayerScan:
     dpkg = banner = filename = None
     accounts: dict[str, str | None] = {}
     with open(path, "rb") as handle:
-        reader = _HashingReader(_decompressed(handle), limit)
+        reader = _HashingReader(open_decompressed(handle), limit)
         try:
             with tarfile.open(fileobj=reader, mode="r|", tarinfo=_BoundedTarInfo) as tar:  # type: ignore[call-overload]
                 for member in tar:

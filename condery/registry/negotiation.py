@@ -11,6 +11,12 @@ document it said it cannot read: the platform its User-Agent names (Docker's car
 `os/linux arch/arm64`), else the index's first entry, which is the first configured
 platform (Distribution's fixed default is linux/amd64; condery has no fixed platform).
 A client that names neither type, or a wildcard, gets the index.
+
+Images with zstd layers (layer_compression: zstd) exist as OCI documents only: Docker
+schema 2 has no zstd layer type. A client that prefers Docker types but accepts OCI
+ones too (Docker 23+, containerd) gets the OCI document; one that accepts no OCI type
+at all (an old Docker engine) cannot unpack zstd anyway and is told so (404
+MANIFEST_UNKNOWN naming the reason, as for any manifest it cannot be served).
 """
 
 from __future__ import annotations
@@ -84,17 +90,22 @@ class Choice:
 
     variant: Variant
     takes_index: bool
+    acceptable: bool = True  # False: the image is OCI-only and the client takes no OCI type
 
 
-def negotiate(accept_values: list[str]) -> Choice:
-    """The family and shape of manifest for the client's Accept header values."""
+def negotiate(accept_values: list[str], oci_only: bool = False) -> Choice:
+    """The family and shape of manifest for the client's Accept header values
+    (`oci_only`: the image has no Docker schema 2 form)."""
     accepted = parse_accept(accept_values)
     variant = _variant(accepted)
+    acceptable = True
+    if oci_only and variant == "docker":
+        variant, acceptable = "oci", _best(accepted, OCI_MANIFEST_TYPES) > 0
     single, index = _SHAPES[variant]
     # Only a client that names the single manifest (or a wildcard) and gives the index
     # no q is refused it: no Accept at all, or only other types, keeps the default.
     takes_index = not (_best(accepted, frozenset({single})) > 0 and _best(accepted, frozenset({index})) == 0)
-    return Choice(variant, takes_index)
+    return Choice(variant, takes_index, acceptable)
 
 
 # Docker's User-Agent: "docker/24.0.7 go/go1.20.10 git-commit/311b9ff kernel/6.1 os/linux arch/arm64 ..."

@@ -48,7 +48,7 @@ from condery.registry.errors import (
 from condery.registry import builds_api, images_api, landing
 from condery.registry.names import ImageRef, ImageRequest, parse_name
 from condery.registry.media_types import INDEX_TYPES, OCI_INDEX
-from condery.registry.negotiation import client_platform, negotiate, platform_manifest
+from condery.registry.negotiation import OCI_MANIFEST_TYPES, client_platform, negotiate, platform_manifest
 from condery.registry.tags import SHA256_DIGEST_RE, Digest, Latest, Snapshot, parse_reference
 from condery.redact import redact_text
 from condery.storage import Store, StorageError
@@ -256,7 +256,13 @@ class PullAPI:
 
         Only tags are negotiated: a digest names one document, served as it is.
         """
-        choice = negotiate(request.headers.getall(hdrs.ACCEPT, []))
+        oci_only = image.docker_media_type in OCI_MANIFEST_TYPES  # zstd layers (build.py)
+        choice = negotiate(request.headers.getall(hdrs.ACCEPT, []), oci_only)
+        if not choice.acceptable:
+            raise ManifestUnknown(
+                "this registry serves zstd layers, which only OCI image manifests can describe, "
+                "and the client accepts no OCI manifest type; use containerd 1.5+, podman or Docker 23+"
+            )
         if choice.variant == "docker":
             digest, media_type = image.docker_digest, image.docker_media_type
         else:

@@ -1,0 +1,184 @@
+"""The layer compressor: host-independent bytes, the same for any thread count, readable by every client.
+
+The golden digests below were recorded once; they must hold on any machine whatever
+zlib (or zlib-ng) its Python links, because layers are written by the pinned libdeflate
+and zstandard wheels. If one changes on purpose (a new pinned version, another level or
+chunk size), bump LAYOUT_VERSION in condery/layers/package_layer.py with it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import shutil
+import subprocess
+import tarfile
+import tracemalloc
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from condery.layers.compression import (
+    CHUNK_SIZE, COMPRESSOR_ID, GZIP, ZSTD, GzipChunkWriter, gzip_chunk, open_decompressed,
+)
+from condery.layers.tarball import concat_layers, write_layer
+from condery.registry.base_image import gzip_layer
+
+GOLDEN = {
+    GZIP: "sha256:c3273abc45a9fefb8d0d114e4ab2f174bb113f382ed714666bff277a60587a88",
+    ZSTD: "sha256:2e9529112f32d22fc45aeb3bf7a550212e95b369480f5efab323438bc69eefb7",
+}
+GOLDEN_DIFF_ID = "sha256:cec4d05338b285876d2d5bcbfbcd882fe9e92a6f7a8dfbdc43cdb18c07c62650"
+
+
+def golden_tree(root: Path) -> Path:
+    """~3.9 MiB of fixed files, some text-like, some incompressible: several chunks."""
+    (root / "lib").mkdir(parents=True)
+    (root / "share" / "doc").mkdir(parents=True)
+    lines = "".join(f"{i:06d} {hashlib.sha256(str(i % 997).encode()).hexdigest()} value={i * 7}\n"
+                    for i in range(30_000))
+    (root / "share" / "doc" / "table.txt").write_text(lines)
+    noise = b"".join(hashlib.sha256(i.to_bytes(4, "big")).digest() for i in range(40_000))  # 1.25 MiB
+    (root / "lib" / "libnoise.so").write_bytes(noise)
+    (root / "lib" / "libnoise.so").chmod(0o755)
+    (root / "empty.txt").write_bytes(b"")
+    return root
+
+
+def members_of(data: bytes) -> list[bytes]:
+    """Split a gzip stream into its members, each checked to decompress on its own."""
+    out, rest = [], data
+    while rest:
+        inflate = zlib.decompressobj(31)
+        inflate.decompress(rest)
+        assert inflate.eof
+        size = len(rest) - len(inflate.unused_data)
+        out.append(rest[:size])
+        rest = inflate.unused_data
+    return out
+
+
+@pytest.mark.parametrize("compression", [GZIP, ZSTD])
+def test_golden_layer_digest(tmp_path: Path, compression: str) -> None:
+    blob = write_layer(golden_tree(tmp_path / "tree"), "opt/conda", tmp_path / "layer", compression=compression)
+    assert blob.diff_id == GOLDEN_DIFF_ID
+    assert blob.digest == GOLDEN[compression], COMPRESSOR_ID[compression]
+
+
+def test_layer_bytes_never_come_from_the_hosts_zlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever zlib (or zlib-ng) Python links, it writes no layer byte: with its
+    compressors out of reach the golden digest still comes out."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the host's zlib compressed layer bytes")
+
+    for name in ("compress", "compressobj"):
+        monkeypatch.setattr(zlib, name, refuse)
+    blob = write_layer(golden_tree(tmp_path / "tree"), "opt/conda", tmp_path / "layer.tgz")
+    assert blob.digest == GOLDEN[GZIP]
+
+
+def test_bytes_do_not_depend_on_thread_count(tmp_path: Path) -> None:
+    blob = write_layer(golden_tree(tmp_path / "tree"), "opt/conda", tmp_path / "layer.tgz")
+    tar = gzip.decompress(blob.path.read_bytes())
+    assert len(tar) > 3 * CHUNK_SIZE
+    for threads in (1, 2, 5):
+        for window in (1, 8):
+            out = io.BytesIO()
+            with ThreadPoolExecutor(threads) as pool:
+                writer = GzipChunkWriter(out, pool, window)
+                for i in range(0, len(tar), 12345):  # write sizes unrelated to the chunk size
+                    writer.write(tar[i:i + 12345])
+                writer.close()
+            assert "sha256:" + hashlib.sha256(out.getvalue()).hexdigest() == blob.digest, (threads, window)
+
+
+def test_memory_stays_a_few_chunks_whatever_the_layer_size() -> None:
+    """32 MiB through the writer: it holds its window of chunks, never the layer."""
+    class Counting:
+        size = 0
+
+        def write(self, data: bytes) -> int:
+            self.size += len(data)
+            return len(data)
+
+    piece = b"".join(hashlib.sha256(i.to_bytes(4, "big")).digest() for i in range(2048))  # 64 KiB
+    sink = Counting()
+    tracemalloc.start()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            writer = GzipChunkWriter(sink, pool)  # type: ignore[arg-type]
+            for _ in range(512):
+                writer.write(piece)
+            writer.close()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert sink.size > 32 * CHUNK_SIZE * 0.9  # incompressible: the bytes really went through
+    # At most window + 1 (4) chunks in flight, in and out, plus the buffer and the slice
+    # cut from it: ~10 MiB (8 seen), against 36 MiB with a window of 64 and 32 for the layer.
+    assert peak < 12 * CHUNK_SIZE, peak
+
+
+def test_members_are_fixed_chunks_every_gzip_reader_takes(tmp_path: Path) -> None:
+    blob = write_layer(golden_tree(tmp_path / "tree"), "opt/conda", tmp_path / "layer.tgz")
+    data = blob.path.read_bytes()
+    tar = gzip.decompress(data)
+    members = members_of(data)
+    assert len(members) == -(-len(tar) // CHUNK_SIZE)
+    for i, member in enumerate(members):
+        assert member == gzip_chunk(tar[i * CHUNK_SIZE:(i + 1) * CHUNK_SIZE])
+        assert member[3] == 0 and member[4:8] == b"\0\0\0\0"  # no name, no time
+    # GNU gzip and tarfile's file mode read all members; so does Go (the e2e test's skopeo).
+    if shutil.which("gzip"):
+        assert subprocess.run(["gzip", "-dc", str(blob.path)], capture_output=True, check=True).stdout == tar
+    with tarfile.open(blob.path, "r:gz") as archive:
+        assert archive.getmember("opt/conda/lib/libnoise.so").size == 40_000 * 32
+
+
+def test_empty_stream_is_one_member() -> None:
+    out = io.BytesIO()
+    writer = GzipChunkWriter(out)
+    writer.close()
+    assert gzip.decompress(out.getvalue()) == b"" and len(members_of(out.getvalue())) == 1
+
+
+def test_zstd_layer_is_one_frame_without_content_size(tmp_path: Path) -> None:
+    blob = write_layer(golden_tree(tmp_path / "tree"), "opt/conda", tmp_path / "layer.zst", compression=ZSTD)
+    data = blob.path.read_bytes()
+    params = zstandard.get_frame_parameters(data)
+    assert params.content_size == zstandard.CONTENTSIZE_UNKNOWN and params.dict_id == 0
+    tar = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)).read()
+    assert "sha256:" + hashlib.sha256(tar).hexdigest() == blob.diff_id
+
+
+def test_unknown_compression_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown layer compression"):
+        write_layer(golden_tree(tmp_path / "tree"), "", tmp_path / "x", compression="xz")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("compression", [GZIP, ZSTD])
+def test_concat_reads_every_chunk(tmp_path: Path, compression: str) -> None:
+    """Grouped layers read their members back whole (tarfile's own "r|gz" stops at the first member)."""
+    first = write_layer(golden_tree(tmp_path / "a"), "opt/conda", tmp_path / "a.layer", compression=compression)
+    (tmp_path / "b" / "lib").mkdir(parents=True)
+    (tmp_path / "b" / "lib" / "other").write_bytes(b"x" * 10)
+    second = write_layer(tmp_path / "b", "opt/conda", tmp_path / "b.layer", compression=compression)
+    group = concat_layers([first.path, second.path], tmp_path / "group.layer", compression)
+    with open(group.path, "rb") as handle:
+        with open_decompressed(handle) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            sizes = {m.name: m.size for m in tar}
+    assert sizes["opt/conda/lib/libnoise.so"] == 40_000 * 32 and sizes["opt/conda/lib/other"] == 10
+    assert sizes["opt/conda/share/doc/table.txt"] == (tmp_path / "a/share/doc/table.txt").stat().st_size
+
+
+def test_base_layer_recompression_uses_the_layer_compressor(tmp_path: Path) -> None:
+    """A zstd base layer becomes the same gzip bytes condery's own writer gives that tar."""
+    ours = write_layer(golden_tree(tmp_path / "tree"), "opt/conda", tmp_path / "layer.tgz")
+    zst = write_layer(tmp_path / "tree", "opt/conda", tmp_path / "layer.zst", compression=ZSTD)
+    blob = gzip_layer(zst.path, tmp_path / "regzipped")
+    assert (blob.digest, blob.diff_id, blob.size) == (ours.digest, ours.diff_id, ours.size)
