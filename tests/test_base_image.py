@@ -951,3 +951,28 @@ async def test_base_accounts_survive_the_record(tmp_path: Path, store, session) 
     for image in (first, again):
         assert image.passwd is not None and "user:x:1000:1000:" in image.passwd
         assert image.group is not None and image.group.startswith("root:x:0:")
+
+
+async def test_a_record_from_before_accounts_reads_them_from_the_stored_layers(tmp_path: Path, store, session,
+                                                                              monkeypatch) -> None:
+    """An upgraded registry's base records have no accounts: they are read from the
+    stored layers, not by importing again (an offline site's registry may be out of
+    reach, so the import is made to fail here)."""
+    spec = f"oci:{glibc_base_layout()}:bookworm"
+    first = await resolve_base_image(spec, AMD64, store, session, layer_budget=BUDGET)
+    keys = await store.list_records(RECORD_KIND)
+    assert keys
+    for key in keys:
+        record = await store.get_record(RECORD_KIND, key)
+        if "accounts" in record:
+            del record["accounts"]
+            await store.put_record(RECORD_KIND, key, record)
+
+    async def no_import(*args, **kwargs):  # the upstream is gone
+        raise AssertionError("imported again")
+
+    monkeypatch.setattr("condery.registry.base_image._import", no_import)
+    again = await resolve_base_image(spec, AMD64, store, session, layer_budget=BUDGET)
+    assert (again.passwd, again.group) == (first.passwd, first.group) and again.passwd is not None
+    records = [await store.get_record(RECORD_KIND, key) for key in keys]
+    assert all("accounts" in record for record in records)  # written back: read once

@@ -277,8 +277,9 @@ async def _from_record(store: Store, key: str) -> tuple[BaseImage, dict[str, Any
         diff_ids = tuple(record["diff_ids"])
         config_digest = record["config"]
         glibc = record.get("glibc")
-        accounts = record["accounts"]  # absent: recorded before accounts were read, import again
-        passwd, group = accounts.get("passwd"), accounts.get("group")
+        accounts = record.get("accounts")
+        if accounts is not None:
+            passwd, group = accounts.get("passwd"), accounts.get("group")
     except (KeyError, TypeError, AttributeError, ManifestError):
         return None  # an unreadable record is rebuilt, not trusted
     if any(layer.media_type in REGZIP_TYPES for layer in layers):
@@ -286,6 +287,16 @@ async def _from_record(store: Store, key: str) -> tuple[BaseImage, dict[str, Any
     for digest in {config_digest, *(layer.digest for layer in layers)}:
         if not isinstance(digest, str) or await store.blob_info(digest) is None:
             return None
+    if accounts is None:
+        # Recorded before accounts were read: read them from the stored layers rather
+        # than import again, which a site whose registry is out of reach could not do.
+        try:
+            found = await _stored_accounts(store, layers)
+        except (ManifestError, OSError):
+            return None
+        passwd, group = found.get("passwd"), found.get("group")
+        record = {**record, "accounts": {"passwd": passwd, "group": group}}
+        await store.put_record(RECORD_KIND, key, record)
     config = json.loads(await store.get_blob_bytes(config_digest))
     return BaseImage(config, layers, diff_ids, glibc if isinstance(glibc, str) else None,
                      passwd if isinstance(passwd, str) else None, group if isinstance(group, str) else None), record
@@ -725,6 +736,19 @@ def _gzip_digests(path: Path) -> GzipBlob:
             while chunk := inflated.read(1 << 20):
                 uncompressed.update(chunk)
     return GzipBlob("sha256:" + compressed.hexdigest(), size, "sha256:" + uncompressed.hexdigest())
+
+
+async def _stored_accounts(store: Store, layers: tuple[Descriptor, ...]) -> dict[str, str | None]:
+    """etc/passwd and etc/group as the stored layers leave them (the last layer wins)."""
+    accounts: dict[str, str | None] = {}
+    with tempfile.TemporaryDirectory(prefix="condery-base-") as tmp:
+        for layer in layers:
+            path = await _copy_from_store(store, layer.digest, Path(tmp))
+            try:
+                accounts.update((await asyncio.to_thread(scan_layer, path)).accounts)
+            finally:
+                path.unlink()
+    return accounts
 
 
 async def _copy_from_store(store: Store, digest: str, directory: Path) -> Path:
