@@ -245,7 +245,9 @@ def test_wheel_packages_are_laid_out_as_conda_forge_ships_them() -> None:
     assert all(p.startswith(f"lib/python{ver}/site-packages/") for p in paths)
     assert any("/numpy.libs/" in p for p in paths), "the wheel's bundled libraries come along"
     assert any(p.endswith(".dist-info/METADATA") for p in paths)
-    assert not any("__pycache__" in p or p.endswith("/INSTALLER") for p in paths)
+    assert not any(p.endswith("/INSTALLER") for p in paths)
+    tag = sys.implementation.cache_tag
+    assert f"lib/python{ver}/site-packages/numpy/__pycache__/__init__.{tag}.pyc" in paths, "conda-build's pyc"
 
     (dateutil,) = (packages / "noarch").glob("python-dateutil-*.conda")
     index = IndexJson.from_package_archive(dateutil)
@@ -253,6 +255,7 @@ def test_wheel_packages_are_laid_out_as_conda_forge_ships_them() -> None:
     assert "six >=1.5" in index.depends and index.depends[0].startswith("python ")
     paths = [e.relative_path.as_posix() for e in PathsJson.from_package_archive(dateutil).paths]
     assert paths and all(p.startswith("site-packages/") for p in paths)
+    assert not any("__pycache__" in p for p in paths), "noarch packages ship no bytecode"
 
 
 def test_realistic_channel_solves_the_wheels_closure(tmp_path: Path) -> None:
