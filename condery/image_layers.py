@@ -8,6 +8,7 @@ build per key however many images ask for it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tempfile
 from datetime import datetime
 from pathlib import Path
@@ -66,7 +67,8 @@ class LayerBuilder:
                 client=self.state.download_client,
                 report=report,
             )
-            return await self._store(key, blob, (record.file_name,))
+            with report.timed("store") if report else contextlib.nullcontext():
+                return await self._store(key, blob, (record.file_name,))
 
         return await self.flights.run(key, build), True
 
