@@ -19,13 +19,12 @@ import time
 import urllib.request
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.fixtures.condapkg import index_channel, write_bulk_package  # noqa: E402
-from tests.fixtures.procs import free_port, peak_rss, reset_peak_rss, running  # noqa: E402
+from tests.fixtures.procs import peak_rss, reset_peak_rss, running  # noqa: E402
+from tests.test_e2e import serve  # noqa: E402
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 TARGET_PEAK = 300 << 20
@@ -38,27 +37,15 @@ def pull_manifest(url: str, timeout: float = 1800) -> None:
         answer.read()
 
 
-def serve_argv(work: Path, channel: Path, port: int) -> list[str]:
-    config = work / "condery.yaml"
-    config.write_text(yaml.safe_dump({
-        "channels": [str(channel)],
-        "base_image": "scratch",
-        "storage": {"backend": "filesystem", "path": str(work / "store")},
-        "package_cache": str(work / "pkgs"),
-        "build_timeout": 3600,
-    }))
-    return [sys.executable, "-m", "condery", "serve", "--config", str(config), "--port", str(port)]
-
-
 def measure(work: Path, size_mb: int, small_files: int) -> tuple[int, int, float]:
     """(idle RSS, peak RSS during the build, build seconds) for one package of `size_mb`."""
     channel = work / "channel"
     name = f"bulk-{size_mb}mb"
     write_bulk_package(channel, name, size=size_mb * MB, small_files=small_files)
     index_channel(channel)
-    port = free_port()
+    argv, _, port = serve(work, [str(channel)], "scratch", build_timeout=3600)
     url = f"http://127.0.0.1:{port}"
-    with running(serve_argv(work, channel, port), url=url + "/v2/", log_path=work / "condery.log",
+    with running(argv, url=url + "/v2/", log_path=work / "condery.log",
                  timeout=60) as proc:
         reset_peak_rss(proc.pid)
         idle = peak_rss(proc.pid)
