@@ -106,4 +106,4 @@ async def dockerfile_baselines(records: Sequence[rattler.RepoDataRecord], work: 
 def ratio_line(label: str, value: float, baseline: float, unit: str = "s", target: str = "") -> str:
     """One aligned report line: `label  value unit  ratio x  (target)`."""
     suffix = f"  (target {target})" if target else ""
-    return f"  {label:44s} {value:12.2f} {unit:2s}  {value / baseline:6.2f}x{suffix}"
+    return f"  {label:50s} {value:12.2f} {unit:2s}  {value / baseline:6.2f}x{suffix}"
