@@ -258,6 +258,7 @@ async def fetch_verified(record: rattler.RepoDataRecord, package_cache_dir: Path
     if not _FILE_NAME.match(record.file_name):
         raise PackageError(f"{dist}: unexpected archive file name {record.file_name!r}")
     path = Path(package_cache_dir) / "archives" / sha / record.file_name
+
     async def verify(archive: Path) -> str:
         with report.timed("verify") if report else contextlib.nullcontext():
             return await asyncio.to_thread(_hash_file, archive)
