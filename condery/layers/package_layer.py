@@ -475,19 +475,30 @@ async def build_package_layer(record: rattler.RepoDataRecord, *, python_record: 
     async with download_slots or contextlib.nullcontext():
         with report.timed("fetch") if report else contextlib.nullcontext():
             archive = await fetch_verified(record, package_cache_dir, limits.max_unpacked_bytes, client, report)
-    async with cpu_slots or contextlib.nullcontext():
-        with report.timed("layers") if report else contextlib.nullcontext():
-            return await _build_from_archive(record, archive, python_record=python_record, prefix=prefix,
-                                             platform=platform, work_dir=Path(work_dir),
-                                             package_cache_dir=Path(package_cache_dir),
-                                             allow_scripts=allow_scripts, limits=limits, report=report)
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=work_dir, prefix=f".stage-{record.name.normalized}-"))
+    try:
+        async with cpu_slots or contextlib.nullcontext():
+            with report.timed("layers") if report else contextlib.nullcontext():
+                return await _build_from_archive(record, archive, staging, python_record=python_record,
+                                                 prefix=prefix, platform=platform, work_dir=work_dir,
+                                                 package_cache_dir=Path(package_cache_dir),
+                                                 allow_scripts=allow_scripts, limits=limits, report=report)
+    finally:
+        # Once the CPU slot is given back: removing the extracted package and its linked
+        # copy (two entries per file) is not the next build's business. Measured with 300
+        # small packages (bench_scale's 10 MB x 300), runs taken in turn: cold build 7.4 s and
+        # 7.8 s with this inside the slot, 6.2 s and 6.6 s after it.
+        await asyncio.to_thread(shutil.rmtree, staging, True)
 
 
-async def _build_from_archive(record: rattler.RepoDataRecord, archive: Path, *,
+async def _build_from_archive(record: rattler.RepoDataRecord, archive: Path, staging: Path, *,
                               python_record: rattler.RepoDataRecord | None, prefix: str, platform: str,
                               work_dir: Path, package_cache_dir: Path, allow_scripts: bool,
                               limits: PackageLimits, report: LayerReport | None = None) -> LayerBlob:
-    """Inspect, install, scrub and tar a verified archive (the CPU-bound part)."""
+    """Inspect, install into `staging` (an empty directory the caller removes), scrub and
+    tar a verified archive (the CPU-bound part)."""
     dist = dist_name(record)
     noarch_python = _is_noarch_python(record)
 
@@ -502,8 +513,6 @@ async def _build_from_archive(record: rattler.RepoDataRecord, archive: Path, *,
         shutil.rmtree(archive.parent, ignore_errors=True)
         raise
 
-    work_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=work_dir, prefix=f".stage-{record.name.normalized}-"))
     fd, out_name = tempfile.mkstemp(dir=work_dir, prefix=f"{dist}-", suffix=".tar.gz")
     os.close(fd)
     out_path = Path(out_name)
@@ -538,5 +547,3 @@ async def _build_from_archive(record: rattler.RepoDataRecord, archive: Path, *,
     except BaseException:
         out_path.unlink(missing_ok=True)
         raise
-    finally:
-        await asyncio.to_thread(shutil.rmtree, staging, True)
