@@ -1,14 +1,16 @@
 """Benchmark: cold image build and warm manifest serving, each beside its baseline.
 
-    python3 bench/bench_build.py [--image python/tqdm/xz] [--requests 3000] [--concurrency 16]
+    python3 bench/bench_build.py [--image python/tqdm/xz] [--seconds 5] [--concurrency 16] [--blob-concurrency 4]
 
 1. Cold build of the image (fresh store, fresh package cache) with condery's builder,
    beside what a hand-written conda Dockerfile does with the same records: install them
    into one directory with py-rattler, then `tar | gzip` the directory.
-2. Warm manifest GETs against a running `condery serve`, beside CNCF Distribution
-   (`docker-registry`) serving the very same manifest (pushed to it with skopeo):
-   p50/p99 latency and requests per second from one load generator (aiohttp, in its
-   own process, the same code for both servers).
+2. Warm GETs from `wrk` (bench/wrk.py): manifest GETs against a running `condery serve`
+   beside CNCF Distribution (`docker-registry` with its in-memory blob descriptor cache)
+   serving the very same image (pushed to it with skopeo), and GETs of one ~7 MB layer
+   against both and against nginx serving the blob file with sendfile. Requests per
+   second, p50/p99 latency and MB/s, the ratios, and the targets (manifests >= 3x
+   Distribution, blobs >= 0.9x nginx) with pass/fail.
 
 Uses the test fixture channel and glibc base (tests/fixtures), so it runs offline.
 """
@@ -18,20 +20,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
-import aiohttp
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.baselines import compressors, dockerfile_baseline  # noqa: E402
+from bench.wrk import Load, wrk_load  # noqa: E402
 from condery.build import ImageService  # noqa: E402
 from condery.config import load_config  # noqa: E402
 from condery.registry.names import parse_name  # noqa: E402
@@ -40,6 +42,7 @@ from condery.registry.tags import Latest  # noqa: E402
 from condery.state import AppState  # noqa: E402
 from tests.fixtures.base_image import glibc_base_layout  # noqa: E402
 from tests.fixtures.channel import build_fixture_channel  # noqa: E402
+from tests.fixtures.nginx import static_nginx  # noqa: E402
 from tests.fixtures.procs import free_port, running  # noqa: E402
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -77,48 +80,32 @@ async def baseline_build(work: Path, records: list) -> float:
     return result.seconds
 
 
-async def load(url: str, requests: int, concurrency: int) -> dict:
-    latencies: list[float] = []
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        queue = iter(range(requests))
-
-        async def worker() -> None:
-            for _ in queue:
-                started = time.perf_counter()
-                async with session.get(url, headers={"Accept": OCI_MANIFEST}) as answer:
-                    await answer.read()
-                    assert answer.status == 200, answer.status
-                latencies.append(time.perf_counter() - started)
-
-        for _ in range(50):  # warm up connections and caches
-            async with session.get(url, headers={"Accept": OCI_MANIFEST}) as answer:
-                await answer.read()
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    latencies.sort()
-    return {
-        "rps": requests / elapsed,
-        "p50_ms": 1000 * statistics.median(latencies),
-        "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))],
-    }
+def closest_layer(url: str, size: int) -> dict:
+    """The layer of the manifest at `url` whose size is closest to `size` bytes."""
+    request = urllib.request.Request(url, headers={"Accept": OCI_MANIFEST})
+    with urllib.request.urlopen(request, timeout=60) as answer:
+        layers = json.loads(answer.read())["layers"]
+    return min(layers, key=lambda layer: abs(layer["size"] - size))
 
 
-def load_in_subprocess(url: str, requests: int, concurrency: int) -> dict:
-    code = (
-        "import asyncio, json, sys; sys.path.insert(0, %r); from bench.bench_build import load; "
-        "print(json.dumps(asyncio.run(load(%r, %d, %d))))" % (str(ROOT), url, requests, concurrency)
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def print_loads(title: str, loads: dict[str, Load]) -> None:
+    print(title)
+    for label, load in loads.items():
+        print(f"  {label:16s} {load.rps:8.0f} req/s  p50 {load.p50_ms:7.2f} ms  p99 {load.p99_ms:7.2f} ms"
+              f"  {load.mb_per_s:8.1f} MB/s")
+
+
+def target_line(label: str, ratio: float, target: float) -> str:
+    return f"  {label}: {ratio:.2f}x (target >= {target}x: {'pass' if ratio >= target else 'FAIL'})"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--image", default="python/tqdm/xz")
-    parser.add_argument("--requests", type=int, default=3000)
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=5.0, help="of load per server and kind")
+    parser.add_argument("--concurrency", type=int, default=16, help="connections for manifest GETs")
+    parser.add_argument("--blob-concurrency", type=int, default=4, help="connections for blob GETs")
+    parser.add_argument("--blob-size", type=int, default=7 << 20, help="bytes; the layer closest to it is used")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="condery-bench-") as tmp:
@@ -133,7 +120,8 @@ def main() -> None:
         print(f"  baseline (rattler install + tar|gzip): {baseline_s:7.2f} s")
         print(f"  ratio condery/baseline:             {build_s / baseline_s:7.2f}x")
 
-        # Warm manifest GETs: condery (serving the store built above) vs docker-registry.
+        # Warm GETs: condery (serving the store built above), docker-registry, nginx.
+        store = work / "condery" / "store"
         port = free_port()
         config = work / "condery.yaml"
         config.write_text(
@@ -141,7 +129,7 @@ def main() -> None:
                 {
                     "channels": [str(channel)],
                     "base_image": f"oci:{base}:bookworm",
-                    "storage": {"backend": "filesystem", "path": str(work / "condery" / "store")},
+                    "storage": {"backend": "filesystem", "path": str(store)},
                     "package_cache": str(work / "condery" / "pkgs"),
                 }
             )
@@ -153,7 +141,9 @@ def main() -> None:
                 {
                     "version": 0.1,
                     "log": {"level": "error", "accesslog": {"disabled": True}},
-                    "storage": {"filesystem": {"rootdirectory": str(work / "reg")}},
+                    # Distribution's own answer to repeated manifest and blob lookups.
+                    "storage": {"filesystem": {"rootdirectory": str(work / "reg")},
+                                "cache": {"blobdescriptor": "inmemory"}},
                     "http": {"addr": f"127.0.0.1:{reg_port}"},
                 }
             )
@@ -163,7 +153,7 @@ def main() -> None:
             ["docker-registry", "serve", str(reg_config)],
             url=f"http://127.0.0.1:{reg_port}/v2/",
             log_path=work / "registry.log",
-        ):
+        ), static_nginx(work / "nginx", store / "blobs") as blob_server:
             subprocess.run(
                 [
                     "skopeo", "copy", "--dest-tls-verify=false", "--preserve-digests",
@@ -173,19 +163,29 @@ def main() -> None:
                 capture_output=True,
             )
             name = "/".join(sorted(args.image.split("/")))
-            ours = load_in_subprocess(
-                f"http://127.0.0.1:{port}/v2/{name}/manifests/latest", args.requests, args.concurrency
-            )
-            theirs = load_in_subprocess(
-                f"http://127.0.0.1:{reg_port}/v2/bench/image/manifests/latest", args.requests, args.concurrency
-            )
-        print(f"warm manifest GET ({args.requests} requests, {args.concurrency} connections)")
-        for label, figures in (("condery", ours), ("docker-registry", theirs)):
-            print(
-                f"  {label:16s} {figures['rps']:8.0f} req/s  p50 {figures['p50_ms']:6.2f} ms"
-                f"  p99 {figures['p99_ms']:6.2f} ms"
-            )
-        print(f"  throughput ratio condery/docker-registry: {ours['rps'] / theirs['rps']:.2f}x")
+            ours_url, theirs_url = f"http://127.0.0.1:{port}/v2/{name}", f"http://127.0.0.1:{reg_port}/v2/bench/image"
+            manifests = {
+                label: wrk_load(f"{url}/manifests/latest", accept=OCI_MANIFEST, seconds=args.seconds,
+                                connections=args.concurrency)
+                for label, url in (("condery", ours_url), ("docker-registry", theirs_url))
+            }
+            layer = closest_layer(f"{ours_url}/manifests/latest", args.blob_size)
+            blob_path = layer["digest"].replace(":", "/")
+            blobs = {
+                label: wrk_load(url, seconds=args.seconds, connections=args.blob_concurrency)
+                for label, url in (
+                    ("condery", f"{ours_url}/blobs/{layer['digest']}"),
+                    ("docker-registry", f"{theirs_url}/blobs/{layer['digest']}"),
+                    ("nginx sendfile", f"{blob_server.url}/{blob_path}"),
+                )
+            }
+        print_loads(f"warm manifest GET ({args.seconds:g} s each, {args.concurrency} connections, wrk)", manifests)
+        print_loads(f"warm blob GET of a {layer['size'] / 1e6:.1f} MB layer ({args.seconds:g} s each, "
+                    f"{args.blob_concurrency} connections, wrk)", blobs)
+        print(target_line("manifest GETs condery/docker-registry",
+                          manifests["condery"].rps / manifests["docker-registry"].rps, 3.0))
+        print(target_line("blob GETs condery/nginx sendfile", blobs["condery"].rps / blobs["nginx sendfile"].rps, 0.9))
+        print(f"  blob GETs condery/docker-registry: {blobs['condery'].rps / blobs['docker-registry'].rps:.2f}x")
 
 
 if __name__ == "__main__":

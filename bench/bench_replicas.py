@@ -1,6 +1,6 @@
 """Benchmark: two replicas on one bucket, and nginx in front of them.
 
-    python3 bench/bench_replicas.py [--image python/tqdm/xz] [--requests 3000] [--concurrency 16]
+    python3 bench/bench_replicas.py [--image python/tqdm/xz] [--seconds 5] [--concurrency 16]
 
 The deploy/compose.yaml topology without a container engine: SeaweedFS (S3), Redis
 (`coordination`), two `condery serve` replicas with their own empty package caches, and
@@ -11,7 +11,7 @@ nginx running deploy/nginx.conf (tests/fixtures/nginx.py maps its hostnames and 
    bytes replica 2 built (`condery_layer_bytes_total`) and the bytes added to the
    bucket's blobs meanwhile (goal: zero for both).
 2. Warm manifest GETs through nginx over both replicas, beside replica 1 directly, with
-   bench_build.py's load generator (aiohttp in its own process). nginx's per-client rate
+   `wrk` (bench/wrk.py, the warm benchmarks' one load generator). nginx's per-client rate
    limits are left out here: the load comes from one address and would measure 429s.
 
 Uses the test fixture channel and glibc base (tests/fixtures), so it runs offline.
@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_build import load_in_subprocess  # noqa: E402
+from bench.wrk import wrk_load  # noqa: E402
 from tests.fixtures.base_image import glibc_base_layout  # noqa: E402
 from tests.fixtures.channel import build_fixture_channel  # noqa: E402
 from tests.fixtures.nginx import nginx  # noqa: E402
@@ -65,7 +65,7 @@ def blob_bytes(seaweed: SeaweedS3, bucket: str) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--image", default="python/tqdm/xz")
-    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--seconds", type=float, default=5.0, help="of load per target")
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
     name = "/".join(sorted(args.image.split("/")))
@@ -105,13 +105,13 @@ def main() -> None:
         print(f"  replica 2, first GET of the same name:  {second_s * 1000:7.1f} ms, {built_2:.0f} layer bytes built,"
               f" {added_2} bytes added to the bucket, {builds_2:.0f} builds")
 
-        through = load_in_subprocess(proxy.url + path, args.requests, args.concurrency)
-        direct = load_in_subprocess(urls[0] + path, args.requests, args.concurrency)
-        print(f"warm manifest GET ({args.requests} requests, {args.concurrency} connections)")
+        through = wrk_load(proxy.url + path, accept=OCI_MANIFEST, seconds=args.seconds, connections=args.concurrency)
+        direct = wrk_load(urls[0] + path, accept=OCI_MANIFEST, seconds=args.seconds, connections=args.concurrency)
+        print(f"warm manifest GET ({args.seconds:g} s each, {args.concurrency} connections, wrk)")
         for label, figures in (("nginx, 2 replicas", through), ("replica 1 direct", direct)):
-            print(f"  {label:18s} {figures['rps']:8.0f} req/s  p50 {figures['p50_ms']:6.2f} ms"
-                  f"  p99 {figures['p99_ms']:6.2f} ms")
-        print(f"  throughput ratio nginx+2/direct: {through['rps'] / direct['rps']:.2f}x")
+            print(f"  {label:18s} {figures.rps:8.0f} req/s  p50 {figures.p50_ms:6.2f} ms"
+                  f"  p99 {figures.p99_ms:6.2f} ms")
+        print(f"  throughput ratio nginx+2/direct: {through.rps / direct.rps:.2f}x")
 
 
 if __name__ == "__main__":

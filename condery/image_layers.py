@@ -8,6 +8,7 @@ build per key however many images ask for it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tempfile
 from datetime import datetime
 from pathlib import Path
@@ -72,7 +73,8 @@ class LayerBuilder:
                 bytecode=bytecode,
                 compression=self.config.layer_compression,
             )
-            return await self._store(key, blob, (record.file_name,))
+            with report.timed("store") if report else contextlib.nullcontext():
+                return await self._store(key, blob, (record.file_name,))
 
         return await self.flights.run(key, build), True
 

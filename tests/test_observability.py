@@ -11,17 +11,20 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import rattler
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from condery.build import ImageService
 from condery.config import load_config
+from condery.layers.package_layer import build_package_layer
 from condery.observability.build_report import BuildReport, union_seconds
 from condery.observability.logs import JsonFormatter, TextFormatter, configure_logging, event
 from condery.observability.metrics import ROUTES, Metrics, route_of
 from condery.redact import RedactingFilter
 from condery.registry.server import create_app
 from condery.state import AppState
+from tests.fixtures.condapkg import index_channel, write_bulk_package
 from tests.fixtures.disk import tmpfs
 
 SECRET_URL = "https://user:hunter2@conda.example/t/TOKEN123/channel/linux-64/x.conda"
@@ -148,6 +151,25 @@ def test_build_report_moves_the_metrics_once(caplog: pytest.LogCaptureFixture) -
     assert fields["result"] == "ok" and fields["packages"] == 3 and fields["layers_built"] == 2
     assert fields["layers_reused"] == 1 and fields["bytes_stored"] == 1034
     assert {"solve_s", "fetch_s", "layers_s", "manifests_s", "duration_s"} <= set(fields)
+
+
+
+async def test_a_layer_build_reports_where_its_time_goes(tmp_path: Path) -> None:
+    """Each step of a cold package layer build is timed (bench/bench_scale.py prints them)."""
+    channel = tmp_path / "channel"
+    write_bulk_package(channel, "bulk", size=4 << 20, small_files=200)
+    index_channel(channel)
+    records = await rattler.solve([str(channel)], ["bulk"], platforms=["linux-64"])
+    report = BuildReport("bulk", "latest", ("linux-64",))
+    blob = await build_package_layer(records[0], python_record=None, prefix="/opt/conda", platform="linux-64",
+                                     work_dir=tmp_path / "work", package_cache_dir=tmp_path / "pkgs", report=report)
+    seconds = report.phase_seconds()
+    assert blob.size > 0 and report.download_bytes > 0
+    assert all(seconds[step] > 0 for step in ("verify", "check", "install", "pack")), seconds
+    # Steps are parts of their phases: verify of fetch, the rest of layers.
+    assert seconds["verify"] <= seconds["fetch"]
+    assert seconds["check"] + seconds["install"] + seconds["pack"] <= seconds["layers"]
+    assert seconds["store"] == 0  # the caller stores the layer (image_layers.py times it)
 
 
 @contextlib.asynccontextmanager

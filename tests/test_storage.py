@@ -500,6 +500,34 @@ async def test_filesystem_corrupt_blob_is_dropped_on_first_read(tmp_path: Path) 
     assert await FilesystemStore(tmp_path / "store").get_blob_bytes(digest) == data
 
 
+
+async def test_open_blob_file_for_sendfile(store: Store, tmp_path: Path) -> None:
+    """The server sends a filesystem blob with sendfile from this file; S3 has none."""
+    data = os.urandom(2 * 1024 * 1024 + 5)
+    digest = digest_of(data)
+    await store.put_blob_file(digest, write(tmp_path / "layer", data))
+    handle = await store.open_blob_file(digest)
+    if isinstance(store, FilesystemStore):
+        assert handle is not None
+        with handle:
+            assert handle.read() == data
+        with pytest.raises(KeyError):
+            await store.open_blob_file(digest_of(uuid.uuid4().bytes))
+    else:
+        assert handle is None  # S3: streamed (or redirected) instead
+
+
+async def test_filesystem_open_blob_file_checks_a_corrupt_blob_first(tmp_path: Path) -> None:
+    data = os.urandom(300_000)
+    digest = digest_of(data)
+    await FilesystemStore(tmp_path / "store").put_blob_bytes(digest, data)
+    path = tmp_path / "store" / "blobs" / "sha256" / digest.split(":", 1)[1]
+    with open(path, "r+b") as handle:
+        handle.truncate(len(data) // 2)
+    with pytest.raises(KeyError):
+        await FilesystemStore(tmp_path / "store").open_blob_file(digest)
+    assert not path.exists()
+
 async def test_filesystem_rebuilt_blob_replaces_an_unchecked_corrupt_copy(tmp_path: Path) -> None:
     data = os.urandom(10_000)
     digest = digest_of(data)

@@ -14,6 +14,15 @@ more than the build's own time.
     fetch      package downloads (their slot held; waiting for a slot is not counted)
     layers     install, tar and gzip of the package layers (their CPU slot held)
     manifests  grouping, the environment layer, config and manifests, the index
+
+Within `layers` (and just after it), the steps of a package layer build, for where a cold
+build's time goes (bench/bench_scale.py prints them):
+
+    verify     the archive's sha256 against the repodata (inside `fetch`)
+    check      the archive's members against its declaration (layers/members.py)
+    install    rattler's extraction and linking into the staging directory
+    pack       scrub, prune, then tar, compress and hash into the layer file
+    store      the layer file into the store (a rename, or an upload)
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from condery.observability.metrics import Metrics
 
 log = logging.getLogger("condery.build")
 PHASES = ("solve", "fetch", "layers", "manifests")
+STEPS = ("verify", "check", "install", "bytecode", "pack", "store")
 
 
 def union_seconds(spans: Sequence[tuple[float, float]]) -> float:
@@ -98,7 +108,7 @@ class BuildReport:
         self.download_bytes += size
 
     def phase_seconds(self) -> dict[str, float]:
-        return {phase: union_seconds(self.spans.get(phase, ())) for phase in PHASES}
+        return {phase: union_seconds(self.spans.get(phase, ())) for phase in (*PHASES, *STEPS)}
 
     # -- the end --------------------------------------------------------------
     def finish(self, error: str | None = None, skipped: Mapping[str, str] | None = None) -> None:

@@ -25,7 +25,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, BinaryIO
 
 if TYPE_CHECKING:
     from condery.config import StorageConfig
@@ -120,6 +120,12 @@ class Store(abc.ABC):
         self, digest: str, offset: int = 0, length: int | None = None, chunk_size: int = 1 << 20
     ) -> AsyncIterator[bytes]:
         """Stream bytes [offset, offset+length) of a blob. Raises KeyError if absent."""
+
+    async def open_blob_file(self, digest: str) -> BinaryIO | None:
+        """The blob as an open local file, checked like read_blob checks it, for serving
+        without copying it through the process (sendfile); None when the backend holds
+        no local file. The caller closes it. Raises KeyError if absent."""
+        return None
 
     @abc.abstractmethod
     async def put_blob_file(self, digest: str, path: Path) -> None:

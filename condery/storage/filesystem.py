@@ -28,7 +28,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, BinaryIO
 
 from condery.singleflight import SingleFlight
 from condery.storage import (
@@ -74,17 +74,19 @@ class FilesystemStore(Store):
         except FileNotFoundError:
             return None
 
-    async def read_blob(
-        self, digest: str, offset: int = 0, length: int | None = None, chunk_size: int = 1 << 20
-    ) -> AsyncIterator[bytes]:
+    async def open_blob_file(self, digest: str) -> BinaryIO:
         path = self._blob_path(digest)
         if digest not in self._verified and not await self._verified_once(digest):
             raise KeyError(digest)
         try:
-            handle = open(path, "rb")
+            return open(path, "rb")
         except FileNotFoundError:
             raise KeyError(digest) from None
-        with handle:
+
+    async def read_blob(
+        self, digest: str, offset: int = 0, length: int | None = None, chunk_size: int = 1 << 20
+    ) -> AsyncIterator[bytes]:
+        with await self.open_blob_file(digest) as handle:
             handle.seek(offset)
             remaining = length
             while remaining is None or remaining > 0:

@@ -1,0 +1,185 @@
+"""Benchmark: how the cost of an image grows with its size and its number of packages.
+
+    python3 bench/bench_scale.py [--quick] [--sizes 10,100,1000] [--packages 5,50,300]
+
+For every image size (MB unpacked) and package count, a channel of generated packages
+(tests/fixtures/condapkg.py write_bulk_package: 2 MiB binary-like files, half
+incompressible, a quarter of the bytes in 2 KiB text files, one placeholder each) and a
+meta-package `scale-image` depending on all of them. Then, in the same run:
+
+- cold: a fresh `condery serve` (base `scratch`, empty store and package cache) answers
+  the manifest GET of `scale-image`: solve, fetch, build, store every layer;
+- warm: the same server answers a whole pull again (manifest and every blob, three at a
+  time like docker's default), bodies read and dropped;
+- baselines (bench/baselines.py): py-rattler install of the same records plus
+  `tar | gzip -6`, and the same with pigz on every core: a hand-written conda
+  Dockerfile, and the best one could do.
+
+The table gives each time per MB and per package, so linear growth (or not) shows as a
+flat column; a second table shows where the cold build's time went (the phases and steps
+of the server's `build ended` log line; phases overlap, so they do not add up).
+`--quick` runs the small sizes only (10 MB with 5 and 50 packages).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import rattler
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.baselines import Baseline, dockerfile_baselines  # noqa: E402
+from condery.observability.build_report import PHASES, STEPS  # noqa: E402
+from tests.fixtures.condapkg import index_channel, write_bulk_package, write_conda_package  # noqa: E402
+from tests.fixtures.procs import running  # noqa: E402
+from tests.test_e2e import serve  # noqa: E402
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MB = 1 << 20
+TEXT_SHARE = 0.25  # of a package's bytes in small text files
+IMAGE = "scale-image"
+WARM_CONCURRENCY = 3  # docker's default max-concurrent-downloads
+WARM_ROUNDS = 3
+
+
+@dataclass(frozen=True)
+class Cell:
+    size_mb: int
+    packages: int
+    cold_s: float
+    warm_s: float
+    layer_bytes: int
+    layers: int
+    phases: dict[str, float]
+    baselines: list[Baseline]
+
+
+def write_channel(channel: Path, size_mb: int, packages: int) -> None:
+    per_package = size_mb * MB // packages
+    names = []
+    for i in range(packages):
+        name = f"scale-{i:03d}"
+        write_bulk_package(channel, name, size=per_package, small_files=int(per_package * TEXT_SHARE) // 2048)
+        names.append(name)
+    write_conda_package(channel, IMAGE, "1.0", "0", depends=names)
+    index_channel(channel)
+
+
+def build_ended(log: Path) -> dict[str, float]:
+    for line in reversed(log.read_text(errors="replace").splitlines()):
+        try:
+            fields = json.loads(line)
+        except ValueError:
+            continue
+        if fields.get("msg") == "build ended":
+            return {k[:-2]: float(v) for k, v in fields.items() if k.endswith("_s")}
+    return {}
+
+
+def get_manifest(url: str) -> dict:
+    request = urllib.request.Request(url, headers={"Accept": OCI_MANIFEST})
+    with urllib.request.urlopen(request, timeout=3600) as answer:
+        return json.loads(answer.read())
+
+
+async def warm_pull(base: str, digests: list[str]) -> float:
+    """Seconds for the manifest GET and every blob GET, WARM_CONCURRENCY at a time."""
+    slots = asyncio.Semaphore(WARM_CONCURRENCY)
+    async with aiohttp.ClientSession() as session:
+
+        async def fetch(url: str, headers: dict[str, str] | None = None) -> None:
+            async with slots, session.get(url, headers=headers) as answer:
+                assert answer.status == 200, (url, answer.status)
+                async for _ in answer.content.iter_chunked(1 << 20):
+                    pass
+
+        started = time.perf_counter()
+        await fetch(f"{base}/v2/{IMAGE}/manifests/latest", {"Accept": OCI_MANIFEST})
+        await asyncio.gather(*(fetch(f"{base}/v2/{IMAGE}/blobs/{d}") for d in digests))
+        return time.perf_counter() - started
+
+
+def measure(work: Path, size_mb: int, packages: int) -> Cell:
+    channel = work / "channel"
+    write_channel(channel, size_mb, packages)
+    records = asyncio.run(rattler.solve([str(channel)], [IMAGE], platforms=["linux-64"]))
+    (work / "condery").mkdir()
+    argv, _, port = serve(work / "condery", [str(channel)], "scratch", log_format="json", build_timeout=3600)
+    base = f"http://127.0.0.1:{port}"
+    log = work / "condery" / "condery.log"
+    with running(argv, url=base + "/v2/", log_path=log, timeout=60):
+        started = time.perf_counter()
+        manifest = get_manifest(f"{base}/v2/{IMAGE}/manifests/latest")
+        cold = time.perf_counter() - started
+        digests = [layer["digest"] for layer in manifest["layers"]]
+        warm = min(asyncio.run(warm_pull(base, digests)) for _ in range(WARM_ROUNDS))
+    layer_bytes = sum(layer["size"] for layer in manifest["layers"])
+    phases = build_ended(log)
+    shutil.rmtree(work / "condery", ignore_errors=True)  # its disk back before the baselines run
+    baselines = asyncio.run(dockerfile_baselines(records, work / "baselines"))
+    return Cell(size_mb, packages, cold, warm, layer_bytes, len(digests), phases, baselines)
+
+
+def print_tables(cells: list[Cell]) -> None:
+    labels = [b.label for b in cells[0].baselines]
+    print("cold and warm pulls of generated images (ms per MB unpacked | ms per package)")
+    head = f"  {'size':>7} {'pkgs':>4} {'layers':>6} | {'condery cold':>24} | {'warm pull':>22}"
+    for label in labels:
+        head += f" | {label:>20}"
+    head += f" | {'bytes/gzip -6':>13}"
+    print(head)
+    for c in cells:
+        row = (f"  {c.size_mb:>4} MB {c.packages:>4} {c.layers:>6} | {c.cold_s:7.2f} s "
+               f"{1000 * c.cold_s / c.size_mb:6.1f} {1000 * c.cold_s / c.packages:7.1f} | "
+               f"{c.warm_s:6.2f} s {1000 * c.warm_s / c.size_mb:5.2f} {1000 * c.warm_s / c.packages:6.2f}")
+        for b in c.baselines:
+            row += f" | {b.seconds:7.2f} s {c.cold_s / b.seconds:5.2f}x cdry"
+        gzip6 = c.baselines[0]
+        row += f" | {c.layer_bytes / gzip6.layer_bytes:12.3f}x"
+        print(row)
+    print("  (baseline columns: the Dockerfile's time, then condery's cold time as a multiple of it;"
+          " targets <= 0.5x gzip -6, <= 1.0x pigz, bytes <= 1.03x)")
+    print()
+    print("where a cold build's time goes (seconds of wall time in which the phase or step ran)")
+    names = [*PHASES, *STEPS]
+    print(f"  {'size':>7} {'pkgs':>4} | " + " ".join(f"{n:>9}" for n in names) + f" | {'gzip -6 install':>15} {'pack':>6}")
+    for c in cells:
+        gzip6 = c.baselines[0]
+        print(f"  {c.size_mb:>4} MB {c.packages:>4} | " + " ".join(f"{c.phases.get(n, 0.0):9.2f}" for n in names)
+              + f" | {gzip6.install_seconds:15.2f} {gzip6.pack_seconds:6.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="10 MB images of 5 and 50 packages only")
+    parser.add_argument("--sizes", default="10,100,1000", help="image sizes in MB, comma separated")
+    parser.add_argument("--packages", default="5,50,300", help="packages per image, comma separated")
+    args = parser.parse_args()
+    sizes = [10] if args.quick else [int(s) for s in args.sizes.split(",")]
+    counts = [5, 50] if args.quick else [int(n) for n in args.packages.split(",")]
+
+    cells = []
+    for size_mb in sizes:
+        for packages in counts:
+            with tempfile.TemporaryDirectory(prefix="condery-bench-scale-") as tmp:
+                cell = measure(Path(tmp), size_mb, packages)
+            cells.append(cell)
+            print(f"  measured {size_mb} MB x {packages} packages: cold {cell.cold_s:.2f} s", flush=True)
+    print()
+    print_tables(cells)
+
+
+if __name__ == "__main__":
+    main()
