@@ -92,6 +92,7 @@ async def dockerfile_baseline(
         layer_bytes = (work / "layer.tar.gz").stat().st_size
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        os.sync()  # the next contender starts with nothing of this one left to write back
     return Baseline(label, install_s + pack_s, install_s, pack_s, layer_bytes, tar_bytes)
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -114,6 +115,9 @@ async def warm_pull(base: str, digests: list[str]) -> float:
 def measure(work: Path, size_mb: int, packages: int) -> Cell:
     channel = work / "channel"
     write_channel(channel, size_mb, packages)
+    # Every contender starts with nothing left to write back: without this, the flush
+    # of the channel just written (up to 1 GB) lands in condery's cold run alone.
+    os.sync()
     records = asyncio.run(rattler.solve([str(channel)], [IMAGE], platforms=["linux-64"]))
     (work / "condery").mkdir()
     argv, _, port = serve(work / "condery", [str(channel)], "scratch", log_format="json", build_timeout=3600)
@@ -128,6 +132,7 @@ def measure(work: Path, size_mb: int, packages: int) -> Cell:
     layer_bytes = sum(layer["size"] for layer in manifest["layers"])
     phases = build_ended(log)
     shutil.rmtree(work / "condery", ignore_errors=True)  # its disk back before the baselines run
+    os.sync()
     baselines = asyncio.run(dockerfile_baselines(records, work / "baselines"))
     return Cell(size_mb, packages, cold, warm, layer_bytes, len(digests), phases, baselines)
 
