@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 # Fixtures that live beside the servers they start (docker-registry, SeaweedFS).
@@ -74,3 +75,10 @@ def podman() -> Iterator[Podman]:
     client = Podman(tempfile.mkdtemp(prefix="podman-", dir="/tmp"))
     yield client
     client.cleanup()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    """An HTTP client session for tests that call condery's upstream code directly."""
+    async with aiohttp.ClientSession() as client:
+        yield client

@@ -18,9 +18,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import AsyncIterator
 
-import aiohttp
 import pytest
 from aiohttp import web
 from hypothesis import HealthCheck, given, settings
@@ -78,12 +76,6 @@ LIBC_BANNER = b"\x00GNU C Library (Debian GLIBC 2.36-9+deb12u7) stable release v
 @pytest.fixture
 def store(tmp_path: Path) -> FilesystemStore:
     return FilesystemStore(tmp_path / "store")
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
 
 
 @pytest.fixture

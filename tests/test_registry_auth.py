@@ -13,9 +13,7 @@ import socket
 import stat
 import time
 from pathlib import Path
-from typing import AsyncIterator
 
-import aiohttp
 import pytest
 from aiohttp import web
 
@@ -58,12 +56,6 @@ HELPER = "condery-test"
 @pytest.fixture
 def store(tmp_path: Path) -> FilesystemStore:
     return FilesystemStore(tmp_path / "store")
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
 
 
 def small_layout(path: Path, text: str, tag: str = "v1"):  # type: ignore[no-untyped-def]

@@ -59,6 +59,7 @@ from typing import IO, Any, Mapping, Protocol
 import aiohttp
 import zstandard
 
+from condery.jsonobject import json_object
 from condery.layers.compression import GzipChunkWriter, open_decompressed
 from condery.registry.media_types import (
     CONFIG_TYPES,
@@ -455,11 +456,8 @@ def _check_bytes(data: bytes, digest: str, size: int | None) -> None:
 
 
 def _load_json(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(data)
-    except ValueError:
-        doc = None
-    if not isinstance(doc, dict):
+    doc = json_object(data)
+    if doc is None:
         raise ManifestError(f"{what} is not a JSON object")
     return doc
 

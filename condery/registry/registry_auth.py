@@ -25,12 +25,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+
+from condery.jsonobject import json_object
 
 MAX_AUTH_FILE_SIZE = 1 << 20
 MAX_HELPER_OUTPUT = 1 << 20
@@ -135,11 +136,8 @@ class RegistryAuth:
             raise RegistryAuthError(f"cannot read {what}: {exc.strerror}") from None
         if len(data) > MAX_AUTH_FILE_SIZE:
             raise RegistryAuthError(f"{what} is over {MAX_AUTH_FILE_SIZE} bytes")
-        try:
-            doc = json.loads(data)
-        except ValueError:
-            doc = None
-        if not isinstance(doc, dict):
+        doc = json_object(data)
+        if doc is None:
             raise RegistryAuthError(f"{what} is not a JSON object (Docker config.json format)")
         return doc
 
@@ -193,12 +191,9 @@ class RegistryAuth:
             if b"credentials not found" in out.lower():
                 return None
             raise RegistryAuthError(f"credential helper {program} failed (exit status {proc.returncode})")
-        try:
-            answer = json.loads(out)
-        except ValueError:
-            answer = None
-        username = answer.get("Username") if isinstance(answer, dict) else None
-        secret = answer.get("Secret") if isinstance(answer, dict) else None
+        answer = json_object(out) or {}
+        username = answer.get("Username")
+        secret = answer.get("Secret")
         if not isinstance(username, str) or not isinstance(secret, str) or not secret:
             raise RegistryAuthError(f"credential helper {program} answered without Username and Secret")
         source = f"credential helper {program}"

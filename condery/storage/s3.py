@@ -26,6 +26,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
+from condery.jsonobject import json_object
 from condery.storage import (
     DIGEST_RE,
     BlobInfo,
@@ -326,11 +327,8 @@ class S3Store(Store):
                 raise
             async with response["Body"] as body:
                 data = await body.read()
-        try:
-            value = json.loads(data)
-        except ValueError:
-            value = None
-        if not isinstance(value, dict):
+        value = json_object(data)
+        if value is None:
             raise StorageError(f"record {object_key} is not a JSON object")
         return value
 
