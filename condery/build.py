@@ -450,12 +450,8 @@ class ImageService:
     async def look(self, request: ImageRequest, reference: Latest | Snapshot) -> ImageLook:
         """What the name solves to now (cached like a pull) and, once built, what a pull gets."""
         tag = tag_of(reference)
-        if isinstance(reference, Snapshot) and reference.exclude_newer > datetime.now(timezone.utc):
-            raise errors.ManifestUnknown(f"snapshot {tag} has not ended yet (UTC); use :latest or a past day")
-        bases = await self._bases_for_platforms()
-        key = self.keys.key(request, tag, bases)
+        key, bases, record = await self._image_of(request, reference)
         try:
-            record = await self.records.image(key)
             failure = self.state.failed_solves.get(key)
             if failure is not None:
                 raise errors.ManifestUnknown(failure)
