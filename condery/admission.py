@@ -55,10 +55,6 @@ class BuildQueue(Generic[T]):
     def in_flight(self, key: str) -> bool:
         return self._flights.in_flight(key)
 
-    def in_flight_keys(self) -> list[tuple[str, bool]]:
-        """(key, running) of every build in flight: running holds a slot, else it is queued."""
-        return self._flights.keys()
-
     def builds_of(self, client: str) -> int:
         """Builds in flight (running or queued) that `client`'s requests started."""
         return sum(1 for key, owner in self._owners.items() if owner == client and self._flights.in_flight(key))

@@ -164,12 +164,15 @@ async def collect(store: Store, gc: GcConfig, *, dry_run: bool = False, now: flo
     report.blobs = [b for b in blobs if b.name not in live and old(b)]
     dead_images = [("images", e) for e in images if e.name not in live_keys and old(e)]
     dead_keys = {e.name for _, e in dead_images}
+    image_keys = {e.name for e in images}
     report.records = dead_images + expired
     report.records += [("served", e) for e in served_entries
-                       if old(e) and (e.name in dead_keys or e.name not in {i.name for i in images})]
+                       if old(e) and (e.name in dead_keys or e.name not in image_keys)]
     for entry in await store.list_record_entries("layers"):
+        if not old(entry):  # young: kept whatever it names, so not read
+            continue
         record = await store.get_record("layers", entry.name) or {}
-        if old(entry) and record.get("digest") not in live:
+        if record.get("digest") not in live:
             report.records.append(("layers", entry))
     for kind in _BLOB_RECORDS:
         report.records += [(kind, e) for e in await store.list_record_entries(kind)
@@ -180,7 +183,7 @@ async def collect(store: Store, gc: GcConfig, *, dry_run: bool = False, now: flo
             await store.remove_record(kind, entry.name)
         for blob in report.blobs:
             await store.remove_blob(blob.name)
-        await _prune_tags_index(store, dead_keys, {e.name for e in images} - dead_keys)
+        await _prune_tags_index(store, dead_keys, image_keys - dead_keys)
     for line in report.lines()[-1:]:
         log.info("gc: %s", line)
     return report

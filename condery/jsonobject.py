@@ -13,6 +13,6 @@ def json_object(data: bytes | str) -> dict[str, Any] | None:
     """`data` parsed if it is a JSON object; None for anything else, invalid JSON included."""
     try:
         value = json.loads(data)
-    except ValueError:  # UnicodeDecodeError too
+    except (ValueError, RecursionError):  # UnicodeDecodeError; hostile nesting depth
         return None
     return value if isinstance(value, dict) else None

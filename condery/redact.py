@@ -9,6 +9,9 @@ the URL stays usable with the reader's own credentials (conda and rattler add th
 from their auth files). The preferred way to give condery credentials is rattler's auth
 file (`RATTLER_AUTH_FILE`), which never puts them in a URL in the first place.
 
+A URL's query can hold a secret too (`redis://host/0?password=...`, `?access_token=...`,
+which redis-py and some mirrors read): such values are replaced by `***`.
+
 `redact_text` does the same for URLs inside free text (solver and downloader errors
 quote URLs), and `RedactingFilter` applies it to every log record.
 """
@@ -28,18 +31,29 @@ _URL_AUTH = re.compile(
 )
 
 
+# ?password=... / &token=...: the value, up to the next parameter or the URL's end.
+_QUERY_SECRET = re.compile(
+    r"(?P<key>[?&](?:password|passwd|pass|token|access_token|auth|secret|api_key|apikey)=)[^&\s'\"<>]*",
+    re.IGNORECASE,
+)
+
+
 def _strip(match: re.Match[str]) -> str:
     return match.group("scheme") + match.group("host")
 
 
 def redact_url(url: str) -> str:
-    """`url` without userinfo and without a `/t/<token>` segment after the host."""
-    return _URL_AUTH.sub(_strip, url, count=1) if "://" in url else url
+    """`url` without userinfo, a `/t/<token>` segment after the host or a secret query value."""
+    if "://" not in url:
+        return url
+    return _QUERY_SECRET.sub(r"\g<key>***", _URL_AUTH.sub(_strip, url, count=1))
 
 
 def redact_text(text: str) -> str:
     """`text` with every URL in it redacted."""
-    return _URL_AUTH.sub(_strip, text) if "://" in text else text
+    if "://" not in text:
+        return text
+    return _QUERY_SECRET.sub(r"\g<key>***", _URL_AUTH.sub(_strip, text))
 
 
 def redact_values(value: Any) -> Any:

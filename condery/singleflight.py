@@ -52,10 +52,6 @@ class SingleFlight(Generic[T]):
         """How many callers wait on all flights together (for tests: a join has arrived)."""
         return sum(flight.waiters for flight in self._flights.values())
 
-    def keys(self) -> list[tuple[str, bool]]:
-        """(key, pinned) of every flight, in the order they started."""
-        return [(key, flight.pinned) for key, flight in self._flights.items()]
-
     def pin(self, key: str) -> None:
         """Let the flight of `key` finish even if every caller leaves."""
         self._flights[key].pinned = True

@@ -928,6 +928,8 @@ def test_scan_reads_the_accounts_and_their_whiteouts(tmp_path: Path) -> None:
         "whiteout": (make_tar({"etc/.wh.passwd": b""}), {"passwd": None}),
         # An opaque etc hides the layers below, not this layer's own passwd.
         "opaque": (make_tar({"etc/.wh..wh..opq": b"", "etc/passwd": passwd}), {"passwd": passwd.decode(), "group": None}),
+        # A passwd this layer replaces but we will not read: absent, never the lower layer's.
+        "oversized": (make_tar({"etc/passwd": b"x" * (2 << 20)}), {"passwd": None}),
     }
     for name, (tar, expected) in cases.items():
         path = tmp_path / f"{name}.tar.gz"

@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,10 @@ def test_the_readme_curl_lines_work_as_written(tmp_path: Path) -> None:
         run("\n".join(wait), registry.url)  # returns once the build is done or failed
         status = json.loads(run(f"curl -s {registry.url}{location}", ""))
         assert status["state"] == "done" and status["digest"].startswith("sha256:")
+        # Again for a name already built: 200 with no Location, and the loop must not wait.
+        started = time.monotonic()
+        run("\n".join(wait), registry.url)
+        assert time.monotonic() - started < 10
 
 
 # -- the quick start -----------------------------------------------------------------------

@@ -24,6 +24,14 @@ def test_redact_url(url: str, expected: str) -> None:
     assert redact_url(url) == expected
 
 
+def test_secret_query_values_are_masked() -> None:
+    """redis-py and some mirrors read a password or token from the query string."""
+    assert redact_url("redis://redis:6379/0?password=s3cret&db=1") == "redis://redis:6379/0?password=***&db=1"
+    assert redact_text("GET https://m.example/c/repodata.json?access_token=abc failed") == (
+        "GET https://m.example/c/repodata.json?access_token=*** failed")
+    assert redact_url("https://m.example/c/?platform=linux-64") == "https://m.example/c/?platform=linux-64"
+
+
 def test_redact_text_and_values() -> None:
     text = "failed to fetch https://u:pw@h.example/t/TKN/ch/repodata.json: 403; also http://a:b@c/d"
     assert redact_text(text) == "failed to fetch https://h.example/ch/repodata.json: 403; also http://c/d"

@@ -88,3 +88,12 @@ def test_a_network_failure_keeps_its_root_cause() -> None:
     )
     assert network_reason(Exception("one line")) == "one line"
     assert len(network_reason(Exception("x" * 5000))) == 400
+
+
+def test_a_network_reason_cut_short_keeps_no_credential() -> None:
+    """Redacted before it is cut: a cut inside `user:password@` would leave no `@` to find."""
+    error = Exception("Request failed after 3 retries\n"
+                      "Caused by: error sending request for url (https://alice:S3cretPassw0rd@mirror.example/c/)")
+    for limit in range(40, 120):
+        text = network_reason(error, limit)
+        assert "S3cret" not in text and "alice" not in text, (limit, text)

@@ -625,3 +625,21 @@ async def test_s3_work_directory_is_removed_on_close_and_orphans_at_start(
     finally:
         await state.close()
     assert not state.work_dir.exists()
+
+
+def test_json_object_refuses_hostile_nesting_without_raising() -> None:
+    """Records, manifests and auth files are read with json_object: None, not a crash."""
+    from condery.jsonobject import json_object
+
+    assert json_object(b"[" * 200_000) is None
+    assert json_object(b"\xff\xfe") is None and json_object("[1]") is None
+    assert json_object('{"a": 1}') == {"a": 1}
+
+
+async def test_filesystem_corrupt_record_is_a_store_error(tmp_path: Path) -> None:
+    store = FilesystemStore(tmp_path / "store")
+    await store.put_record("images", "n/_/latest/x", {"a": 1})
+    (path,) = (tmp_path / "store").rglob("x.json")
+    path.write_text("{not json")
+    with pytest.raises(StorageError):
+        await store.get_record("images", "n/_/latest/x")

@@ -490,6 +490,13 @@ async def build_package_layer(record: rattler.RepoDataRecord, *, python_record: 
     staging = Path(tempfile.mkdtemp(dir=work_dir, prefix=f".stage-{record.name.normalized}-"))
     try:
         async with cpu_slots or contextlib.nullcontext():
+            # A long wait for the slot can outlast the archive cache's "in use" window
+            # (archive_cache.py): mark the archive used now, or fetch it again if the
+            # cache's size cap removed it meanwhile.
+            try:
+                await asyncio.to_thread(os.utime, archive)
+            except FileNotFoundError:
+                archive = await fetch_verified(record, package_cache_dir, limits.max_unpacked_bytes, client, report)
             with report.timed("layers") if report else contextlib.nullcontext():
                 return await _build_from_archive(record, archive, staging, python_record=python_record,
                                                  prefix=prefix, platform=platform, work_dir=work_dir,

@@ -87,7 +87,8 @@ def network_reason(exc: BaseException, limit: int = 400) -> str:
     picked += [line for line in lines[1:] if "url (" in line][:1]
     if lines[-1] not in picked:
         picked.append(lines[-1])
-    text = ": ".join(picked)
+    # Redacted before it is cut: a cut inside `user:password@` would leave no `@` to find.
+    text = redact_text(": ".join(picked))
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -152,7 +153,7 @@ async def solve(
     except asyncio.TimeoutError:
         raise SolveUnavailable(f"the solve took longer than {timeout:.0f} s") from None
     except Exception as exc:  # rattler raises its own types for fetch failures
-        first = redact_text(network_reason(exc))
+        first = network_reason(exc)
         status = http_status(exc)
         if status in (401, 403, 407):
             # Configuration, not a passing fault, but nothing the client can fix either:

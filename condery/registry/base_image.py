@@ -856,8 +856,12 @@ def scan_layer(path: Path, limit: int = MAX_BASE_UNPACKED_SIZE) -> LayerScan:
                     elif (_LIBC_SO.match(name) or _LD_SO.match(name)) and member.issym():
                         target = _VERSIONED_TARGET.search(member.linkname)
                         filename = target.group(1) if target else filename
-                    elif name in _ACCOUNT_FILES and member.isfile() and member.size <= _MAX_ACCOUNTS_READ:
-                        accounts[_ACCOUNT_FILES[name]] = _read_member(tar, member).decode("utf-8", "replace")
+                    elif name in _ACCOUNT_FILES:
+                        # This layer's file replaces the lower layers'; one we will not read
+                        # (a link, or over the bound) counts as absent, never as theirs.
+                        readable = member.isfile() and member.size <= _MAX_ACCOUNTS_READ
+                        accounts[_ACCOUNT_FILES[name]] = (
+                            _read_member(tar, member).decode("utf-8", "replace") if readable else None)
                     elif name in _ACCOUNT_WHITEOUTS:
                         for kind in _ACCOUNT_WHITEOUTS[name]:  # hides lower layers' only, not this one's
                             accounts.setdefault(kind, None)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import ipaddress
-import json
 import os
 import re
 import tempfile
@@ -29,6 +28,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from condery.jsonobject import json_object
 from condery.registry.media_types import INDEX_TYPES, MANIFEST_TYPES
 from condery.registry.registry_auth import Credentials, RegistryAuth, RegistryAuthError
 
@@ -207,11 +207,8 @@ class UpstreamClient:
                 body = await _read_limited(resp, MAX_TOKEN_SIZE, "token response")
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"token server {_origin(realm)}: {exc}") from exc
-        try:
-            doc = json.loads(body)
-            token = doc.get("token") or doc.get("access_token")
-        except (ValueError, AttributeError):
-            token = None
+        doc = json_object(body) or {}
+        token = doc.get("token") or doc.get("access_token")
         if not isinstance(token, str) or not token or any(c in token for c in "\r\n "):
             raise UpstreamError("token server sent no usable token")
         return token
@@ -264,10 +261,10 @@ class UpstreamClient:
             raise UpstreamError(
                 f"{ref.registry}/{ref.repository}: manifest {reference} has digest {digest}"
             )
-        try:
-            body_type = json.loads(data).get("mediaType")
-        except (ValueError, AttributeError):
-            raise UpstreamError(f"{ref}: manifest is not a JSON object") from None
+        doc = json_object(data)
+        if doc is None:
+            raise UpstreamError(f"{ref}: manifest is not a JSON object")
+        body_type = doc.get("mediaType")
         media_type = body_type if isinstance(body_type, str) and body_type else header_type
         if media_type not in MANIFEST_TYPES | INDEX_TYPES:
             raise UpstreamError(f"{ref}: unsupported manifest type {media_type!r}")

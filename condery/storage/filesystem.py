@@ -30,6 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, AsyncIterator, BinaryIO
 
+from condery.jsonobject import json_object
 from condery.singleflight import SingleFlight
 from condery.storage import (
     BlobInfo,
@@ -244,7 +245,10 @@ class FilesystemStore(Store):
             text = await asyncio.to_thread(path.read_text)
         except FileNotFoundError:
             return None
-        return json.loads(text)
+        value = json_object(text)
+        if value is None:  # as the S3 backend answers: a store fault, not a 500
+            raise StorageError(f"record {kind}/{key} is not a JSON object")
+        return value
 
     async def put_record(self, kind: str, key: str, value: dict[str, Any]) -> None:
         data = json.dumps(value, sort_keys=True).encode()
