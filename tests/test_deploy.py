@@ -10,7 +10,6 @@ backends, and must answer /readyz, serve a pull, and write nothing outside the v
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import shlex
@@ -194,18 +193,9 @@ def test_serve_as_nobody_with_the_image_environment(
 
 # -- Kubernetes ----------------------------------------------------------------------------
 def condery_config(text: str, environ: dict[str, str] | None = None):  # noqa: ANN201
-    """A configuration file's text loaded as condery loads it (strict: unknown keys fail).
-
-    `coordination` is the Redis key of issue 8's other half; while this branch's Config
-    has no such key it is left out, and checked as soon as the key exists."""
-    from condery.config import Config
-    known = {f.name for f in dataclasses.fields(Config)}
-    data = yaml.safe_load(text)
-    if "coordination" not in known:
-        data.pop("coordination", None)
-        environ = {k: v for k, v in (environ or {}).items() if k != "CONDERY_COORDINATION"}
+    """A configuration file's text loaded as condery loads it (strict: unknown keys fail)."""
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as file:
-        file.write(yaml.safe_dump(data))
+        file.write(text)
         file.flush()
         return load_config(file.name, environ=environ or {})
 

@@ -137,3 +137,34 @@ def test_the_quick_start_works_as_written_on_debian(tmp_path: Path) -> None:
     python = subprocess.run(["bash", "-c", ". .venv/bin/activate && python3 -c 'import sys; print(sys.prefix)'"],
                             cwd=checkout, env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
     assert python.stdout.strip() == str(checkout / ".venv")
+
+
+# -- the quick start's client lines ---------------------------------------------------------
+def client_lines() -> list[str]:
+    """The sh block after "Then, from any OCI client:" (comments removed)."""
+    section = README.read_text().split("Then, from any OCI client:", 1)[1]
+    block = re.search(r"^```sh\n(.*?)^```", section, re.MULTILINE | re.DOTALL).group(1)
+    return [line.split("  #", 1)[0].strip() for line in block.splitlines() if line.strip()]
+
+
+def test_the_quick_start_client_lines_work_as_written(tmp_path: Path, base_layout: Path, podman) -> None:
+    """skopeo and podman exactly as the README writes them, only the address moved off 8080
+    (real numpy and python: the repackaged wheels). There is no Docker engine here: the
+    docker line is checked for the one thing that differs (localhost, which Docker trusts)."""
+    from tests.fixtures.wheel_packages import build_realistic_channel
+
+    skopeo, podman_run, docker = client_lines()
+    assert skopeo.startswith("skopeo copy ") and podman_run.startswith("podman run ")
+    assert docker == "docker pull localhost:8080/python/numpy"
+    channel = build_realistic_channel(tmp_path / "channel")
+    (tmp_path / "server").mkdir()
+    with condery(tmp_path / "server", [str(channel)], f"oci:{base_layout}:bookworm") as registry:
+        address = registry.url.removeprefix("http://")
+        work = tmp_path / "client"
+        work.mkdir()
+        for line in (skopeo, podman_run):
+            result = subprocess.run(["bash", "-c", line.replace("127.0.0.1:8080", address)], cwd=work,
+                                    env=podman.env, capture_output=True, text=True, timeout=600)
+            assert result.returncode == 0, (line, result.stderr[-2000:])
+    index = json.loads((work / "numpy" / "index.json").read_text())
+    assert index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"] == "latest"

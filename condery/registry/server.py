@@ -451,17 +451,7 @@ async def _send_file(request: web.Request, response: web.StreamResponse, handle:
     transport = request.transport
     if transport is None:
         raise ConnectionResetError("the client went away")
-    try:
-        await asyncio.get_running_loop().sendfile(transport, handle, offset, length)
-    except NotImplementedError:  # an event loop without sendfile at all (uvloop's transports)
-        handle.seek(offset)
-        remaining = length
-        while remaining > 0:
-            chunk = await asyncio.to_thread(handle.read, min(1 << 20, remaining))
-            if not chunk:
-                raise ConnectionResetError("the blob file ended early") from None
-            await response.write(chunk)
-            remaining -= len(chunk)
+    await asyncio.get_running_loop().sendfile(transport, handle, offset, length)
 
 def _http_exception_error(request: web.Request, exc: web.HTTPException) -> RegistryError:
     """The spec's error for aiohttp's own 4xx (unmatched route, wrong method)."""
