@@ -23,9 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from condery.cache import ImageRecord, RecordCache, image_record_key, tags_prefix  # noqa: E402
+from condery.records.cache import ImageRecord, RecordCache, image_record_key, tags_prefix  # noqa: E402
 from condery.config import StorageConfig  # noqa: E402
-from condery.registry.names import ImageRef, parse_name  # noqa: E402
+from condery.image.names import ImageRef, parse_name  # noqa: E402
 from condery.storage import Store, open_store  # noqa: E402
 
 TAGS_PER_NAME = 10

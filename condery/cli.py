@@ -16,12 +16,12 @@ from typing import Sequence
 from aiohttp import web
 from tqdm import tqdm
 
-from condery.build import ImageService
+from condery.build.service import ImageService
 from condery.config import Config, ConfigError, effective_yaml, load_config
-from condery.gc import collect, run_every
+from condery.records.gc import collect, run_every
 from condery.layers.env_layer import explicit_lock
 from condery.observability.logs import configure_logging
-from condery.redact import redact_text
+from condery.common.redact import redact_text
 from condery.registry.connections import (
     ConnectionLimits,
     default_max_connections,
@@ -29,12 +29,12 @@ from condery.registry.connections import (
     raise_open_file_limit,
     serving,
 )
-from condery.registry.errors import RegistryError
-from condery.registry.names import NameInvalid, parse_name
-from condery.registry.oci_layout import write_oci_layout
+from condery.oci.errors import RegistryError
+from condery.image.names import NameInvalid, parse_name
+from condery.oci.layout import write_oci_layout
 from condery.registry.server import ACCESS_LOG_FORMAT, create_app
-from condery.registry.tags import Digest, parse_reference
-from condery.state import AppState
+from condery.image.tags import Digest, parse_reference
+from condery.build.state import AppState
 from condery.storage import StorageError, open_store
 from condery.storage.verify import verify_store
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import rattler
 
-from condery.assembly import default_cmd, image_account, image_settings
+from condery.build.assembly import default_cmd, image_account, image_settings
 from condery.config import Config, load_config
-from condery.registry.names import parse_name
+from condery.image.names import parse_name
 
 CREATED = datetime(2024, 6, 1, tzinfo=timezone.utc)
 

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from condery.config import Config
-from condery.registry.base_image import (
+from condery.bases.resolve import (
     GZIP_RECORD_KIND,
     MAX_BASE_SIZE,
     RECORD_KIND,
@@ -40,7 +40,7 @@ from condery.registry.base_image import (
     resolve_base_image,
     scan_layer,
 )
-from condery.registry.media_types import (
+from condery.oci.media_types import (
     DOCKER_LAYER_GZIP,
     OCI_CONFIG,
     OCI_LAYER_GZIP,
@@ -48,9 +48,9 @@ from condery.registry.media_types import (
     OCI_LAYER_ZSTD,
     OCI_MANIFEST,
 )
-from condery.registry.manifest import Descriptor, ManifestError, docker_manifest, sha256_digest
-from condery.registry.platforms import OciPlatform
-from condery.registry.upstream import (
+from condery.oci.manifest import Descriptor, ManifestError, docker_manifest, sha256_digest
+from condery.oci.platforms import OciPlatform
+from condery.bases.upstream import (
     ImageReference,
     UpstreamError,
     base_url,
@@ -965,7 +965,7 @@ async def test_a_record_from_before_accounts_reads_them_from_the_stored_layers(t
     async def no_import(*args, **kwargs):  # the upstream is gone
         raise AssertionError("imported again")
 
-    monkeypatch.setattr("condery.registry.base_image._import", no_import)
+    monkeypatch.setattr("condery.bases.resolve._import", no_import)
     again = await resolve_base_image(spec, AMD64, store, session, layer_budget=BUDGET)
     assert (again.passwd, again.group) == (first.passwd, first.group) and again.passwd is not None
     records = [await store.get_record(RECORD_KIND, key) for key in keys]

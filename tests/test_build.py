@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from condery.build import ImageService
+from condery.build.service import ImageService
 from condery.config import ConfigError, load_config
 from condery.layers.solve import channel
-from condery.registry import errors
-from condery.registry.names import parse_name
-from condery.registry.tags import Latest, Snapshot
-from condery.state import AppState
+from condery.oci import errors
+from condery.image.names import parse_name
+from condery.image.tags import Latest, Snapshot
+from condery.build.state import AppState
 from tests.fixtures.condapkg import PkgFile, index_channel, write_conda_package
 from tests.fixtures.gated_channel import GatedChannel, gated_channel
 

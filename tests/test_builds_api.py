@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from condery.progress import BuildTracker, build_id
-from condery.registry.names import parse_name
+from condery.build.progress import BuildTracker, build_id
+from condery.image.names import parse_name
 from condery.registry.server import create_app
-from condery.registry.tags import Latest
+from condery.image.tags import Latest
 from tests.fixtures.gated_channel import GatedChannel
 from tests.test_build import counting_builds, gated, make_service, until  # noqa: F401 - fixtures used below
 

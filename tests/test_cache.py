@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 import rattler
 
-from condery.build import ImageService
-from condery import cache
-from condery.cache import Freshness, ImageRecord, RecordCache, RepodataClock
+from condery.build.service import ImageService
+from condery.records import cache
+from condery.records.cache import Freshness, ImageRecord, RecordCache, RepodataClock
 from condery.config import load_config
-from condery.registry import errors
-from condery.registry.names import ImageRef, parse_name
-from condery.registry.tags import Latest, Snapshot
-from condery.state import AppState
+from condery.oci import errors
+from condery.image.names import ImageRef, parse_name
+from condery.image.tags import Latest, Snapshot
+from condery.build.state import AppState
 from tests.fixtures.condapkg import PkgFile, index_channel, write_conda_package
 from tests.fixtures.gated_channel import GatedChannel, gated_channel
 

@@ -12,17 +12,9 @@ from typing import Any
 import pytest
 import yaml
 
-from condery.config import (
-    DEFAULT_META_PACKAGES,
-    MASK,
-    ImageUser,
-    Config,
-    ConfigError,
-    MetaPackage,
-    StorageConfig,
-    effective_yaml,
-    load_config,
-)
+from condery.image.meta import DEFAULT_META_PACKAGES, ImageUser, MetaPackage
+from condery.config.output import MASK
+from condery.config import Config, ConfigError, StorageConfig, effective_yaml, load_config
 
 
 def refused(**values: Any) -> list[str]:

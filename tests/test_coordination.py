@@ -9,8 +9,8 @@ import time
 import pytest
 
 from condery.config import ConfigError, CoordinationConfig, effective_yaml, load_config
-from condery.coordination import LocalCoordinator, RedisCoordinator, open_coordinator
-from condery.registry import errors
+from condery.build.coordination import LocalCoordinator, RedisCoordinator, open_coordinator
+from condery.oci import errors
 from tests.fixtures.procs import free_port
 from tests.fixtures.redis_server import RedisServer, redis  # noqa: F401 - the fixture
 

@@ -11,7 +11,6 @@ The e2e parts change only the documented parameters: the registry's address
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -20,9 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from condery.config import DEFAULT_META_PACKAGES
-from condery.registry.names import parse_name
-from condery.registry.tags import parse_reference
+from condery.image.meta import DEFAULT_META_PACKAGES
+from condery.image.names import parse_name
+from condery.image.tags import parse_reference
 from tests.fixtures.clients import Podman
 from tests.fixtures.condapkg import PkgFile, index_channel, write_conda_package
 from tests.test_e2e import Registry, condery

@@ -12,8 +12,9 @@ from typing import Any, Iterator
 
 import yaml
 
-from condery.config import DEFAULT_META_PACKAGES, load_config
-from condery.registry.names import parse_name
+from condery.image.meta import DEFAULT_META_PACKAGES
+from condery.config import load_config
+from condery.image.names import parse_name
 from tests.test_deploy import k8s_errors
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "jupyterhub.md"

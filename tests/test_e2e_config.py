@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from condery.registry.media_types import DOCKER_LAYER_GZIP, DOCKER_MANIFEST, OCI_LAYER_GZIP
+from condery.oci.media_types import DOCKER_LAYER_GZIP, DOCKER_MANIFEST, OCI_LAYER_GZIP
 from tests.fixtures.base_image import BASE_TAG
 from tests.fixtures.clients import run_in_rootfs
 from tests.test_base_image import recompress_layers

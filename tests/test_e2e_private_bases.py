@@ -31,7 +31,7 @@ from tests.fixtures.upstream import (
 from tests.test_cache import TINY, tiny_channel
 from tests.test_e2e import OCI_MANIFEST, Registry, condery, unpack
 from tests.test_registry_auth import AMD64, HELPER, answer, write_helper
-from condery.registry.platforms import OciPlatform
+from condery.oci.platforms import OciPlatform
 
 pytestmark = pytest.mark.e2e
 

@@ -22,7 +22,7 @@ from tests.fixtures.base_image import BASE_TAG
 from tests.fixtures.clients import Podman, bundle_process, oci_validate, skopeo_copy, umoci_unpack
 from tests.fixtures.containerd import containerd
 from tests.test_e2e import Registry, condery
-from condery.registry.manifest import sha256_digest
+from condery.oci.manifest import sha256_digest
 
 pytestmark = pytest.mark.e2e
 

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from condery.build import ImageService
+from condery.build.service import ImageService
 from condery.config import ConfigError, GcConfig, StorageConfig, load_config
-from condery.gc import collect
+from condery.records.gc import collect
 from condery.layers.archive_cache import cap_archive_cache
-from condery.registry.names import ImageRef, parse_name
-from condery.registry.tags import Latest, parse_reference
-from condery.state import AppState
+from condery.image.names import ImageRef, parse_name
+from condery.image.tags import Latest, parse_reference
+from condery.build.state import AppState
 from condery.storage import Store
 from condery.storage.filesystem import FilesystemStore
 from tests.fixtures.seaweed import SeaweedS3

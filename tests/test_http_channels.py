@@ -12,16 +12,16 @@ from pathlib import Path
 import pytest
 import rattler
 
-from condery.build import ImageService
+from condery.build.service import ImageService
 from condery.config import load_config
 from condery.layers import PackageError, PackageUnavailable
 from condery.layers import package_layer
 from condery.layers.package_layer import build_package_layer, channel_client
 from condery.layers.solve import ChannelUnavailable, SolveRequest, solve
-from condery.registry import errors
-from condery.registry.names import parse_name
-from condery.registry.tags import Latest
-from condery.state import REPODATA_RETRIES, AppState
+from condery.oci import errors
+from condery.image.names import parse_name
+from condery.image.tags import Latest
+from condery.build.state import REPODATA_RETRIES, AppState
 from tests.fixtures.condapkg import PkgFile, index_channel, write_conda_package
 from tests.fixtures.http_channel import faulty_channel
 from tests.fixtures.token_channel import token_channel

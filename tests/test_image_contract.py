@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from condery.build import ImageService
+from condery.build.service import ImageService
 from condery.config import load_config
-from condery.registry import errors
-from condery.registry.names import parse_name
-from condery.registry.tags import Latest
-from condery.state import AppState
+from condery.oci import errors
+from condery.image.names import parse_name
+from condery.image.tags import Latest
+from condery.build.state import AppState
 from tests.fixtures.disk import fill, tmpfs
 from tests.fixtures.http_channel import FaultyChannel, faulty_channel
 from tests.fixtures.gated_channel import GatedChannel, gated_channel

@@ -11,14 +11,15 @@ from urllib.parse import quote
 
 import pytest
 
-from condery.build import ImageService
-from condery.config import DEFAULT_META_PACKAGES, load_config
-from condery.lookup import FailureLog, shown_channels
-from condery.registry import errors
-from condery.registry.compose import compose
-from condery.registry.names import parse_name
-from condery.registry.tags import Latest
-from condery.state import AppState
+from condery.build.service import ImageService
+from condery.image.meta import DEFAULT_META_PACKAGES
+from condery.config import load_config
+from condery.build.look import FailureLog, shown_channels
+from condery.oci import errors
+from condery.image.compose import compose
+from condery.image.names import parse_name
+from condery.image.tags import Latest
+from condery.build.state import AppState
 from tests.test_build import counting_builds, counting_solves
 from tests.test_e2e import OCI_MANIFEST, Registry, condery
 

@@ -20,8 +20,8 @@ import pytest
 
 from tests.fixtures.condapkg import index_channel, write_conda_package
 from condery.registry.landing import landing_page
-from condery.registry.names import parse_name
-from condery.registry.tags import Latest
+from condery.image.names import parse_name
+from condery.image.tags import Latest
 from tests.fixtures.gated_channel import GatedChannel
 from tests.test_build import gated, make_service, until  # noqa: F401 - fixtures
 from tests.test_e2e import OCI_MANIFEST, Registry, condery

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from condery.registry.media_types import (
+from condery.oci.media_types import (
     DOCKER_CONFIG,
     DOCKER_LAYER_FOREIGN_GZIP,
     DOCKER_LAYER_GZIP,
@@ -24,7 +24,7 @@ from condery.registry.media_types import (
     OCI_LAYER_ZSTD,
     OCI_MANIFEST,
 )
-from condery.registry.manifest import (
+from condery.oci.manifest import (
     DEFAULT_PATH,
     Descriptor,
     ImageSettings,
@@ -37,7 +37,7 @@ from condery.registry.manifest import (
     parse_descriptor,
     sha256_digest,
 )
-from condery.registry.platforms import OciPlatform, conda_subdir, oci_platform
+from condery.oci.platforms import OciPlatform, conda_subdir, oci_platform
 from tests.fixtures.upstream import gzip_bytes, make_tar
 
 AMD64 = OciPlatform("linux", "amd64")

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from condery.config import DEFAULT_META_PACKAGES, MetaPackage
-from condery.registry.errors import NameInvalid
-from condery.registry.names import (
+from condery.image.meta import DEFAULT_META_PACKAGES, MetaPackage
+from condery.oci.errors import NameInvalid
+from condery.image.names import (
     COMPONENT_RE,
     OPERATORS,
     component_to_spec,

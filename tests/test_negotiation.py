@@ -8,7 +8,7 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from condery.registry.media_types import (
+from condery.oci.media_types import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
     OCI_INDEX,
@@ -22,7 +22,7 @@ from condery.registry.negotiation import (
     parse_accept,
     platform_manifest,
 )
-from condery.registry.platforms import OciPlatform
+from condery.oci.platforms import OciPlatform
 
 DOCKER_V1 = "application/vnd.docker.distribution.manifest.v1+json"
 DOCKER_V1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"

@@ -15,15 +15,15 @@ import rattler
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from condery.build import ImageService
+from condery.build.service import ImageService
 from condery.config import load_config
 from condery.layers.package_layer import build_package_layer
 from condery.observability.build_report import BuildReport, union_seconds
 from condery.observability.logs import JsonFormatter, TextFormatter, configure_logging, event
 from condery.observability.metrics import ROUTES, Metrics, route_of
-from condery.redact import RedactingFilter
+from condery.common.redact import RedactingFilter
 from condery.registry.server import create_app
-from condery.state import AppState
+from condery.build.state import AppState
 from tests.fixtures.condapkg import index_channel, write_bulk_package
 from tests.fixtures.disk import tmpfs
 

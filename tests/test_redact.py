@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from condery.redact import RedactingFilter, redact_text, redact_url, redact_values
+from condery.common.redact import RedactingFilter, redact_text, redact_url, redact_values
 
 
 @pytest.mark.parametrize(("url", "expected"), [

@@ -18,24 +18,24 @@ import pytest
 from aiohttp import web
 
 from condery.config import ConfigError, effective_yaml, load_config
-from condery.registry import base_image
-from condery.registry.base_image import (
+from condery.bases import resolve as base_image
+from condery.bases.resolve import (
     RECORD_KIND,
     BaseImageError,
     _select_platform,
     resolve_base_image,
 )
-from condery.registry.manifest import Descriptor, ManifestError, oci_index, sha256_digest
-from condery.registry.media_types import OCI_MANIFEST
-from condery.registry.platforms import OciPlatform, oci_platform
-from condery.registry.registry_auth import (
+from condery.oci.manifest import Descriptor, ManifestError, oci_index, sha256_digest
+from condery.oci.media_types import OCI_MANIFEST
+from condery.oci.platforms import OciPlatform, oci_platform
+from condery.bases.auth import (
     Credentials,
     RegistryAuth,
     RegistryAuthError,
     default_auth_files,
     normalise_key,
 )
-from condery.registry.upstream import ImageReference, UpstreamClient
+from condery.bases.upstream import ImageReference, UpstreamClient
 from condery.storage.filesystem import FilesystemStore
 from tests.fixtures.upstream import (
     BASIC_PASSWORD,

@@ -31,7 +31,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from aiohttp.test_utils import TestClient
 
-from condery.config import DEFAULT_META_PACKAGES, ConfigError, MetaPackage, load_config
+from condery.image.meta import DEFAULT_META_PACKAGES, MetaPackage
+from condery.config import ConfigError, load_config
 from condery.observability.logs import FIELDS
 from condery.registry.connections import (
     ConnectionLimits,
@@ -40,9 +41,9 @@ from condery.registry.connections import (
     default_max_connections_per_client,
     serving,
 )
-from condery.registry.errors import ManifestUnknown, RegistryError, TooManyRequests, Unavailable
-from condery.registry.names import ImageRef, ImageRequest
-from condery.registry.media_types import (
+from condery.oci.errors import ManifestUnknown, RegistryError, TooManyRequests, Unavailable
+from condery.image.names import ImageRef, ImageRequest
+from condery.oci.media_types import (
     DOCKER_CONFIG,
     DOCKER_LAYER_GZIP,
     DOCKER_MANIFEST,
@@ -53,7 +54,7 @@ from condery.registry.media_types import (
     OCI_MANIFEST,
 )
 from condery.registry.server import create_app, parse_range, RangeNotSatisfiable
-from condery.registry.tags import Latest, Snapshot
+from condery.image.tags import Latest, Snapshot
 from condery.storage import StorageError
 from condery.storage.filesystem import FilesystemStore
 

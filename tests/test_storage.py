@@ -611,7 +611,7 @@ async def test_s3_work_directory_is_removed_on_close_and_orphans_at_start(
     seaweed: SeaweedS3, s3_bucket: str, tmp_path: Path
 ) -> None:
     from condery.config import Config
-    from condery.state import WORK_DIR_PREFIX, AppState
+    from condery.build.state import WORK_DIR_PREFIX, AppState
 
     # A work directory left by a process that is gone (pid 2**22+1 is above Linux's pid_max).
     orphan = Path(tempfile.gettempdir()) / f"{WORK_DIR_PREFIX}{2**22 + 1}-test"
@@ -629,7 +629,7 @@ async def test_s3_work_directory_is_removed_on_close_and_orphans_at_start(
 
 def test_json_object_refuses_hostile_nesting_without_raising() -> None:
     """Records, manifests and auth files are read with json_object: None, not a crash."""
-    from condery.jsonobject import json_object
+    from condery.common.jsonobject import json_object
 
     assert json_object(b"[" * 200_000) is None
     assert json_object(b"\xff\xfe") is None and json_object("[1]") is None

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from condery.registry.errors import ManifestUnknown
-from condery.registry.tags import Digest, Latest, Snapshot, parse_reference
+from condery.oci.errors import ManifestUnknown
+from condery.image.tags import Digest, Latest, Snapshot, parse_reference
 
 NOW = datetime(2024, 7, 1, 12, 0, tzinfo=timezone.utc)
 DIGEST = "sha256:" + "ab" * 32

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from condery.cache import TAGS_KIND, ImageRecord, RecordCache, TagsIndex, image_record_key
+from condery.records.cache import TAGS_KIND, ImageRecord, RecordCache, TagsIndex, image_record_key
 from condery.config import StorageConfig
-from condery.registry.names import ImageRef, parse_name
+from condery.image.names import ImageRef, parse_name
 from condery.storage import Store, open_store
 from tests.fixtures.seaweed import SeaweedS3
 from tests.test_e2e import OCI_MANIFEST, condery

@@ -52,7 +52,7 @@ from condery.layers.bytecode import BytecodePlan, CompiledFile, compile_bytecode
 from condery.layers.compression import GZIP
 from condery.layers.members import PackageLimits, verify_archive
 from condery.layers.tarball import check_member_name, write_layer
-from condery.redact import redact_url, redact_values
+from condery.common.redact import redact_url, redact_values
 
 log = logging.getLogger(__name__)
 

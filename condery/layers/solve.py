@@ -19,7 +19,7 @@ from rattler.exceptions import InvalidMatchSpecError, SolverError
 
 from condery.layers.package_layer import http_status
 from condery.layers.suggest import suggestions
-from condery.redact import redact_text
+from condery.common.redact import redact_text
 
 log = logging.getLogger(__name__)
 

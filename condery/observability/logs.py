@@ -18,7 +18,7 @@ import sys
 from datetime import datetime, timezone
 from typing import Any
 
-from condery.redact import RedactingFilter, redact_text, redact_values
+from condery.common.redact import RedactingFilter, redact_text, redact_values
 
 # The record attribute that carries an event's structured fields.
 FIELDS = "condery_fields"

@@ -17,7 +17,7 @@ from aiohttp import hdrs, web
 
 from condery.observability.logs import event
 from condery.observability.metrics import Metrics
-from condery.registry.errors import RegistryError
+from condery.oci.errors import RegistryError
 
 log = logging.getLogger("condery.access")
 

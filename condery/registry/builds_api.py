@@ -19,11 +19,11 @@ from typing import Mapping, Protocol
 
 from aiohttp import web
 
-from condery.config import MetaPackage
-from condery.progress import BuildStatus, BuildTracker
-from condery.registry.errors import NameInvalid, NameUnknown
-from condery.registry.names import ImageRequest, parse_name
-from condery.registry.tags import Digest, Latest, Snapshot, parse_reference
+from condery.image.meta import MetaPackage
+from condery.build.progress import BuildStatus, BuildTracker
+from condery.oci.errors import NameInvalid, NameUnknown
+from condery.image.names import ImageRequest, parse_name
+from condery.image.tags import Digest, Latest, Snapshot, parse_reference
 
 MAX_BODY = 64 * 1024  # a name is at most a few KiB; refuse larger bodies before parsing them
 _ID_RE = re.compile(r"[0-9a-f]{24}")

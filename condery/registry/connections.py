@@ -48,7 +48,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import LineTooLong
 
-from condery.registry.errors import RegistryError, Unavailable, error_body
+from condery.oci.errors import RegistryError, Unavailable, error_body
 from condery.registry.server import API_VERSION, API_VERSION_HEADER
 
 log = logging.getLogger("condery.connections")

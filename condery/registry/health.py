@@ -13,7 +13,7 @@ import asyncio
 from aiohttp import hdrs, web
 
 from condery.observability.metrics import CONTENT_TYPE, Metrics
-from condery.registry.errors import Unavailable
+from condery.oci.errors import Unavailable
 from condery.storage import Store, StorageError
 
 # Seconds a readiness probe waits for the store: probes (kubelet's) give up after 1-10 s,

@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from condery.lookup import ImageLook
-from condery.registry.compose import compose
-from condery.registry.errors import ManifestUnknown, NameInvalid
-from condery.registry.names import parse_name
-from condery.registry.tags import Digest, parse_reference
+from condery.build.look import ImageLook
+from condery.image.compose import compose
+from condery.oci.errors import ManifestUnknown, NameInvalid
+from condery.image.names import parse_name
+from condery.image.tags import Digest, parse_reference
 
 if TYPE_CHECKING:
-    from condery.build import ImageService
+    from condery.build.service import ImageService
 
 
 def split_name_tag(path: str) -> tuple[str, str]:

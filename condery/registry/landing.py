@@ -18,14 +18,14 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from condery.lookup import ImageLook, shown_channels
-from condery.redact import redact_text
-from condery.registry.compose import Composed, compose
-from condery.registry.errors import RegistryError
+from condery.build.look import ImageLook, shown_channels
+from condery.common.redact import redact_text
+from condery.image.compose import Composed, compose
+from condery.oci.errors import RegistryError
 from condery.registry.images_api import look
 
 if TYPE_CHECKING:
-    from condery.build import ImageService
+    from condery.build.service import ImageService
 
 STATIC_DIR = Path(__file__).parent / "static"
 _HTML = "text/html"

@@ -26,14 +26,14 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Literal
 
-from condery.registry.media_types import (
+from condery.oci.media_types import (
     OCI_MANIFEST,
     OCI_INDEX,
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
     MANIFEST_TYPES,
 )
-from condery.registry.platforms import OciPlatform
+from condery.oci.platforms import OciPlatform
 
 OCI_MANIFEST_TYPES = frozenset({OCI_MANIFEST, OCI_INDEX})
 DOCKER_MANIFEST_TYPES = frozenset({DOCKER_MANIFEST, DOCKER_MANIFEST_LIST})

@@ -29,11 +29,11 @@ from urllib.parse import quote
 
 from aiohttp import hdrs, web
 
-from condery.config import MetaPackage
+from condery.image.meta import MetaPackage
 from condery.observability.metrics import Metrics
 from condery.registry import health
 from condery.registry.access_log import access_middleware, note_error
-from condery.registry.errors import (
+from condery.oci.errors import (
     BlobUnknown,
     DigestInvalid,
     ManifestUnknown,
@@ -46,11 +46,11 @@ from condery.registry.errors import (
     error_body,
 )
 from condery.registry import builds_api, images_api, landing
-from condery.registry.names import ImageRef, ImageRequest, parse_name
-from condery.registry.media_types import INDEX_TYPES, OCI_INDEX
+from condery.image.names import ImageRef, ImageRequest, parse_name
+from condery.oci.media_types import INDEX_TYPES, OCI_INDEX
 from condery.registry.negotiation import OCI_MANIFEST_TYPES, client_platform, negotiate, platform_manifest
-from condery.registry.tags import SHA256_DIGEST_RE, Digest, Latest, Snapshot, parse_reference
-from condery.redact import redact_text
+from condery.image.tags import SHA256_DIGEST_RE, Digest, Latest, Snapshot, parse_reference
+from condery.common.redact import redact_text
 from condery.storage import Store, StorageError
 
 

@@ -30,8 +30,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, AsyncIterator, BinaryIO
 
-from condery.jsonobject import json_object
-from condery.singleflight import SingleFlight
+from condery.common.jsonobject import json_object
+from condery.common.singleflight import SingleFlight
 from condery.storage import (
     BlobInfo,
     Listed,

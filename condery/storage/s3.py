@@ -26,7 +26,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
-from condery.jsonobject import json_object
+from condery.common.jsonobject import json_object
 from condery.storage import (
     DIGEST_RE,
     BlobInfo,

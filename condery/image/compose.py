@@ -14,13 +14,12 @@ grammar (the page's script asks `/api/v1/compose` instead of repeating it).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
-from condery.registry.errors import NameInvalid
-from condery.registry.names import parse_name, spec_component
+from condery.image.meta import MetaPackage
+from condery.oci.errors import NameInvalid
+from condery.image.names import parse_name, spec_component
 
-if TYPE_CHECKING:
-    from condery.config import MetaPackage
 
 MAX_SPECS = 100  # more lines than any image name of 255 characters can hold
 
@@ -31,7 +30,7 @@ class Composed:
     problems: list[tuple[str, str]] = field(default_factory=list)  # (typed line, why it cannot be named)
 
 
-def compose(text: str, meta_packages: Mapping[str, "MetaPackage"]) -> Composed:
+def compose(text: str, meta_packages: Mapping[str, MetaPackage]) -> Composed:
     """The image name for specs typed one per line (meta-package names welcome)."""
     components: list[str] = []
     problems: list[tuple[str, str]] = []

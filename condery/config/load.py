@@ -1,4 +1,4 @@
-"""Configuration: one YAML file, every key also settable as CONDERY_<KEY>.
+"""Loading the configuration: one YAML file, every key also settable as CONDERY_<KEY>.
 
 Precedence, lowest first: embedded defaults, the YAML file, environment variables,
 command-line flags. Environment values are parsed as YAML so that
@@ -13,223 +13,24 @@ import functools
 import os
 import re
 import shlex
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import rattler
 import yaml
 
-from condery.layers.compression import COMPRESSIONS, GZIP
+from condery.layers.compression import COMPRESSIONS
 from condery.layers.solve import channel
-from condery.redact import redact_text
-from condery.registry.names import COMPONENT_RE, OPERATORS
-from condery.registry.platforms import oci_platform
+from condery.common.redact import redact_text
+from condery.image.names import COMPONENT_RE, OPERATORS
+from condery.oci.platforms import oci_platform
 
-# debian:bookworm-slim's multi-platform index, pinned so that the default image is
-# reproducible; bump it on purpose (and say so in the changelog).
-# Digest source: Renovate's digest bump for debian:bookworm-slim in
-# https://github.com/MathiasPius/kronform/pull/323 (df52e55 -> 8820086) and
-# https://github.com/void-community/Void/pull/1411, full value as pinned in public
-# Dockerfiles (e.g. `FROM debian:bookworm-slim@sha256:88200866...`), one of which notes it
-# is the OCI index digest (debian:bookworm-20260824-slim). Not re-checked against Docker
-# Hub from this machine (no access): verify with `skopeo inspect --raw` when bumping.
-DEFAULT_BASE_IMAGE = (
-    "docker.io/library/debian:bookworm-slim"
-    "@sha256:88200866dfff7ea7f5cbcb6ec7c8a701889efe6fe859fe64d6990e4b07ea4171"
+from condery.config.schema import (
+    Config, ConfigError, CoordinationConfig, GcConfig, StorageConfig,
 )
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, malformed or contradictory."""
-
-
-@dataclass(frozen=True)
-class ImageUser:
-    """The account an image runs as. The environment layer writes it into /etc/passwd and
-    /etc/group (the base's entries kept) and creates its home owned by it, so that every
-    runtime agrees: containerd and runc create a missing working directory as root."""
-
-    name: str
-    uid: int
-    gid: int
-    group: str  # the primary group's name (a base group with this gid or name is replaced)
-    home: str
-    shell: str | None = None  # None: the environment's bash if it has one, else /bin/sh
-
-
-@dataclass(frozen=True)
-class MetaPackage:
-    """A name component that stands for a set of specs plus image settings."""
-
-    specs: tuple[str, ...]
-    user: ImageUser | None = None
-    env: Mapping[str, str] = field(default_factory=dict)
-    workdir: str | None = None  # None with a user: the user's home
-    cmd: tuple[str, ...] | None = None
-    entrypoint: tuple[str, ...] | None = None
-    labels: Mapping[str, str] = field(default_factory=dict)
-
-
-JOVYAN = ImageUser(name="jovyan", uid=1000, gid=100, group="users", home="/home/jovyan")
-DEFAULT_META_PACKAGES: dict[str, MetaPackage] = {
-    # What a CI job reaches for first: a shell, git, curl with CA certificates, archives.
-    "shell": MetaPackage(specs=("bash", "coreutils", "git", "curl", "ca-certificates", "tar", "gzip",
-                                "findutils", "sed", "grep", "less")),
-    # The Jupyter Docker Stacks' conventions (jovyan, uid 1000, gid 100 `users`, which
-    # z2jh's fsGid defaults to), and the command KubeSpawner and z2jh run by default.
-    # Not start-notebook.sh: it exists to drop root and chown the home, which this image
-    # needs neither of (docs/jupyterhub.md).
-    "jupyter": MetaPackage(
-        specs=("jupyterlab", "jupyterhub-singleuser"),
-        user=JOVYAN,
-        workdir="/home/jovyan",
-        cmd=("jupyterhub-singleuser",),
-    ),
-}
-
-
-class MetaConflict(ValueError):
-    """Two meta-packages of one name give one setting different values."""
-
-
-def combine_meta_packages(packages: Mapping[str, MetaPackage]) -> MetaPackage:
-    """The settings of several meta-packages used together (`jupyter/shell/numpy`).
-
-    Components have no order (`a/b` is `b/a`), so no meta-package can win by coming
-    later: specs, env and labels are united, and each setting (user, workdir, cmd,
-    entrypoint, one env variable, one label) may be given by several only if they agree.
-    Anything else is a MetaConflict naming both.
-    """
-    specs: list[str] = []
-    single: dict[str, tuple[str, Any]] = {}  # setting -> (meta-package that set it, value)
-    merged: dict[str, dict[str, str]] = {"env": {}, "labels": {}}
-    owners: dict[tuple[str, str], str] = {}
-
-    def agree(setting: str, name: str, value: Any, seen: tuple[str, Any] | None) -> None:
-        if seen is not None and seen[1] != value:
-            raise MetaConflict(f"meta-packages {seen[0]!r} and {name!r} set {setting} differently; "
-                               "use one of them, or configure a meta-package that combines them")
-
-    for name in sorted(packages):
-        package = packages[name]
-        specs.extend(s for s in package.specs if s not in specs)
-        for setting in ("user", "workdir", "cmd", "entrypoint"):
-            value = getattr(package, setting)
-            if value is not None:
-                agree(setting, name, value, single.get(setting))
-                single.setdefault(setting, (name, value))
-        for kind in ("env", "labels"):
-            for key, value in getattr(package, kind).items():
-                known = merged[kind].get(key)
-                agree(f"{kind} {key}", name, value, None if known is None else (owners[(kind, key)], known))
-                merged[kind][key] = value
-                owners.setdefault((kind, key), name)
-    values = {setting: value for setting, (_, value) in single.items()}
-    return MetaPackage(specs=tuple(specs), env=merged["env"], labels=merged["labels"], **values)
-
-
-@dataclass(frozen=True)
-class StorageConfig:
-    backend: str = "filesystem"  # "filesystem" or "s3"
-    path: str = "condery-data"  # filesystem: the store's root directory
-    bucket: str | None = None  # s3
-    endpoint_url: str | None = None
-    region: str | None = None
-    redirect: bool = False  # s3: answer blob GETs with a 307 to a presigned URL
-
-
-@dataclass(frozen=True)
-class CoordinationConfig:
-    """How replicas on one bucket avoid building the same image twice (coordination.py)."""
-
-    backend: str = "local"  # "local" (one replica) or "redis"
-    url: str | None = None  # redis: redis://HOST:PORT/DB (or rediss://, unix://)
-    lease: int = 30  # redis: seconds a killed builder can keep others waiting on its image
-
-
-@dataclass(frozen=True)
-class GcConfig:
-    """`condery gc` (condery/gc.py): how long what nothing current reaches is kept."""
-
-    keep: int = 7 * 24 * 3600  # seconds an image replaced as `latest` (or of another configuration) stays
-    grace: int = 24 * 3600  # seconds: nothing younger is removed, nothing served within it either
-    snapshots_max_age: int | None = None  # seconds a date tag unused stays; None: forever
-    interval: int = 0  # seconds between runs inside `condery serve`; 0: only `condery gc`
-
+from condery.image.meta import DEFAULT_META_PACKAGES, ImageUser, MetaPackage
 
 _GC_KEYS = tuple(f.name for f in dataclasses.fields(GcConfig))
-
-
-@dataclass(frozen=True)
-class Config:
-    host: str = "127.0.0.1"
-    port: int = 8080
-    channels: tuple[str, ...] = ("conda-forge",)
-    platforms: tuple[str, ...] = ("linux-64",)
-    prefix: str = "/opt/conda"
-    base_image: str = DEFAULT_BASE_IMAGE
-    # A Docker config.json with the base image registry's credentials (registry_auth.py);
-    # unset: $REGISTRY_AUTH_FILE, else ${XDG_RUNTIME_DIR}/containers/auth.json and
-    # $DOCKER_CONFIG/config.json (~/.docker/config.json), as podman and skopeo read them.
-    base_image_auth_file: str | None = None
-    # Seconds a base pinned only by tag (debian:12) is used before its tag is asked for
-    # again; a base pinned by digest is never asked for again.
-    base_image_refresh: int = 24 * 3600
-    storage: StorageConfig = field(default_factory=StorageConfig)
-    coordination: CoordinationConfig = field(default_factory=CoordinationConfig)
-    gc: GcConfig = field(default_factory=GcConfig)
-    # Most engines refuse images of more than ~125 layers; leave room for the base.
-    layer_budget: int = 100
-    latest_ttl: int = 3600  # seconds a `latest` solve is reused before solving again
-    # A date tag is cached forever only once its day ended this long ago (packages built
-    # that day may still be uploaded); before that it is re-solved like `latest`.
-    snapshot_grace: int = 2 * 24 * 3600  # seconds
-    meta_packages: Mapping[str, MetaPackage] = field(
-        default_factory=lambda: dict(DEFAULT_META_PACKAGES)
-    )
-    max_packages: int = 500
-    max_concurrent_builds: int = 2
-    # Cold builds waiting for a slot; past it a new name gets 429 (joining a build is free).
-    max_queued_builds: int = 16
-    # Cold builds one client (the peer address) may have running or waiting at once.
-    max_builds_per_client: int = 2
-    failed_solve_ttl: int = 60  # seconds an unsatisfiable name is answered without solving
-    solve_timeout: int = 120  # seconds
-    build_timeout: int = 1800  # seconds
-    # Where downloaded package archives are kept (verified by sha256 before use).
-    package_cache: str | None = None  # default: <filesystem store>/pkgs or ~/.cache
-    package_cache_max_size: int = 20 << 30  # least recently used archives go past it (archive_cache.py)
-    allow_package_scripts: bool = False  # run post-link scripts (untrusted code!)
-    # Package downloads in flight at once, apart from the CPU-bound layer work: a slow
-    # channel should not hold the cores, nor the cores the network.
-    max_concurrent_downloads: int = 8
-    # What one package may unpack to. conda-forge's largest packages (CUDA and PyTorch
-    # builds) unpack to 3-5 GB and tens of thousands of files; a bomb of 66 KB that
-    # inflates to gigabytes is refused from its tar headers. Sizes take 8GiB, 500MB, ...
-    max_package_unpacked_size: int = 8 << 30
-    max_package_files: int = 250_000
-    # Connections (condery/registry/connections.py). 0: half the open-file limit, at
-    # most 4096; the rest of the file descriptors are for the store and builds.
-    max_connections: int = 0
-    max_connections_per_client: int = 0  # 0: an eighth of max_connections, at least 8
-    header_timeout: int = 15  # seconds to send a request's headers, else 408 and closed
-    idle_timeout: int = 30  # seconds a keep-alive connection may wait for its next request
-    # "text" (key=value lines for people) or "json" (one JSON object a line, for log shippers).
-    log_format: str = "text"
-    # "gzip" (every client) or "zstd" (smaller, faster to unpack; containerd 1.5+, podman,
-    # Docker 23+; such images are served as OCI manifests only: negotiation.py).
-    layer_compression: str = GZIP
-
-    @property
-    def package_cache_dir(self) -> Path:
-        if self.package_cache:
-            return Path(self.package_cache)
-        if self.storage.backend == "filesystem":
-            return Path(self.storage.path) / "pkgs"
-        return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "condery" / "pkgs"
-
-
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 LOG_FORMATS = ("text", "json")
 # String keys that take one of a few words.
@@ -741,76 +542,3 @@ def load_config(
     return Config(**typed)
 
 
-# -- the effective configuration, for `condery config` -----------------------------------
-
-MASK = "***"
-# Keys whose values are secrets wherever they appear (meta_packages' env, mostly).
-_SECRET_KEY = re.compile(r"token|passw|secret|credential|api_?key|auth|private", re.IGNORECASE)
-# Where aiobotocore's default chain takes S3 credentials from (condery reads none itself).
-_S3_CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-
-
-def _plain(config: Config) -> dict[str, Any]:
-    """The configuration as YAML-ready data that load_config reads back to the same Config."""
-    data: dict[str, Any] = {}
-    for name in _FIELDS:
-        value = getattr(config, name)
-        if name == "storage":
-            keys = ("backend", *sorted(_STORAGE_KEYS[value.backend]))
-            value = {k: getattr(value, k) for k in keys if getattr(value, k) is not None}
-        elif name == "coordination":
-            value = {k: getattr(value, k) for k in ("backend", *sorted(_COORDINATION_KEYS[value.backend]))}
-        elif name == "gc":
-            value = dataclasses.asdict(value)
-        elif name == "meta_packages":
-            value = {
-                meta: {k: (list(v) if isinstance(v, tuple) else dict(v) if isinstance(v, Mapping) else v)
-                       for k, v in dataclasses.asdict(package).items() if v is not None}
-                for meta, package in value.items()
-            }
-        elif isinstance(value, tuple):
-            value = list(value)
-        data[name] = value
-    return data
-
-
-def _mask(value: Any, path: str, masked: list[str]) -> Any:
-    """`value` with every secret replaced, the paths of what was masked added to `masked`."""
-    if isinstance(value, dict):
-        out = {}
-        for key, item in value.items():
-            child = _join(path, key)
-            # Scalars only: a meta-package may well be called `auth`; its settings are no secret.
-            # A `*_file` key (base_image_auth_file) names where secrets are, which is none.
-            if (_SECRET_KEY.search(str(key)) and not str(key).endswith("_file")
-                    and isinstance(item, (str, int, float)) and item != ""):
-                out[key] = MASK
-                masked.append(child)
-            else:
-                out[key] = _mask(item, child, masked)
-        return out
-    if isinstance(value, list):
-        return [_mask(item, f"{path}[{i}]", masked) for i, item in enumerate(value)]
-    if isinstance(value, str) and redact_text(value) != value:  # a URL with userinfo or /t/<token>
-        masked.append(path)
-        return redact_text(value)
-    return value
-
-
-def effective_yaml(config: Config, environ: Mapping[str, str] | None = None) -> str:
-    """The configuration as YAML, secrets masked, loadable again with `--config`.
-
-    Credentials inside URLs are removed (redact.py), values of secret-looking keys are
-    replaced by `***`, and S3 credentials found in the environment are only named.
-    """
-    environ = os.environ if environ is None else environ
-    masked: list[str] = []
-    data = _mask(_plain(config), "", masked)
-    header = ["# condery: the effective configuration (defaults, file, CONDERY_* variables, flags)"]
-    if masked:
-        header.append(f"# secrets masked or removed: {', '.join(masked)}")
-    if config.storage.backend == "s3":
-        found = [name for name in _S3_CREDENTIAL_VARIABLES if environ.get(name)]
-        header.append(f"# S3 credentials from the environment: {', '.join(found) if found else 'none'}"
-                      f"{f' (values {MASK})' if found else ' (aiobotocore default chain)'}")
-    return "\n".join(header) + "\n" + yaml.safe_dump(data, sort_keys=False, default_flow_style=False)

@@ -28,9 +28,9 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from condery.jsonobject import json_object
-from condery.registry.media_types import INDEX_TYPES, MANIFEST_TYPES
-from condery.registry.registry_auth import Credentials, RegistryAuth, RegistryAuthError
+from condery.common.jsonobject import json_object
+from condery.oci.media_types import INDEX_TYPES, MANIFEST_TYPES
+from condery.bases.auth import Credentials, RegistryAuth, RegistryAuthError
 
 MANIFEST_ACCEPT = (
     "application/vnd.oci.image.index.v1+json",

@@ -30,27 +30,27 @@ from typing import Callable, Mapping, Protocol, Sequence
 
 import rattler
 
-from condery.admission import BuildQueue
-from condery.assembly import (
+from condery.build.admission import BuildQueue
+from condery.build.assembly import (
     PlatformImage, created_of, image_account, image_settings, layer_annotations, manifest_annotations,
 )
-from condery.cache import Freshness, ImageKeys, ImageRecord, LayerEntry, RecordCache, RepodataClock, tag_of
-from condery.config import MetaPackage
-from condery.image_layers import LayerBuilder
+from condery.records.cache import Freshness, ImageKeys, ImageRecord, LayerEntry, RecordCache, RepodataClock, tag_of
+from condery.image.meta import MetaPackage
+from condery.build.image_layers import LayerBuilder
 from condery.layers import PackageError, PackageUnavailable
 from condery.layers.bytecode import BytecodePlan, plan_bytecode, wants_bytecode
 from condery.layers.compression import GZIP, ZSTD
 from condery.layers.env_layer import explicit_lock
 from condery.layers.package_layer import python_site_packages
 from condery.layers.solve import SolveError, SolveRequest, SolveUnavailable, SpecError, solve
-from condery.lookup import FailureLog, ImageLook, SolveCache, Solved, SolvedPlatform, built_layers, solved_platform
-from condery.progress import BuildStatus, BuildTracker, build_id
+from condery.build.look import FailureLog, ImageLook, SolveCache, Solved, SolvedPlatform, built_layers, solved_platform
+from condery.build.progress import BuildStatus, BuildTracker, build_id
 from condery.observability.build_report import BuildReport
 from condery.observability.logs import event
-from condery.registry import errors
-from condery.registry.base_image import BaseImage, BaseImageError, resolve_base_image
-from condery.registry.registry_auth import RegistryAuth
-from condery.registry.manifest import (
+from condery.oci import errors
+from condery.bases.resolve import BaseImage, BaseImageError, resolve_base_image
+from condery.bases.auth import RegistryAuth
+from condery.oci.manifest import (
     Descriptor,
     docker_manifest,
     docker_manifest_list,
@@ -59,7 +59,7 @@ from condery.registry.manifest import (
     oci_manifest,
     sha256_digest,
 )
-from condery.registry.media_types import (
+from condery.oci.media_types import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
     OCI_CONFIG,
@@ -68,11 +68,11 @@ from condery.registry.media_types import (
     OCI_LAYER_ZSTD,
     OCI_MANIFEST,
 )
-from condery.registry.names import ImageRef, ImageRequest
-from condery.registry.platforms import OciPlatform, oci_platform
-from condery.registry.tags import Latest, Snapshot
-from condery.singleflight import SingleFlight
-from condery.state import AppState
+from condery.image.names import ImageRef, ImageRequest
+from condery.oci.platforms import OciPlatform, oci_platform
+from condery.image.tags import Latest, Snapshot
+from condery.common.singleflight import SingleFlight
+from condery.build.state import AppState
 from condery.storage import StorageError, store_fault_reason
 
 log = logging.getLogger("condery.build")

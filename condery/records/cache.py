@@ -45,10 +45,10 @@ from condery.layers import PackageError
 from condery.layers.compression import COMPRESSOR_ID, GZIP
 from condery.layers.package_layer import LAYOUT_VERSION
 from condery.layers.solve import channel
-from condery.redact import redact_url
-from condery.registry.base_image import BaseImage
-from condery.registry.names import ImageRef, ImageRequest
-from condery.registry.tags import Latest, Snapshot
+from condery.common.redact import redact_url
+from condery.bases.resolve import BaseImage
+from condery.image.names import ImageRef, ImageRequest
+from condery.image.tags import Latest, Snapshot
 from condery.storage import StorageError, Store
 
 log = logging.getLogger("condery.cache")

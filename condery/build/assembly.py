@@ -16,11 +16,12 @@ from typing import Sequence
 
 import rattler
 
-from condery.config import Config, MetaPackage, combine_meta_packages
+from condery.config import Config
+from condery.image.meta import MetaPackage, combine_meta_packages
 from condery.layers.env_layer import Account
-from condery.registry.manifest import Descriptor, ImageSettings
-from condery.registry.names import ImageRequest
-from condery.registry.platforms import OciPlatform
+from condery.oci.manifest import Descriptor, ImageSettings
+from condery.image.names import ImageRequest
+from condery.oci.platforms import OciPlatform
 
 LABEL_PREFIX = "org.condery"
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)

@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from condery.cache import TAGS_KIND, TagsIndex
+from condery.records.cache import TAGS_KIND, TagsIndex
 from condery.config import GcConfig
 from condery.observability.metrics import Metrics
 from condery.storage import DIGEST_RE, Listed, StorageError, Store

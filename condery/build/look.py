@@ -21,14 +21,14 @@ from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 import rattler
 
-from condery.assembly import LABEL_PREFIX
-from condery.cache import Freshness, ImageRecord
+from condery.build.assembly import LABEL_PREFIX
+from condery.records.cache import Freshness, ImageRecord
 from condery.layers.env_layer import explicit_lock
 from condery.layers.solve import public_message
-from condery.redact import redact_text, redact_url
-from condery.registry.errors import RegistryError
-from condery.registry.tags import Latest, Snapshot
-from condery.singleflight import SingleFlight
+from condery.common.redact import redact_text, redact_url
+from condery.oci.errors import RegistryError
+from condery.image.tags import Latest, Snapshot
+from condery.common.singleflight import SingleFlight
 from condery.storage import Store
 
 SOLVE_CACHE_ENTRIES = 1024

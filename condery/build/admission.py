@@ -14,8 +14,8 @@ import time
 from collections import OrderedDict
 from typing import Awaitable, Callable, Generic, TypeVar
 
-from condery.registry import errors
-from condery.singleflight import SingleFlight
+from condery.oci import errors
+from condery.common.singleflight import SingleFlight
 
 T = TypeVar("T")
 

@@ -17,14 +17,14 @@ from pathlib import Path
 import aiohttp
 import rattler
 
-from condery.admission import BuildQueue, RecentFailures
+from condery.build.admission import BuildQueue, RecentFailures
 from condery.config import Config
-from condery.coordination import Coordinator, LocalCoordinator, open_coordinator
+from condery.build.coordination import Coordinator, LocalCoordinator, open_coordinator
 from condery.layers.bytecode import HostInterpreters
 from condery.layers.package_layer import channel_client
-from condery.progress import BuildTracker
+from condery.build.progress import BuildTracker
 from condery.observability.metrics import Metrics
-from condery.registry.names import ImageRef
+from condery.image.names import ImageRef
 from condery.layers.archive_cache import cap_archive_cache
 from condery.storage import Store, StorageError, open_store, os_error_text
 from condery.storage.filesystem import FilesystemStore

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from datetime import date, datetime, time, timezone
 
-from condery.registry.errors import ManifestUnknown
+from condery.oci.errors import ManifestUnknown
 
 TAG_RE = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
 # fullmatch, not `$`: `$` also matches before a trailing newline.

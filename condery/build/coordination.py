@@ -27,7 +27,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from condery.config import CoordinationConfig
-from condery.registry import errors
+from condery.oci import errors
 
 log = logging.getLogger("condery.coordination")
 T = TypeVar("T")

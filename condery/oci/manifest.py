@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Mapping, Sequence
 
-from condery.registry.platforms import OciPlatform
+from condery.oci.platforms import OciPlatform
 
-from condery.registry.media_types import (
+from condery.oci.media_types import (
     OCI_MANIFEST,
     OCI_INDEX,
     OCI_CONFIG,

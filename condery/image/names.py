@@ -27,14 +27,13 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import rattler
 
-from condery.registry.errors import NameInvalid
+from condery.image.meta import MetaConflict, MetaPackage, combine_meta_packages
+from condery.oci.errors import NameInvalid
 
-if TYPE_CHECKING:
-    from condery.config import MetaPackage
 
 # The OCI distribution spec's repository path component.
 COMPONENT_RE = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*")
@@ -245,7 +244,7 @@ def conda_spelling(component: str) -> tuple[str | None, str]:
     return fixed, sentence
 
 
-def _conda_hint(name: str, part: str, meta_packages: Mapping[str, "MetaPackage"]) -> str | None:
+def _conda_hint(name: str, part: str, meta_packages: Mapping[str, MetaPackage]) -> str | None:
     """The NAME_INVALID reason for a component in conda syntax, with the whole name
     rewritten when every such component of it can be; None when `part` is not conda syntax."""
     fixed, sentence = conda_spelling(part)
@@ -262,7 +261,7 @@ def _conda_hint(name: str, part: str, meta_packages: Mapping[str, "MetaPackage"]
     return sentence
 
 
-def parse_name(name: str, meta_packages: Mapping[str, "MetaPackage"]) -> ImageRequest:
+def parse_name(name: str, meta_packages: Mapping[str, MetaPackage]) -> ImageRequest:
     """The image request a repository name stands for. Raises NameInvalid."""
     if not isinstance(name, str) or not name:
         raise _invalid(str(name), "the name is empty")
@@ -290,8 +289,6 @@ def parse_name(name: str, meta_packages: Mapping[str, "MetaPackage"]) -> ImageRe
         canonical.add(parsed.canonical)
         specs.add(parsed.spec)
     if len(meta) > 1:
-        from condery.config import MetaConflict, combine_meta_packages  # config imports this module
-
         try:
             combine_meta_packages({m: meta_packages[m] for m in meta})
         except MetaConflict as exc:

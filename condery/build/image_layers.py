@@ -16,7 +16,7 @@ from typing import Sequence
 
 import rattler
 
-from condery.cache import LayerEntry, RecordCache, group_key, layer_key
+from condery.records.cache import LayerEntry, RecordCache, group_key, layer_key
 from condery.layers import LayerBlob
 from condery.layers.bytecode import BytecodePlan, bytecode_for
 from condery.layers.env_layer import Account, build_env_layer
@@ -24,9 +24,9 @@ from condery.layers.grouping import group_layers
 from condery.layers.members import PackageLimits
 from condery.layers.package_layer import LayerReport, build_package_layer
 from condery.layers.tarball import concat_layers
-from condery.registry.names import ImageRequest
-from condery.singleflight import SingleFlight
-from condery.state import AppState
+from condery.image.names import ImageRequest
+from condery.common.singleflight import SingleFlight
+from condery.build.state import AppState
 
 
 class LayerBuilder:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from condery.jsonobject import json_object
+from condery.common.jsonobject import json_object
 
 MAX_AUTH_FILE_SIZE = 1 << 20
 MAX_HELPER_OUTPUT = 1 << 20

@@ -59,9 +59,9 @@ from typing import IO, Any, Mapping, Protocol
 import aiohttp
 import zstandard
 
-from condery.jsonobject import json_object
+from condery.common.jsonobject import json_object
 from condery.layers.compression import GzipChunkWriter, open_decompressed
-from condery.registry.media_types import (
+from condery.oci.media_types import (
     CONFIG_TYPES,
     INDEX_TYPES,
     MANIFEST_TYPES,
@@ -71,15 +71,15 @@ from condery.registry.media_types import (
     OCI_LAYER_ZSTD,
     OCI_MANIFEST,
 )
-from condery.registry.manifest import (
+from condery.oci.manifest import (
     LAYER_TYPES,
     Descriptor,
     ManifestError,
     parse_descriptor,
 )
-from condery.registry.platforms import OciPlatform
-from condery.registry.registry_auth import RegistryAuth
-from condery.registry.upstream import (
+from condery.oci.platforms import OciPlatform
+from condery.bases.auth import RegistryAuth
+from condery.bases.upstream import (
     MAX_MANIFEST_SIZE,
     FetchedManifest,
     ImageReference,
