@@ -22,6 +22,7 @@ from __future__ import annotations
 import abc
 import errno
 import hashlib
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, BinaryIO
 if TYPE_CHECKING:
     from condery.config import StorageConfig
 
+log = logging.getLogger("condery.storage")
 DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
 RECORD_KEY_RE = re.compile(r"^[A-Za-z0-9._@:+=,-]+(/[A-Za-z0-9._@:+=,-]+)*$")
 
@@ -114,6 +116,26 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def blob_info(self, digest: str) -> BlobInfo | None:
         """Size of a stored blob, or None when it is not stored."""
+
+    async def has_blob(self, digest: str, size: int) -> bool:
+        """Whether the blob is stored whole: present, with the `size` its descriptor gives.
+
+        A stored blob of another size cannot match its digest (a truncated copy, an
+        interrupted restore): it is removed, as a corrupt blob found by hashing is, so
+        that every record pointing at it reads as a miss and the next request makes it
+        again. A stat, not a hash: cheap enough to check every blob of an image before
+        its manifest is first served; bit rot of the same size is caught when the blob
+        is first read (filesystem) or by `condery verify`.
+        """
+        info = await self.blob_info(digest)
+        if info is None:
+            return False
+        if info.size == size:
+            return True
+        log.error("blob %s has %d bytes where %d were stored; removing it so it is made again",
+                  digest, info.size, size)
+        await self.remove_blob(digest)
+        return False
 
     @abc.abstractmethod
     def read_blob(
