@@ -164,8 +164,8 @@ async def resolve_base_image(
         message = str(exc) or "timed out"
         if len(message) > _MAX_MESSAGE:
             message = message[:_MAX_MESSAGE] + "..."
-        log.warning("%s: %s", f"base image {spec}" if spec.startswith("oci:") else _describe(spec), message)
-        raise BaseImageError(f"{_describe(spec)}: {message}") from None
+        log.warning("%s: %s", f"base image {spec}" if spec.startswith("oci:") else describe_base(spec), message)
+        raise BaseImageError(f"{describe_base(spec)}: {message}") from None
 
 
 @dataclass(frozen=True)
@@ -217,12 +217,12 @@ async def _resolve(spec: str, platform: OciPlatform, store: Store, fetch: _Fetch
     except (BaseImageError, UpstreamError, ManifestError, asyncio.TimeoutError) as exc:
         # stale-if-error: the last good base serves until the registry answers again.
         log.warning("%s: refresh failed, using the base resolved before (%s): %s",
-                    _describe(spec), record.get("manifest"), str(exc)[:_MAX_MESSAGE] or "timed out")
+                    describe_base(spec), record.get("manifest"), str(exc)[:_MAX_MESSAGE] or "timed out")
         retry_at = now - fetch.refresh + min(fetch.refresh, FAILED_REFRESH_RETRY)
         await store.put_record(RECORD_KIND, key, {**record, "checked_at": retry_at})
         return image
     if refreshed.layers != image.layers or refreshed.config != image.config:
-        log.info("%s for %s: the tag moved to %s", _describe(spec), platform, root.digest)
+        log.info("%s for %s: the tag moved to %s", describe_base(spec), platform, root.digest)
     return refreshed
 
 
@@ -244,7 +244,7 @@ def _parse_reference(spec: str) -> ImageReference:
         raise BaseImageError(str(exc)) from None
 
 
-def _describe(spec: str) -> str:
+def describe_base(spec: str) -> str:
     """The base named for a client: no layout path, and nothing of a malformed reference
     (it may hold a `user:password@`, which references cannot carry)."""
     if spec.startswith("oci:"):
