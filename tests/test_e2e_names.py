@@ -4,7 +4,6 @@ as the error body a client reads (skopeo prints a 4xx body's message)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from urllib.parse import quote
 
 import pytest

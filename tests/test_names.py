@@ -11,12 +11,12 @@ from hypothesis import strategies as st
 from condery.image.meta import DEFAULT_META_PACKAGES, MetaPackage
 from condery.oci.errors import NameInvalid
 from condery.image.names import (
-    COMPONENT_RE,
     OPERATORS,
     component_to_spec,
     parse_name,
     spec_to_component,
 )
+from condery.oci.grammar import COMPONENT_RE
 
 METAS = dict(DEFAULT_META_PACKAGES)
 SYMBOLS = {"ne": "!=", "gt": ">", "ge": ">=", "lt": "<", "le": "<="}

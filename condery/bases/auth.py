@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from condery.common.children import spawn
 from condery.common.jsonobject import json_object
 
 MAX_AUTH_FILE_SIZE = 1 << 20
@@ -171,7 +172,7 @@ class RegistryAuth:
             raise RegistryAuthError("a credential helper name in the auth file is not a plain name")
         program = f"docker-credential-{name}"
         try:
-            proc = await asyncio.create_subprocess_exec(
+            proc = await spawn(
                 program, "get", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.DEVNULL,  # may echo what it was given; never shown
             )

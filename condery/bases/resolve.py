@@ -87,6 +87,7 @@ from condery.bases.upstream import (
     UpstreamError,
 )
 from condery.storage import Store
+from condery.oci.grammar import is_digest, is_tag
 
 log = logging.getLogger("condery.base_image")
 
@@ -105,8 +106,6 @@ MAX_BASE_UNPACKED_SIZE = 64 << 30
 # environment's own (build.py's grouping keeps the image within layer_budget).
 OWN_LAYERS = 2
 _MAX_MESSAGE = 500  # error text quotes untrusted JSON: keep the client's answer short
-_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
-_DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
 _REF_NAME = "org.opencontainers.image.ref.name"
 DEFAULT_REFRESH = 24 * 3600  # seconds a base pinned only by tag is used before asking again
 # After a failed refresh, the seconds before the next attempt: soon enough to pick up the
@@ -337,7 +336,7 @@ class _Layout:
             raise BaseImageError("oci: needs a path to an OCI image layout")
         head, sep, tail = text.rpartition(":")
         # "oci:DIR:TAG" unless DIR:TAG is itself the layout directory.
-        if sep and _TAG_RE.match(tail) and not (Path(text) / "index.json").is_file():
+        if sep and is_tag(tail) and not (Path(text) / "index.json").is_file():
             path, tag = Path(head), tail
         else:
             path, tag = Path(text), None
@@ -346,7 +345,7 @@ class _Layout:
         return cls(path, tag)
 
     def _blob_path(self, digest: str) -> Path:
-        if not _DIGEST_RE.match(digest):  # keeps the path inside blobs/sha256/
+        if not is_digest(digest):  # keeps the path inside blobs/sha256/
             raise ManifestError(f"not a sha256 digest: {digest!r}")
         return self.path / "blobs" / "sha256" / digest.split(":", 1)[1]
 
@@ -527,7 +526,7 @@ def checked_config(config: dict[str, Any], layers: tuple[Descriptor, ...], platf
     rootfs = config.get("rootfs")
     diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
     if not isinstance(diff_ids, list) or len(diff_ids) != len(layers) or not all(
-        isinstance(d, str) and _DIGEST_RE.match(d) for d in diff_ids
+        is_digest(d) for d in diff_ids
     ):
         raise ManifestError("image config's rootfs.diff_ids do not match the manifest's layers")
     if (config.get("os"), config.get("architecture")) != (platform.os, platform.architecture):

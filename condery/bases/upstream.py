@@ -31,6 +31,7 @@ import aiohttp
 from condery.common.jsonobject import json_object
 from condery.oci.media_types import INDEX_TYPES, MANIFEST_TYPES
 from condery.bases.auth import Credentials, RegistryAuth, RegistryAuthError
+from condery.oci.grammar import REPOSITORY_RE, is_digest, is_tag
 
 MANIFEST_ACCEPT = (
     "application/vnd.oci.image.index.v1+json",
@@ -43,9 +44,6 @@ MAX_TOKEN_SIZE = 1 << 20
 _CHUNK = 1 << 20
 _FLUSH = 8 << 20  # bytes gathered before one hand-off to the writer thread
 
-_DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
-_REPO_RE = re.compile(r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$")
-_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 _HOST_RE = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
 _CHALLENGE_PARAM_RE = re.compile(r'([A-Za-z_]+)\s*=\s*(?:"([^"]*)"|([^\s,]+))')
 
@@ -68,7 +66,7 @@ class ImageReference:
         rest, digest = text, None
         if "@" in rest:
             rest, digest = rest.split("@", 1)
-            if not _DIGEST_RE.match(digest):
+            if not is_digest(digest):
                 # Not echoed: "user:password@host/repo" lands here, and a reference
                 # has no place for credentials.
                 raise ValueError("what follows '@' is not a sha256 digest (credentials are not supported)")
@@ -77,7 +75,7 @@ class ImageReference:
         colon = rest.rfind(":")
         if colon > last_slash:  # a colon after the last slash is a tag, not a port
             rest, tag = rest[:colon], rest[colon + 1 :]
-            if not _TAG_RE.match(tag):
+            if not is_tag(tag):
                 raise ValueError(f"invalid tag {tag!r}")
         first, _, remainder = rest.partition("/")
         # Docker's rule: the first component is a registry if it looks like a host.
@@ -91,7 +89,7 @@ class ImageReference:
             registry = "registry-1.docker.io"
             if "/" not in repository:
                 repository = "library/" + repository
-        if not _REPO_RE.match(repository) or len(repository) > 255:
+        if not REPOSITORY_RE.fullmatch(repository) or len(repository) > 255:
             raise ValueError(f"invalid repository name {repository!r}")
         if tag is None and digest is None:
             tag = "latest"
@@ -250,14 +248,14 @@ class UpstreamClient:
 
     async def get_manifest(self, ref: ImageReference, reference: str) -> FetchedManifest:
         """The manifest or index named by a tag or digest; a digest reference is verified."""
-        if not (_DIGEST_RE.match(reference) or _TAG_RE.match(reference)):
+        if not (is_digest(reference) or is_tag(reference)):
             raise ValueError(f"invalid manifest reference {reference!r}")
         resp = await self._get(ref, f"manifests/{reference}", {"Accept": ", ".join(MANIFEST_ACCEPT)})
         async with resp:
             data = await _read_limited(resp, MAX_MANIFEST_SIZE, "manifest")
             header_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        if _DIGEST_RE.match(reference) and digest != reference:
+        if is_digest(reference) and digest != reference:
             raise UpstreamError(
                 f"{ref.registry}/{ref.repository}: manifest {reference} has digest {digest}"
             )
@@ -335,7 +333,7 @@ def _write_and_hash(handle, hasher, chunks: list[bytes]) -> None:  # type: ignor
 
 
 def _checked(digest: str) -> str:
-    if not _DIGEST_RE.match(digest):
+    if not is_digest(digest):
         raise UpstreamError(f"not a sha256 digest: {digest!r}")
     return digest
 

@@ -22,7 +22,8 @@ import yaml
 from condery.layers.compression import COMPRESSIONS
 from condery.layers.solve import channel
 from condery.common.redact import redact_text
-from condery.image.names import COMPONENT_RE, OPERATORS
+from condery.image.names import OPERATORS
+from condery.oci.grammar import COMPONENT_RE
 from condery.oci.platforms import oci_platform
 
 from condery.config.schema import (

@@ -33,10 +33,9 @@ import rattler
 
 from condery.image.meta import MetaConflict, MetaPackage, combine_meta_packages
 from condery.oci.errors import NameInvalid
+from condery.oci.grammar import COMPONENT_RE
 
 
-# The OCI distribution spec's repository path component.
-COMPONENT_RE = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*")
 MAX_NAME_LENGTH = 255
 
 OPERATORS: dict[str, str] = {"eq": "", "ne": "!=", "gt": ">", "ge": ">=", "lt": "<", "le": "<="}

@@ -10,10 +10,8 @@ from dataclasses import dataclass
 from datetime import date, datetime, time, timezone
 
 from condery.oci.errors import ManifestUnknown
+from condery.oci.grammar import is_digest, is_tag
 
-TAG_RE = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
-# fullmatch, not `$`: `$` also matches before a trailing newline.
-SHA256_DIGEST_RE = re.compile(r"sha256:[a-f0-9]{64}")
 SNAPSHOT_RE = re.compile(r"(\d{4})-(\d{2})-(\d{2})")
 
 TAG_HINT = "condery serves the tags 'latest' and 'YYYY-MM-DD' (a past UTC day) and sha256 digests"
@@ -59,11 +57,11 @@ def parse_reference(ref: str, now: datetime | None = None) -> Reference:
     A snapshot of a day that has not ended yet (UTC, at `now`) is refused: its answer
     could still change, but snapshots are cached forever.
     """
-    if SHA256_DIGEST_RE.fullmatch(ref):
+    if is_digest(ref):
         return Digest(ref)
     if ":" in ref:
         raise ManifestUnknown(f"unsupported digest {_shown(ref)}; condery serves sha256 digests")
-    if not TAG_RE.fullmatch(ref):
+    if not is_tag(ref):
         raise ManifestUnknown(f"invalid tag {_shown(ref)}; {TAG_HINT}")
     if ref == "latest":
         return Latest()

@@ -39,6 +39,7 @@ from typing import Any, Sequence
 
 import rattler
 
+from condery.common.children import spawn
 from condery.layers import PackageError, PackageUnavailable
 
 # A big package (thousands of modules) compiles in well under a minute on one core.
@@ -277,9 +278,10 @@ class _Failed(Exception):
 async def _run(argv: list[str], timeout: float, *, cwd: Path | None) -> str:
     """Run a host interpreter with the minimal environment; its stdout on success.
 
-    Killed on timeout and on cancellation (an abandoned build must not leave it running).
+    Killed on timeout and on cancellation (an abandoned build must not leave it running),
+    and by the kernel when the server dies (it would write on into the store's staging).
     """
-    proc = await asyncio.create_subprocess_exec(
+    proc = await spawn(
         *argv, cwd=cwd, env=_CHILD_ENV, stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
     )

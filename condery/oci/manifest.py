@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Mapping, Sequence
@@ -31,6 +30,7 @@ from condery.oci.media_types import (
     DOCKER_LAYER_FOREIGN_GZIP,
     CONFIG_TYPES,
 )
+from condery.oci.grammar import is_digest
 
 # Layer media types a base image may bring; each maps to its OCI and Docker spelling
 # (None: Docker schema 2 has no way to say it).
@@ -47,7 +47,6 @@ LAYER_TYPES = frozenset(_LAYER_TYPES)
 # What a shell gets when the base image sets no PATH (Docker's and containerd's default).
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-_DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
 # The config fields of the OCI image spec, plus Docker's Healthcheck which engines honour;
 # other Docker-only fields (Hostname, AttachStdin, ...) describe a container, not an image.
 _CONFIG_FIELDS = (
@@ -124,7 +123,7 @@ def parse_descriptor(obj: Any) -> Descriptor:
     media_type, digest, size = obj.get("mediaType"), obj.get("digest"), obj.get("size")
     if not isinstance(media_type, str) or not media_type:
         raise ManifestError("descriptor has no mediaType")
-    if not isinstance(digest, str) or not _DIGEST_RE.match(digest):
+    if not is_digest(digest):
         raise ManifestError(f"descriptor digest {digest!r} is not a sha256 digest")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise ManifestError(f"descriptor size {size!r} is not a non-negative integer")
@@ -186,13 +185,13 @@ def image_config(
     if len(history) != len(diff_ids):
         raise ValueError(f"{len(diff_ids)} layers but {len(history)} history entries")
     for diff_id in diff_ids:
-        if not _DIGEST_RE.match(diff_id):
+        if not is_digest(diff_id):
             raise ValueError(f"diff_id {diff_id!r} is not a sha256 digest")
     base = dict(base_config or {})
     base_rootfs = base.get("rootfs") or {"type": "layers", "diff_ids": []}
     base_diff_ids = base_rootfs.get("diff_ids") if isinstance(base_rootfs, Mapping) else None
     if not isinstance(base_diff_ids, list) or not all(
-        isinstance(d, str) and _DIGEST_RE.match(d) for d in base_diff_ids
+        is_digest(d) for d in base_diff_ids
     ):
         raise ManifestError("base image config has no valid rootfs.diff_ids")
     base_settings = base.get("config") or {}

@@ -38,7 +38,8 @@ from typing import Any, Iterable
 from condery.records.cache import TAGS_KIND, TagsIndex
 from condery.config import GcConfig
 from condery.observability.metrics import Metrics
-from condery.storage import DIGEST_RE, Listed, StorageError, Store
+from condery.oci.grammar import is_digest
+from condery.storage import Listed, StorageError, Store
 
 log = logging.getLogger("condery.gc")
 _DATE_TAG = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -71,7 +72,7 @@ class GcReport:
 def _digests_in(value: Any) -> Iterable[str]:
     """Every digest a JSON document names (base-image records: config, layers, gzip copies)."""
     if isinstance(value, str):
-        if DIGEST_RE.fullmatch(value):
+        if is_digest(value):
             yield value
     elif isinstance(value, dict):
         for item in value.values():

@@ -49,9 +49,10 @@ from condery.registry import builds_api, images_api, landing
 from condery.image.names import ImageRef, ImageRequest, parse_name
 from condery.oci.media_types import INDEX_TYPES, OCI_INDEX
 from condery.registry.negotiation import OCI_MANIFEST_TYPES, client_platform, negotiate, platform_manifest
-from condery.image.tags import SHA256_DIGEST_RE, Digest, Latest, Snapshot, parse_reference
+from condery.image.tags import Digest, Latest, Snapshot, parse_reference
 from condery.common.redact import redact_text
 from condery.storage import Store, StorageError
+from condery.oci.grammar import is_digest
 
 
 API_VERSION_HEADER = "Docker-Distribution-API-Version"
@@ -183,7 +184,7 @@ def error_response(error: RegistryError, headers: Mapping[str, str] | None = Non
 
 
 def _check_digest(digest: str) -> str:
-    if not SHA256_DIGEST_RE.fullmatch(digest):
+    if not is_digest(digest):
         shown = digest if len(digest) <= 80 else digest[:77] + "..."
         raise DigestInvalid(f"invalid digest {shown!r}; expected sha256:<64 lowercase hex digits>")
     return digest

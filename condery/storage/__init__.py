@@ -28,11 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, BinaryIO
 
+from condery.oci.grammar import is_digest
+
 if TYPE_CHECKING:
     from condery.config import StorageConfig
 
 log = logging.getLogger("condery.storage")
-DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
 RECORD_KEY_RE = re.compile(r"^[A-Za-z0-9._@:+=,-]+(/[A-Za-z0-9._@:+=,-]+)*$")
 
 
@@ -82,7 +83,7 @@ def os_error_text(exc: OSError) -> str:
 
 def check_digest(digest: str) -> str:
     """Return `digest` if it is a well-formed sha256 digest, else raise ValueError."""
-    if not DIGEST_RE.fullmatch(digest):
+    if not is_digest(digest):
         raise ValueError(f"not a sha256 digest: {digest!r}")
     return digest
 

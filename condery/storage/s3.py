@@ -28,7 +28,6 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from condery.common.jsonobject import json_object
 from condery.storage import (
-    DIGEST_RE,
     BlobInfo,
     Listed,
     StorageError,
@@ -37,6 +36,7 @@ from condery.storage import (
     check_record_key,
     os_error_text,
 )
+from condery.oci.grammar import is_digest
 
 if TYPE_CHECKING:
     from condery.config import StorageConfig
@@ -291,7 +291,7 @@ class S3Store(Store):
             ):
                 for entry in page.get("Contents", []):
                     digest = "sha256:" + entry["Key"].rsplit("/", 1)[-1]
-                    if DIGEST_RE.fullmatch(digest):
+                    if is_digest(digest):
                         yield Listed(digest, entry["LastModified"].timestamp(), int(entry["Size"]))
 
     async def clean_staging(self, max_age: float) -> int:
