@@ -17,9 +17,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
 from tests.fixtures.condapkg import index_channel, write_conda_package
-from condery.registry.landing import landing_page
+from condery.build.service import ImageService
+from condery.build.state import AppState
+from condery.config import load_config
+from condery.registry.landing import landing_page, register
 from condery.image.names import parse_name
 from condery.image.tags import Latest
 from tests.fixtures.gated_channel import GatedChannel
@@ -193,3 +198,51 @@ async def test_builds_in_progress_are_listed(make_service, gated: GatedChannel) 
     gated.packages.set()
     await asyncio.gather(first, second)
     assert "No build in progress" in landing_page(service, "registry.example", "")
+
+
+@pytest.fixture
+async def page_with_base(tmp_path: Path, fixture_channel: Path):
+    """The landing page, fetched over HTTP, of a service whose base_image is the one given."""
+    states: list[AppState] = []
+
+    async def fetch(base_image: str) -> str:
+        config = load_config(
+            None,
+            environ={},
+            channels=[str(fixture_channel)],
+            base_image=base_image,
+            storage={"backend": "filesystem", "path": str(tmp_path / "store")},
+            package_cache=str(tmp_path / "pkgs"),
+        )
+        state = await AppState.open(config)
+        states.append(state)
+        app = web.Application()
+        register(app, ImageService(state))
+        async with TestClient(TestServer(app)) as client:
+            response = await client.get("/")
+            assert response.status == 200
+            return await response.text()
+
+    yield fetch
+    for state in states:
+        await state.close()
+
+
+async def test_an_oci_base_is_shown_without_the_servers_path(page_with_base, tmp_path: Path, base_layout: Path) -> None:
+    private = tmp_path / "srv-private-layouts-q7zx"
+    private.mkdir()
+    (private / "debian").symlink_to(base_layout, target_is_directory=True)
+    page = await page_with_base(f"oci:{private / 'debian'}:bookworm")
+    assert "<dt>base image</dt><dd>the base image&#x27;s OCI layout, tag bookworm</dd>" in page
+    assert "srv-private-layouts-q7zx" not in page and str(private) not in page and str(base_layout) not in page
+
+
+@pytest.mark.parametrize(("base_image", "shown"), [
+    ("registry.example/library/debian:bookworm", "registry.example/library/debian:bookworm"),
+    ("https://alice:hunter2@registry.example/library/debian:bookworm", "https://registry.example/library/debian:bookworm"),
+    ("alice:hunter2@registry.example/library/debian:bookworm", "registry.example/library/debian:bookworm"),
+])
+async def test_a_registry_base_is_shown_without_credentials(page_with_base, base_image: str, shown: str) -> None:
+    page = await page_with_base(base_image)
+    assert f"<dt>base image</dt><dd><code>{shown}</code></dd>" in page
+    assert "hunter2" not in page and "alice" not in page

@@ -18,10 +18,13 @@ from urllib.parse import quote
 
 from aiohttp import web
 
+from condery.bases.resolve import describe_base
+from condery.bases.upstream import ImageReference
 from condery.build.look import ImageLook, shown_channels
 from condery.common.redact import redact_text
 from condery.image.compose import Composed, compose
 from condery.oci.errors import RegistryError
+from condery.oci.grammar import is_tag
 from condery.registry.images_api import look
 
 if TYPE_CHECKING:
@@ -87,6 +90,28 @@ def _table(headers: Iterable[str], rows: Iterable[Iterable[str]], cls: str = "")
 
 
 # -- the landing page ---------------------------------------------------------------
+def shown_base(spec: str) -> str:
+    """The configured base image as the page names it: a registry reference as it is,
+    credentials redacted; an `oci:` layout as errors name it, with its tag and never the
+    server's path (`the base image's OCI layout, tag bookworm`)."""
+    if spec.startswith("oci:"):
+        text = spec[len("oci:") :]
+        _, sep, tag = text.rpartition(":")
+        # The tag as the layout reader splits it: "oci:DIR:TAG" unless DIR:TAG is the layout.
+        if sep and is_tag(tag) and not (Path(text) / "index.json").is_file():
+            return f"{describe_base(spec)}, tag {tag}"
+        return describe_base(spec)
+    shown = redact_text(spec)
+    try:
+        ImageReference.parse(spec)
+    except ValueError:
+        # Not a reference: a `user:password@` before the host (which redact_text, made
+        # for URLs, leaves) is cut.
+        head, slash, rest = shown.partition("/")
+        shown = head.rpartition("@")[2] + slash + rest
+    return shown
+
+
 def _served(service: "ImageService") -> str:
     config = service.config
     metas = _table(
@@ -95,11 +120,14 @@ def _served(service: "ImageService") -> str:
         "meta",
     )
     channels = "".join(f"<li><code>{_e(c)}</code></li>" for c in shown_channels(config.channels))
+    base = _e(shown_base(config.base_image))
+    if not config.base_image.startswith("oci:"):  # a reference; a layout is named in words
+        base = f"<code>{base}</code>"
     return (
         "<section id=\"served\"><h2>What this registry serves</h2><dl class=\"facts\">"
         f"<dt>channels</dt><dd><ul class=\"channels\">{channels}</ul></dd>"
         f"<dt>platforms</dt><dd>{_e(', '.join(config.platforms))}</dd>"
-        f"<dt>base image</dt><dd><code>{_e(redact_text(config.base_image))}</code></dd>"
+        f"<dt>base image</dt><dd>{base}</dd>"
         f"<dt>prefix</dt><dd><code>{_e(config.prefix)}</code></dd>"
         "<dt>tags</dt><dd><code>latest</code> (solved again after "
         f"{_e(config.latest_ttl)} s) and <code>YYYY-MM-DD</code> (the channels as they were that UTC day)</dd>"
