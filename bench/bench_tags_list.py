@@ -23,7 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from condery.records.cache import ImageRecord, RecordCache, image_record_key, tags_prefix  # noqa: E402
+from condery.records.schemas import ImageRecord
+from condery.records.cache import RecordCache
+from condery.records.keys import image_record_key, tags_prefix  # noqa: E402
 from condery.config import StorageConfig  # noqa: E402
 from condery.image.names import ImageRef, parse_name  # noqa: E402
 from condery.storage import Store, open_store  # noqa: E402
@@ -57,7 +59,7 @@ async def measure(images: int) -> dict[str, float]:
         await fill(store, images)
         request = parse_name("numpy", {})
         cache = RecordCache(store)
-        scans = [await timed(lambda: store.list_records("images", tags_prefix(request))) for _ in range(10)]
+        scans = [await timed(lambda: store.list_records("images", tags_prefix(request.canonical_name))) for _ in range(10)]
         first = await timed(lambda: cache.tags(request))
         assert len(await cache.tags(request)) == TAGS_PER_NAME
         indexed = [await timed(lambda: cache.tags(request)) for _ in range(CALLS)]

@@ -25,11 +25,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from condery.config import Config
+from condery.records.kinds import BASE_GZIP_LAYERS as GZIP_RECORD_KIND, BASE_IMAGES as RECORD_KIND
 from condery.bases.resolve import (
-    GZIP_RECORD_KIND,
     MAX_BASE_SIZE,
-    RECORD_KIND,
-    SCRATCH,
     BaseImageError,
     _Layout,
     _select_platform,
@@ -40,6 +38,7 @@ from condery.bases.resolve import (
     resolve_base_image,
     scan_layer,
 )
+from condery.records.schemas import SCRATCH
 from condery.oci.media_types import (
     DOCKER_LAYER_GZIP,
     OCI_CONFIG,

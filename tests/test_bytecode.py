@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import rattler
 
-from condery.records.cache import layer_key
+from condery.records.keys import layer_key
 from condery.layers import LayerBlob, PackageError
 from condery.layers.bytecode import (
     BytecodePlan,

@@ -1,4 +1,4 @@
-"""The cache rules (condery/cache.py) through the image service, against real channels,
+"""The cache rules (condery/records) through the image service, against real channels,
 a real base layout and a real filesystem store: every setting that shapes an image is in
 its key, the same configuration gives the same digest whatever the store held, the tag
 is not in the manifest, date tags, expiry and refresh off the request path, and
@@ -19,7 +19,10 @@ import rattler
 
 from condery.build.service import ImageService
 from condery.records import cache
-from condery.records.cache import Freshness, ImageRecord, RecordCache, RepodataClock
+from condery.records.keys import ImageKeys
+from condery.records.freshness import Freshness, RepodataClock
+from condery.records.schemas import ImageRecord
+from condery.records.cache import RecordCache
 from condery.config import load_config
 from condery.oci import errors
 from condery.image.names import ImageRef, parse_name
@@ -369,7 +372,7 @@ def test_every_meta_package_setting_is_in_the_image_key(change: dict) -> None:
 
     def key(settings: dict) -> str:
         config = load_config(None, environ={}, meta_packages={"dev": settings})
-        return cache.ImageKeys(config).key(parse_name("dev", config.meta_packages), "latest", {})
+        return ImageKeys(config).key(parse_name("dev", config.meta_packages), "latest", {})
 
     assert key(base) == key(dict(base))
     assert key({**base, **change}) != key(base)

@@ -14,7 +14,7 @@ import rattler
 
 from condery.layers import LayerBlob, PackageError
 from condery.layers.tarball import LAYER_MTIME
-from condery.records.cache import layer_key
+from condery.records.keys import layer_key
 from condery.layers.package_layer import (
     LAYOUT_VERSION,
     build_package_layer,

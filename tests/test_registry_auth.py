@@ -19,8 +19,8 @@ from aiohttp import web
 
 from condery.config import ConfigError, effective_yaml, load_config
 from condery.bases import resolve as base_image
+from condery.records.kinds import BASE_IMAGES as RECORD_KIND
 from condery.bases.resolve import (
-    RECORD_KIND,
     BaseImageError,
     _select_platform,
     resolve_base_image,

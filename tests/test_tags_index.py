@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from condery.records.cache import TAGS_KIND, ImageRecord, RecordCache, TagsIndex, image_record_key
+from condery.records.cache import RecordCache
+from condery.records.kinds import TAGS as TAGS_KIND
+from condery.records.schemas import ImageRecord, TagsIndex
+from condery.records.keys import image_record_key
 from condery.config import StorageConfig
 from condery.image.names import ImageRef, parse_name
 from condery.storage import Store, open_store

@@ -86,13 +86,13 @@ from condery.bases.upstream import (
     UpstreamClient,
     UpstreamError,
 )
+from condery.records import kinds
+from condery.records.schemas import SCRATCH, BaseImage
 from condery.storage import Store
 from condery.oci.grammar import is_digest, is_tag
 
 log = logging.getLogger("condery.base_image")
 
-RECORD_KIND = "base-images"
-GZIP_RECORD_KIND = "base-gzip-layers"  # source layer digest -> its gzip recompression
 # Layer types a Docker manifest cannot carry; gzip (also non-distributable) passes as is.
 REGZIP_TYPES = frozenset({OCI_LAYER_TAR, OCI_LAYER_ZSTD})
 MAX_CONFIG_SIZE = 8 << 20
@@ -116,21 +116,6 @@ REFRESH_CHECK_TIMEOUT = 10  # seconds the tag's manifest request of a refresh ma
 
 class BaseImageError(RuntimeError):
     """The base image cannot be used: bad spec, unreachable, or it failed verification."""
-
-
-@dataclass(frozen=True)
-class BaseImage:
-    config: Mapping[str, Any] | None  # the base image config JSON (None for scratch)
-    layers: tuple[Descriptor, ...]  # blobs present in the store, digests verified
-    diff_ids: tuple[str, ...]
-    glibc_version: str | None  # e.g. "2.36"; None when the base has no glibc we can see
-    # /etc/passwd and /etc/group as the base's layers leave them (None: absent), so that an
-    # image with a user of its own keeps the base's accounts (env_layer.py).
-    passwd: str | None = None
-    group: str | None = None
-
-
-SCRATCH = BaseImage(config=None, layers=(), diff_ids=(), glibc_version=None)
 
 
 async def resolve_base_image(
@@ -210,7 +195,7 @@ async def _resolve(spec: str, platform: OciPlatform, store: Store, fetch: _Fetch
         # for aiohttp's connect and read timeouts; a timeout is a failed refresh.
         root = await asyncio.wait_for(source.get_manifest(ref.tag or "latest"), REFRESH_CHECK_TIMEOUT)
         if root.digest == record.get("root"):  # the tag has not moved: the stored base stands
-            await store.put_record(RECORD_KIND, key, {**record, "checked_at": now})
+            await store.put_record(kinds.BASE_IMAGES, key, {**record, "checked_at": now})
             return image
         refreshed = await _import_and_record(spec, source, root, platform, store, key, layer_budget)
     except (BaseImageError, UpstreamError, ManifestError, asyncio.TimeoutError) as exc:
@@ -218,7 +203,7 @@ async def _resolve(spec: str, platform: OciPlatform, store: Store, fetch: _Fetch
         log.warning("%s: refresh failed, using the base resolved before (%s): %s",
                     describe_base(spec), record.get("manifest"), str(exc)[:_MAX_MESSAGE] or "timed out")
         retry_at = now - fetch.refresh + min(fetch.refresh, FAILED_REFRESH_RETRY)
-        await store.put_record(RECORD_KIND, key, {**record, "checked_at": retry_at})
+        await store.put_record(kinds.BASE_IMAGES, key, {**record, "checked_at": retry_at})
         return image
     if refreshed.layers != image.layers or refreshed.config != image.config:
         log.info("%s for %s: the tag moved to %s", describe_base(spec), platform, root.digest)
@@ -232,7 +217,7 @@ async def _import_and_record(
     image, record = await _import(source, root, platform, store, layer_budget)
     # `root`: what the tag pointed at (an index or a manifest), compared at each refresh.
     record.update(spec=spec, root=root.digest, checked_at=time.time())
-    await store.put_record(RECORD_KIND, key, record)
+    await store.put_record(kinds.BASE_IMAGES, key, record)
     return image
 
 
@@ -269,7 +254,7 @@ def _record_key(text: str, platform: OciPlatform) -> str:
 async def _from_record(store: Store, key: str) -> tuple[BaseImage, dict[str, Any]] | None:
     """The recorded image and its record, if the record is sound and all its blobs are
     still stored."""
-    record = await store.get_record(RECORD_KIND, key)
+    record = await store.get_record(kinds.BASE_IMAGES, key)
     if record is None:
         return None
     try:
@@ -296,7 +281,7 @@ async def _from_record(store: Store, key: str) -> tuple[BaseImage, dict[str, Any
             return None
         passwd, group = found.get("passwd"), found.get("group")
         record = {**record, "accounts": {"passwd": passwd, "group": group}}
-        await store.put_record(RECORD_KIND, key, record)
+        await store.put_record(kinds.BASE_IMAGES, key, record)
     config = json.loads(await store.get_blob_bytes(config_digest))
     return BaseImage(config, layers, diff_ids, glibc if isinstance(glibc, str) else None,
                      passwd if isinstance(passwd, str) else None, group if isinstance(group, str) else None), record
@@ -593,7 +578,7 @@ async def _import(
         for digest, staged_path in staged.items():
             await store.put_blob_file(digest, staged_path)
     for source_digest, gzipped in regzipped.items():  # after their blobs: a record never dangles
-        await store.put_record(GZIP_RECORD_KIND, _gzip_record_key(source_digest), gzipped.to_json())
+        await store.put_record(kinds.BASE_GZIP_LAYERS, _gzip_record_key(source_digest), gzipped.to_json())
     glibc: str | None = None
     accounts: dict[str, str | None] = {}
     for layer in layers:  # in the image's order: the last layer with evidence wins
@@ -666,7 +651,7 @@ async def _regzip(
     A recorded recompression whose blob is still stored is reused; otherwise the layer
     is recompressed here (deterministically, so a lost blob comes back the same).
     """
-    record = await store.get_record(GZIP_RECORD_KIND, _gzip_record_key(layer.digest))
+    record = await store.get_record(kinds.BASE_GZIP_LAYERS, _gzip_record_key(layer.digest))
     if record is not None:
         try:
             recorded = parse_descriptor(record)

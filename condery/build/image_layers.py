@@ -16,7 +16,9 @@ from typing import Sequence
 
 import rattler
 
-from condery.records.cache import LayerEntry, RecordCache, group_key, layer_key
+from condery.records.schemas import LayerEntry
+from condery.records.cache import RecordCache
+from condery.records.keys import group_key, layer_key
 from condery.layers import LayerBlob
 from condery.layers.bytecode import BytecodePlan, bytecode_for
 from condery.layers.env_layer import Account, build_env_layer

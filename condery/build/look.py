@@ -22,7 +22,8 @@ from typing import Any, Awaitable, Callable, Mapping, Sequence
 import rattler
 
 from condery.build.assembly import LABEL_PREFIX
-from condery.records.cache import Freshness, ImageRecord
+from condery.records.freshness import Freshness
+from condery.records.schemas import ImageRecord
 from condery.layers.env_layer import explicit_lock
 from condery.layers.solve import public_message
 from condery.common.redact import redact_text, redact_url

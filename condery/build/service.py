@@ -34,7 +34,12 @@ from condery.build.admission import BuildQueue
 from condery.build.assembly import (
     PlatformImage, created_of, image_account, image_settings, layer_annotations, manifest_annotations,
 )
-from condery.records.cache import Freshness, ImageKeys, ImageRecord, LayerEntry, RecordCache, RepodataClock, tag_of
+from condery.records.freshness import Freshness, RepodataClock
+from condery.records.keys import ImageKeys
+from condery.records.schemas import ImageRecord, LayerEntry
+from condery.records import kinds
+from condery.records.cache import RecordCache
+from condery.image.tags import tag_of
 from condery.image.meta import MetaPackage
 from condery.build.image_layers import LayerBuilder
 from condery.layers import PackageError, PackageUnavailable
@@ -48,7 +53,8 @@ from condery.build.progress import BuildStatus, BuildTracker, build_id
 from condery.observability.build_report import BuildReport
 from condery.observability.logs import event
 from condery.oci import errors
-from condery.bases.resolve import BaseImage, BaseImageError, resolve_base_image
+from condery.records.schemas import BaseImage
+from condery.bases.resolve import BaseImageError, resolve_base_image
 from condery.bases.auth import RegistryAuth
 from condery.oci.manifest import (
     Descriptor,
@@ -279,7 +285,7 @@ class ImageService:
             task.exception()  # the outcome is in the build's status; nobody else reads it
 
     async def manifest_media_type(self, digest: str) -> str | None:
-        record = await self.store.get_record("manifest-types", digest.split(":", 1)[-1])
+        record = await self.store.get_record(kinds.MANIFEST_TYPES, kinds.digest_key(digest))
         return None if record is None else record["media_type"]
 
     async def tags(self, request: ImageRequest) -> list[str]:
@@ -650,7 +656,7 @@ class ImageService:
     async def _put_manifest(self, media_type: str, data: bytes, platform: OciPlatform | None) -> Descriptor:
         digest = sha256_digest(data)
         await self.store.put_blob_bytes(digest, data)
-        await self.store.put_record("manifest-types", digest.split(":", 1)[1], {"media_type": media_type})
+        await self.store.put_record(kinds.MANIFEST_TYPES, kinds.digest_key(digest), {"media_type": media_type})
         return Descriptor(media_type, digest, len(data), platform=platform)
 
     async def _top_level(self, request: ImageRequest, images: Sequence[PlatformImage]) -> ImageRef:

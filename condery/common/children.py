@@ -18,7 +18,8 @@ import ctypes
 import os
 import signal
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 

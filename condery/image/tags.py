@@ -51,6 +51,11 @@ class Digest:
 Reference = Latest | Snapshot | Digest
 
 
+def tag_of(reference: Latest | Snapshot) -> str:
+    """The tag a reference was asked for by (what image keys and the builds API name)."""
+    return "latest" if isinstance(reference, Latest) else reference.day.isoformat()
+
+
 def parse_reference(ref: str, now: datetime | None = None) -> Reference:
     """Classify a manifest reference; raises ManifestUnknown for anything unserved.
 

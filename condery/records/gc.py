@@ -28,23 +28,24 @@ the layer is built again; nothing is served broken for long.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from condery.records.cache import TAGS_KIND, TagsIndex
+from condery.records.schemas import TagsIndex
 from condery.config import GcConfig
 from condery.observability.metrics import Metrics
 from condery.oci.grammar import is_digest
+from condery.oci.manifest import ManifestError
+from condery.oci.references import references
+from condery.records import kinds
+from condery.records.keys import ImageKey
 from condery.storage import Listed, StorageError, Store
 
 log = logging.getLogger("condery.gc")
-_DATE_TAG = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-# Records named by the digest (hex) of the blob they describe: live when their blob is.
-_BLOB_RECORDS = ("manifest-types",)
+_DATE_TAG = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 @dataclass
@@ -89,19 +90,20 @@ def _ref_digests(record: dict | None) -> list[str]:
 
 def live_images(images: list[Listed], served: dict[str, float], gc: GcConfig, now: float) -> set[str]:
     """The keys of the image records that are live (see the module's docstring)."""
+    keys = {entry.name: ImageKey.parse(entry.name) for entry in images}
     newest: dict[str, Listed] = {}
     for entry in images:
-        group = entry.name.rsplit("/", 1)[0]  # <name>/_/<tag>
-        if group not in newest or entry.modified > newest[group].modified:
-            newest[group] = entry
+        key = keys[entry.name]
+        if key is not None and (key.group not in newest or entry.modified > newest[key.group].modified):
+            newest[key.group] = entry
     live = set()
     for entry in images:
-        tag = entry.name.split("/")[-2]
+        key = keys[entry.name]
         last_use = max(entry.modified, served.get(entry.name, 0.0))
         if now - entry.modified < gc.grace or now - last_use < gc.keep:
             live.add(entry.name)
-        elif newest[entry.name.rsplit("/", 1)[0]] is entry:
-            if not _DATE_TAG.fullmatch(tag) or gc.snapshots_max_age is None or now - last_use < gc.snapshots_max_age:
+        elif key is not None and newest[key.group] is entry:
+            if not _DATE_TAG.fullmatch(key.tag) or gc.snapshots_max_age is None or now - last_use < gc.snapshots_max_age:
                 live.add(entry.name)
     return live
 
@@ -116,17 +118,14 @@ async def _walk(store: Store, manifests: set[str]) -> set[str]:
             continue
         live.add(digest)
         try:
-            document = json.loads(await store.get_blob_bytes(digest))
+            found = references(await store.get_blob_bytes(digest))
         except KeyError:
             continue  # absent: the image reads as a miss and is rebuilt
-        except (ValueError, UnicodeDecodeError):
-            log.warning("gc: %s is no manifest; what it names is not marked", digest)
+        except ManifestError as exc:  # the record cache rebuilds such an image; nothing here is marked
+            log.warning("gc: %s is no manifest (%s); what it names is not marked", digest, exc)
             continue
-        if not isinstance(document, dict):
-            continue
-        pending.extend(d["digest"] for d in document.get("manifests", []))
-        children = [document.get("config"), *document.get("layers", [])]
-        live.update(d["digest"] for d in children if isinstance(d, dict) and isinstance(d.get("digest"), str))
+        pending.extend(child.digest for child in found.manifests)
+        live.update(blob.digest for blob in found.blobs)
     return live
 
 
@@ -136,25 +135,25 @@ async def collect(store: Store, gc: GcConfig, *, dry_run: bool = False, now: flo
     report = GcReport(dry_run)
     # Blobs are listed first: one written after this listing is not swept by this run at all.
     blobs = [b async for b in store.list_blob_entries()]
-    images = await store.list_record_entries("images")
-    served_entries = await store.list_record_entries("served")
+    images = await store.list_record_entries(kinds.IMAGES)
+    served_entries = await store.list_record_entries(kinds.SERVED)
     served = {e.name: e.modified for e in served_entries}
     live_keys = live_images(images, served, gc, now)
 
     roots: set[str] = set()
     for key in live_keys:
-        roots.update(_ref_digests(await store.get_record("images", key)))
+        roots.update(_ref_digests(await store.get_record(kinds.IMAGES, key)))
     for entry in served_entries:
         if now - entry.modified < gc.grace:
-            roots.update(_ref_digests(await store.get_record("served", entry.name)))
+            roots.update(_ref_digests(await store.get_record(kinds.SERVED, entry.name)))
     expired: list[tuple[str, Listed]] = []
-    for entry in await store.list_record_entries("replaced"):  # written once, when replaced
+    for entry in await store.list_record_entries(kinds.REPLACED):  # written once, when replaced
         if now - entry.modified < gc.keep:
-            roots.update(_ref_digests(await store.get_record("replaced", entry.name)))
+            roots.update(_ref_digests(await store.get_record(kinds.REPLACED, entry.name)))
         elif now - entry.modified >= gc.grace:
-            expired.append(("replaced", entry))
+            expired.append((kinds.REPLACED, entry))
     live = await _walk(store, roots)
-    for kind in ("base-images", "base-gzip-layers"):  # they name configs and layers, not manifests
+    for kind in kinds.OF_BASES:  # they name configs and layers, not manifests
         for key in await store.list_records(kind):
             live.update(_digests_in(await store.get_record(kind, key)))
     report.live_blobs = len(live)
@@ -163,19 +162,19 @@ async def collect(store: Store, gc: GcConfig, *, dry_run: bool = False, now: flo
         return now - entry.modified >= gc.grace
 
     report.blobs = [b for b in blobs if b.name not in live and old(b)]
-    dead_images = [("images", e) for e in images if e.name not in live_keys and old(e)]
+    dead_images = [(kinds.IMAGES, e) for e in images if e.name not in live_keys and old(e)]
     dead_keys = {e.name for _, e in dead_images}
     image_keys = {e.name for e in images}
     report.records = dead_images + expired
-    report.records += [("served", e) for e in served_entries
+    report.records += [(kinds.SERVED, e) for e in served_entries
                        if old(e) and (e.name in dead_keys or e.name not in image_keys)]
-    for entry in await store.list_record_entries("layers"):
+    for entry in await store.list_record_entries(kinds.LAYERS):
         if not old(entry):  # young: kept whatever it names, so not read
             continue
-        record = await store.get_record("layers", entry.name) or {}
+        record = await store.get_record(kinds.LAYERS, entry.name) or {}
         if record.get("digest") not in live:
-            report.records.append(("layers", entry))
-    for kind in _BLOB_RECORDS:
+            report.records.append((kinds.LAYERS, entry))
+    for kind in kinds.BY_BLOB:
         report.records += [(kind, e) for e in await store.list_record_entries(kind)
                            if old(e) and "sha256:" + e.name not in live]
     if not dry_run:
@@ -190,24 +189,18 @@ async def collect(store: Store, gc: GcConfig, *, dry_run: bool = False, now: flo
     return report
 
 
-def _name_and_tag(image_key: str) -> tuple[str, str]:
-    head, tag, _fingerprint = image_key.rsplit("/", 2)  # cache.image_record_key's "<name>/_/<tag>/<fp>"
-    return head.removesuffix("/_"), tag
-
-
 async def _prune_tags_index(store: Store, removed: set[str], remaining: set[str]) -> None:
     """Drop from each name's tags index the tags whose last image record was removed."""
     left: dict[str, set[str]] = {}
-    for key in remaining:
-        name, tag = _name_and_tag(key)
-        left.setdefault(name, set()).add(tag)
-    for name in {_name_and_tag(key)[0] for key in removed}:
-        index = TagsIndex.from_record(await store.get_record(TAGS_KIND, name))
+    for key in filter(None, map(ImageKey.parse, remaining)):
+        left.setdefault(key.name, set()).add(key.tag)
+    for name in {key.name for key in filter(None, map(ImageKey.parse, removed))}:
+        index = TagsIndex.from_record(await store.get_record(kinds.TAGS, name))
         if index is None:
             continue
         kept = {tag: at for tag, at in index.tags.items() if tag in left.get(name, set())}
         if kept != dict(index.tags):
-            await store.put_record(TAGS_KIND, name, TagsIndex(kept).as_record())
+            await store.put_record(kinds.TAGS, name, TagsIndex(kept).as_record())
 
 
 async def run_every(store: Store, gc: GcConfig, metrics: Metrics) -> None:
