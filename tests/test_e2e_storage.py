@@ -22,7 +22,7 @@ from tests.fixtures.clients import ClientError, skopeo_copy
 from tests.fixtures.procs import running
 from tests.test_e2e import OCI_MANIFEST, Registry, condery, serve
 from tests.fixtures.disk import fill, tmpfs
-from tests.test_storage import age
+from tests.storage_contract import age
 
 pytestmark = pytest.mark.e2e
 
