@@ -26,18 +26,13 @@ from hypothesis import strategies as st
 
 from condery.config import Config
 from condery.records.kinds import BASE_GZIP_LAYERS as GZIP_RECORD_KIND, BASE_IMAGES as RECORD_KIND
-from condery.bases.resolve import (
-    MAX_BASE_SIZE,
-    BaseImageError,
-    _Layout,
-    _select_platform,
-    checked_config,
-    distinct_layers,
-    gzip_layer,
-    parse_image_manifest,
-    resolve_base_image,
-    scan_layer,
-)
+from condery.bases.untrusted import MAX_BASE_SIZE, checked_config, distinct_layers, parse_image_manifest
+from condery.bases.errors import BaseImageError
+from condery.oci.layout import LayoutError, OciLayout
+from condery.bases.resolve import resolve_base_image
+from condery.oci.references import references, select_platform
+from condery.layers.recompress import gzip_layer
+from condery.layers.base_scan import scan_layer
 from condery.records.schemas import SCRATCH
 from condery.oci.media_types import (
     DOCKER_LAYER_GZIP,
@@ -729,7 +724,7 @@ def test_parsers_raise_only_manifest_errors(doc: dict) -> None:
     for parse in (
         lambda: parse_image_manifest(doc, BUDGET),
         lambda: checked_config(doc, (Descriptor(OCI_LAYER_GZIP, "sha256:" + "a" * 64, 1),), AMD64),
-        lambda: _select_platform(doc, AMD64),
+        lambda: select_platform(references(json.dumps(doc).encode()).manifests, AMD64),
     ):
         try:
             parse()
@@ -745,8 +740,8 @@ def test_layout_index_fuzz(index, tmp_path: Path) -> None:
     (path / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
     (path / "index.json").write_bytes(index if isinstance(index, bytes) else json.dumps(index).encode())
     try:
-        _Layout.from_spec(str(path)).root_manifest()
-    except (ManifestError, BaseImageError) as exc:
+        OciLayout.from_spec(str(path)).root_manifest()
+    except (ManifestError, LayoutError) as exc:
         assert str(tmp_path) not in str(exc)
 
 
@@ -964,7 +959,7 @@ async def test_a_record_from_before_accounts_reads_them_from_the_stored_layers(t
     async def no_import(*args, **kwargs):  # the upstream is gone
         raise AssertionError("imported again")
 
-    monkeypatch.setattr("condery.bases.resolve._import", no_import)
+    monkeypatch.setattr("condery.bases.resolve.import_image", no_import)
     again = await resolve_base_image(spec, AMD64, store, session, layer_budget=BUDGET)
     assert (again.passwd, again.group) == (first.passwd, first.group) and again.passwd is not None
     records = [await store.get_record(RECORD_KIND, key) for key in keys]

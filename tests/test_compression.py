@@ -26,7 +26,7 @@ from condery.layers.compression import (
     CHUNK_SIZE, COMPRESSOR_ID, GZIP, ZSTD, GzipChunkWriter, gzip_chunk, open_decompressed,
 )
 from condery.layers.tarball import concat_layers, write_layer
-from condery.bases.resolve import gzip_layer
+from condery.layers.recompress import gzip_layer
 
 GOLDEN = {
     GZIP: "sha256:c3273abc45a9fefb8d0d114e4ab2f174bb113f382ed714666bff277a60587a88",

@@ -32,6 +32,7 @@ from condery.common.jsonobject import json_object
 from condery.oci.media_types import INDEX_TYPES, MANIFEST_TYPES
 from condery.bases.auth import Credentials, RegistryAuth, RegistryAuthError
 from condery.oci.grammar import REPOSITORY_RE, is_digest, is_tag
+from condery.oci.manifest import MAX_MANIFEST_SIZE, FetchedManifest
 
 MANIFEST_ACCEPT = (
     "application/vnd.oci.image.index.v1+json",
@@ -39,7 +40,6 @@ MANIFEST_ACCEPT = (
     "application/vnd.docker.distribution.manifest.list.v2+json",
     "application/vnd.docker.distribution.manifest.v2+json",
 )
-MAX_MANIFEST_SIZE = 4 << 20  # Distribution's own limit for a manifest PUT
 MAX_TOKEN_SIZE = 1 << 20
 _CHUNK = 1 << 20
 _FLUSH = 8 << 20  # bytes gathered before one hand-off to the writer thread
@@ -117,13 +117,6 @@ def is_loopback_host(host: str) -> bool:
 
 def base_url(registry: str) -> str:
     return ("http" if is_loopback_host(registry) else "https") + f"://{registry}"
-
-
-@dataclass(frozen=True)
-class FetchedManifest:
-    data: bytes
-    media_type: str
-    digest: str
 
 
 def parse_bearer_challenge(header: str) -> dict[str, str]:

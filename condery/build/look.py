@@ -13,7 +13,6 @@ landing page: an operator sees what failed and why without reading logs.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -22,6 +21,8 @@ from typing import Any, Awaitable, Callable, Mapping, Sequence
 import rattler
 
 from condery.build.assembly import LABEL_PREFIX
+from condery.oci.manifest import ManifestError
+from condery.oci.references import references
 from condery.records.freshness import Freshness
 from condery.records.schemas import ImageRecord
 from condery.layers.env_layer import explicit_lock
@@ -174,12 +175,12 @@ async def built_layers(store: Store, record: ImageRecord) -> list[BuiltLayer]:
     layers: list[BuiltLayer] = []
     for platform, digests in sorted(record.platforms.items()):
         try:
-            manifest = json.loads(await store.get_blob_bytes(digests["oci"]))
-        except KeyError:
-            continue  # removed since the record was read: the next pull rebuilds it
-        for layer in manifest.get("layers", []):
-            packages = (layer.get("annotations") or {}).get(_PACKAGES_ANNOTATION, "")
-            layers.append(BuiltLayer(platform, layer["digest"], int(layer["size"]), tuple(packages.split())))
+            found = references(await store.get_blob_bytes(digests["oci"]))
+        except (KeyError, ManifestError):
+            continue  # removed or unreadable since the record was read: the next pull rebuilds it
+        for layer in found.layers:
+            packages = (layer.annotations or {}).get(_PACKAGES_ANNOTATION, "")
+            layers.append(BuiltLayer(platform, layer.digest, layer.size, tuple(packages.split())))
     return layers
 
 

@@ -54,7 +54,8 @@ from condery.observability.build_report import BuildReport
 from condery.observability.logs import event
 from condery.oci import errors
 from condery.records.schemas import BaseImage
-from condery.bases.resolve import BaseImageError, resolve_base_image
+from condery.bases.errors import BaseImageError
+from condery.bases.resolve import resolve_base_image
 from condery.bases.auth import RegistryAuth
 from condery.oci.manifest import (
     Descriptor,

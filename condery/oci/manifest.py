@@ -30,6 +30,7 @@ from condery.oci.media_types import (
     DOCKER_LAYER_FOREIGN_GZIP,
     CONFIG_TYPES,
 )
+from condery.common.jsonobject import json_object
 from condery.oci.grammar import is_digest
 
 # Layer media types a base image may bring; each maps to its OCI and Docker spelling
@@ -53,6 +54,9 @@ _CONFIG_FIELDS = (
     "User", "ExposedPorts", "Env", "Entrypoint", "Cmd", "Volumes", "WorkingDir", "Labels",
     "StopSignal", "Healthcheck",
 )
+
+
+MAX_MANIFEST_SIZE = 4 << 20  # Distribution's own limit for a manifest PUT
 
 
 class ManifestError(ValueError):
@@ -315,3 +319,34 @@ def docker_manifest_list(manifests: Sequence[Descriptor]) -> bytes:
         entry["platform"] = desc.platform.to_json()
         entries.append(entry)
     return _dumps({"schemaVersion": 2, "mediaType": DOCKER_MANIFEST_LIST, "manifests": entries})
+
+
+@dataclass(frozen=True)
+class FetchedManifest:
+    """A manifest or index as a registry or layout gave it, verified against its digest."""
+
+    data: bytes
+    media_type: str
+    digest: str
+
+
+def quoted(value: object) -> str:
+    """A value from an untrusted document, quoted for a message and kept short."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_bytes(data: bytes, digest: str, size: int | None) -> None:
+    """Untrusted bytes must be what their descriptor says: the size (when known) and the digest."""
+    if size is not None and len(data) != size:
+        raise ManifestError(f"blob {digest} has {len(data)} bytes, expected {size}")
+    if sha256_digest(data) != digest:
+        raise ManifestError(f"blob {digest} does not match its digest")
+
+
+def manifest_json(data: bytes, what: str) -> dict[str, Any]:
+    """An untrusted document that must be a JSON object; `what` names it in the error."""
+    document = json_object(data)
+    if document is None:
+        raise ManifestError(f"{what} is not a JSON object")
+    return document

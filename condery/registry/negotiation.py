@@ -21,7 +21,6 @@ MANIFEST_UNKNOWN naming the reason, as for any manifest it cannot be served).
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from typing import Iterable, Literal
@@ -31,9 +30,10 @@ from condery.oci.media_types import (
     OCI_INDEX,
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
-    MANIFEST_TYPES,
 )
+from condery.oci.manifest import ManifestError
 from condery.oci.platforms import OciPlatform
+from condery.oci.references import platform_entries, references, select_platform
 
 OCI_MANIFEST_TYPES = frozenset({OCI_MANIFEST, OCI_INDEX})
 DOCKER_MANIFEST_TYPES = frozenset({DOCKER_MANIFEST, DOCKER_MANIFEST_LIST})
@@ -139,19 +139,8 @@ def platform_manifest(index: bytes, wanted: OciPlatform | None) -> ChildManifest
     the caller then says the manifest is unknown, as Distribution does).
     """
     try:
-        entries = json.loads(index).get("manifests")
-    except (ValueError, AttributeError):
+        entries = platform_entries(references(index).manifests)
+    except ManifestError:
         return None
-    children: list[tuple[ChildManifest, dict]] = []
-    for entry in entries if isinstance(entries, list) else []:
-        if not isinstance(entry, dict) or entry.get("mediaType") not in MANIFEST_TYPES:
-            continue
-        digest = entry.get("digest")
-        platform = entry.get("platform")
-        if isinstance(digest, str) and isinstance(platform, dict):
-            children.append((ChildManifest(digest, entry["mediaType"]), platform))
-    if wanted is not None:
-        for child, platform in children:
-            if wanted.matches(platform.get("os"), platform.get("architecture"), platform.get("variant")):
-                return child
-    return children[0][0] if children else None
+    chosen = (select_platform(entries, wanted) if wanted is not None else None) or (entries[0] if entries else None)
+    return None if chosen is None else ChildManifest(chosen.digest, chosen.media_type)
