@@ -28,7 +28,8 @@ from condery.records.cache import RecordCache
 from condery.records.keys import image_record_key, tags_prefix  # noqa: E402
 from condery.config import StorageConfig  # noqa: E402
 from condery.image.names import ImageRef, parse_name  # noqa: E402
-from condery.storage import Store, open_store  # noqa: E402
+from condery.storage import Store
+from condery.storage.backends import open_store  # noqa: E402
 
 TAGS_PER_NAME = 10
 CALLS = 200

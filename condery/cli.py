@@ -35,7 +35,8 @@ from condery.oci.layout import write_oci_layout
 from condery.registry.server import ACCESS_LOG_FORMAT, create_app
 from condery.image.tags import Digest, parse_reference
 from condery.build.state import AppState
-from condery.storage import StorageError, open_store
+from condery.storage import StorageError
+from condery.storage.backends import open_store
 from condery.storage.verify import verify_store
 
 log = logging.getLogger("condery")

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from condery.config import StorageConfig
-from condery.storage import StorageError, Store, open_store, store_fault_reason
+from condery.storage import StorageError, Store, store_fault_reason
+from condery.storage.backends import open_store
 from condery.storage.filesystem import FilesystemStore
 from condery.storage.litter import remove_stale, stale_age
 from tests.fixtures.disk import fill, tmpfs

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from condery.config import StorageConfig
-from condery.storage import StorageError, Store, open_store
+from condery.storage import StorageError, Store
+from condery.storage.backends import open_store
 from condery.storage.s3 import PART_SIZE, S3Store
 from tests.fixtures.seaweed import SeaweedS3
 from tests.storage_contract import Plant, StoreContract, digest_of, unique_kind, write

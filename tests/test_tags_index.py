@@ -16,7 +16,8 @@ from condery.records.schemas import ImageRecord, TagsIndex
 from condery.records.keys import image_record_key
 from condery.config import StorageConfig
 from condery.image.names import ImageRef, parse_name
-from condery.storage import Store, open_store
+from condery.storage import Store
+from condery.storage.backends import open_store
 from tests.fixtures.seaweed import SeaweedS3
 from tests.test_e2e import OCI_MANIFEST, condery
 

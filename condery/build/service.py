@@ -139,6 +139,7 @@ class ImageService:
         self.keys = ImageKeys(self.config)
         self._last_bases: dict[str, BaseImage] = {}
         self._bases_checked_at = 0.0  # time.monotonic() of the last successful resolution
+        self._bases_generation = -1  # the store's removal_generation at that resolution
         self.solves = SolveCache(self.freshness, self.config.max_concurrent_builds)  # look(): solves, no builds
         self.failures = FailureLog()  # recent build and look failures, for the landing page
 
@@ -518,10 +519,15 @@ class ImageService:
         the last good one stands in (stale-if-error): images built on it are still
         served, and builds use it, until the base is back.
         """
-        # A shorter base_image_refresh is honoured: a moved tag shows within it.
+        # A shorter base_image_refresh is honoured: a moved tag shows within it. A blob
+        # removed since (found truncated or corrupt) may be one of the bases': they are
+        # resolved again, which imports a base whose layer went, before anything is
+        # built on it.
         recheck = min(BASE_RECHECK, self.config.base_image_refresh)
-        if self._last_bases and time.monotonic() - self._bases_checked_at < recheck:
+        if (self._last_bases and time.monotonic() - self._bases_checked_at < recheck
+                and self._bases_generation == self.store.removal_generation):
             return dict(self._last_bases)
+        generation = self.store.removal_generation
         try:
             bases = dict(zip(self.config.platforms, await asyncio.gather(
                 *(self._base(subdir) for subdir in self.config.platforms)
@@ -535,7 +541,7 @@ class ImageService:
                 raise errors.Unavailable(str(exc)) from None
             log.warning("using the last good base image: %s", exc)
             return dict(self._last_bases)
-        self._last_bases, self._bases_checked_at = bases, time.monotonic()
+        self._last_bases, self._bases_checked_at, self._bases_generation = bases, time.monotonic(), generation
         return bases
 
     def recheck_bases(self) -> None:

@@ -26,7 +26,8 @@ from condery.build.progress import BuildTracker
 from condery.observability.metrics import Metrics
 from condery.image.names import ImageRef
 from condery.layers.archive_cache import cap_archive_cache
-from condery.storage import Store, StorageError, open_store, os_error_text
+from condery.storage import Store, StorageError, os_error_text
+from condery.storage.backends import open_store
 from condery.storage.filesystem import FilesystemStore
 from condery.storage.litter import remove_stale, stale_age
 

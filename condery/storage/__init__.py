@@ -26,12 +26,10 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, BinaryIO
+from typing import Any, AsyncIterator, BinaryIO
 
 from condery.oci.grammar import is_digest
 
-if TYPE_CHECKING:
-    from condery.config import StorageConfig
 
 log = logging.getLogger("condery.storage")
 RECORD_KEY_RE = re.compile(r"^[A-Za-z0-9._@:+=,-]+(/[A-Za-z0-9._@:+=,-]+)*$")
@@ -243,16 +241,3 @@ class Store(abc.ABC):
 
     async def close(self) -> None:
         """Release connections; the store is not used after this."""
-
-
-def open_store(config: "StorageConfig") -> Store:
-    """The Store for a storage configuration."""
-    if config.backend == "filesystem":
-        from condery.storage.filesystem import FilesystemStore
-
-        return FilesystemStore(Path(config.path))
-    if config.backend == "s3":
-        from condery.storage.s3 import S3Store
-
-        return S3Store(config)
-    raise ValueError(f"unknown storage backend {config.backend!r}")
