@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import signal
-import stat
 import subprocess
 import sys
 import threading
@@ -19,7 +18,9 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.clients import ClientError, skopeo_copy
+from tests.fixtures.condapkg import PkgFile, index_channel, write_conda_package
 from tests.fixtures.procs import running
+from tests.test_children import start_time, survivors
 from tests.test_e2e import OCI_MANIFEST, Registry, condery, serve
 from tests.fixtures.disk import fill, tmpfs
 from tests.storage_contract import age
@@ -81,26 +82,46 @@ def test_disk_full_is_503_and_leaves_nothing(tmp_path: Path, fixture_channel, ba
 
 
 def test_sigkill_mid_build_litter_is_cleaned_at_restart(tmp_path: Path, fixture_channel, base_layout) -> None:
-    channels, base = [str(fixture_channel)], f"oci:{base_layout}:bookworm"
+    # The fixture python is the host's version, so tqdm's modules are compiled, and those
+    # of a package whose compile takes a second or more: time enough to find it running.
+    slow = tmp_path / "slow-channel"
+    module = "".join(f"def f{i}(a, b):\n    return [a + b * {i} for _ in range(a)]\n\n" for i in range(400))
+    write_conda_package(slow, "condery-slow-compile", "1.0", "pyh_0", noarch="python", depends=["python"],
+                        files=[PkgFile(f"site-packages/slow/m{i}.py", module.encode()) for i in range(100)])
+    index_channel(slow)
+    channels, base = [str(fixture_channel), str(slow)], f"oci:{base_layout}:bookworm"
     argv, store, port = serve(tmp_path, channels, base)
     registry = Registry(f"http://127.0.0.1:{port}", f"127.0.0.1:{port}", store)
-    with running(argv, url=registry.url + "/v2/", log_path=tmp_path / "killed.log", timeout=60) as proc:
-        def pull() -> None:
-            with contextlib.suppress(OSError):  # the connection dies with the server
-                manifest(registry, "python/tqdm")
+    seen: dict[int, str] = {}  # every child of the server: pid -> start time
+    try:
+        with running(argv, url=registry.url + "/v2/", log_path=tmp_path / "killed.log", timeout=60) as proc:
+            def pull() -> None:
+                with contextlib.suppress(OSError):  # the connection dies with the server
+                    manifest(registry, "python/tqdm/condery-slow-compile")
 
-        puller = threading.Thread(target=pull)
-        puller.start()
-        # python's layer (the interpreter, tens of MB installed) takes seconds: kill
-        # as soon as its staging holds some bytes.
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and staged_bytes(store / "tmp") < (256 << 10):
-            time.sleep(0.005)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-        puller.join(timeout=30)
+            puller = threading.Thread(target=pull)
+            puller.start()
+            compiler, jobs = wait_for_compiler(proc.pid, seen, timeout=120)
+            # Stopped, the compiler is certain to be mid-compile when the server dies, however
+            # fast it compiles; a SIGKILL (the death signal) ends a stopped process too, while
+            # an orphan left stopped would stay for ever and fail the check below.
+            with contextlib.suppress(ProcessLookupError):  # reaped already: failed below
+                os.kill(compiler, signal.SIGSTOP)
+            assert wait_state(compiler, "T") == "T", "the compiler ended before it could be stopped"
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+            puller.join(timeout=30)
+        left = survivors(seen, timeout=10)
+        assert left == [], f"children of the killed server still there: {[(pid, cmdline(pid)) for pid in left]}"
+        mentioning = processes_mentioning(str(store))
+        assert mentioning == [], f"processes naming the store still there: {mentioning}"
+    finally:
+        for pid in survivors(seen, timeout=0):  # a failed check must not leave them running
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     litter = list((store / "tmp").iterdir())
-    assert litter and staged_bytes(store / "tmp") >= (256 << 10), "the build ended before it could be killed"
+    # The compiler's own job list: the litter is that of the build killed mid-compile.
+    assert jobs.is_file() and (store / "tmp") in jobs.parents, (jobs, litter)
 
     # Left by killed processes long ago: the build's staging and a partial download.
     for entry in litter:
@@ -121,16 +142,72 @@ def test_sigkill_mid_build_litter_is_cleaned_at_restart(tmp_path: Path, fixture_
         assert [p.name for p in (store / "tmp").iterdir()] == [live.name]
 
 
-def staged_bytes(directory: Path) -> int:
-    """Bytes of regular files below `directory`, tolerating a tree that changes meanwhile."""
-    total = 0
-    for dirpath, _, filenames in os.walk(directory):
-        for name in filenames:
+def children_of(pid: int) -> set[int]:
+    """The pids whose parent is `pid`, from every thread's children list (any thread may
+    fork), or from every process's ppid where the kernel keeps no such list."""
+    tasks = Path(f"/proc/{pid}/task")
+    found: set[int] = set()
+    lists = False
+    for task in tasks.iterdir():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a thread that ended
+            found.update(int(c) for c in (task / "children").read_text().split())
+            lists = True
+    if lists:
+        return found
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
             with contextlib.suppress(OSError):
-                st = os.lstat(os.path.join(dirpath, name))
-                if stat.S_ISREG(st.st_mode):
-                    total += st.st_size
-    return total
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[2]) == pid:
+                    found.add(int(entry.name))
+    return found
+
+
+def cmdline(pid: int) -> list[str]:
+    with contextlib.suppress(OSError):
+        return [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]]
+    return []
+
+
+def process_state(pid: int) -> str | None:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return None
+
+
+def wait_state(pid: int, state: str, timeout: float = 10.0) -> str | None:
+    """The process's state once it is `state`, or once it can never be (ended)."""
+    deadline = time.monotonic() + timeout
+    while (now := process_state(pid)) not in (state, "Z", "X", None) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return now
+
+
+def wait_for_compiler(server: int, seen: dict[int, str], timeout: float) -> tuple[int, Path]:
+    """The pid of the server's bytecode compiler and its job list, once one runs; every
+    child seen meanwhile is added to `seen`. A child shows the server's command line
+    until it has exec'd, so it is looked at again on every round."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid in children_of(server):
+            started = start_time(pid)
+            if started is None:
+                continue
+            seen.setdefault(pid, started)
+            argv = cmdline(pid)
+            if "-c" in argv and "py_compile" in argv[argv.index("-c") + 1]:
+                return pid, Path(argv[-1])
+        time.sleep(0.002)
+    raise AssertionError(f"no bytecode compiler ran within {timeout} s; children seen: {sorted(seen)}")
+
+
+def processes_mentioning(text: str) -> list[tuple[int, list[str]]]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            argv = cmdline(int(entry.name))
+            if any(text in arg for arg in argv):
+                found.append((int(entry.name), argv))
+    return found
 
 
 def layer_of(registry: Registry, name: str, package: str) -> str:
