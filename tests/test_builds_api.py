@@ -147,7 +147,7 @@ async def test_a_prebuild_is_admitted_like_a_pull(api, gated: GatedChannel) -> N
     await until(lambda: service.builds.waiting == 2)
     gated.packages.set()
     ref = await pull
-    await until(lambda: service.build_status.get(body["id"]).state == "done")
+    await until(lambda: service.outcomes.builds.get(body["id"]).state == "done")
     shown = await (await client.get(started.headers["Location"])).json()
     assert shown["digest"] == ref.oci_digest and shown["state"] == "done"
     assert gated.package_requests("condery-hello") == 1
@@ -158,14 +158,14 @@ async def test_a_queued_pull_that_is_dropped_leaves_no_status(make_service, gate
     running = asyncio.ensure_future(service.resolve(parse_name("condery-hello", {}), Latest(), "10.0.0.1"))
     await until(lambda: gated.package_requests("condery-hello"))
     queued = asyncio.ensure_future(service.resolve(parse_name("zlib", {}), Latest(), "10.0.0.2"))
-    await until(lambda: len(service.build_status.listing()) == 2)
-    assert {s.state for s in service.build_status.listing()} == {"building", "queued"}
+    await until(lambda: len(service.outcomes.builds.listing()) == 2)
+    assert {s.state for s in service.outcomes.builds.listing()} == {"building", "queued"}
     queued.cancel()  # its client hung up before it got a slot: dropped
     await asyncio.wait([queued])
-    assert [s.name for s in service.build_status.listing()] == ["condery-hello"]
+    assert [s.name for s in service.outcomes.builds.listing()] == ["condery-hello"]
     gated.packages.set()
     await running
-    assert [s.state for s in service.build_status.listing()] == ["done"]
+    assert [s.state for s in service.outcomes.builds.listing()] == ["done"]
 
 
 async def test_a_prebuild_of_an_expired_image_refreshes_it_as_a_pull_would(
@@ -178,7 +178,7 @@ async def test_a_prebuild_of_an_expired_image_refreshes_it_as_a_pull_would(
     first = await client.post("/api/v1/builds", json={"name": "condery-hello"})
     assert first.status == 202
     location = first.headers["Location"]
-    await until(lambda: service.build_status.get(location.rsplit("/", 1)[1]).state == "done")
+    await until(lambda: service.outcomes.builds.get(location.rsplit("/", 1)[1]).state == "done")
     again = await client.post("/api/v1/builds", json={"name": "condery-hello"})
     assert again.status == 200 and (await again.json())["state"] == "done"
     await service.refreshes_settled()

@@ -14,7 +14,8 @@ import pytest
 from condery.build.service import ImageService
 from condery.image.meta import DEFAULT_META_PACKAGES
 from condery.config import load_config
-from condery.build.look import FailureLog, shown_channels
+from condery.build.look import shown_channels
+from condery.build.outcomes import Outcomes
 from condery.oci import errors
 from condery.image.compose import compose
 from condery.image.names import parse_name
@@ -63,11 +64,11 @@ def test_compose_says_why_a_spec_has_no_name(typed: str, reason: str) -> None:
 
 
 def test_failure_log_keeps_the_newest_without_credentials() -> None:
-    log = FailureLog(size=2)
+    log = Outcomes(60, recent_size=2)
     for i in range(3):
-        log.add(f"n{i}", "latest", errors.Unavailable(f"https://user:secret@example.org/t/tk-{i}/ch down"))
-    assert [f.name for f in log.recent()] == ["n2", "n1"]
-    assert all("secret" not in f.message and "tk-" not in f.message for f in log.recent())
+        log.failed(f"n{i}", "latest", errors.Unavailable(f"https://user:secret@example.org/t/tk-{i}/ch down"))
+    assert [f.name for f in log.recent_failures()] == ["n2", "n1"]
+    assert all("secret" not in f.message and "tk-" not in f.message for f in log.recent_failures())
 
 
 def test_channels_are_shown_without_credentials_or_server_paths(tmp_path: Path) -> None:
@@ -108,7 +109,7 @@ async def test_look_solves_once_and_never_builds(service: ImageService) -> None:
     with pytest.raises(errors.ManifestUnknown) as failed:
         await service.look(parse_name("condery-no-such-package", service.meta_packages), Latest())
     assert "condery-no-such-package" in failed.value.message
-    assert service.failures.recent()[0].name == "condery-no-such-package"
+    assert service.outcomes.recent_failures()[0].name == "condery-no-such-package"
 
 
 # -- over HTTP -------------------------------------------------------------------------

@@ -192,7 +192,7 @@ async def test_builds_in_progress_are_listed(make_service, gated: GatedChannel) 
     assert '<a href="/images/condery-hello/latest"><code>condery-hello</code></a></td><td>latest</td><td>building' in page
     assert '<code>condery-empty</code></a></td><td>latest</td><td>queued' in page
     # With their progress (packages solved, bytes of them done) and their builds API status.
-    hello = next(s for s in service.build_status.listing() if s.name == "condery-hello")
+    hello = next(s for s in service.outcomes.builds.listing() if s.name == "condery-hello")
     assert f"<td>0 of {hello.packages_total}</td>" in page and hello.packages_total > 0
     assert f'href="/api/v1/builds/{hello.id}"' in page
     gated.packages.set()

@@ -1,17 +1,15 @@
-"""Who may start an image build, and which builds are not worth starting again.
+"""Who may start an image build, and when: the build queue.
 
 A cold pull costs a solve and possibly many layer builds, while asking costs one HTTP
 request; without limits a few clients asking for many distinct names starve everyone.
 So image builds go through a `BuildQueue` (bounded in total and per client, with
-queued builds dropped when nobody waits for them) and definitive solve failures are
-remembered for a short time in `RecentFailures`. Warm pulls never come here.
+queued builds dropped when nobody waits for them); definitive solve failures are
+remembered for a short time in outcomes.py. Warm pulls never come here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections import OrderedDict
 from typing import Awaitable, Callable, Generic, TypeVar
 
 from condery.oci import errors
@@ -85,36 +83,3 @@ class BuildQueue(Generic[T]):
         async with self._slots:
             self._flights.pin(key)
             return await work()
-
-
-class RecentFailures:
-    """Explanations of definitive failures (an unsatisfiable name), kept for `ttl` seconds.
-
-    Repeating a name that cannot be solved must not cost a solve each time. Only
-    definitive answers belong here: a passing fault (timeout, channel down) must be
-    retried. At most `max_entries` are kept (oldest dropped), so a client inventing
-    failing names cannot grow it without bound.
-    """
-
-    def __init__(self, ttl: float, max_entries: int = 10_000) -> None:
-        self.ttl = ttl
-        self.max_entries = max_entries
-        self._entries: OrderedDict[str, tuple[float, str]] = OrderedDict()
-
-    def get(self, key: str) -> str | None:
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        expires, message = entry
-        if time.monotonic() >= expires:
-            del self._entries[key]
-            return None
-        return message
-
-    def remember(self, key: str, message: str) -> None:
-        if self.ttl <= 0:
-            return
-        self._entries.pop(key, None)
-        self._entries[key] = (time.monotonic() + self.ttl, message)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)

@@ -5,16 +5,12 @@ cached under the image record's key (cache.py's ImageKeys: name, tag and every s
 that shapes the image) for as long as a pull's answer would be (cache.Freshness), so
 looking at a name again and again costs one solve per `latest_ttl`, like pulling it.
 A definitive failure goes to the same failed-solves memory a pull uses.
-
-`FailureLog` keeps the last few build and look failures with their reasons for the
-landing page: an operator sees what failed and why without reading logs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Mapping, Sequence
 
@@ -27,8 +23,7 @@ from condery.records.freshness import Freshness
 from condery.records.schemas import ImageRecord
 from condery.layers.env_layer import explicit_lock
 from condery.layers.solve import public_message
-from condery.common.redact import redact_text, redact_url
-from condery.oci.errors import RegistryError
+from condery.common.redact import redact_url
 from condery.image.tags import Latest, Snapshot
 from condery.common.singleflight import SingleFlight
 from condery.storage import Store
@@ -182,25 +177,3 @@ async def built_layers(store: Store, record: ImageRecord) -> list[BuiltLayer]:
             packages = (layer.annotations or {}).get(_PACKAGES_ANNOTATION, "")
             layers.append(BuiltLayer(platform, layer.digest, layer.size, tuple(packages.split())))
     return layers
-
-
-@dataclass(frozen=True)
-class Failure:
-    at: float  # wall clock
-    name: str
-    tag: str
-    code: str
-    message: str  # credentials removed
-
-
-class FailureLog:
-    """The last few failures with their reasons (newest first), for the landing page."""
-
-    def __init__(self, size: int = RECENT_FAILURES) -> None:
-        self._failures: deque[Failure] = deque(maxlen=size)
-
-    def add(self, name: str, tag: str, error: RegistryError) -> None:
-        self._failures.appendleft(Failure(time.time(), name, tag, error.code, redact_text(error.message)))
-
-    def recent(self) -> list[Failure]:
-        return list(self._failures)

@@ -48,8 +48,9 @@ from condery.layers.compression import GZIP, ZSTD
 from condery.layers.env_layer import explicit_lock
 from condery.layers.package_layer import python_site_packages
 from condery.layers.solve import SolveError, SolveRequest, SolveUnavailable, SpecError, solve
-from condery.build.look import FailureLog, ImageLook, SolveCache, Solved, SolvedPlatform, built_layers, solved_platform
-from condery.build.progress import BuildStatus, BuildTracker, build_id
+from condery.build.look import ImageLook, SolveCache, Solved, SolvedPlatform, built_layers, solved_platform
+from condery.build.outcomes import Outcomes
+from condery.build.progress import BuildStatus, build_id
 from condery.observability.build_report import BuildReport
 from condery.observability.logs import event
 from condery.oci import errors
@@ -141,16 +142,15 @@ class ImageService:
         self._bases_checked_at = 0.0  # time.monotonic() of the last successful resolution
         self._bases_generation = -1  # the store's removal_generation at that resolution
         self.solves = SolveCache(self.freshness, self.config.max_concurrent_builds)  # look(): solves, no builds
-        self.failures = FailureLog()  # recent build and look failures, for the landing page
 
     @property
     def meta_packages(self) -> Mapping[str, MetaPackage]:
         return self.config.meta_packages
 
     @property
-    def build_status(self) -> BuildTracker:
-        """Builds in flight and recent ones, with their progress (the builds API)."""
-        return self.state.build_status
+    def outcomes(self) -> Outcomes:
+        """What became of builds: failures for the landing page, statuses for the builds API."""
+        return self.state.outcomes
 
     # -- the registry's protocol ------------------------------------------------
     async def resolve(self, request: ImageRequest, reference: Latest | Snapshot, client: str = "local") -> ImageRef:
@@ -165,7 +165,7 @@ class ImageService:
             except StorageError as exc:  # bookkeeping for gc: never worth failing a pull
                 log.warning("cannot note %s as served: %s", key, exc)
             return record.ref
-        failure = self.state.failed_solves.get(key)
+        failure = self.state.outcomes.unsolvable(key)
         if failure is not None:
             raise errors.ManifestUnknown(failure)
         if not self.builds.in_flight(key):
@@ -209,7 +209,7 @@ class ImageService:
         No await before `builds.run` admits or joins: the status found or started here
         is the one of the flight that runs.
         """
-        tracker = self.state.build_status
+        tracker = self.state.outcomes.builds
         if self.builds.in_flight(key):
             # Untracked only for a flight not started here (a refresh whose record went meanwhile).
             status = tracker.of(key) or BuildStatus(build_id(key), request.canonical_name, tag_of(reference))
@@ -221,7 +221,7 @@ class ImageService:
             return await self.builds.run(key, client, lambda: self._tracked(status, key, request, reference, bases))
         except (errors.TooManyRequests, asyncio.CancelledError):
             if status.state == "queued" and not self.builds.in_flight(key):
-                self.state.build_status.discard(status)  # refused, or dropped before it started
+                tracker.discard(status)  # refused, or dropped before it started
             raise
 
     async def _tracked(
@@ -259,13 +259,13 @@ class ImageService:
         if record is not None:
             if not self.freshness.is_fresh(record, reference):
                 self._refresh(key, request, reference, bases)  # as a pull would: in the background
-            known = self.state.build_status.of(key)
+            known = self.state.outcomes.builds.of(key)
             if known is not None and known.state == "done":
                 return known, True
             done = BuildStatus(build_id(key), request.canonical_name, tag_of(reference))
             done.finished(record.ref.oci_digest)
             return done, True  # not tracked: no build happened, there is nothing to follow
-        failure = self.state.failed_solves.get(key)
+        failure = self.state.outcomes.unsolvable(key)
         if failure is not None:
             raise errors.ManifestUnknown(failure)
         # The prebuild waits for its build like a pull does (so a queued build is not
@@ -337,7 +337,7 @@ class ImageService:
         try:
             built = await self._build(key, request, reference, bases, progress)
         except errors.RegistryError as exc:
-            self.failures.add(request.canonical_name, tag_of(reference), exc)
+            self.state.outcomes.failed(request.canonical_name, tag_of(reference), exc)
             raise
         record = ImageRecord(
             ref=built.ref,
@@ -451,7 +451,7 @@ class ImageService:
                 f"{subdir}: {reason}" for subdir, reason in skipped.items()
             )
         # A definitive answer: repeating the name must not cost another solve for a while.
-        self.state.failed_solves.remember(key, message)
+        self.state.outcomes.remember_unsolvable(key, message)
         return errors.ManifestUnknown(message)
 
     # -- looking without building (the images API, the image pages) -----------------
@@ -460,7 +460,7 @@ class ImageService:
         tag = tag_of(reference)
         key, bases, record = await self._image_of(request, reference)
         try:
-            failure = self.state.failed_solves.get(key)
+            failure = self.state.outcomes.unsolvable(key)
             if failure is not None:
                 raise errors.ManifestUnknown(failure)
             solved = await self.solves.solve(key, reference, lambda: self._solve_platforms(key, request, reference, bases))
@@ -468,7 +468,7 @@ class ImageService:
         except StorageError as exc:
             raise _store_failed(request, exc) from None
         except errors.RegistryError as exc:
-            self.failures.add(request.canonical_name, tag, exc)
+            self.state.outcomes.failed(request.canonical_name, tag, exc)
             raise
         return ImageLook(request.canonical_name, tag, solved, None if record is None else record.ref.oci_digest, layers)
 

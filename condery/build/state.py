@@ -17,12 +17,12 @@ from pathlib import Path
 import aiohttp
 import rattler
 
-from condery.build.admission import BuildQueue, RecentFailures
+from condery.build.admission import BuildQueue
 from condery.config import Config
 from condery.build.coordination import Coordinator, LocalCoordinator, open_coordinator
 from condery.layers.bytecode import HostInterpreters
 from condery.layers.package_layer import channel_client
-from condery.build.progress import BuildTracker
+from condery.build.outcomes import Outcomes
 from condery.observability.metrics import Metrics
 from condery.image.names import ImageRef
 from condery.layers.archive_cache import cap_archive_cache
@@ -47,12 +47,11 @@ class AppState:
     download_client: rattler.Client  # package downloads (authenticated, no retry of its own)
     work_dir: Path  # staging for layer builds; on the store's filesystem when it has one
     builds: BuildQueue[ImageRef]  # image builds: running, queued, per client
-    failed_solves: RecentFailures  # names that recently failed to solve, by image key
+    # What became of builds: definitive solve failures, recent failures, build statuses.
+    outcomes: Outcomes
     cpu_slots: asyncio.Semaphore  # concurrent package layer builds (CPU-bound)
     download_slots: asyncio.Semaphore  # concurrent package downloads (network-bound)
     owns_work_dir: bool = False  # a private temporary directory, removed on close
-    # Image builds in flight and recently finished, with their progress (the builds API).
-    build_status: BuildTracker = field(default_factory=BuildTracker)
     metrics: Metrics = field(default_factory=Metrics)  # this app's own registry (/metrics)
     # Cold builds across replicas on one bucket (a Redis lock per image key), or nothing.
     coordinator: Coordinator = field(default_factory=LocalCoordinator)
@@ -95,7 +94,7 @@ class AppState:
                 queued=config.max_queued_builds,
                 per_client=config.max_builds_per_client,
             ),
-            failed_solves=RecentFailures(config.failed_solve_ttl),
+            outcomes=Outcomes(config.failed_solve_ttl),
             cpu_slots=asyncio.Semaphore(os.cpu_count() or 2),
             download_slots=asyncio.Semaphore(config.max_concurrent_downloads),
             owns_work_dir=not isinstance(store, FilesystemStore),

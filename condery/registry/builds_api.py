@@ -20,7 +20,8 @@ from typing import Mapping, Protocol
 from aiohttp import web
 
 from condery.image.meta import MetaPackage
-from condery.build.progress import BuildStatus, BuildTracker
+from condery.build.outcomes import Outcomes
+from condery.build.progress import BuildStatus
 from condery.oci.errors import NameInvalid, NameUnknown
 from condery.image.names import ImageRequest, parse_name
 from condery.image.tags import Digest, Latest, Snapshot, parse_reference
@@ -39,7 +40,7 @@ class Prebuilder(Protocol):
     ) -> tuple[BuildStatus, bool]: ...
 
     @property
-    def build_status(self) -> BuildTracker: ...
+    def outcomes(self) -> Outcomes: ...
 
 
 class BuildsAPI:
@@ -63,14 +64,14 @@ class BuildsAPI:
 
     async def show(self, request: web.Request) -> web.StreamResponse:
         id = request.match_info["id"]
-        status = self.service.build_status.get(id) if _ID_RE.fullmatch(id) else None
+        status = self.service.outcomes.builds.get(id) if _ID_RE.fullmatch(id) else None
         if status is None:
             shown = id if len(id) <= 40 else id[:37] + "..."
             raise NameUnknown(f"no build {shown!r} in flight or finished in the last hour; POST /api/v1/builds starts one")
         return web.json_response(status.to_json())
 
     async def listing(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response({"builds": [s.to_json() for s in self.service.build_status.listing()]})
+        return web.json_response({"builds": [s.to_json() for s in self.service.outcomes.builds.listing()]})
 
 
 async def _name_and_tag(request: web.Request) -> tuple[str, str]:

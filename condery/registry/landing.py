@@ -164,7 +164,7 @@ def _composer(host: str, specs: str, composed: Composed | None) -> str:
 def _builds(service: "ImageService") -> str:
     queue = service.builds
     rows = []
-    for status in service.build_status.listing():
+    for status in service.outcomes.builds.listing():
         if status.is_finished:
             continue
         packages = f"{status.packages_done} of {status.packages_total}" if status.packages_total else "solving"
@@ -184,7 +184,7 @@ def _builds(service: "ImageService") -> str:
 
 
 def _failures(service: "ImageService") -> str:
-    failures = service.failures.recent()
+    failures = service.outcomes.recent_failures()
     if not failures:
         return "<section id=\"failures\"><h2>Recent failures</h2><p>None since this process started.</p></section>"
     rows = (
