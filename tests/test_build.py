@@ -63,13 +63,13 @@ async def service(tmp_path: Path, fixture_channel: Path, base_layout: Path):
 def counting_builds(service: ImageService) -> list[str]:
     """Record every real build the service starts (the method still runs)."""
     calls: list[str] = []
-    real_build = service._build
+    real_build = service.pipeline.build
 
     async def build(key, request, reference, bases, progress=None):
         calls.append(request.canonical_name)
         return await real_build(key, request, reference, bases, progress)
 
-    service._build = build  # type: ignore[method-assign]
+    service.pipeline.build = build  # type: ignore[method-assign]
     return calls
 
 
@@ -156,13 +156,13 @@ async def make_service(tmp_path: Path, gated: GatedChannel, base_layout: Path):
 
 def counting_solves(service: ImageService) -> list[str]:
     calls: list[str] = []
-    real_solve = service._solve
+    real_solve = service.pipeline.solve
 
     async def solve(request, reference, subdir, base):
         calls.append(request.canonical_name)
         return await real_solve(request, reference, subdir, base)
 
-    service._solve = solve  # type: ignore[method-assign]
+    service.pipeline.solve = solve  # type: ignore[method-assign]
     return calls
 
 

@@ -147,7 +147,7 @@ async def test_base_failing_is_503_and_the_last_good_base_stands_in(
     status, built = await outcome(service, TINY, tmp_path)
     assert status == 200
     (layout / "index.json").write_text("{ not json")
-    service.recheck_bases()
+    service.bases.recheck()
     assert await outcome(service, TINY, tmp_path) == (200, built)
 
 

@@ -17,7 +17,7 @@ import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, AsyncIterator, Protocol
+from typing import IO, Any, AsyncIterator, Protocol
 
 from condery.oci.grammar import is_digest, is_tag
 from condery.oci.manifest import (
@@ -161,10 +161,15 @@ class OciLayout:
 
 
 
+class _Sized(Protocol):
+    @property
+    def size(self) -> int: ...
+
+
 class BlobSource(Protocol):
     """What the writer reads an image from (a Store is one)."""
 
-    async def blob_info(self, digest: str) -> object | None: ...
+    async def blob_info(self, digest: str) -> _Sized | None: ...
 
     def read_blob(self, digest: str) -> AsyncIterator[bytes]: ...
 
@@ -189,16 +194,17 @@ async def write_oci_layout(store: BlobSource, digest: str, media_type: str, size
         pending.extend(d.digest for d in (*found.manifests, *found.blobs))
 
     index_path = out_dir / "index.json"
-    index = json.loads(index_path.read_text()) if index_path.exists() else {"schemaVersion": 2, "manifests": []}
+    index: dict[str, Any] = (json.loads(index_path.read_text()) if index_path.exists()
+                             else {"schemaVersion": 2, "manifests": []})
     index["manifests"] = [
-        m for m in index["manifests"] if m.get("annotations", {}).get("org.opencontainers.image.ref.name") != tag
+        m for m in index["manifests"] if m.get("annotations", {}).get(REF_NAME) != tag
     ]
     index["manifests"].append(
         {
             "mediaType": media_type,
             "digest": digest,
             "size": size,
-            "annotations": {"org.opencontainers.image.ref.name": tag},
+            "annotations": {REF_NAME: tag},
         }
     )
     index.setdefault("mediaType", "application/vnd.oci.image.index.v1+json")

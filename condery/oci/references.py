@@ -62,7 +62,8 @@ def select_platform(entries: Sequence[Descriptor], wanted: OciPlatform) -> Descr
         and wanted.matches(entry.platform.os, entry.platform.architecture, entry.platform.variant)
     ]
     exact = [entry for entry in candidates if entry.platform and entry.platform.variant == wanted.variant]
-    return (exact or candidates or [None])[0]
+    chosen = exact or candidates
+    return chosen[0] if chosen else None
 
 
 def platform_entries(entries: Sequence[Descriptor]) -> list[Descriptor]:

@@ -15,36 +15,20 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Mapping, Protocol
 
 from aiohttp import web
 
-from condery.image.meta import MetaPackage
-from condery.build.outcomes import Outcomes
-from condery.build.progress import BuildStatus
+from condery.registry.builder import Builder
 from condery.oci.errors import NameInvalid, NameUnknown
-from condery.image.names import ImageRequest, parse_name
-from condery.image.tags import Digest, Latest, Snapshot, parse_reference
+from condery.image.names import parse_name
+from condery.image.tags import Digest, parse_reference
 
 MAX_BODY = 64 * 1024  # a name is at most a few KiB; refuse larger bodies before parsing them
 _ID_RE = re.compile(r"[0-9a-f]{24}")
 
 
-class Prebuilder(Protocol):
-    """What the builds API needs from the image service (condery.build.ImageService)."""
-
-    meta_packages: Mapping[str, MetaPackage]
-
-    async def prebuild(
-        self, request: ImageRequest, reference: Latest | Snapshot, client: str
-    ) -> tuple[BuildStatus, bool]: ...
-
-    @property
-    def outcomes(self) -> Outcomes: ...
-
-
 class BuildsAPI:
-    def __init__(self, service: Prebuilder) -> None:
+    def __init__(self, service: Builder) -> None:
         self.service = service
 
     async def start(self, request: web.Request) -> web.StreamResponse:
@@ -96,7 +80,7 @@ async def _name_and_tag(request: web.Request) -> tuple[str, str]:
     return body["name"], tag
 
 
-def register(app: web.Application, service: Prebuilder) -> None:
+def register(app: web.Application, service: Builder) -> None:
     api = BuildsAPI(service)
     app.router.add_post("/api/v1/builds", api.start)
     app.router.add_get("/api/v1/builds", api.listing, allow_head=False)

@@ -11,7 +11,6 @@ UNAVAILABLE), with credentials removed.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -20,9 +19,8 @@ from condery.image.compose import compose
 from condery.oci.errors import ManifestUnknown, NameInvalid
 from condery.image.names import parse_name
 from condery.image.tags import Digest, parse_reference
+from condery.registry.builder import Builder
 
-if TYPE_CHECKING:
-    from condery.build.service import ImageService
 
 
 def split_name_tag(path: str) -> tuple[str, str]:
@@ -33,7 +31,7 @@ def split_name_tag(path: str) -> tuple[str, str]:
     return name, tag
 
 
-async def look(service: "ImageService", path: str) -> ImageLook:
+async def look(service: Builder, path: str) -> ImageLook:
     """What `<name>/<tag>` solves to and, once built, what a pull gets; raises RegistryError."""
     name, tag = split_name_tag(path)
     request = parse_name(name, service.meta_packages)
@@ -43,7 +41,7 @@ async def look(service: "ImageService", path: str) -> ImageLook:
     return await service.look(request, reference)
 
 
-def register(app: web.Application, service: "ImageService") -> None:
+def register(app: web.Application, service: Builder) -> None:
     async def image(request: web.Request) -> web.StreamResponse:
         return web.json_response((await look(service, request.match_info["tail"])).as_json())
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import html
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import Iterable
 from urllib.parse import quote
 
 from aiohttp import web
@@ -24,11 +24,10 @@ from condery.build.look import ImageLook, shown_channels
 from condery.common.redact import redact_text
 from condery.image.compose import Composed, compose
 from condery.oci.errors import RegistryError
-from condery.oci.grammar import is_tag
+from condery.oci.layout import split_spec
 from condery.registry.images_api import look
+from condery.registry.builder import Builder
 
-if TYPE_CHECKING:
-    from condery.build.service import ImageService
 
 STATIC_DIR = Path(__file__).parent / "static"
 _HTML = "text/html"
@@ -95,12 +94,8 @@ def shown_base(spec: str) -> str:
     credentials redacted; an `oci:` layout as errors name it, with its tag and never the
     server's path (`the base image's OCI layout, tag bookworm`)."""
     if spec.startswith("oci:"):
-        text = spec[len("oci:") :]
-        _, sep, tag = text.rpartition(":")
-        # The tag as the layout reader splits it: "oci:DIR:TAG" unless DIR:TAG is the layout.
-        if sep and is_tag(tag) and not (Path(text) / "index.json").is_file():
-            return f"{describe_base(spec)}, tag {tag}"
-        return describe_base(spec)
+        _, tag = split_spec(spec[len("oci:") :])  # as the layout reader splits it
+        return describe_base(spec) if tag is None else f"{describe_base(spec)}, tag {tag}"
     shown = redact_text(spec)
     try:
         ImageReference.parse(spec)
@@ -112,7 +107,7 @@ def shown_base(spec: str) -> str:
     return shown
 
 
-def _served(service: "ImageService") -> str:
+def _served(service: Builder) -> str:
     config = service.config
     metas = _table(
         ("meta-package", "specs"),
@@ -161,7 +156,7 @@ def _composer(host: str, specs: str, composed: Composed | None) -> str:
     )
 
 
-def _builds(service: "ImageService") -> str:
+def _builds(service: Builder) -> str:
     queue = service.builds
     rows = []
     for status in service.outcomes.builds.listing():
@@ -183,7 +178,7 @@ def _builds(service: "ImageService") -> str:
     )
 
 
-def _failures(service: "ImageService") -> str:
+def _failures(service: Builder) -> str:
     failures = service.outcomes.recent_failures()
     if not failures:
         return "<section id=\"failures\"><h2>Recent failures</h2><p>None since this process started.</p></section>"
@@ -199,7 +194,7 @@ def _failures(service: "ImageService") -> str:
     return f"<section id=\"failures\"><h2>Recent failures</h2>{_table(('when', 'image', 'code', 'reason'), rows, 'failures')}</section>"
 
 
-def landing_page(service: "ImageService", host: str, specs: str) -> str:
+def landing_page(service: Builder, host: str, specs: str) -> str:
     composed = compose(specs, service.meta_packages) if specs.strip() else None
     body = (
         f"<h1>condery at <code>{_e(host)}</code></h1>"
@@ -254,7 +249,7 @@ def error_page(error: RegistryError) -> web.Response:
     return web.Response(status=error.status, text=_page(f"{error.code} - condery", body), content_type=_HTML)
 
 
-def register(app: web.Application, service: "ImageService") -> None:
+def register(app: web.Application, service: Builder) -> None:
     async def landing(request: web.Request) -> web.StreamResponse:
         page = landing_page(service, request.host, request.query.get("specs", ""))
         return web.Response(text=page, content_type=_HTML)

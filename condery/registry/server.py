@@ -24,14 +24,14 @@ import json
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Awaitable, BinaryIO, Callable, Mapping, Protocol, TypeVar
+from typing import Awaitable, BinaryIO, Callable, Mapping, TypeVar
 from urllib.parse import quote
 
 from aiohttp import hdrs, web
 
-from condery.image.meta import MetaPackage
 from condery.observability.metrics import Metrics
 from condery.registry import health
+from condery.registry.builder import Builder
 from condery.registry.access_log import access_middleware, note_error
 from condery.oci.errors import (
     BlobUnknown,
@@ -49,7 +49,7 @@ from condery.registry import builds_api, images_api, landing
 from condery.image.names import ImageRef, ImageRequest, parse_name
 from condery.oci.media_types import INDEX_TYPES, OCI_INDEX
 from condery.registry.negotiation import OCI_MANIFEST_TYPES, client_platform, negotiate, platform_manifest
-from condery.image.tags import Digest, Latest, Snapshot, parse_reference
+from condery.image.tags import Digest, parse_reference
 from condery.common.redact import redact_text
 from condery.storage import Store, StorageError
 from condery.oci.grammar import is_digest
@@ -82,28 +82,6 @@ _STREAMING = web.RequestKey("condery_streaming", bool) if hasattr(web, "RequestK
 HANG_UP_POLL = 0.5
 
 T = TypeVar("T")
-
-
-class ImageService(Protocol):
-    """What the HTTP layer needs from the builder (condery.build satisfies it)."""
-
-    meta_packages: Mapping[str, MetaPackage]
-
-    async def resolve(self, request: ImageRequest, reference: Latest | Snapshot, client: str) -> ImageRef:
-        """The image for a name and tag, built if needed; raises RegistryError.
-
-        `client` is the peer address, for per-client build limits (behind a reverse
-        proxy, that is the proxy). Cancelling the call means the client has gone.
-        """
-        ...
-
-    async def manifest_media_type(self, digest: str) -> str | None:
-        """The mediaType of a manifest or index stored by digest, None if unknown."""
-        ...
-
-    async def tags(self, request: ImageRequest) -> list[str]:
-        """Tags known for the request's canonical name."""
-        ...
 
 
 class RangeNotSatisfiable(Exception):
@@ -193,7 +171,7 @@ def _check_digest(digest: str) -> str:
 class PullAPI:
     """The request handlers, holding the service and store they answer from."""
 
-    def __init__(self, service: ImageService, store: Store) -> None:
+    def __init__(self, service: Builder, store: Store) -> None:
         self.service = service
         self.store = store
         self.manifests = _ManifestCache()
@@ -467,7 +445,7 @@ async def _add_api_version(request: web.Request, response: web.StreamResponse) -
     response.headers[API_VERSION_HEADER] = API_VERSION
 
 
-def create_app(service: ImageService, store: Store, metrics: Metrics | None = None) -> web.Application:
+def create_app(service: Builder, store: Store, metrics: Metrics | None = None) -> web.Application:
     """The pull API as an aiohttp application (and /healthz, /readyz, /metrics).
 
     `metrics` is the AppState's; a fresh registry when none is given (tests).
@@ -480,8 +458,8 @@ def create_app(service: ImageService, store: Store, metrics: Metrics | None = No
     app.router.add_route("*", "/v2", api.base)
     app.router.add_route("*", "/v2/", api.base)
     app.router.add_route("*", "/v2/{tail:.+}", api.dispatch)
-    images_api.register(app, service)  # type: ignore[arg-type]  # condery.build's service
-    builds_api.register(app, service)  # type: ignore[arg-type]
-    landing.register(app, service)  # type: ignore[arg-type]
+    images_api.register(app, service)
+    builds_api.register(app, service)
+    landing.register(app, service)
     health.register(app, store, metrics)
     return app
