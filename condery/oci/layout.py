@@ -30,7 +30,7 @@ from condery.oci.manifest import (
     parse_descriptor,
 )
 from condery.oci.media_types import OCI_INDEX, OCI_MANIFEST
-from condery.oci.references import references
+from condery.oci.references import walk
 
 REF_NAME = "org.opencontainers.image.ref.name"
 
@@ -161,15 +161,10 @@ class OciLayout:
 
 
 
-class _Sized(Protocol):
-    @property
-    def size(self) -> int: ...
-
-
 class BlobSource(Protocol):
     """What the writer reads an image from (a Store is one)."""
 
-    async def blob_info(self, digest: str) -> _Sized | None: ...
+    async def blob_info(self, digest: str) -> object | None: ...
 
     def read_blob(self, digest: str) -> AsyncIterator[bytes]: ...
 
@@ -184,14 +179,14 @@ async def write_oci_layout(store: BlobSource, digest: str, media_type: str, size
     blobs.mkdir(parents=True, exist_ok=True)
     (out_dir / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
 
-    pending = [digest]
-    while pending:
-        current = pending.pop()
-        data = await _copy_blob(store, current, blobs)
-        if data is None:
-            continue
-        found = references(data)  # our own document: a ManifestError is a broken store
-        pending.extend(d.digest for d in (*found.manifests, *found.blobs))
+    async def copied(digest: str) -> bytes:  # a manifest or an index: small
+        return (await _copy_blob(store, digest, blobs)).read_bytes()
+
+    async for visit in walk([digest], copied):
+        if visit.found is None:
+            raise KeyError(f"manifest {visit.digest} is {'missing from the store' if visit.missing else 'unreadable'}")
+        for blob in visit.found.blobs:
+            await _copy_blob(store, blob.digest, blobs)
 
     index_path = out_dir / "index.json"
     index: dict[str, Any] = (json.loads(index_path.read_text()) if index_path.exists()
@@ -214,22 +209,16 @@ async def write_oci_layout(store: BlobSource, digest: str, media_type: str, size
     os.replace(tmp, index_path)
 
 
-async def _copy_blob(store: BlobSource, digest: str, blobs: Path) -> bytes | None:
-    """Copy one blob; return its bytes when it is a small JSON document worth walking."""
+async def _copy_blob(store: BlobSource, digest: str, blobs: Path) -> Path:
+    """Copy one blob into the layout (once: blobs are content-addressed); its path there."""
     target = blobs / digest.split(":", 1)[1]
-    info = await store.blob_info(digest)
-    if info is None:
+    if target.exists():
+        return target
+    if await store.blob_info(digest) is None:
         raise KeyError(f"blob {digest} is missing from the store")
-    small = info.size <= 4 << 20
-    head = b""
-    if not target.exists():
-        fd, tmp = tempfile.mkstemp(dir=blobs, prefix=".blob-")
-        with os.fdopen(fd, "wb") as handle:
-            async for chunk in store.read_blob(digest):
-                handle.write(chunk)
-        os.replace(tmp, target)
-    if small:
-        head = target.read_bytes()
-        if head[:1] == b"{" and b'"schemaVersion"' in head:
-            return head
-    return None
+    fd, tmp = tempfile.mkstemp(dir=blobs, prefix=".blob-")
+    with os.fdopen(fd, "wb") as handle:
+        async for chunk in store.read_blob(digest):
+            handle.write(chunk)
+    os.replace(tmp, target)
+    return target

@@ -10,7 +10,7 @@ answer (a miss and a rebuild, a warning in gc), never a KeyError in the pull pat
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 
 from condery.common.jsonobject import json_object
 from condery.oci.manifest import Descriptor, ManifestError, parse_descriptor
@@ -46,6 +46,45 @@ def references(data: bytes) -> References:
     if "config" not in document or not isinstance(layers, list):
         raise ManifestError("neither an index nor an image manifest")
     return References(config=parse_descriptor(document["config"]), layers=tuple(parse_descriptor(d) for d in layers))
+
+
+@dataclass(frozen=True)
+class Visit:
+    """One manifest or index met by `walk`: what it names, or why nothing (`found` None)."""
+
+    digest: str
+    found: References | None
+    missing: bool = False  # `read` raised KeyError: the document is not stored
+    problem: str | None = None  # stored, but not an index or image manifest
+
+
+async def walk(roots: Iterable[str], read: Callable[[str], Awaitable[bytes]]) -> AsyncIterator[Visit]:
+    """Every manifest and index reachable from `roots`, each once, with what it names.
+
+    Only manifests are read (configs and layers are named, never read: a layer may be
+    gigabytes). An absent or malformed document is a Visit without `found`, and the walk
+    goes on: what to make of it is the caller's policy (the record cache rebuilds the
+    image, gc marks nothing below it, the layout writer refuses). A caller that has seen
+    enough leaves the loop.
+    """
+    pending, seen = list(roots), set()
+    while pending:
+        digest = pending.pop()
+        if digest in seen:
+            continue
+        seen.add(digest)
+        try:
+            data = await read(digest)
+        except KeyError:
+            yield Visit(digest, None, missing=True)
+            continue
+        try:
+            found = references(data)
+        except ManifestError as exc:
+            yield Visit(digest, None, problem=str(exc))
+            continue
+        yield Visit(digest, found)
+        pending.extend(child.digest for child in found.manifests)
 
 
 def select_platform(entries: Sequence[Descriptor], wanted: OciPlatform) -> Descriptor | None:

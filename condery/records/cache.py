@@ -20,8 +20,7 @@ from collections import OrderedDict
 from typing import Mapping
 
 from condery.image.names import ImageRequest
-from condery.oci.manifest import ManifestError
-from condery.oci.references import references
+from condery.oci.references import walk
 from condery.records import kinds
 from condery.records.keys import ImageKey, tags_prefix
 from condery.records.schemas import ImageRecord, LayerEntry, TagsIndex
@@ -196,24 +195,16 @@ class RecordCache:
         generation = self.store.removal_generation
         if self._complete.get(top_digest) == generation:
             return True
-        pending, seen = [top_digest], set()
-        while pending:
-            digest = pending.pop()
-            if digest in seen:
-                continue
-            seen.add(digest)
-            try:
-                found = references(await self.store.get_blob_bytes(digest))
-            except KeyError:
+        async for visit in walk([top_digest], self.store.get_blob_bytes):
+            if visit.found is None:
+                if visit.problem is not None:  # our own document, overwritten: rebuild it
+                    log.warning("image manifest %s is unreadable (%s); the image is built again",
+                                visit.digest, visit.problem)
                 return False
-            except ManifestError as exc:  # our own document, rotted or overwritten: rebuild it
-                log.warning("image manifest %s is unreadable (%s); the image is built again", digest, exc)
-                return False
-            for child in found.manifests:
+            for child in visit.found.manifests:
                 if not await self.store.has_blob(child.digest, child.size):
                     return False
-                pending.append(child.digest)
-            for blob in found.blobs:
+            for blob in visit.found.blobs:
                 # Sizes too: a truncated layer (a bad copy, a crash under another tool)
                 # is dropped here, before a client is handed a manifest naming it.
                 if not await self.store.has_blob(blob.digest, blob.size):

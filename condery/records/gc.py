@@ -38,8 +38,7 @@ from condery.records.schemas import TagsIndex
 from condery.config import GcConfig
 from condery.observability.metrics import Metrics
 from condery.oci.grammar import is_digest
-from condery.oci.manifest import ManifestError
-from condery.oci.references import references
+from condery.oci.references import walk
 from condery.records import kinds
 from condery.records.keys import ImageKey
 from condery.storage import Listed, StorageError, Store
@@ -111,21 +110,13 @@ def live_images(images: list[Listed], served: dict[str, float], gc: GcConfig, no
 async def _walk(store: Store, manifests: set[str]) -> set[str]:
     """`manifests` (manifests or indexes) and every blob they name, reading only manifests:
     configs and layers are named, never read (a layer may be gigabytes)."""
-    live, pending = set(), list(manifests)
-    while pending:
-        digest = pending.pop()
-        if digest in live:
-            continue
-        live.add(digest)
-        try:
-            found = references(await store.get_blob_bytes(digest))
-        except KeyError:
-            continue  # absent: the image reads as a miss and is rebuilt
-        except ManifestError as exc:  # the record cache rebuilds such an image; nothing here is marked
-            log.warning("gc: %s is no manifest (%s); what it names is not marked", digest, exc)
-            continue
-        pending.extend(child.digest for child in found.manifests)
-        live.update(blob.digest for blob in found.blobs)
+    live: set[str] = set()
+    async for visit in walk(manifests, store.get_blob_bytes):
+        live.add(visit.digest)
+        if visit.problem is not None:  # the record cache rebuilds such an image; nothing here is marked
+            log.warning("gc: %s is no manifest (%s); what it names is not marked", visit.digest, visit.problem)
+        if visit.found is not None:  # absent: the image reads as a miss and is rebuilt
+            live.update(blob.digest for blob in visit.found.blobs)
     return live
 
 
