@@ -65,9 +65,9 @@ def counting_builds(service: ImageService) -> list[str]:
     calls: list[str] = []
     real_build = service.pipeline.build
 
-    async def build(key, request, reference, bases, progress=None):
-        calls.append(request.canonical_name)
-        return await real_build(key, request, reference, bases, progress)
+    async def build(job):
+        calls.append(job.request.canonical_name)
+        return await real_build(job)
 
     service.pipeline.build = build  # type: ignore[method-assign]
     return calls

@@ -1,6 +1,6 @@
 """The pipeline: from a request, a tag and its bases to stored manifests, read top to bottom.
 
-    build(key, request, reference, bases)
+    build(Job(key, request, reference, bases, progress))
       per platform, together (_platforms, all or nothing, within build_timeout):
         solve                 layers/solve: channels, virtual packages, the snapshot's date
         package layers        image_layers.py: each from the cache or built once, in parallel
@@ -93,6 +93,17 @@ class Unsolvable:
 
 
 @dataclass(frozen=True)
+class Job:
+    """One image build: what to build (a name, a tag), under which record key, on which bases."""
+
+    key: str  # the image record's key (records/keys.py): a definitive failure is remembered by it
+    request: ImageRequest
+    reference: Latest | Snapshot
+    bases: Mapping[str, BaseImage]  # conda subdir -> its base, as resolved for the key
+    progress: BuildProgress | None = None
+
+
+@dataclass(frozen=True)
 class Built:
     ref: ImageRef
     images: list[PlatformImage]
@@ -108,20 +119,13 @@ class Pipeline:
         self.layers = layers
         self.repodata = repodata
 
-    async def build(
-        self,
-        key: str,
-        request: ImageRequest,
-        reference: Latest | Snapshot,
-        bases: Mapping[str, BaseImage],
-        progress: BuildProgress | None,
-    ) -> Built:
+    async def build(self, job: Job) -> Built:
         """Every platform's image and the top-level manifests, with the build's start and end
         logged and its metrics counted; or a registry error."""
-        report = BuildReport.start(request.canonical_name, tag_of(reference), self.config.platforms,
+        report = BuildReport.start(job.request.canonical_name, tag_of(job.reference), self.config.platforms,
                                    self.state.metrics)
         try:
-            built = await self._platforms(key, request, reference, bases, progress, report)
+            built = await self._platforms(job, report)
         except errors.RegistryError as exc:
             report.finish(f"{exc.code}: {exc.message}")
             raise
@@ -136,15 +140,7 @@ class Pipeline:
         report.finish(skipped=built.skipped)
         return built
 
-    async def _platforms(
-        self,
-        key: str,
-        request: ImageRequest,
-        reference: Latest | Snapshot,
-        bases: Mapping[str, BaseImage],
-        progress: BuildProgress | None,
-        report: BuildReport,
-    ) -> Built:
+    async def _platforms(self, job: Job, report: BuildReport) -> Built:
         """Every platform's image and the top-level manifests, or a registry error.
 
         The caller bounds concurrency (the server's BuildQueue; the CLI builds one image).
@@ -155,14 +151,14 @@ class Pipeline:
         own solve timeout, by the package size limits, and by the default thread pool
         (at most cpu count + 4 such threads at once, whatever was cancelled).
         """
-        name = request.canonical_name
+        request, reference, name = job.request, job.reference, job.request.canonical_name
         # A date is solved against repodata read now: one asked for the first time must not
         # be answered from data loaded before packages of that day were uploaded.
         data_as_of = self.repodata.refresh(self.config.channels, force=isinstance(reference, Snapshot))
         try:
             results = await asyncio.wait_for(
                 _all_or_nothing(
-                    [self._platform(request, reference, subdir, bases[subdir], progress, report)
+                    [self._platform(job, subdir, report)
                      for subdir in self.config.platforms]
                 ),
                 timeout=self.config.build_timeout,
@@ -188,7 +184,7 @@ class Pipeline:
         images = [r for r in results if isinstance(r, PlatformImage)]
         skipped = {r.subdir: r.reason for r in results if isinstance(r, Unsolvable)}
         if not images:
-            raise self._unsolvable(key, name, skipped)
+            raise self._unsolvable(job.key, name, skipped)
         for subdir, reason in skipped.items():
             log.warning("%s: served without %s, which does not solve: %s", name, subdir, reason)
         started = time.monotonic()
@@ -208,15 +204,14 @@ class Pipeline:
         self.state.outcomes.remember_unsolvable(key, message)
         return errors.ManifestUnknown(message)
 
-    async def solve_platforms(
-        self, key: str, request: ImageRequest, reference: Latest | Snapshot, bases: Mapping[str, BaseImage]
-    ) -> Solved:
-        name = request.canonical_name
+    async def solve_platforms(self, job: Job) -> Solved:
+        """Every platform's solve, without building (look())."""
+        request, reference, name = job.request, job.reference, job.request.canonical_name
         data_as_of = self.repodata.refresh(self.config.channels, force=isinstance(reference, Snapshot))
 
         async def one(subdir: str) -> SolvedPlatform | Unsolvable:
             try:
-                return solved_platform(await self.solve(request, reference, subdir, bases[subdir]), subdir)
+                return solved_platform(await self.solve(request, reference, subdir, job.bases[subdir]), subdir)
             except SolveUnavailable:
                 raise
             except SolveError as exc:
@@ -233,7 +228,7 @@ class Pipeline:
         skipped = {r.subdir: r.reason for r in results if isinstance(r, Unsolvable)}
         platforms = {s: r for s, r in zip(self.config.platforms, results) if not isinstance(r, Unsolvable)}
         if not platforms:
-            raise self._unsolvable(key, name, skipped)
+            raise self._unsolvable(job.key, name, skipped)
         return Solved(data_as_of, platforms, skipped)
 
     async def solve(
@@ -256,15 +251,10 @@ class Pipeline:
             )
         return records
 
-    async def _platform(
-        self,
-        request: ImageRequest,
-        reference: Latest | Snapshot,
-        subdir: str,
-        base: BaseImage,
-        progress: BuildProgress | None,
-        report: BuildReport,
-    ) -> PlatformImage | Unsolvable:
+    async def _platform(self, job: Job, subdir: str, report: BuildReport) -> PlatformImage | Unsolvable:
+        """One platform's image: solve, package layers, groups, the environment layer,
+        config and manifests (an Unsolvable when the solver cannot satisfy it there)."""
+        request, reference, progress, base = job.request, job.reference, job.progress, job.bases[subdir]
         platform = oci_platform(subdir)
         if progress:
             progress.solving(subdir)

@@ -35,7 +35,7 @@ from condery.build.bases import PlatformBases
 from condery.build.image_layers import LayerBuilder
 from condery.build.look import ImageLook, SolveCache, built_layers
 from condery.build.outcomes import Outcomes
-from condery.build.pipeline import BuildProgress, Pipeline, store_failed
+from condery.build.pipeline import BuildProgress, Job, Pipeline, store_failed
 from condery.build.progress import BuildStatus, build_id
 from condery.build.state import AppState
 from condery.image.meta import MetaPackage
@@ -261,7 +261,8 @@ class ImageService:
     ) -> tuple[ImageRef, list[PlatformImage]]:
         """Build (or reuse the layers of) the image and store its top-level manifests (the CLI's entry)."""
         bases = await self.bases.for_platforms()
-        built = await self.pipeline.build(self.keys.key(request, tag_of(reference), bases), request, reference, bases, progress)
+        built = await self.pipeline.build(Job(self.keys.key(request, tag_of(reference), bases), request, reference, bases,
+                                              progress))
         return built.ref, built.images
 
     async def _build_and_record(
@@ -269,7 +270,7 @@ class ImageService:
         progress: BuildProgress | None = None,
     ) -> ImageRef:
         try:
-            built = await self.pipeline.build(key, request, reference, bases, progress)
+            built = await self.pipeline.build(Job(key, request, reference, bases, progress))
         except errors.RegistryError as exc:
             self.state.outcomes.failed(request.canonical_name, tag_of(reference), exc)
             raise
@@ -298,7 +299,7 @@ class ImageService:
             failure = self.state.outcomes.unsolvable(key)
             if failure is not None:
                 raise errors.ManifestUnknown(failure)
-            solved = await self.solves.solve(key, reference, lambda: self.pipeline.solve_platforms(key, request, reference, bases))
+            solved = await self.solves.solve(key, reference, lambda: self.pipeline.solve_platforms(Job(key, request, reference, bases)))
             layers = None if record is None else await built_layers(self.store, record)
         except StorageError as exc:
             raise store_failed(request, exc) from None
