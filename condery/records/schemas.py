@@ -2,15 +2,18 @@
 with its `as_record` and a `from_record` that reads a record of another schema, or a
 malformed one, as absent (None): it is rebuilt, never half-trusted.
 
-Bump a schema number when its record's fields change.
+Every field that names a blob is checked to be a digest here, so that no stored
+record, however it was damaged, hands the store a malformed name (a ValueError, a 500)
+instead of reading as a miss. Bump a schema number when its record's fields change.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from condery.image.names import ImageRef
+from condery.oci.grammar import is_digest
 from condery.oci.manifest import Descriptor
 
 IMAGE_SCHEMA = 2
@@ -33,6 +36,20 @@ class BaseImage:
 
 
 SCRATCH = BaseImage(config=None, layers=(), diff_ids=(), glibc_version=None)
+_REF_FIELDS = frozenset(f.name for f in fields(ImageRef))
+
+
+def _digest(value: Any) -> str:
+    """A digest field of a stored record: every one reaches the store as a blob's name."""
+    if not is_digest(value):
+        raise ValueError("not a sha256 digest")
+    return value
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError("not a string")
+    return value
 
 
 @dataclass(frozen=True)
@@ -59,7 +76,12 @@ class LayerEntry:
         if record.get("schema") != LAYER_SCHEMA:
             return None
         try:
-            return cls(key, record["digest"], record["diff_id"], int(record["size"]), tuple(record["packages"]))
+            size, packages = record["size"], record["packages"]
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                return None
+            if not isinstance(packages, list) or not all(isinstance(p, str) for p in packages):
+                return None
+            return cls(key, _digest(record["digest"]), _digest(record["diff_id"]), size, tuple(packages))
         except (KeyError, TypeError, ValueError):
             return None
 
@@ -87,11 +109,19 @@ class ImageRecord:
         if record.get("schema") != IMAGE_SCHEMA:
             return None
         try:
-            return cls(
-                ImageRef(**record["ref"]), float(record["data_as_of"]), dict(record["platforms"]),
-                dict(record.get("skipped", {})),
-            )
-        except (KeyError, TypeError, ValueError):
+            ref = record["ref"]
+            if not isinstance(ref, Mapping) or set(ref) != _REF_FIELDS:
+                return None
+            ref = ImageRef(_digest(ref["oci_digest"]), _text(ref["oci_media_type"]),
+                           _digest(ref["docker_digest"]), _text(ref["docker_media_type"]))
+            platforms = {
+                _text(name): {"oci": _digest(p["oci"]), "docker": _digest(p["docker"]),
+                              "lock_sha256": _text(p.get("lock_sha256", ""))}
+                for name, p in record["platforms"].items()
+            }
+            skipped = {_text(k): _text(v) for k, v in record.get("skipped", {}).items()}
+            return cls(ref, float(record["data_as_of"]), platforms, skipped)
+        except (AttributeError, KeyError, TypeError, ValueError):
             return None
 
 
