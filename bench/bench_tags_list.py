@@ -2,7 +2,7 @@
 
     python3 bench/bench_tags_list.py [--images N]
 
-tags/list reads one index record per name (cache.py `TagsIndex`), so its cost should not
+tags/list reads one index record per name (records/schemas.py `TagsIndex`), so its cost should not
 grow with the store. This fills two filesystem stores, one with 10 image records and one
 with 10,000 (1,000 names of 10 date tags; the same 10 records for the name listed), then
 times RecordCache.tags for one name in each: the first call (no index yet: one scan,

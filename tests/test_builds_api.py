@@ -1,4 +1,4 @@
-"""Build progress tracking (condery/progress.py) and the builds API over loopback HTTP.
+"""Build progress tracking (condery/build/progress.py) and the builds API over loopback HTTP.
 
 The API tests run the real ImageService against the fixture channel behind a gate
 (tests/fixtures/gated_channel.py), served by aiohttp's test server; the whole path

@@ -1,4 +1,4 @@
-"""Cross-replica build locks (condery/coordination.py) against a real redis-server."""
+"""Cross-replica build locks (condery/build/coordination.py) against a real redis-server."""
 
 from __future__ import annotations
 

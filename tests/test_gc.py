@@ -1,4 +1,4 @@
-"""Garbage collection (condery/gc.py) over images really built, on the filesystem store and
+"""Garbage collection (condery/records/gc.py) over images really built, on the filesystem store and
 on S3 (SeaweedFS): after `latest` moves to a new package version, gc removes exactly the
 blobs and records that only the replaced image reached, once it is older than gc.keep and
 gc.grace; a dry run removes nothing; what is young or was served recently stays.

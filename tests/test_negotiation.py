@@ -57,7 +57,7 @@ def test_no_accept_means_oci() -> None:
 
 
 def test_oci_only_images_go_to_docker_clients_that_take_oci() -> None:
-    """zstd images have no Docker schema 2 form (build.py): OCI to whoever accepts it."""
+    """zstd images have no Docker schema 2 form (build/pipeline.py): OCI to whoever accepts it."""
     # Docker 23+ and containerd prefer Docker types but list OCI ones too.
     choice = negotiate([f"{DOCKER_MANIFEST}, {DOCKER_MANIFEST_LIST}, {OCI_MANIFEST};q=0.5, {OCI_INDEX};q=0.5"],
                        oci_only=True)

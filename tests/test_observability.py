@@ -169,7 +169,7 @@ async def test_a_layer_build_reports_where_its_time_goes(tmp_path: Path) -> None
     # Steps are parts of their phases: verify of fetch, the rest of layers.
     assert seconds["verify"] <= seconds["fetch"]
     assert seconds["check"] + seconds["install"] + seconds["pack"] <= seconds["layers"]
-    assert seconds["store"] == 0  # the caller stores the layer (image_layers.py times it)
+    assert seconds["store"] == 0  # the caller stores the layer (build/image_layers.py times it)
 
 
 @contextlib.asynccontextmanager

@@ -1,5 +1,5 @@
-"""Private and multi-platform base images, and tag refresh (registry_auth.py, upstream.py,
-base_image.py) against real registries: CNCF Distribution with htpasswd Basic auth or
+"""Private and multi-platform base images, and tag refresh (bases/auth.py, upstream.py,
+resolve.py) against real registries: CNCF Distribution with htpasswd Basic auth or
 token auth, real credential-helper processes, and small aiohttp servers where a test
 needs a behaviour Distribution does not have (a cross-origin blob redirect).
 """

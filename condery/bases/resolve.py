@@ -5,36 +5,19 @@ Spec forms (configuration key `base_image`):
   asked for again once imported;
 - `REGISTRY/REPO:TAG`: the stored answer is reused for `refresh` seconds (configuration
   `base_image_refresh`), then the tag is asked for again; a tag that moved is imported
-  anew (a new base digest makes new image keys, cache.py), and when the registry cannot
+  anew (a new base digest makes new image keys, records/keys.py), and when the registry cannot
   answer the last good base stays in use (stale-if-error) and is retried after
   FAILED_REFRESH_RETRY seconds;
 - `oci:PATH[:TAG]`: a local OCI image layout (read on every resolve, it is local and
   small; the layer work is cached by the manifest's digest);
 - `scratch`: no base at all.
 
-Every blob is verified against its digest and size before it is stored, layers are
-also checked against the config's diff_ids while they are decompressed, and nothing is
-stored unless the whole image verified. The result is recorded under the record kind
-`base-images`, so later resolves make no network call until a tag's refresh is due.
-Registry credentials come from `auth` (registry_auth.py: Docker config.json files).
-
-A multi-platform index gives each built platform its own child (oci/references.py
-`select_platform`: os and architecture equal, variant equal or absent on either side, an
-exact variant preferred), and an index without the platform is refused by name.
-
-Uncompressed and zstd layers are recompressed to gzip once: a Docker schema 2 manifest
-can only describe gzip layers, and every image is served in both families. The gzip
-stream is deterministic (condery's own layer compressor, condery/layers/compression.py)
-and recorded by the source layer's digest under `base-gzip-layers`, so every
-replica sharing a store serves the same digest; its diff_id is checked against the
-config's before it is used.
-
-glibc detection (for the solver's `__glibc` virtual package) reads each layer's tar
-stream once, in order, and the last layer with evidence wins. Evidence, strongest first:
-the dpkg record of `libc6` (`var/lib/dpkg/status` or distroless `status.d/`), the
-"GNU C Library ... version X.Y" banner inside `libc.so.6`, and a versioned file name
-`libc-X.Y.so` / `ld-X.Y.so` (glibc before 2.34). None when nothing is found (musl,
-scratch, busybox).
+Importing (fetch, verify, scan, recompress, store) is imports.py; the checks of an
+untrusted manifest and config are untrusted.py; what the layers hold (glibc, accounts)
+is layers/base_scan.py. The result is recorded under the record kind `base-images`, so
+later resolves make no network call until a tag's refresh is due, and counts only while
+every layer it names is stored whole (Store.has_blob): a truncated layer is imported
+again. Registry credentials come from `auth` (auth.py: Docker config.json files).
 """
 
 from __future__ import annotations

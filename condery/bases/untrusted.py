@@ -93,7 +93,7 @@ def checked_config(config: dict[str, Any], layers: tuple[Descriptor, ...], platf
 
 
 def _check_settings(config: dict[str, Any]) -> None:
-    """The fields registry/manifest.image_config copies from a base, with the types it needs."""
+    """The fields oci/manifest.image_config copies from a base, with the types it needs."""
     settings = config.get("config")
     if settings is not None and not isinstance(settings, dict):
         raise ManifestError("image config's 'config' is not an object")

@@ -5,7 +5,7 @@ digest we asked for, sizes are bounded, and a blob reaches the caller only as a 
 file whose sha256 and size already matched.
 
 When the registry answers 401, its challenge says how to authenticate: `Basic` gets the
-registry's credentials (registry_auth.py) directly; `Bearer` gets a token from the realm
+registry's credentials (auth.py) directly; `Bearer` gets a token from the realm
 it names, asked for with those credentials (Basic, or an OAuth2 refresh-token POST for an
 identity token) or anonymously when there are none. Credentials go only to the registry
 they are for and to the token realm it names (https, or loopback for a loopback

@@ -3,7 +3,7 @@ can call them directly.
 
 The served manifests depend on the image's content only, never on the tag that asked
 for it: `latest` and a date that solve to the same packages have one digest. A tag name
-belongs in an OCI layout's index.json (registry/oci_layout.py) and nowhere else.
+belongs in an OCI layout's index.json (oci/layout.py) and nowhere else.
 """
 
 from __future__ import annotations

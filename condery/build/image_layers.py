@@ -1,7 +1,7 @@
 """The layers of one image: each package's layer (from the cache or built once), the
 groups that keep the image under the layer budget, and the environment layer.
 
-Keys and records are condery/cache.py's; this module only builds what is missing, one
+Keys and records are condery/records/'s; this module only builds what is missing, one
 build per key however many images ask for it.
 """
 

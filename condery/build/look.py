@@ -1,10 +1,10 @@
 """Look before you pull: what a name and tag solve to, and what was built, without building.
 
 The images API and the image pages answer from here (`ImageService.look`). A solve is
-cached under the image record's key (cache.py's ImageKeys: name, tag and every setting
-that shapes the image) for as long as a pull's answer would be (cache.Freshness), so
+cached under the image record's key (records/keys.py's ImageKeys: name, tag and every setting
+that shapes the image) for as long as a pull's answer would be (records/freshness.py), so
 looking at a name again and again costs one solve per `latest_ttl`, like pulling it.
-A definitive failure goes to the same failed-solves memory a pull uses.
+A definitive failure goes to the same memory of outcomes a pull uses (outcomes.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Where each image build is: its state, packages and bytes done of total, its outcome.
 
-The pipeline (condery/build.py) reports through the `BuildProgress` protocol; a
+The pipeline (build/pipeline.py) reports through the `BuildProgress` protocol; a
 `BuildStatus` is one build's record of it, and `BuildTracker` keeps the statuses of the
 builds in flight and of recently finished ones, for the builds API (`GET
 /api/v1/builds/<id>`), the landing page and tests. A client that polls after a build

@@ -71,7 +71,7 @@ def _mask(value: Any, path: str, masked: list[str]) -> Any:
 def effective_yaml(config: Config, environ: Mapping[str, str] | None = None) -> str:
     """The configuration as YAML, secrets masked, loadable again with `--config`.
 
-    Credentials inside URLs are removed (redact.py), values of secret-looking keys are
+    Credentials inside URLs are removed (common/redact.py), values of secret-looking keys are
     replaced by `***`, and S3 credentials found in the environment are only named.
     """
     environ = os.environ if environ is None else environ

@@ -50,7 +50,7 @@ class CoordinationConfig:
 
 @dataclass(frozen=True)
 class GcConfig:
-    """`condery gc` (condery/gc.py): how long what nothing current reaches is kept."""
+    """`condery gc` (condery/records/gc.py): how long what nothing current reaches is kept."""
 
     keep: int = 7 * 24 * 3600  # seconds an image replaced as `latest` (or of another configuration) stays
     grace: int = 24 * 3600  # seconds: nothing younger is removed, nothing served within it either
@@ -66,7 +66,7 @@ class Config:
     platforms: tuple[str, ...] = ("linux-64",)
     prefix: str = "/opt/conda"
     base_image: str = DEFAULT_BASE_IMAGE
-    # A Docker config.json with the base image registry's credentials (registry_auth.py);
+    # A Docker config.json with the base image registry's credentials (bases/auth.py);
     # unset: $REGISTRY_AUTH_FILE, else ${XDG_RUNTIME_DIR}/containers/auth.json and
     # $DOCKER_CONFIG/config.json (~/.docker/config.json), as podman and skopeo read them.
     base_image_auth_file: str | None = None

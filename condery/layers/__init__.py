@@ -1,4 +1,5 @@
-"""Conda packages to image layers. Knows conda and tarballs, nothing of HTTP or OCI JSON.
+"""Conda packages to image layers, and what base layers hold. Knows conda and tarballs,
+nothing of HTTP or OCI JSON (of OCI only the error an unreadable base layer raises).
 
 A layer leaves this package as a `LayerBlob`: a gzip file on local disk plus the two
 digests an image needs (the compressed blob digest and the uncompressed diff_id).

@@ -235,7 +235,7 @@ class PullAPI:
 
         Only tags are negotiated: a digest names one document, served as it is.
         """
-        oci_only = image.docker_media_type in OCI_MANIFEST_TYPES  # zstd layers (build.py)
+        oci_only = image.docker_media_type in OCI_MANIFEST_TYPES  # zstd layers (build/pipeline.py)
         choice = negotiate(request.headers.getall(hdrs.ACCEPT, []), oci_only)
         if not choice.acceptable:
             raise ManifestUnknown(
