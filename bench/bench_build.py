@@ -35,11 +35,11 @@ sys.path.insert(0, str(ROOT))
 from bench.baselines import compressors, dockerfile_baseline  # noqa: E402
 from bench.wrk import Load, wrk_load  # noqa: E402
 from condery.build.service import ImageService  # noqa: E402
+from condery.build.state import AppState  # noqa: E402
 from condery.config import load_config  # noqa: E402
 from condery.image.names import parse_name  # noqa: E402
-from condery.oci.layout import write_oci_layout  # noqa: E402
 from condery.image.tags import Latest  # noqa: E402
-from condery.build.state import AppState  # noqa: E402
+from condery.oci.layout import write_oci_layout  # noqa: E402
 from tests.fixtures.base_image import glibc_base_layout  # noqa: E402
 from tests.fixtures.channel import build_fixture_channel  # noqa: E402
 from tests.fixtures.nginx import static_nginx  # noqa: E402

@@ -23,11 +23,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from condery.records.schemas import ImageRecord
-from condery.records.cache import RecordCache
-from condery.records.keys import image_record_key, tags_prefix  # noqa: E402
 from condery.config import StorageConfig  # noqa: E402
 from condery.image.names import ImageRef, parse_name  # noqa: E402
+from condery.records.cache import RecordCache
+from condery.records.keys import image_record_key, tags_prefix  # noqa: E402
+from condery.records.schemas import ImageRecord
 from condery.storage import Store
 from condery.storage.backends import open_store  # noqa: E402
 

@@ -17,11 +17,16 @@ from aiohttp import web
 from tqdm import tqdm
 
 from condery.build.service import ImageService
+from condery.build.state import AppState
+from condery.common.redact import redact_text
 from condery.config import Config, ConfigError, effective_yaml, load_config
-from condery.records.gc import collect, run_every
+from condery.image.names import NameInvalid, parse_name
+from condery.image.tags import Digest, parse_reference
 from condery.layers.env_layer import explicit_lock
 from condery.observability.logs import configure_logging
-from condery.common.redact import redact_text
+from condery.oci.errors import RegistryError
+from condery.oci.layout import write_oci_layout
+from condery.records.gc import collect, run_every
 from condery.registry.connections import (
     ConnectionLimits,
     default_max_connections,
@@ -29,12 +34,7 @@ from condery.registry.connections import (
     raise_open_file_limit,
     serving,
 )
-from condery.oci.errors import RegistryError
-from condery.image.names import NameInvalid, parse_name
-from condery.oci.layout import write_oci_layout
 from condery.registry.server import ACCESS_LOG_FORMAT, create_app
-from condery.image.tags import Digest, parse_reference
-from condery.build.state import AppState
 from condery.storage import StorageError
 from condery.storage.backends import open_store
 from condery.storage.verify import verify_store

@@ -28,11 +28,11 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from condery.common.jsonobject import json_object
-from condery.oci.media_types import INDEX_TYPES, MANIFEST_TYPES
 from condery.bases.auth import Credentials, RegistryAuth, RegistryAuthError
+from condery.common.jsonobject import json_object
 from condery.oci.grammar import REPOSITORY_RE, is_digest, is_tag
 from condery.oci.manifest import MAX_MANIFEST_SIZE, FetchedManifest
+from condery.oci.media_types import INDEX_TYPES, MANIFEST_TYPES
 
 MANIFEST_ACCEPT = (
     "application/vnd.oci.image.index.v1+json",

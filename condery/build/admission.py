@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 from typing import Awaitable, Callable, Generic, TypeVar
 
-from condery.oci import errors
 from condery.common.singleflight import SingleFlight
+from condery.oci import errors
 
 T = TypeVar("T")
 

@@ -18,9 +18,9 @@ import rattler
 
 from condery.config import Config
 from condery.image.meta import MetaPackage, combine_meta_packages
+from condery.image.names import ImageRequest
 from condery.layers.env_layer import Account
 from condery.oci.manifest import Descriptor, ImageSettings
-from condery.image.names import ImageRequest
 from condery.oci.platforms import OciPlatform
 
 LABEL_PREFIX = "org.condery"

@@ -16,9 +16,9 @@ from typing import Sequence
 
 import rattler
 
-from condery.records.schemas import LayerEntry
-from condery.records.cache import RecordCache
-from condery.records.keys import group_key, layer_key
+from condery.build.state import AppState
+from condery.common.singleflight import SingleFlight
+from condery.image.names import ImageRequest
 from condery.layers import LayerBlob
 from condery.layers.bytecode import BytecodePlan, bytecode_for
 from condery.layers.env_layer import Account, build_env_layer
@@ -26,9 +26,9 @@ from condery.layers.grouping import group_layers
 from condery.layers.members import PackageLimits
 from condery.layers.package_layer import LayerReport, build_package_layer
 from condery.layers.tarball import concat_layers
-from condery.image.names import ImageRequest
-from condery.common.singleflight import SingleFlight
-from condery.build.state import AppState
+from condery.records.cache import RecordCache
+from condery.records.keys import group_key, layer_key
+from condery.records.schemas import LayerEntry
 
 
 class LayerBuilder:

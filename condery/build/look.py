@@ -17,15 +17,15 @@ from typing import Any, Awaitable, Callable, Mapping, Sequence
 import rattler
 
 from condery.build.assembly import LABEL_PREFIX
+from condery.common.redact import redact_url
+from condery.common.singleflight import SingleFlight
+from condery.image.tags import Latest, Snapshot
+from condery.layers.env_layer import explicit_lock
+from condery.layers.solve import public_message
 from condery.oci.manifest import ManifestError
 from condery.oci.references import references
 from condery.records.freshness import Freshness
 from condery.records.schemas import ImageRecord
-from condery.layers.env_layer import explicit_lock
-from condery.layers.solve import public_message
-from condery.common.redact import redact_url
-from condery.image.tags import Latest, Snapshot
-from condery.common.singleflight import SingleFlight
 from condery.storage import Store
 
 SOLVE_CACHE_ENTRIES = 1024

@@ -28,7 +28,12 @@ from typing import Mapping, Protocol, Sequence
 import rattler
 
 from condery.build.assembly import (
-    PlatformImage, created_of, image_account, image_settings, layer_annotations, manifest_annotations,
+    PlatformImage,
+    created_of,
+    image_account,
+    image_settings,
+    layer_annotations,
+    manifest_annotations,
 )
 from condery.build.image_layers import LayerBuilder
 from condery.build.look import Solved, SolvedPlatform, solved_platform

@@ -18,15 +18,15 @@ import aiohttp
 import rattler
 
 from condery.build.admission import BuildQueue
-from condery.config import Config
 from condery.build.coordination import Coordinator, LocalCoordinator, open_coordinator
-from condery.layers.bytecode import HostInterpreters
-from condery.layers.package_layer import channel_client
 from condery.build.outcomes import Outcomes
-from condery.observability.metrics import Metrics
+from condery.config import Config
 from condery.image.names import ImageRef
 from condery.layers.archive_cache import cap_archive_cache
-from condery.storage import Store, StorageError, os_error_text
+from condery.layers.bytecode import HostInterpreters
+from condery.layers.package_layer import channel_client
+from condery.observability.metrics import Metrics
+from condery.storage import StorageError, Store, os_error_text
 from condery.storage.backends import open_store
 from condery.storage.filesystem import FilesystemStore
 from condery.storage.litter import remove_stale, stale_age

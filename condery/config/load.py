@@ -19,17 +19,20 @@ from typing import Any, Callable, Mapping
 import rattler
 import yaml
 
-from condery.layers.compression import COMPRESSIONS
-from condery.layers.solve import channel
 from condery.common.redact import redact_text
-from condery.image.names import OPERATORS
-from condery.oci.grammar import COMPONENT_RE
-from condery.oci.platforms import oci_platform
-
 from condery.config.schema import (
-    Config, ConfigError, CoordinationConfig, GcConfig, StorageConfig,
+    Config,
+    ConfigError,
+    CoordinationConfig,
+    GcConfig,
+    StorageConfig,
 )
 from condery.image.meta import DEFAULT_META_PACKAGES, ImageUser, MetaPackage
+from condery.image.names import OPERATORS
+from condery.layers.compression import COMPRESSIONS
+from condery.layers.solve import channel
+from condery.oci.grammar import COMPONENT_RE
+from condery.oci.platforms import oci_platform
 
 _GC_KEYS = tuple(f.name for f in dataclasses.fields(GcConfig))
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}

@@ -13,7 +13,6 @@ from condery.common.redact import redact_text
 from condery.config.load import _COORDINATION_KEYS, _FIELDS, _STORAGE_KEYS, _join
 from condery.config.schema import Config
 
-
 MASK = "***"
 # Keys whose values are secrets wherever they appear (meta_packages' env, mostly).
 _SECRET_KEY = re.compile(r"token|passw|secret|credential|api_?key|auth|private", re.IGNORECASE)

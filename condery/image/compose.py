@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from condery.image.meta import MetaPackage
-from condery.oci.errors import NameInvalid
 from condery.image.names import parse_name, spec_component
-
+from condery.oci.errors import NameInvalid
 
 MAX_SPECS = 100  # more lines than any image name of 255 characters can hold
 

@@ -35,7 +35,6 @@ from condery.image.meta import MetaConflict, MetaPackage, combine_meta_packages
 from condery.oci.errors import NameInvalid
 from condery.oci.grammar import COMPONENT_RE
 
-
 MAX_NAME_LENGTH = 255
 
 OPERATORS: dict[str, str] = {"eq": "", "ne": "!=", "gt": ">", "ge": ">=", "lt": "<", "le": "<="}

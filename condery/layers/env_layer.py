@@ -29,10 +29,10 @@ from typing import Sequence
 
 import rattler
 
+from condery.common.redact import redact_url
 from condery.layers import LayerBlob, PackageError
 from condery.layers.compression import GZIP
 from condery.layers.tarball import OwnedDir, write_layer
-from condery.common.redact import redact_url
 
 # The prefix is pasted into shell scripts: keep it to characters that need no quoting.
 _SHELL_SAFE_PREFIX = re.compile(r"^(/[A-Za-z0-9._+-]+)+$")

@@ -47,12 +47,12 @@ import rattler
 import rattler.package_streaming as package_streaming
 from rattler.networking import AuthenticationMiddleware, RetryMiddleware
 
+from condery.common.redact import redact_url, redact_values
 from condery.layers import LayerBlob, PackageError, PackageUnavailable
 from condery.layers.bytecode import BytecodePlan, CompiledFile, compile_bytecode, record_compiled
 from condery.layers.compression import GZIP
 from condery.layers.members import PackageLimits, verify_archive
 from condery.layers.tarball import check_member_name, write_layer
-from condery.common.redact import redact_url, redact_values
 
 log = logging.getLogger(__name__)
 

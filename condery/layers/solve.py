@@ -17,9 +17,9 @@ import rattler
 from rattler import BuildString, Channel, GenericVirtualPackage, PackageName, Version
 from rattler.exceptions import InvalidMatchSpecError, SolverError
 
+from condery.common.redact import redact_text
 from condery.layers.package_layer import http_status
 from condery.layers.suggest import suggestions
-from condery.common.redact import redact_text
 
 log = logging.getLogger(__name__)
 

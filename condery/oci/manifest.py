@@ -13,25 +13,24 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Mapping, Sequence
 
-from condery.oci.platforms import OciPlatform
-
-from condery.oci.media_types import (
-    OCI_MANIFEST,
-    OCI_INDEX,
-    OCI_CONFIG,
-    OCI_LAYER_TAR,
-    OCI_LAYER_GZIP,
-    OCI_LAYER_ZSTD,
-    OCI_LAYER_NONDIST_GZIP,
-    DOCKER_MANIFEST,
-    DOCKER_MANIFEST_LIST,
-    DOCKER_CONFIG,
-    DOCKER_LAYER_GZIP,
-    DOCKER_LAYER_FOREIGN_GZIP,
-    CONFIG_TYPES,
-)
 from condery.common.jsonobject import json_object
 from condery.oci.grammar import is_digest
+from condery.oci.media_types import (
+    CONFIG_TYPES,
+    DOCKER_CONFIG,
+    DOCKER_LAYER_FOREIGN_GZIP,
+    DOCKER_LAYER_GZIP,
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_LAYER_GZIP,
+    OCI_LAYER_NONDIST_GZIP,
+    OCI_LAYER_TAR,
+    OCI_LAYER_ZSTD,
+    OCI_MANIFEST,
+)
+from condery.oci.platforms import OciPlatform
 
 # Layer media types a base image may bring; each maps to its OCI and Docker spelling
 # (None: Docker schema 2 has no way to say it).

@@ -34,13 +34,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from condery.records.schemas import TagsIndex
 from condery.config import GcConfig
 from condery.observability.metrics import Metrics
 from condery.oci.grammar import is_digest
 from condery.oci.references import walk
 from condery.records import kinds
 from condery.records.keys import ImageKey
+from condery.records.schemas import TagsIndex
 from condery.storage import Listed, StorageError, Store
 
 log = logging.getLogger("condery.gc")

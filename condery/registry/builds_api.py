@@ -18,10 +18,10 @@ import re
 
 from aiohttp import web
 
-from condery.registry.builder import Builder
-from condery.oci.errors import NameInvalid, NameUnknown
 from condery.image.names import parse_name
 from condery.image.tags import Digest, parse_reference
+from condery.oci.errors import NameInvalid, NameUnknown
+from condery.registry.builder import Builder
 
 MAX_BODY = 64 * 1024  # a name is at most a few KiB; refuse larger bodies before parsing them
 _ID_RE = re.compile(r"[0-9a-f]{24}")

@@ -14,7 +14,7 @@ from aiohttp import hdrs, web
 
 from condery.observability.metrics import CONTENT_TYPE, Metrics
 from condery.oci.errors import Unavailable
-from condery.storage import Store, StorageError
+from condery.storage import StorageError, Store
 
 # Seconds a readiness probe waits for the store: probes (kubelet's) give up after 1-10 s,
 # and an unreachable endpoint must answer "not ready", not hang the probe.

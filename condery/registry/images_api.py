@@ -11,16 +11,14 @@ UNAVAILABLE), with credentials removed.
 
 from __future__ import annotations
 
-
 from aiohttp import web
 
 from condery.build.look import ImageLook
 from condery.image.compose import compose
-from condery.oci.errors import ManifestUnknown, NameInvalid
 from condery.image.names import parse_name
 from condery.image.tags import Digest, parse_reference
+from condery.oci.errors import ManifestUnknown, NameInvalid
 from condery.registry.builder import Builder
-
 
 
 def split_name_tag(path: str) -> tuple[str, str]:

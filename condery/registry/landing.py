@@ -25,9 +25,8 @@ from condery.common.redact import redact_text
 from condery.image.compose import Composed, compose
 from condery.oci.errors import RegistryError
 from condery.oci.layout import split_spec
-from condery.registry.images_api import look
 from condery.registry.builder import Builder
-
+from condery.registry.images_api import look
 
 STATIC_DIR = Path(__file__).parent / "static"
 _HTML = "text/html"

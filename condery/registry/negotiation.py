@@ -25,13 +25,13 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Literal
 
+from condery.oci.manifest import ManifestError
 from condery.oci.media_types import (
-    OCI_MANIFEST,
-    OCI_INDEX,
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
+    OCI_INDEX,
+    OCI_MANIFEST,
 )
-from condery.oci.manifest import ManifestError
 from condery.oci.platforms import OciPlatform
 from condery.oci.references import platform_entries, references, select_platform
 

@@ -29,10 +29,10 @@ from urllib.parse import quote
 
 from aiohttp import hdrs, web
 
+from condery.common.redact import redact_text
+from condery.image.names import ImageRef, ImageRequest, parse_name
+from condery.image.tags import Digest, parse_reference
 from condery.observability.metrics import Metrics
-from condery.registry import health
-from condery.registry.builder import Builder
-from condery.registry.access_log import access_middleware, note_error
 from condery.oci.errors import (
     BlobUnknown,
     DigestInvalid,
@@ -45,15 +45,13 @@ from condery.oci.errors import (
     Unsupported,
     error_body,
 )
-from condery.registry import builds_api, images_api, landing
-from condery.image.names import ImageRef, ImageRequest, parse_name
-from condery.oci.media_types import INDEX_TYPES, OCI_INDEX
-from condery.registry.negotiation import OCI_MANIFEST_TYPES, client_platform, negotiate, platform_manifest
-from condery.image.tags import Digest, parse_reference
-from condery.common.redact import redact_text
-from condery.storage import Store, StorageError
 from condery.oci.grammar import is_digest
-
+from condery.oci.media_types import INDEX_TYPES, OCI_INDEX
+from condery.registry import builds_api, health, images_api, landing
+from condery.registry.access_log import access_middleware, note_error
+from condery.registry.builder import Builder
+from condery.registry.negotiation import OCI_MANIFEST_TYPES, client_platform, negotiate, platform_manifest
+from condery.storage import StorageError, Store
 
 API_VERSION_HEADER = "Docker-Distribution-API-Version"
 API_VERSION = "registry/2.0"

@@ -30,7 +30,6 @@ from typing import Any, AsyncIterator, BinaryIO
 
 from condery.oci.grammar import is_digest
 
-
 log = logging.getLogger("condery.storage")
 RECORD_KEY_RE = re.compile(r"^[A-Za-z0-9._@:+=,-]+(/[A-Za-z0-9._@:+=,-]+)*$")
 

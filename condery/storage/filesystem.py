@@ -35,8 +35,8 @@ from condery.common.singleflight import SingleFlight
 from condery.storage import (
     BlobInfo,
     Listed,
-    Store,
     StorageError,
+    Store,
     check_digest,
     check_record_key,
     os_error_text,

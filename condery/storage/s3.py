@@ -27,6 +27,7 @@ from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
 from condery.common.jsonobject import json_object
+from condery.oci.grammar import is_digest
 from condery.storage import (
     BlobInfo,
     Listed,
@@ -36,7 +37,6 @@ from condery.storage import (
     check_record_key,
     os_error_text,
 )
-from condery.oci.grammar import is_digest
 
 if TYPE_CHECKING:
     from condery.config import StorageConfig
