@@ -100,3 +100,19 @@ def test_without_prctl_the_child_starts_as_before(monkeypatch: pytest.MonkeyPatc
         return await proc.wait()
 
     assert asyncio.run(run()) == 0
+
+
+async def test_stop_kills_the_whole_group_of_a_child_in_its_own_session(tmp_path: Path) -> None:
+    # The child starts a grandchild in its own group (what a compiler's worker would be)
+    # and prints its pid; stop() must take both down, not only the child.
+    script = "import subprocess, sys, time; g = subprocess.Popen(['sleep', '1000']); print(g.pid, flush=True); time.sleep(1000)"
+    proc = await children.spawn(sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE, start_new_session=True)
+    assert proc.stdout is not None
+    grandchild = int((await asyncio.wait_for(proc.stdout.readline(), 10)).decode())
+    started = {pid: start_time(pid) for pid in (proc.pid, grandchild)}
+    assert all(started.values())
+    # Bounded: a grandchild left holding the pipe would keep wait() from returning.
+    await asyncio.wait_for(children.stop(proc), 20)
+    assert proc.returncode == -signal.SIGKILL
+    assert survivors(started) == []  # type: ignore[arg-type]
+    await children.stop(proc)  # a second stop of an ended child is a no-op

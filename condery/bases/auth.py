@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from condery.common.children import spawn
+from condery.common.children import spawn, stop
 from condery.common.jsonobject import json_object
 
 MAX_AUTH_FILE_SIZE = 1 << 20
@@ -181,10 +181,10 @@ class RegistryAuth:
         try:
             out, _ = await asyncio.wait_for(proc.communicate(server.encode() + b"\n"), self.helper_timeout)
         except asyncio.TimeoutError:
-            proc.kill()
-            await proc.wait()
             raise RegistryAuthError(f"credential helper {program} did not answer within "
                                     f"{self.helper_timeout:g} seconds") from None
+        finally:  # a timeout, or the pull that asked cancelled: no helper is left running
+            await stop(proc)
         if len(out) > MAX_HELPER_OUTPUT:
             raise RegistryAuthError(f"credential helper {program} answered over {MAX_HELPER_OUTPUT} bytes")
         if proc.returncode != 0:

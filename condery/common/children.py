@@ -68,7 +68,7 @@ async def spawn(program: str, *args: str, **kwargs: Any) -> asyncio.subprocess.P
     which lives as long as the server. Calling this from a short-lived thread's own loop
     would kill the child when that thread ends.
 
-    `start_new_session=True` stays the caller's choice (a timeout then kills the child's
+    `start_new_session=True` stays the caller's choice (`stop` then kills the child's
     whole process group); the death signal goes to the child alone, and a grandchild
     of its own is the child's to look after. `preexec_fn` is this function's.
 
@@ -81,3 +81,18 @@ async def spawn(program: str, *args: str, **kwargs: Any) -> asyncio.subprocess.P
     if prctl is not None:
         kwargs["preexec_fn"] = _die_with(os.getpid(), prctl)
     return await asyncio.create_subprocess_exec(program, *args, **kwargs)
+
+
+async def stop(proc: asyncio.subprocess.Process) -> None:
+    """Kill a child that has not ended (its whole process group when it leads one: started
+    with `start_new_session=True`), and reap it. For the `finally` of every caller: a
+    timeout, a cancelled build or a failed read must leave no child behind."""
+    if proc.returncode is None:
+        try:
+            if os.getpgid(proc.pid) == proc.pid:
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                proc.kill()
+        except ProcessLookupError:
+            pass  # ended meanwhile; wait() reaps it
+    await proc.wait()

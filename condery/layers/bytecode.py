@@ -39,7 +39,7 @@ from typing import Any, Sequence
 
 import rattler
 
-from condery.common.children import spawn
+from condery.common.children import spawn, stop
 from condery.layers import PackageError, PackageUnavailable
 
 # A big package (thousands of modules) compiles in well under a minute on one core.
@@ -290,9 +290,7 @@ async def _run(argv: list[str], timeout: float, *, cwd: Path | None) -> str:
     except asyncio.TimeoutError:
         raise _Failed(f"took longer than {timeout:.0f} s") from None
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await stop(proc)
     if proc.returncode != 0:
         raise _Failed(f"failed (exit status {proc.returncode})")
     return stdout.decode("utf-8", "replace")
