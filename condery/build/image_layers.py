@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import tempfile
 from datetime import datetime
 from pathlib import Path
@@ -26,8 +27,9 @@ from condery.layers.grouping import group_layers
 from condery.layers.members import PackageLimits
 from condery.layers.package_layer import LayerReport, build_package_layer
 from condery.layers.tarball import concat_layers
+from condery.layers.wheels import PinnedWheel, PipTarget, build_wheel_layer, fetch_wheel
 from condery.records.cache import RecordCache
-from condery.records.keys import group_key, layer_key
+from condery.records.keys import group_key, layer_key, wheel_layer_key
 from condery.records.schemas import LayerEntry
 
 
@@ -77,6 +79,37 @@ class LayerBuilder:
             )
             with report.timed("store") if report else contextlib.nullcontext():
                 return await self._store(key, blob, (record.file_name,))
+
+        return await self.flights.run(key, build), True
+
+    async def wheel_layer(self, wheel: PinnedWheel, target: PipTarget,
+                          bytecode: BytecodePlan | None) -> tuple[LayerEntry, bool]:
+        """The layer of one pip wheel (layers/wheels.py) from the cache, or built now (once,
+        however many ask); and whether it was built. `bytecode` is the image's plan."""
+        key = wheel_layer_key(wheel, target, bytecode=bytecode.tag if bytecode else None,
+                              compression=self.config.layer_compression)
+        cached = await self.records.layer(key)
+        if cached is not None:
+            return cached, False
+        limits = PackageLimits(self.config.max_package_unpacked_size, self.config.max_package_files)
+
+        async def build() -> LayerEntry:
+            # As package_layer: the download in its own slots, the install and tar in the CPU slots.
+            async with self.state.download_slots:
+                path = await fetch_wheel(wheel, self.config.package_cache_dir, max_bytes=limits.max_unpacked_bytes)
+            async with self.state.cpu_slots:
+                fd, out_name = tempfile.mkstemp(dir=self.state.work_dir, prefix=f"wheel-{wheel.name}-",
+                                                suffix=".tar.gz")
+                os.close(fd)
+                out_path = Path(out_name)
+                try:
+                    blob = await build_wheel_layer(path, wheel, target, out_path,
+                                                   compression=self.config.layer_compression,
+                                                   bytecode=bytecode, limits=limits)
+                except BaseException:
+                    out_path.unlink(missing_ok=True)
+                    raise
+            return await self._store(key, blob, (wheel.filename,))
 
         return await self.flights.run(key, build), True
 

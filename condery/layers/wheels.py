@@ -80,7 +80,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # Bump when the layer of the same wheel changes (scheme, RECORD, scripts...).
-WHEEL_LAYOUT = "wheel-v1"
+WHEEL_LAYOUT = "v1"
 # The entry-point script template is installer's: another version may write other bytes.
 WHEEL_INSTALLER_ID = f"installer-{installer.__version__}"
 INSTALLER_NAME = "condery"

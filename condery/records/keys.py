@@ -31,6 +31,7 @@ from condery.layers import PackageError
 from condery.layers.compression import COMPRESSOR_ID, GZIP
 from condery.layers.package_layer import LAYOUT_VERSION
 from condery.layers.solve import channel
+from condery.layers.wheels import WHEEL_INSTALLER_ID, WHEEL_LAYOUT, PinnedWheel, PipTarget
 from condery.records.schemas import BaseImage
 
 # Bump IMAGE_LAYOUT when the images built from the same inputs change (annotations,
@@ -159,3 +160,23 @@ def layer_key(record: rattler.RepoDataRecord, *, prefix: str, site_packages: str
 
 def group_key(member_keys: Sequence[str]) -> str:
     return "group/" + hashlib.sha256("\n".join(member_keys).encode()).hexdigest()
+
+
+def wheel_layer_key(wheel: PinnedWheel, target: PipTarget, *, bytecode: str | None, compression: str) -> str:
+    """`wheel/<layout>/<sha256>/<inputs>`: the layer of one wheel (layers/wheels.py).
+
+    Every input whose bytes reach the layer: the wheel (sha256), the prefix (scripts'
+    shebangs, every path), site-packages, the python version (the headers directory),
+    the bytecode tag (None: no pycs of ours), the compressor, and the installer library's
+    version (it writes the entry-point scripts). Not the URL or the index: nothing of
+    where the wheel came from is written into the layer.
+    """
+    inputs = {
+        "prefix": target.prefix,
+        "site_packages": target.site_packages,
+        "python": target.python,
+        "bytecode": bytecode,
+        "compressor": COMPRESSOR_ID[compression],
+        "installer": WHEEL_INSTALLER_ID,
+    }
+    return f"wheel/{WHEEL_LAYOUT}/{wheel.sha256}/{fingerprint_of(inputs)[:32]}"
