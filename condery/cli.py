@@ -1,5 +1,6 @@
 """Command line: `condery serve`, `condery build NAME --output oci:DIR`, `condery solve NAME`,
-`condery verify [--repair]`, `condery gc [--dry-run]`, `condery config`, `condery --version`."""
+`condery verify [--repair]`, `condery gc [--dry-run]`, `condery config`, `condery env push FILE`,
+`condery --version`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import aiohttp
 from aiohttp import web
 from tqdm import tqdm
 
@@ -20,7 +22,7 @@ from condery.build.service import ImageService
 from condery.build.state import AppState
 from condery.common.redact import redact_text
 from condery.config import Config, ConfigError, effective_yaml, load_config
-from condery.image.names import NameInvalid, parse_name
+from condery.image.names import NameInvalid
 from condery.image.tags import Digest, parse_reference
 from condery.layers.env_layer import explicit_lock
 from condery.observability.logs import configure_logging
@@ -69,6 +71,13 @@ def _parser() -> argparse.ArgumentParser:
     gc = commands.add_parser("gc", help="remove the blobs and records no live image reaches (see gc: in the config)")
     gc.add_argument("--dry-run", action="store_true", help="print what would be removed; remove nothing")
 
+    env = commands.add_parser("env", help="environment files: push one, get an image name")
+    env_commands = env.add_subparsers(dest="env_command", required=True)
+    push = env_commands.add_parser("push", help="push an environment.yml, conda-lock file or @EXPLICIT lock; "
+                                                "prints the image name")
+    push.add_argument("file", help="the file ('-' reads standard input)")
+    push.add_argument("--server", default="http://127.0.0.1:8080", help="the registry (default http://127.0.0.1:8080)")
+
     config = commands.add_parser("config", help="print the effective configuration as YAML, secrets masked")
     for command in (serve, build, solve, verify, gc, config):
         # `condery serve --config FILE` as well as `condery --config FILE serve`. SUPPRESS:
@@ -106,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_verify(config, args.repair))
         if args.command == "gc":
             return asyncio.run(_gc(config, args.dry_run))
+        if args.command == "env":
+            return asyncio.run(_env_push(args.file, args.server))
         return asyncio.run(_solve(config, args.name, args.tag, args.platform))
     except (ConfigError, NameInvalid, RegistryError, ValueError) as exc:
         # One line per problem (a configuration may have several), each marked as ours.
@@ -231,7 +242,7 @@ async def _build(config: Config, name: str, tag: str, output: str) -> int:
     state = await AppState.open(config)
     try:
         service = ImageService(state)
-        request = parse_name(name, config.meta_packages)
+        request = await service.request_for(name)
         bar = _Bar()
         try:
             ref, images = await service.build(request, _reference(tag), progress=bar)
@@ -250,9 +261,10 @@ async def _solve(config: Config, name: str, tag: str, platform: str | None) -> i
     state = await AppState.open(config)
     try:
         subdir = platform or config.platforms[0]
-        request = parse_name(name, config.meta_packages)
+        service = ImageService(state)
+        request = await service.request_for(name)
         try:
-            records = await ImageService(state).solve(request, _reference(tag), subdir)
+            records = await service.solve(request, _reference(tag), subdir)
         except Exception as exc:  # SolveError, SpecError: print the solver's words
             print(f"condery: {redact_text(str(exc))}", file=sys.stderr)
             return 1
@@ -260,6 +272,28 @@ async def _solve(config: Config, name: str, tag: str, platform: str | None) -> i
         return 0
     finally:
         await state.close()
+
+
+async def _env_push(file: str, server: str) -> int:
+    """POST the file to the registry; print the image name it answers (exit 0), or its error (1)."""
+    data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+    url = server.rstrip("/") + "/api/v1/environments"
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            async with session.post(url, data=data, headers={"Content-Type": "application/yaml"}) as response:
+                body = await response.json(content_type=None)
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        print(f"condery: cannot push to {redact_text(server)}: {exc or type(exc).__name__}", file=sys.stderr)
+        return 1
+    if response.status != 201 or not isinstance(body, dict) or "name" not in body:
+        errors = body.get("errors") if isinstance(body, dict) else None
+        message = errors[0].get("message") if isinstance(errors, list) and errors and isinstance(errors[0], dict) \
+            else f"HTTP {response.status}"
+        print(f"condery: {file}: {message}", file=sys.stderr)
+        return 1
+    print(body["name"])
+    print(f"pull: {body.get('pull')}", file=sys.stderr)
+    return 0
 
 
 async def _verify(config: Config, repair: bool) -> int:

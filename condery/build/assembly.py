@@ -94,6 +94,14 @@ def image_settings(
         f"{LABEL_PREFIX}.specs": json.dumps(list(request.specs)),
         f"{LABEL_PREFIX}.lock.digest": "sha256:" + hashlib.sha256(lock.encode()).hexdigest(),
     }
+    environment = request.environment
+    if environment is not None:
+        # conda's `variables:` are set by `conda activate`; in the config, every process
+        # (exec form, `podman exec`) has them, as conda-meta/state has them for conda.
+        env.update(dict(environment.variables))
+        labels[f"{LABEL_PREFIX}.environment.id"] = environment.id
+        if environment.display_name:
+            labels[f"{LABEL_PREFIX}.environment.name"] = environment.display_name
     return ImageSettings(
         env=env, path_prefix=f"{prefix}/bin", labels=labels, user=user, workdir=workdir or meta.workdir,
         cmd=meta.cmd, entrypoint=meta.entrypoint, default_cmd=default_cmd(prefix, records), created=created,

@@ -174,6 +174,7 @@ class LayerBuilder:
                 command=f"condery {request.canonical_name}",
                 account=account,
                 compression=self.config.layer_compression,
+                variables=dict(request.environment.variables) if request.environment else None,
             )
             await self.store.put_blob_file(blob.digest, blob.path)
         return LayerEntry("env", blob.digest, blob.diff_id, blob.size, ("environment",))

@@ -42,6 +42,8 @@ class SolvedPackage:
     sha256: str | None
     size: int
     url: str  # without credentials: the lock's line
+    md5: str | None = None
+    depends: tuple[str, ...] = ()  # the record's dependencies (a conda-lock file lists them)
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,8 @@ def solved_platform(records: Sequence[rattler.RepoDataRecord], subdir: str) -> S
                 sha256=r.sha256.hex() if r.sha256 is not None else None,
                 size=int(r.size or 0),
                 url=redact_url(r.url),
+                md5=r.md5.hex() if r.md5 is not None else None,
+                depends=tuple(r.depends),
             )
             for r in records
         ),

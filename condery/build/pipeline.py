@@ -38,6 +38,7 @@ from condery.build.assembly import (
 from condery.build.image_layers import LayerBuilder
 from condery.build.look import Solved, SolvedPlatform, solved_platform
 from condery.build.state import AppState
+from condery.image.environment import EnvironmentFileError, solve_channels
 from condery.image.names import ImageRef, ImageRequest
 from condery.image.tags import Latest, Snapshot, tag_of
 from condery.layers import PackageError, PackageUnavailable
@@ -45,7 +46,7 @@ from condery.layers.bytecode import BytecodePlan, plan_bytecode, wants_bytecode
 from condery.layers.compression import GZIP, ZSTD
 from condery.layers.env_layer import explicit_lock
 from condery.layers.package_layer import python_site_packages
-from condery.layers.solve import SolveError, SolveRequest, SolveUnavailable, SpecError, solve
+from condery.layers.solve import SolveError, SolveRequest, SolveUnavailable, SpecError, locked_records, solve
 from condery.observability.build_report import BuildReport
 from condery.observability.logs import event
 from condery.oci import errors
@@ -239,17 +240,32 @@ class Pipeline:
     async def solve(
         self, request: ImageRequest, reference: Latest | Snapshot, subdir: str, base: BaseImage
     ) -> list[rattler.RepoDataRecord]:
-        records = await solve(
-            SolveRequest(
-                specs=request.specs,
-                platform=subdir,
-                glibc=base.glibc_version,
-                exclude_newer=reference.exclude_newer if isinstance(reference, Snapshot) else None,
-            ),
-            self.config.channels,
-            self.state.gateway,
-            timeout=self.config.solve_timeout,
-        )
+        """One platform's records: solved from the specs, or a lock's packages as locked."""
+        environment = request.environment
+        try:
+            channels, specs = (self.config.channels, request.specs) if environment is None \
+                else solve_channels(environment, self.config.channels)
+        except EnvironmentFileError as exc:  # the configuration changed since the file was pushed
+            raise SpecError(str(exc)) from None
+        if environment is not None and environment.locked is not None:
+            packages = environment.locked.get(subdir)
+            if packages is None and set(environment.locked) == {"noarch"}:
+                packages = environment.locked["noarch"]  # an all-noarch lock fits every platform
+            if packages is None:
+                raise SolveError(f"the lock has no packages for {subdir} (it has {', '.join(sorted(environment.locked))})")
+            records = await locked_records(packages, channels, self.state.gateway, timeout=self.config.solve_timeout)
+        else:
+            records = await solve(
+                SolveRequest(
+                    specs=specs,
+                    platform=subdir,
+                    glibc=base.glibc_version,
+                    exclude_newer=reference.exclude_newer if isinstance(reference, Snapshot) else None,
+                ),
+                channels,
+                self.state.gateway,
+                timeout=self.config.solve_timeout,
+            )
         if len(records) > self.config.max_packages:
             raise SolveError(
                 f"the environment has {len(records)} packages; this registry allows {self.config.max_packages}"

@@ -32,6 +32,7 @@ from condery.bases.errors import BaseImageError
 from condery.build.admission import BuildQueue
 from condery.build.assembly import PlatformImage
 from condery.build.bases import PlatformBases
+from condery.build.environments import Environments
 from condery.build.image_layers import LayerBuilder
 from condery.build.look import ImageLook, SolveCache, built_layers
 from condery.build.outcomes import Outcomes
@@ -39,7 +40,7 @@ from condery.build.pipeline import BuildProgress, Job, Pipeline, store_failed
 from condery.build.progress import BuildStatus, build_id
 from condery.build.state import AppState
 from condery.image.meta import MetaPackage
-from condery.image.names import ImageRef, ImageRequest
+from condery.image.names import ImageRef, ImageRequest, parse_name
 from condery.image.tags import Latest, Snapshot, tag_of
 from condery.oci import errors
 from condery.records import kinds
@@ -73,6 +74,7 @@ class ImageService:
         self.bases = PlatformBases(self.config, self.store, state.http)
         self.pipeline = Pipeline(state, self.layers, self.repodata)
         self.keys = ImageKeys(self.config)
+        self.environments = Environments(self.config, self.store)
         self.solves = SolveCache(self.freshness, self.config.max_concurrent_builds)  # look(): solves, no builds
         self._refreshes: dict[str, asyncio.Task[None]] = {}
         self._prebuilds: set[asyncio.Task[ImageRef]] = set()  # held here: the loop keeps weak references
@@ -87,11 +89,21 @@ class ImageService:
         return self.state.outcomes
 
     # -- the registry's protocol ------------------------------------------------
+    async def request_for(self, name: str) -> ImageRequest:
+        """What a repository name stands for: an environment (`env/<id>`, `envs/<name>`) or
+        a list of specs and meta-packages. Raises NameInvalid, NameUnknown."""
+        return await self.environments.request_for(name) or parse_name(name, self.meta_packages)
+
+    def _fresh(self, request: ImageRequest, record: ImageRecord, reference: Latest | Snapshot) -> bool:
+        # A lock is solved already: its image never changes, whatever the tag.
+        frozen = request.environment is not None and request.environment.frozen
+        return frozen or self.freshness.is_fresh(record, reference)
+
     async def resolve(self, request: ImageRequest, reference: Latest | Snapshot, client: str = "local") -> ImageRef:
         """The image for a name and tag; `client` (the peer address) is who pays for a cold build."""
         key, bases, record = await self._image_of(request, reference)
         if record is not None:
-            if not self.freshness.is_fresh(record, reference):
+            if not self._fresh(request, record, reference):
                 # stale-while-revalidate: a warm pull never waits for a re-solve.
                 self._refresh(key, request, reference, bases)
             try:
@@ -191,7 +203,7 @@ class ImageService:
         """
         key, bases, record = await self._image_of(request, reference)
         if record is not None:
-            if not self.freshness.is_fresh(record, reference):
+            if not self._fresh(request, record, reference):
                 self._refresh(key, request, reference, bases)  # as a pull would: in the background
             known = self.state.outcomes.builds.of(key)
             if known is not None and known.state == "done":

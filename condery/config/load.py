@@ -470,6 +470,12 @@ def _coerce(key: str, value: Any, problems: _Problems) -> Any:
     if key == "base_image_auth_file" and value is not None and not Path(value).is_file():
         problems.add(key, f"{_shown(value)} is not a file (a Docker config.json with an `auths` section)")
         return None
+    if key == "environments_dir" and value is not None and not Path(value).is_dir():
+        problems.add(key, f"{_shown(value)} is not a directory (of environment files)")
+        return None
+    if key == "pypi_index" and value is not None and not re.fullmatch(r"(https?|file)://\S+", value):
+        problems.add(key, f"expected an http(s):// or file:// URL of a simple index, got {_shown(value)}")
+        return None
     if key in _CHOICES and value is not None and value not in _CHOICES[key]:
         problems.add(key, f"expected {' or '.join(_CHOICES[key])}, got {_shown(value)}")
         return None

@@ -117,6 +117,12 @@ class Config:
     # "gzip" (every client) or "zstd" (smaller, faster to unpack; containerd 1.5+, podman,
     # Docker 23+; such images are served as OCI manifests only: negotiation.py).
     layer_compression: str = GZIP
+    # A folder of environment files served as envs/<name>: <name>.yml, <name>.yaml or
+    # <name>/environment.yml (build/environments.py), read again when they change.
+    environments_dir: str | None = None
+    # Where environment files' pip packages come from: a PEP 503/691 simple index (a
+    # mirror, or file:///dir/simple for a site without internet). Wheels only.
+    pypi_index: str = "https://pypi.org/simple"
 
     @property
     def package_cache_dir(self) -> Path:

@@ -31,6 +31,7 @@ from typing import Mapping, Sequence
 
 import rattler
 
+from condery.image.environment import ID_LENGTH, Environment, archive_name
 from condery.image.meta import MetaConflict, MetaPackage, combine_meta_packages
 from condery.oci.errors import NameInvalid
 from condery.oci.grammar import COMPONENT_RE
@@ -52,6 +53,9 @@ class ImageRequest:
     components: tuple[str, ...]  # the canonical components
     specs: tuple[str, ...]  # conda spec strings, canonical, sorted, de-duplicated
     meta: tuple[str, ...]  # meta-package names used, sorted
+    # `env/<id>` and `envs/<name>`: the environment file the name stands for (its specs
+    # above); None for a name that is a list of specs.
+    environment: Environment | None = None
 
 
 @dataclass(frozen=True)
@@ -298,3 +302,30 @@ def parse_name(name: str, meta_packages: Mapping[str, MetaPackage]) -> ImageRequ
         specs=tuple(sorted(specs)),
         meta=tuple(sorted(meta)),
     )
+
+
+# -- environment names -------------------------------------------------------------------
+_ENV_ID_RE = re.compile(rf"[0-9a-f]{{{ID_LENGTH}}}")
+
+
+def parse_environment_name(name: str) -> tuple[str, str] | None:
+    """("env", id) for `env/<id>`, ("envs", name) for `envs/<name>`, None for any other
+    name (a list of specs). Raises NameInvalid for a malformed environment name."""
+    head, sep, rest = name.partition("/")
+    if not sep or head not in ("env", "envs") or "/" in rest:
+        return None
+    if head == "env" and not _ENV_ID_RE.fullmatch(rest):
+        raise NameInvalid(f"invalid image name {name[:80]!r}: env/<id> names a pushed environment, "
+                          f"<id> being the {ID_LENGTH} hex digits POST /api/v1/environments answered")
+    if not COMPONENT_RE.fullmatch(rest):
+        raise NameInvalid(f"invalid image name {name[:80]!r}: envs/<name> names a file of the environments folder")
+    return head, rest
+
+
+def environment_request(name: str, environment: Environment) -> ImageRequest:
+    """The image request of an environment served as `name` (`env/<id>`, `envs/<name>`)."""
+    components = tuple(name.split("/"))
+    specs = environment.specs if environment.locked is None else tuple(
+        sorted(f"{n} =={v} {b}" for packages in environment.locked.values()
+               for n, v, b in (archive_name(p.file_name) for p in packages)))
+    return ImageRequest(canonical_name=name, components=components, specs=specs, meta=(), environment=environment)

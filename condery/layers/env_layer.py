@@ -20,12 +20,13 @@ The layer depends only on the arguments, so it is reproducible like the package 
 
 from __future__ import annotations
 
+import json
 import re
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import rattler
 
@@ -171,8 +172,10 @@ def group_text(account: Account) -> str:
 
 def build_env_layer(records: Sequence[rattler.RepoDataRecord], *, requested_specs: Sequence[str], prefix: str,
                     platform: str, created: datetime, out_path: Path, command: str,
-                    account: Account | None = None, compression: str = GZIP) -> LayerBlob:
-    """Write the environment layer to `out_path` (blocking; small)."""
+                    account: Account | None = None, compression: str = GZIP,
+                    variables: Mapping[str, str] | None = None) -> LayerBlob:
+    """Write the environment layer to `out_path` (blocking; small). `variables` are an
+    environment file's: conda keeps them in conda-meta/state and sets them on activation."""
     _check_prefix(prefix)
     out_path = Path(out_path)
     files = {
@@ -180,6 +183,8 @@ def build_env_layer(records: Sequence[rattler.RepoDataRecord], *, requested_spec
         "conda-meta/explicit.txt": explicit_lock(records, platform),
         "etc/condery/activate.sh": activate_script(prefix),
     }
+    if variables:
+        files["conda-meta/state"] = json.dumps({"env_vars": dict(sorted(variables.items()))}, indent=2) + "\n"
     system_files = {"etc/profile.d/condery.sh": profile_script(prefix)}
     owned: list[OwnedDir] = []
     if account is not None:

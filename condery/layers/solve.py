@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import rattler
 from rattler import BuildString, Channel, GenericVirtualPackage, PackageName, Version
@@ -167,3 +167,60 @@ async def solve(
     # (they carry the URL and channel) in that order.
     by_name = {record.name.normalized: record for record in records}
     return [by_name[r.name.normalized] for r in rattler.PackageRecord.sort_topologically(records)]
+
+
+class LockedArchive(Protocol):
+    """One package of a lock file (image/environment.py's LockedPackage)."""
+
+    url: str
+    subdir: str
+    file_name: str
+    sha256: str | None
+    md5: str | None
+
+
+async def locked_records(
+    packages: Sequence[LockedArchive],
+    channels: Sequence[str],
+    gateway: rattler.Gateway,
+    timeout: float,
+) -> list[rattler.RepoDataRecord]:
+    """A lock's packages as the channels' records, dependencies first, without solving.
+
+    Each archive must be in the repodata of a configured channel with the lock's hash: the
+    record (its dependencies, its sha256 for the download check) is the channel's, never
+    the lock's word. A package missing from its channel, or with another hash, is a
+    SolveError naming it; an unreadable channel a ChannelUnavailable.
+    """
+    bases = {c: channel(c).base_url.rstrip("/") + "/" for c in channels}
+    wanted: dict[tuple[str, str], dict[str, LockedArchive]] = {}  # (channel, subdir) -> file name -> package
+    for package in packages:
+        home = next((c for c, base in bases.items() if package.url.startswith(base)), None)
+        if home is None:
+            raise SolveError(f"{package.file_name}: not in a channel this registry serves")
+        wanted.setdefault((home, package.subdir), {})[package.file_name] = package
+    found: list[rattler.RepoDataRecord] = []
+    try:
+        for (home, subdir), files in wanted.items():
+            names = sorted({f.removesuffix(".conda").removesuffix(".tar.bz2").rsplit("-", 2)[0] for f in files})
+            result = await asyncio.wait_for(
+                gateway.query([channel(home)], [subdir], names, recursive=False), timeout=timeout)
+            by_file = {r.file_name: r for per_source in result for r in per_source}
+            for file_name, package in files.items():
+                record = by_file.get(file_name)
+                if record is None:
+                    raise SolveError(f"{file_name} is locked but {public_message(home, channels)} has no such "
+                                     f"package for {subdir} (removed, or another channel's)")
+                if package.sha256 is not None and (record.sha256 is None or record.sha256.hex() != package.sha256):
+                    raise SolveError(f"{file_name}: the lock's sha256 is not the channel's")
+                if package.sha256 is None and (record.md5 is None or record.md5.hex() != package.md5):
+                    raise SolveError(f"{file_name}: the lock's md5 is not the channel's")
+                found.append(record)
+    except asyncio.TimeoutError:
+        raise SolveUnavailable(f"reading the channels took longer than {timeout:.0f} s") from None
+    except SolveError:
+        raise
+    except Exception as exc:  # rattler raises its own types for fetch failures
+        raise ChannelUnavailable(f"cannot read the channels: {public_message(network_reason(exc), channels)}") from None
+    by_name = {record.name.normalized: record for record in found}
+    return [by_name[r.name.normalized] for r in rattler.PackageRecord.sort_topologically(found)]

@@ -10,7 +10,9 @@ Mark, from the records that are live:
   for `gc.keep` after it was replaced: a client that read the old manifest can still pull;
 - every image served within `gc.grace` (a `served` record, written at most once an hour
   per image and process);
-- every base image (its records are few and name the blobs a build starts from).
+- every base image (its records are few and name the blobs a build starts from);
+- a pushed environment (`env/<id>`) while an image of its name is live, and for
+  `gc.keep` after it was last pushed.
 From those manifests and indexes, every config and layer they name is live; a layer or
 manifest-type record is live when its blob is.
 
@@ -168,6 +170,11 @@ async def collect(store: Store, gc: GcConfig, *, dry_run: bool = False, now: flo
     for kind in kinds.BY_BLOB:
         report.records += [(kind, e) for e in await store.list_record_entries(kind)
                            if old(e) and "sha256:" + e.name not in live]
+    # A pushed environment lives while an image of its name does, and for gc.keep after its
+    # (last) push: pushed and never pulled, it goes like an image nobody pulls.
+    live_names = {key.name for key in map(ImageKey.parse, live_keys) if key is not None}
+    report.records += [(kinds.ENVIRONMENTS, e) for e in await store.list_record_entries(kinds.ENVIRONMENTS)
+                       if old(e) and now - e.modified >= gc.keep and f"env/{e.name}" not in live_names]
     if not dry_run:
         # Records first: a record never points at a blob already gone (readers check anyway).
         for kind, entry in report.records:

@@ -112,6 +112,7 @@ class ImageKeys:
             for name, meta in config.meta_packages.items()
         }
         self._bases: dict[str, tuple[BaseImage, str]] = {}  # subdir -> (base, its fingerprint)
+        self._pypi_index = redact_url(config.pypi_index).rstrip("/")
 
     def _base_fingerprint(self, subdir: str, base: BaseImage) -> str:
         known = self._bases.get(subdir)
@@ -126,6 +127,12 @@ class ImageKeys:
             "bases": {subdir: self._base_fingerprint(subdir, base) for subdir, base in bases.items()},
             # Only the meta-packages this name uses: editing another one changes nothing here.
             "meta_packages": {name: self._meta[name] for name in sorted(request.meta)},
+            # An environment file's content (envs/<name> changes with its file), and where its
+            # pip packages come from.
+            **({} if request.environment is None else {
+                "environment": request.environment.id,
+                "pypi_index": self._pypi_index if request.environment.pip or request.environment.locked_pip else None,
+            }),
         }
 
     def key(self, request: ImageRequest, tag: str, bases: Mapping[str, BaseImage]) -> str:

@@ -13,6 +13,7 @@ which must know every kind to sweep it, cannot miss a new one: ALL lists them).
     manifest-types     <manifest hex>                         {"media_type"}: for GETs by digest
     base-images        <platform>/<sha256 of the source>      a BaseImage as imported (bases/resolve.py)
     base-gzip-layers   <source layer hex>                     the descriptor of a layer's gzip recompression
+    environments       <environment id>                       a pushed environment file, normalized (image/environment.py)
 """
 
 IMAGES = "images"
@@ -23,8 +24,9 @@ REPLACED = "replaced"
 MANIFEST_TYPES = "manifest-types"
 BASE_IMAGES = "base-images"
 BASE_GZIP_LAYERS = "base-gzip-layers"
+ENVIRONMENTS = "environments"
 
-ALL = (IMAGES, LAYERS, TAGS, SERVED, REPLACED, MANIFEST_TYPES, BASE_IMAGES, BASE_GZIP_LAYERS)
+ALL = (IMAGES, LAYERS, TAGS, SERVED, REPLACED, MANIFEST_TYPES, BASE_IMAGES, BASE_GZIP_LAYERS, ENVIRONMENTS)
 # Records named by the hex digest of the blob they describe: live exactly when their blob is.
 BY_BLOB = (MANIFEST_TYPES,)
 # Records that name configs and layers (not manifests) gc must keep: bases are few, and

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Mapping, Protocol
 
 from condery.build.admission import BuildQueue
+from condery.build.environments import Environments
 from condery.build.look import ImageLook
 from condery.build.outcomes import Outcomes
 from condery.build.progress import BuildStatus
@@ -40,6 +41,15 @@ class Builder(Protocol):
     @property
     def outcomes(self) -> Outcomes:
         """Recent failures and build statuses."""
+        ...
+
+    @property
+    def environments(self) -> Environments:
+        """Pushed environment files and the environments folder."""
+        ...
+
+    async def request_for(self, name: str) -> ImageRequest:
+        """What a repository name stands for (an environment, or specs); raises RegistryError."""
         ...
 
     async def resolve(self, request: ImageRequest, reference: Latest | Snapshot, client: str) -> ImageRef:

@@ -18,9 +18,9 @@ import re
 
 from aiohttp import web
 
-from condery.image.names import parse_name
 from condery.image.tags import Digest, parse_reference
 from condery.oci.errors import NameInvalid, NameUnknown
+from condery.registry.bodies import read_bounded
 from condery.registry.builder import Builder
 
 MAX_BODY = 64 * 1024  # a name is at most a few KiB; refuse larger bodies before parsing them
@@ -33,7 +33,7 @@ class BuildsAPI:
 
     async def start(self, request: web.Request) -> web.StreamResponse:
         name, tag = await _name_and_tag(request)
-        image_request = parse_name(name, self.service.meta_packages)
+        image_request = await self.service.request_for(name)
         reference = parse_reference(tag)  # an unserved tag: 404 MANIFEST_UNKNOWN, as a pull
         if isinstance(reference, Digest):
             raise NameInvalid("a build takes a tag (latest or YYYY-MM-DD), not a digest")
@@ -61,13 +61,7 @@ class BuildsAPI:
 async def _name_and_tag(request: web.Request) -> tuple[str, str]:
     """The body's name and tag, or NAME_INVALID saying what is wrong with it."""
     too_large = NameInvalid(f'the body is larger than {MAX_BODY} bytes; send {{"name": ..., "tag": ...}}')
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        raise too_large
-    raw = bytearray()
-    async for chunk in request.content.iter_any():  # read() would stop at what has arrived
-        raw += chunk
-        if len(raw) > MAX_BODY:
-            raise too_large
+    raw = await read_bounded(request, MAX_BODY, too_large)
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; RecursionError: [[[[...

@@ -2,6 +2,8 @@
 
     GET /api/v1/images/<name>/<tag>   the solved packages per platform (solves, never builds),
                                       the manifest digest and layers once built
+    GET /api/v1/images/<name>/<tag>/environment.yml   the image as a file (build/readback.py):
+                       /explicit.txt, /conda-lock.yml    `?platform=linux-64` picks one
     GET /api/v1/compose?specs=...     typed conda specs (one per line) -> the image name
 
 Errors are the registry's: the error middleware in server.py answers a RegistryError in
@@ -14,9 +16,11 @@ from __future__ import annotations
 from aiohttp import web
 
 from condery.build.look import ImageLook
+from condery.build.readback import FORMATS, conda_lock_yml, environment_yml, explicit_txt
 from condery.image.compose import compose
-from condery.image.names import parse_name
-from condery.image.tags import Digest, parse_reference
+from condery.image.environment import solve_channels
+from condery.image.names import ImageRequest
+from condery.image.tags import Digest, Latest, Snapshot, parse_reference
 from condery.oci.errors import ManifestUnknown, NameInvalid
 from condery.registry.builder import Builder
 
@@ -32,16 +36,43 @@ def split_name_tag(path: str) -> tuple[str, str]:
 async def look(service: Builder, path: str) -> ImageLook:
     """What `<name>/<tag>` solves to and, once built, what a pull gets; raises RegistryError."""
     name, tag = split_name_tag(path)
-    request = parse_name(name, service.meta_packages)
+    request, reference = await _request(service, name, tag)
+    return await service.look(request, reference)
+
+
+async def _request(service: Builder, name: str, tag: str) -> tuple[ImageRequest, Latest | Snapshot]:
+    request = await service.request_for(name)
     reference = parse_reference(tag)
     if isinstance(reference, Digest):
         raise ManifestUnknown("look at a tag ('latest' or a past 'YYYY-MM-DD'), not a digest")
-    return await service.look(request, reference)
+    return request, reference
+
+
+async def read_back(service: Builder, path: str, file: str, platform: str | None) -> str:
+    """The image of `<name>/<tag>` as `file` (one of readback.FORMATS)."""
+    name, tag = split_name_tag(path)
+    request, reference = await _request(service, name, tag)
+    found = await service.look(request, reference)
+    channels = list(service.config.channels)
+    if request.environment is not None:
+        channels = list(solve_channels(request.environment, service.config.channels)[0])
+    if file == "environment.yml":
+        return environment_yml(found, request, channels, platform)
+    if file == "explicit.txt":
+        return explicit_txt(found, platform)
+    return conda_lock_yml(found, channels)
 
 
 def register(app: web.Application, service: Builder) -> None:
     async def image(request: web.Request) -> web.StreamResponse:
-        return web.json_response((await look(service, request.match_info["tail"])).as_json())
+        tail = request.match_info["tail"]
+        head, _, file = tail.rpartition("/")
+        if file in FORMATS and head.count("/") >= 1:
+            text = await read_back(service, head, file, request.query.get("platform"))
+            kind = "text/plain" if file.endswith(".txt") else "application/yaml"
+            return web.Response(text=text, content_type=kind,
+                                headers={"Content-Disposition": f'inline; filename="{file}"'})
+        return web.json_response((await look(service, tail)).as_json())
 
     async def composed(request: web.Request) -> web.StreamResponse:
         result = compose(request.query.get("specs", ""), service.meta_packages)

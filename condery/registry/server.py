@@ -30,7 +30,7 @@ from urllib.parse import quote
 from aiohttp import hdrs, web
 
 from condery.common.redact import redact_text
-from condery.image.names import ImageRef, ImageRequest, parse_name
+from condery.image.names import ImageRef
 from condery.image.tags import Digest, parse_reference
 from condery.observability.metrics import Metrics
 from condery.oci.errors import (
@@ -47,7 +47,7 @@ from condery.oci.errors import (
 )
 from condery.oci.grammar import is_digest
 from condery.oci.media_types import INDEX_TYPES, OCI_INDEX
-from condery.registry import builds_api, health, images_api, landing
+from condery.registry import builds_api, environments_api, health, images_api, landing
 from condery.registry.access_log import access_middleware, note_error
 from condery.registry.builder import Builder
 from condery.registry.negotiation import OCI_MANIFEST_TYPES, client_platform, negotiate, platform_manifest
@@ -197,16 +197,13 @@ class PullAPI:
     async def push(self, request: web.Request, name: str) -> web.StreamResponse:
         raise Unsupported("condery builds images on demand; pushing is not supported")
 
-    def _request_for(self, name: str) -> ImageRequest:
-        return parse_name(name, self.service.meta_packages)
-
     def _read_only(self, request: web.Request, what: str) -> None:
         if request.method not in READ_METHODS:
             raise Unsupported(f"{request.method} of {what} is not supported: condery is pull-only")
 
     async def manifest(self, request: web.Request, name: str, ref: str) -> web.StreamResponse:
         self._read_only(request, "manifests")
-        image_request = self._request_for(name)
+        image_request = await self.service.request_for(name)
         reference = parse_reference(ref)
         if isinstance(reference, Digest):
             digest = reference.digest
@@ -268,7 +265,7 @@ class PullAPI:
 
     async def blob(self, request: web.Request, name: str, digest: str) -> web.StreamResponse:
         self._read_only(request, "blobs")
-        self._request_for(name)
+        await self.service.request_for(name)
         _check_digest(digest)
         info = await self.store.blob_info(digest)
         if info is None:
@@ -333,7 +330,7 @@ class PullAPI:
 
     async def tags_list(self, request: web.Request, name: str) -> web.StreamResponse:
         self._read_only(request, "tags")
-        image_request = self._request_for(name)
+        image_request = await self.service.request_for(name)
         n_text = request.query.get("n")
         n: int | None = None
         if n_text is not None:
@@ -357,7 +354,7 @@ class PullAPI:
 
     async def referrers(self, request: web.Request, name: str, digest: str) -> web.StreamResponse:
         self._read_only(request, "referrers")
-        self._request_for(name)
+        await self.service.request_for(name)
         _check_digest(digest)
         index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
         return web.Response(body=json.dumps(index).encode(), content_type=OCI_INDEX)
@@ -458,6 +455,7 @@ def create_app(service: Builder, store: Store, metrics: Metrics | None = None) -
     app.router.add_route("*", "/v2/{tail:.+}", api.dispatch)
     images_api.register(app, service)
     builds_api.register(app, service)
+    environments_api.register(app, service)
     landing.register(app, service)
     health.register(app, store, metrics)
     return app

@@ -1,0 +1,96 @@
+"""Every image read back as a file: `environment.yml`, `explicit.txt` and `conda-lock.yml`
+from what its name and tag solve to (look.py), so that a name becomes a file again.
+
+    environment.yml   the packages pinned (`name=version=build`), the channels, the
+                      file's variables: `conda env create -f` / `micromamba create -f`
+    explicit.txt      one platform's @EXPLICIT lock, as the image's conda-meta holds it
+    conda-lock.yml    conda-lock's unified format (version 1), every platform, URLs and
+                      hashes: pushed back to condery it is a frozen image
+
+A lock read back from a lock's image is that lock again (image/environment.py's id
+covers only the packages), so it names the same image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from condery.build.look import ImageLook, SolvedPlatform
+from condery.common.redact import redact_url
+from condery.image.names import ImageRequest
+from condery.oci.errors import ManifestUnknown
+
+FORMATS = ("environment.yml", "explicit.txt", "conda-lock.yml")
+
+
+def platform_of(look: ImageLook, platform: str | None) -> tuple[str, SolvedPlatform]:
+    subdir = platform or next(iter(look.solved.platforms))
+    found = look.solved.platforms.get(subdir)
+    if found is None:
+        raise ManifestUnknown(f"{look.name}:{look.tag} has no packages for platform {subdir[:40]!r} "
+                              f"(it has {', '.join(look.solved.platforms)})")
+    return subdir, found
+
+
+def environment_yml(look: ImageLook, request: ImageRequest, channels: list[str], platform: str | None) -> str:
+    subdir, solved = platform_of(look, platform)
+    environment = request.environment
+    document: dict[str, Any] = {
+        "name": (environment.display_name if environment else None) or look.name.replace("/", "-"),
+        "channels": [*file_channels(channels), "nodefaults"],
+        "dependencies": [f"{p.name}={p.version}={p.build}" for p in solved.packages],
+    }
+    if environment is not None and environment.variables:
+        document["variables"] = dict(environment.variables)
+    header = f"# {look.name}:{look.tag} for {subdir}, as condery solved it\n"
+    return header + yaml.safe_dump(document, sort_keys=False, default_flow_style=False)
+
+
+def explicit_txt(look: ImageLook, platform: str | None) -> str:
+    return platform_of(look, platform)[1].lock
+
+
+def conda_lock_yml(look: ImageLook, channels: list[str]) -> str:
+    packages = []
+    for subdir, solved in look.solved.platforms.items():
+        for p in solved.packages:
+            packages.append({
+                "name": p.name,
+                "version": p.version,
+                "manager": "conda",
+                "platform": subdir,
+                "dependencies": dict(_dependency(d) for d in p.depends),
+                "url": p.url,
+                "hash": {k: v for k, v in (("md5", p.md5), ("sha256", p.sha256)) if v},
+                "category": "main",
+                "optional": False,
+            })
+    document = {
+        "version": 1,
+        "metadata": {
+            "content_hash": {subdir: hashlib.sha256(solved.lock.encode()).hexdigest()
+                             for subdir, solved in look.solved.platforms.items()},
+            "channels": [{"url": c, "used_env_vars": []} for c in file_channels(channels)],
+            "platforms": list(look.solved.platforms),
+            "sources": [f"condery:{look.name}:{look.tag}"],
+        },
+        "package": packages,
+    }
+    return yaml.safe_dump(document, sort_keys=False, default_flow_style=False)
+
+
+def _dependency(depend: str) -> tuple[str, str]:
+    name, _, spec = re.sub(r"\s+", " ", depend.strip()).partition(" ")
+    return name, spec or "*"
+
+
+def file_channels(channels: list[str]) -> list[str]:
+    """The channels as a file names them for this registry: a URL without credentials, a
+    local channel by its directory's name (never the server's path; condery accepts it)."""
+    return [Path(c.removeprefix("file://")).name if c.startswith(("/", "file:")) else redact_url(c).rstrip("/")
+            for c in channels]
