@@ -266,3 +266,46 @@ async def test_installed_layers_work_for_python_and_pip(index: SimpleIndex, tmp_
     assert listing.returncode == 0, listing.stderr
     assert "condery-demo==2.0" in listing.stdout.split() and any(
         line.startswith("tqdm==") for line in listing.stdout.split())
+
+
+async def test_provided_by_conda_maps_python_packages(tmp_path: Path) -> None:
+    import rattler
+
+    from condery.layers.wheels import provided_by_conda
+    from tests.fixtures.condapkg import index_channel, write_conda_package
+
+    write_conda_package(tmp_path, "python", "3.11.7", "h0")
+    write_conda_package(tmp_path, "pyyaml", "6.0.1", "py311h0", depends=["python >=3.11,<3.12.0a0"])
+    write_conda_package(tmp_path, "typing_extensions", "4.9.0", "pyh0", noarch="python", depends=["python"])
+    write_conda_package(tmp_path, "zlib", "1.3", "h0")
+    index_channel(tmp_path)
+    records = await rattler.solve([rattler.Channel(tmp_path.as_uri())], ["pyyaml", "typing_extensions", "zlib"],
+                                  platforms=["linux-64", "noarch"])
+    assert provided_by_conda(records) == {"pyyaml": "6.0.1", "typing-extensions": "4.9.0"}
+
+
+async def test_index_credentials_ride_on_its_own_files_only(index: SimpleIndex, tmp_path: Path) -> None:
+    secret_index = index.url.replace("http://", "http://user:s3cret@")
+    pins = await resolve_wheels(["tqdm"], TARGET, {}, secret_index, timeout=120, work_dir=tmp_path)
+    assert pins[0].url.startswith("http://user:s3cret@127.0.0.1:")
+    with pytest.raises(PipError) as err:
+        await resolve_wheels(["onlysdist"], TARGET, {}, secret_index, timeout=120, work_dir=tmp_path)
+    assert "s3cret" not in str(err.value)
+
+
+def test_wheel_layer_key_covers_its_inputs() -> None:
+    from condery.layers.compression import ZSTD
+    from condery.records.keys import wheel_layer_key
+
+    pin = PinnedWheel("tqdm", "4.70.1", "tqdm-4.70.1-py3-none-any.whl", "http://u:p@x/tqdm.whl", "a" * 64)
+
+    def key(target=TARGET, bytecode="cpython-311", compression=GZIP, wheel=pin) -> str:
+        return wheel_layer_key(wheel, target, bytecode=bytecode, compression=compression)
+
+    assert key().startswith(f"wheel/v1/{'a' * 64}/") and key() == key()
+    assert key(wheel=PinnedWheel(*[*pin.__dict__.values()][:3], "http://mirror/tqdm.whl", "a" * 64)) == key()
+    others = {key(bytecode=None), key(compression=ZSTD),
+              key(target=PipTarget(**{**TARGET.__dict__, "prefix": "/opt/other"})),
+              key(target=PipTarget(**{**TARGET.__dict__, "python": "3.12", "site_packages": "lib/python3.12/site-packages"})),
+              key(wheel=PinnedWheel(pin.name, pin.version, pin.filename, pin.url, "b" * 64))}
+    assert key() not in others and len(others) == 5

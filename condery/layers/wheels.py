@@ -35,7 +35,6 @@ import asyncio
 import base64
 import contextlib
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -61,7 +60,7 @@ from condery.common.redact import redact_url
 from condery.layers import LayerBlob, PackageError
 from condery.layers.bytecode import BytecodePlan, CompiledFile, compile_bytecode
 from condery.layers.members import PackageLimits
-from condery.layers.package_layer import DOWNLOAD_READ_TIMEOUT, DOWNLOAD_RETRY_DELAYS
+from condery.layers.package_layer import DOWNLOAD_READ_TIMEOUT, DOWNLOAD_RETRY_DELAYS, _hash_file
 from condery.layers.pip_resolve import (
     PinnedWheel,
     PipError,
@@ -87,14 +86,6 @@ INSTALLER_NAME = "condery"
 _SCHEMES = ("purelib", "platlib", "scripts", "headers", "data")
 _WHEEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+!-]*\.whl$")
 _CHUNK = 1 << 20
-
-
-def _hash_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class _TooLarge(Exception):
