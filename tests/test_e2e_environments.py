@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ import yaml
 
 from tests.fixtures.clients import run_in_rootfs, skopeo_copy, umoci_unpack
 from tests.fixtures.python_package import python_version
+from tests.fixtures.simple_index import SimpleIndex, serve_index, standard_index
 from tests.test_e2e import Registry, condery
 
 pytestmark = pytest.mark.e2e
@@ -78,10 +80,17 @@ def environments(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory, fixture_channel, base_layout, environments):
+def index(tmp_path_factory) -> Iterator[SimpleIndex]:
+    """A loopback simple index of real wheels (the wheelhouse's, pip's among them, and demo ones)."""
+    with serve_index(standard_index(tmp_path_factory.mktemp("demo-wheels"))) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, fixture_channel, base_layout, environments, index):
     tmp = tmp_path_factory.mktemp("condery-env")
     with condery(tmp, [str(fixture_channel)], f"oci:{base_layout}:bookworm",
-                 environments_dir=str(environments)) as running_registry:
+                 environments_dir=str(environments), pypi_index=index.url) as running_registry:
         yield running_registry
 
 
@@ -196,3 +205,82 @@ def test_hostile_files_are_clear_errors_and_store_nothing(registry: Registry, fi
     assert (set(records.iterdir()) if records.exists() else set()) == before
     status, code, _ = registry.error_code("/v2/env/" + "0" * 32 + "/manifests/latest")
     assert (status, code) == (404, "NAME_UNKNOWN")
+
+
+def pip_file(channel: str) -> str:
+    major_minor = ".".join(python_version().split(".")[:2])
+    return f"""\
+name: with-pip
+channels: [{channel}]
+dependencies:
+  - python={major_minor}
+  - tqdm
+  - pip:
+      - pip
+      - condery-demo>=2
+      - PyYAML
+      - tqdm>=4          # conda's tqdm satisfies it: not installed again
+variables:
+  DEMO_MODE: strict
+"""
+
+
+def test_pip_packages_install_as_pip_would(registry: Registry, fixture_channel: Path, index: SimpleIndex,
+                                           tmp_path: Path, podman) -> None:
+    status, answer = post(registry, pip_file(fixture_channel.name).encode())
+    assert status == 201, answer
+    layout = tmp_path / "oci"
+    skopeo_copy(f"docker://{answer['pull']}", layout, "latest")
+    rootfs = umoci_unpack(layout, "latest", tmp_path / "bundle")
+    python = "/opt/conda/bin/python"
+    checks = [
+        ([python, "-c", "import condery_demo, yaml, idna, importlib.metadata as m; "
+                        "print(condery_demo.VERSION, m.version('pyyaml'), m.version('idna'))"], "2.0 6.0.4"),
+        ([python, "-m", "pip", "list", "--disable-pip-version-check"], "condery-demo"),
+        ([python, "-m", "pip", "check", "--disable-pip-version-check"], "No broken requirements found"),
+        (["/opt/conda/bin/condery-demo"], "demo 2.0"),  # the entry point, with the image's python
+        (["/opt/conda/bin/demo-script"], "2.0"),  # a wheel's .data/scripts
+    ]
+    for argv, expected in checks:
+        result = run_in_rootfs(rootfs, argv)
+        assert result.returncode == 0 and expected in result.stdout, (argv, result.stdout, result.stderr)
+    site = next((rootfs / "opt/conda/lib").glob("python3.*/site-packages"))
+    assert (site / "condery_demo-2.0.dist-info/INSTALLER").read_text().strip() == "condery"
+    assert not list(site.glob("tqdm-4.70*.dist-info"))  # conda's tqdm stays the only one
+    assert list((site / "condery_demo").glob("__pycache__/*.pyc"))  # bytecode, as for conda packages
+
+    manifest = json.loads(registry.get(f"/v2/{answer['name']}/manifests/latest")[2])
+    wheel_layers = [layer for layer in manifest["layers"]
+                    if layer.get("annotations", {}).get("org.condery.packages", "").endswith(".whl")]
+    assert len(wheel_layers) == 4  # pip, condery-demo, pyyaml and idna: one layer each
+
+    lock = yaml.safe_load(read_back(registry, answer["name"], "conda-lock.yml"))
+    pinned = {p["name"]: p for p in lock["package"] if p["manager"] == "pip"}
+    assert set(pinned) == {"pip", "condery-demo", "pyyaml", "idna"} and all(p["hash"]["sha256"] for p in pinned.values())
+    status, locked = post(registry, yaml.safe_dump(lock).encode())
+    assert status == 201, locked
+    frozen = json.loads(registry.get(f"/v2/{locked['name']}/manifests/latest")[2])
+    assert {layer["digest"] for layer in wheel_layers} <= {layer["digest"] for layer in frozen["layers"]}
+
+    podman.pull(answer["pull"])
+    result = podman.run(answer["pull"], ["sh", "-c", "echo mode=$DEMO_MODE; condery-demo"])
+    assert "mode=strict" in result.stdout and "demo 2.0" in result.stdout
+
+
+@pytest.mark.parametrize(("requirement", "status", "code", "words"), [
+    ("onlysdist", 404, "MANIFEST_UNKNOWN", "onlysdist"),
+    ("tqdm<4", 404, "MANIFEST_UNKNOWN", "tqdm"),  # conda's tqdm 4.54.1 is installed: a conflict
+    ("no-such-project-anywhere", 404, "MANIFEST_UNKNOWN", "no-such-project-anywhere"),
+])
+def test_pip_refusals_name_the_package(registry: Registry, fixture_channel: Path, requirement: str, status: int,
+                                       code: str, words: str) -> None:
+    body = pip_file(fixture_channel.name).replace("      - PyYAML\n", f"      - {requirement}\n")
+    pushed, answer = post(registry, body.encode())
+    assert pushed == 201, answer
+    got, got_code, message = registry.error_code(f"/v2/{answer['name']}/manifests/latest")
+    assert (got, got_code) == (status, code), message
+    assert words in message and "Traceback" not in message and index_path_hidden(message)
+
+
+def index_path_hidden(message: str) -> bool:
+    return "/tmp/" not in message and "condery-work" not in message

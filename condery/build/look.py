@@ -21,6 +21,7 @@ from condery.common.redact import redact_url
 from condery.common.singleflight import SingleFlight
 from condery.image.tags import Latest, Snapshot
 from condery.layers.env_layer import explicit_lock
+from condery.layers.pip_resolve import PinnedWheel
 from condery.layers.solve import public_message
 from condery.oci.manifest import ManifestError
 from condery.oci.references import references
@@ -47,9 +48,18 @@ class SolvedPackage:
 
 
 @dataclass(frozen=True)
+class SolvedWheel:
+    name: str
+    version: str
+    url: str  # without credentials
+    sha256: str
+
+
+@dataclass(frozen=True)
 class SolvedPlatform:
     packages: tuple[SolvedPackage, ...]
     lock: str  # the explicit lock the image's environment layer holds
+    wheels: tuple[SolvedWheel, ...] = ()  # an environment file's pip packages
 
     @property
     def size(self) -> int:
@@ -65,7 +75,8 @@ class Solved:
     skipped: Mapping[str, str] = field(default_factory=dict)  # conda subdir -> why it does not solve
 
 
-def solved_platform(records: Sequence[rattler.RepoDataRecord], subdir: str) -> SolvedPlatform:
+def solved_platform(records: Sequence[rattler.RepoDataRecord], subdir: str,
+                    wheels: Sequence[PinnedWheel] = ()) -> SolvedPlatform:
     packages = tuple(sorted(
         (
             SolvedPackage(
@@ -83,7 +94,8 @@ def solved_platform(records: Sequence[rattler.RepoDataRecord], subdir: str) -> S
         ),
         key=lambda p: p.name,
     ))
-    return SolvedPlatform(packages, explicit_lock(records, subdir))
+    pinned = tuple(SolvedWheel(w.name, w.version, redact_url(w.url), w.sha256) for w in wheels)
+    return SolvedPlatform(packages, explicit_lock(records, subdir), pinned)
 
 
 def shown_channels(channels: Sequence[str]) -> list[str]:
@@ -120,6 +132,8 @@ class ImageLook:
                     ],
                     "size": platform.size,
                     "lock": platform.lock,
+                    "pip": [{"name": w.name, "version": w.version, "url": w.url, "sha256": w.sha256}
+                            for w in platform.wheels],
                 }
                 for subdir, platform in self.solved.platforms.items()
             },

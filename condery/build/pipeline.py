@@ -46,6 +46,7 @@ from condery.layers.bytecode import BytecodePlan, plan_bytecode, wants_bytecode
 from condery.layers.compression import GZIP, ZSTD
 from condery.layers.env_layer import explicit_lock
 from condery.layers.package_layer import python_site_packages
+from condery.layers.pip_resolve import PinnedWheel, PipTarget, provided_by_conda, resolve_wheels
 from condery.layers.solve import SolveError, SolveRequest, SolveUnavailable, SpecError, locked_records, solve
 from condery.observability.build_report import BuildReport
 from condery.observability.logs import event
@@ -217,11 +218,13 @@ class Pipeline:
 
         async def one(subdir: str) -> SolvedPlatform | Unsolvable:
             try:
-                return solved_platform(await self.solve(request, reference, subdir, job.bases[subdir]), subdir)
+                records = await self.solve(request, reference, subdir, job.bases[subdir])
             except SolveUnavailable:
                 raise
             except SolveError as exc:
                 return Unsolvable(subdir, str(exc))
+            wheels = await self.pip(request, reference, subdir, job.bases[subdir], records)
+            return solved_platform(records, subdir, [w for w, _ in wheels])
 
         try:
             results = await _all_or_nothing([one(subdir) for subdir in self.config.platforms])
@@ -272,6 +275,33 @@ class Pipeline:
             )
         return records
 
+    async def pip(
+        self, request: ImageRequest, reference: Latest | Snapshot, subdir: str, base: BaseImage,
+        records: Sequence[rattler.RepoDataRecord],
+    ) -> list[tuple[PinnedWheel, PipTarget]]:
+        """The environment's pip packages on top of its conda records: a lock's wheels as
+        locked, else its `pip:` requirements resolved against pypi_index (wheels only)."""
+        environment = request.environment
+        if environment is None or not (environment.pip or environment.locked_pip):
+            return []
+        python = next((r for r in records if r.name.normalized == "python"), None)
+        site_packages = python_site_packages(python)
+        if python is None or site_packages is None:
+            raise SolveError("pip packages need python in the environment")
+        major, minor = rattler.Version(str(python.version)).as_major_minor()
+        target = PipTarget(
+            python=f"{major}.{minor}", subdir=subdir, glibc=base.glibc_version, prefix=self.config.prefix,
+            site_packages=site_packages,
+            exclude_newer=reference.exclude_newer if isinstance(reference, Snapshot) else None,
+        )
+        if environment.locked is not None:
+            wheels = [PinnedWheel(w.name, w.version, w.filename, w.url, w.sha256)
+                      for w in environment.locked_pip.get(subdir, ())]
+        else:
+            wheels = await resolve_wheels(environment.pip, target, provided_by_conda(records), self.config.pypi_index,
+                                          timeout=self.config.solve_timeout, work_dir=self.state.work_dir)
+        return [(wheel, target) for wheel in sorted(wheels, key=lambda w: w.name)]
+
     async def _platform(self, job: Job, subdir: str, report: BuildReport) -> PlatformImage | Unsolvable:
         """One platform's image: solve, package layers, groups, the environment layer,
         config and manifests (an Unsolvable when the solver cannot satisfy it there)."""
@@ -302,7 +332,18 @@ class Pipeline:
                 progress.layer_done(subdir, record.file_name, built, record.size or 0)
             return entry
 
-        package_layers = list(await asyncio.gather(*(one(r) for r in records)))
+        pinned = await self.pip(request, reference, subdir, base, records)
+
+        async def one_wheel(wheel: PinnedWheel, target: PipTarget) -> LayerEntry:
+            entry, built = await self.layers.wheel_layer(wheel, target, bytecode)
+            report.layer(built, entry.size)
+            if progress:
+                progress.layer_done(subdir, wheel.filename, built, 0)
+            return entry
+
+        # pip's packages after conda's: they may need them, never the other way round.
+        package_layers = list(await asyncio.gather(*(one(r) for r in records),
+                                                   *(one_wheel(w, t) for w, t in pinned)))
         started = time.monotonic()
         # The base's layers and the environment layer count against the budget too.
         room = max(1, self.config.layer_budget - len(base.layers) - 1)

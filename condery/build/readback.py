@@ -45,6 +45,8 @@ def environment_yml(look: ImageLook, request: ImageRequest, channels: list[str],
         "channels": [*file_channels(channels), "nodefaults"],
         "dependencies": [f"{p.name}={p.version}={p.build}" for p in solved.packages],
     }
+    if solved.wheels:
+        document["dependencies"].append({"pip": [f"{w.name}=={w.version}" for w in solved.wheels]})
     if environment is not None and environment.variables:
         document["variables"] = dict(environment.variables)
     header = f"# {look.name}:{look.tag} for {subdir}, as condery solved it\n"
@@ -69,6 +71,11 @@ def conda_lock_yml(look: ImageLook, channels: list[str]) -> str:
                 "hash": {k: v for k, v in (("md5", p.md5), ("sha256", p.sha256)) if v},
                 "category": "main",
                 "optional": False,
+            })
+        for w in solved.wheels:
+            packages.append({
+                "name": w.name, "version": w.version, "manager": "pip", "platform": subdir, "dependencies": {},
+                "url": w.url, "hash": {"sha256": w.sha256}, "category": "main", "optional": False,
             })
     document = {
         "version": 1,
