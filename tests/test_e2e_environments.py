@@ -106,6 +106,12 @@ def test_push_pull_and_run(registry: Registry, fixture_channel: Path, tmp_path: 
     result = run_in_rootfs(rootfs, ["/opt/conda/bin/python", "-c", "import tqdm; print('tqdm', tqdm.__version__)"])
     assert result.returncode == 0 and "tqdm 4.54.1" in result.stdout, result.stderr
     assert (rootfs / "opt/conda/conda-meta/state").exists()
+    # The image holds itself as files: the same packages the API reads back.
+    in_image = yaml.safe_load((rootfs / "opt/conda/conda-meta/conda-lock.yml").read_text())
+    served = yaml.safe_load(read_back(registry, name, "conda-lock.yml"))
+    assert in_image["package"] == served["package"]
+    pinned = yaml.safe_load((rootfs / "opt/conda/conda-meta/environment.yml").read_text())
+    assert pinned["variables"] == {"TEAM": "analysis"} and pinned["name"] == "tqdm-work"
     assert json.loads((rootfs / "opt/conda/conda-meta/state").read_text())["env_vars"] == {"TEAM": "analysis"}
     config = json.loads(next(p for p in (layout / "blobs/sha256").iterdir() if b'"rootfs"' in p.read_bytes()[:100000]
                              and b'"config"' in p.read_bytes()).read_text())

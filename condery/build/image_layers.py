@@ -13,7 +13,7 @@ import os
 import tempfile
 from datetime import datetime
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import rattler
 
@@ -160,8 +160,10 @@ class LayerBuilder:
 
     async def env_layer(
         self, request: ImageRequest, records: Sequence[rattler.RepoDataRecord], subdir: str, created: datetime,
-        account: Account | None = None,
+        account: Account | None = None, files: Mapping[str, str] | None = None,
     ) -> LayerEntry:
+        """The layer of what belongs to this environment only; `files` are more of it
+        (relative to the prefix)."""
         with tempfile.TemporaryDirectory(dir=self.state.work_dir) as tmp:
             blob = await asyncio.to_thread(
                 build_env_layer,
@@ -175,6 +177,7 @@ class LayerBuilder:
                 account=account,
                 compression=self.config.layer_compression,
                 variables=dict(request.environment.variables) if request.environment else None,
+                meta_files=files,
             )
             await self.store.put_blob_file(blob.digest, blob.path)
         return LayerEntry("env", blob.digest, blob.diff_id, blob.size, ("environment",))

@@ -37,6 +37,7 @@ from condery.build.assembly import (
 )
 from condery.build.image_layers import LayerBuilder
 from condery.build.look import Solved, SolvedPlatform, solved_platform
+from condery.build.readback import in_image_files
 from condery.build.state import AppState
 from condery.image.environment import EnvironmentFileError, solve_channels
 from condery.image.names import ImageRef, ImageRequest
@@ -245,11 +246,7 @@ class Pipeline:
     ) -> list[rattler.RepoDataRecord]:
         """One platform's records: solved from the specs, or a lock's packages as locked."""
         environment = request.environment
-        try:
-            channels, specs = (self.config.channels, request.specs) if environment is None \
-                else solve_channels(environment, self.config.channels)
-        except EnvironmentFileError as exc:  # the configuration changed since the file was pushed
-            raise SpecError(str(exc)) from None
+        channels, specs = self._channels_and_specs(request)
         if environment is not None and environment.locked is not None:
             packages = environment.locked.get(subdir)
             if packages is None and set(environment.locked) == {"noarch"}:
@@ -274,6 +271,15 @@ class Pipeline:
                 f"the environment has {len(records)} packages; this registry allows {self.config.max_packages}"
             )
         return records
+
+    def _channels_and_specs(self, request: ImageRequest) -> tuple[Sequence[str], Sequence[str]]:
+        """The channels a request is solved with, in priority order, and its specs."""
+        if request.environment is None:
+            return self.config.channels, request.specs
+        try:
+            return solve_channels(request.environment, self.config.channels)
+        except EnvironmentFileError as exc:  # the configuration changed since the file was pushed
+            raise SpecError(str(exc)) from None
 
     async def pip(
         self, request: ImageRequest, reference: Latest | Snapshot, subdir: str, base: BaseImage,
@@ -354,7 +360,10 @@ class Pipeline:
         created = created_of(records)
         lock = explicit_lock(records, subdir)
         account = image_account(self.config, request, records, base.passwd, base.group)
-        ours = [*layers, await self.layers.env_layer(request, records, subdir, created, account)]
+        # The image reads back as files (build/readback.py), and holds them in conda-meta/.
+        solved = solved_platform(records, subdir, [wheel for wheel, _ in pinned])
+        readable = in_image_files(request.canonical_name, subdir, solved, request, self._channels_and_specs(request)[0])
+        ours = [*layers, await self.layers.env_layer(request, records, subdir, created, account, readable)]
         report.stored(ours[-1].size)
         settings = image_settings(self.config, request, records, created, lock, account)
         history = [f"conda: {', '.join(entry.packages)}" for entry in ours]

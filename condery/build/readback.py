@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import yaml
 
@@ -37,11 +37,12 @@ def platform_of(look: ImageLook, platform: str | None) -> tuple[str, SolvedPlatf
     return subdir, found
 
 
-def environment_yml(look: ImageLook, request: ImageRequest, channels: list[str], platform: str | None) -> str:
-    subdir, solved = platform_of(look, platform)
+def environment_yml(name: str, subdir: str, solved: SolvedPlatform, request: ImageRequest,
+                    channels: Sequence[str]) -> str:
+    """One platform's environment, every package pinned (`conda env export` without the prefix)."""
     environment = request.environment
     document: dict[str, Any] = {
-        "name": (environment.display_name if environment else None) or look.name.replace("/", "-"),
+        "name": (environment.display_name if environment else None) or name.replace("/", "-"),
         "channels": [*file_channels(channels), "nodefaults"],
         "dependencies": [f"{p.name}={p.version}={p.build}" for p in solved.packages],
     }
@@ -49,17 +50,15 @@ def environment_yml(look: ImageLook, request: ImageRequest, channels: list[str],
         document["dependencies"].append({"pip": [f"{w.name}=={w.version}" for w in solved.wheels]})
     if environment is not None and environment.variables:
         document["variables"] = dict(environment.variables)
-    header = f"# {look.name}:{look.tag} for {subdir}, as condery solved it\n"
+    header = f"# {name} for {subdir}, as condery solved it\n"
     return header + yaml.safe_dump(document, sort_keys=False, default_flow_style=False)
 
 
-def explicit_txt(look: ImageLook, platform: str | None) -> str:
-    return platform_of(look, platform)[1].lock
-
-
-def conda_lock_yml(look: ImageLook, channels: list[str]) -> str:
+def conda_lock_yml(name: str, platforms: Mapping[str, SolvedPlatform], channels: Sequence[str]) -> str:
+    """conda-lock's unified format for `platforms` (every platform of an image, or the one
+    an image itself holds)."""
     packages = []
-    for subdir, solved in look.solved.platforms.items():
+    for subdir, solved in platforms.items():
         for p in solved.packages:
             packages.append({
                 "name": p.name,
@@ -81,14 +80,35 @@ def conda_lock_yml(look: ImageLook, channels: list[str]) -> str:
         "version": 1,
         "metadata": {
             "content_hash": {subdir: hashlib.sha256(solved.lock.encode()).hexdigest()
-                             for subdir, solved in look.solved.platforms.items()},
+                             for subdir, solved in platforms.items()},
             "channels": [{"url": c, "used_env_vars": []} for c in file_channels(channels)],
-            "platforms": list(look.solved.platforms),
-            "sources": [f"condery:{look.name}:{look.tag}"],
+            "platforms": list(platforms),
+            "sources": [f"condery:{name}"],
         },
         "package": packages,
     }
     return yaml.safe_dump(document, sort_keys=False, default_flow_style=False)
+
+
+def read_back(look: ImageLook, request: ImageRequest, channels: Sequence[str], file: str,
+              platform: str | None) -> str:
+    """The image a look found as `file` (one of FORMATS); one platform's for all but conda-lock.yml."""
+    if file == "conda-lock.yml":
+        return conda_lock_yml(look.name, look.solved.platforms, channels)
+    subdir, solved = platform_of(look, platform)
+    if file == "explicit.txt":
+        return solved.lock
+    return environment_yml(f"{look.name}:{look.tag}", subdir, solved, request, channels)
+
+
+def in_image_files(name: str, subdir: str, solved: SolvedPlatform, request: ImageRequest,
+                   channels: Sequence[str]) -> dict[str, str]:
+    """What an image's conda-meta/ holds of the read-back files (explicit.txt is written by
+    the environment layer itself). Nothing of the tag: the image must not depend on it."""
+    return {
+        "conda-meta/environment.yml": environment_yml(name, subdir, solved, request, channels),
+        "conda-meta/conda-lock.yml": conda_lock_yml(name, {subdir: solved}, channels),
+    }
 
 
 def _dependency(depend: str) -> tuple[str, str]:

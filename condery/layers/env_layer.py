@@ -173,9 +173,10 @@ def group_text(account: Account) -> str:
 def build_env_layer(records: Sequence[rattler.RepoDataRecord], *, requested_specs: Sequence[str], prefix: str,
                     platform: str, created: datetime, out_path: Path, command: str,
                     account: Account | None = None, compression: str = GZIP,
-                    variables: Mapping[str, str] | None = None) -> LayerBlob:
+                    variables: Mapping[str, str] | None = None, meta_files: Mapping[str, str] | None = None) -> LayerBlob:
     """Write the environment layer to `out_path` (blocking; small). `variables` are an
-    environment file's: conda keeps them in conda-meta/state and sets them on activation."""
+    environment file's: conda keeps them in conda-meta/state and sets them on activation.
+    `meta_files` are more of conda-meta/ (the image read back as files: build/readback.py)."""
     _check_prefix(prefix)
     out_path = Path(out_path)
     files = {
@@ -183,6 +184,7 @@ def build_env_layer(records: Sequence[rattler.RepoDataRecord], *, requested_spec
         "conda-meta/explicit.txt": explicit_lock(records, platform),
         "etc/condery/activate.sh": activate_script(prefix),
     }
+    files.update({rel: text for rel, text in (meta_files or {}).items() if rel.startswith("conda-meta/")})
     if variables:
         files["conda-meta/state"] = json.dumps({"env_vars": dict(sorted(variables.items()))}, indent=2) + "\n"
     system_files = {"etc/profile.d/condery.sh": profile_script(prefix)}

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from condery.build import readback
 from condery.build.look import ImageLook
-from condery.build.readback import FORMATS, conda_lock_yml, environment_yml, explicit_txt
 from condery.image.compose import compose
 from condery.image.environment import solve_channels
 from condery.image.names import ImageRequest
@@ -56,18 +56,14 @@ async def read_back(service: Builder, path: str, file: str, platform: str | None
     channels = list(service.config.channels)
     if request.environment is not None:
         channels = list(solve_channels(request.environment, service.config.channels)[0])
-    if file == "environment.yml":
-        return environment_yml(found, request, channels, platform)
-    if file == "explicit.txt":
-        return explicit_txt(found, platform)
-    return conda_lock_yml(found, channels)
+    return readback.read_back(found, request, channels, file, platform)
 
 
 def register(app: web.Application, service: Builder) -> None:
     async def image(request: web.Request) -> web.StreamResponse:
         tail = request.match_info["tail"]
         head, _, file = tail.rpartition("/")
-        if file in FORMATS and head.count("/") >= 1:
+        if file in readback.FORMATS and head.count("/") >= 1:
             text = await read_back(service, head, file, request.query.get("platform"))
             kind = "text/plain" if file.endswith(".txt") else "application/yaml"
             return web.Response(text=text, content_type=kind,
