@@ -20,13 +20,13 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from tests.fixtures.condapkg import index_channel, write_conda_package
 from condery.build.service import ImageService
 from condery.build.state import AppState
 from condery.config import load_config
-from condery.registry.landing import landing_page, register
 from condery.image.names import parse_name
 from condery.image.tags import Latest
+from condery.registry.landing import landing_page, register
+from tests.fixtures.condapkg import index_channel, write_conda_package
 from tests.fixtures.gated_channel import GatedChannel
 from tests.test_build import gated, make_service, until  # noqa: F401 - fixtures
 from tests.test_e2e import OCI_MANIFEST, Registry, condery
@@ -246,3 +246,36 @@ async def test_a_registry_base_is_shown_without_credentials(page_with_base, base
     page = await page_with_base(base_image)
     assert f"<dt>base image</dt><dd><code>{shown}</code></dd>" in page
     assert "hunter2" not in page and "alice" not in page
+
+
+@pytest.mark.e2e
+def test_push_an_environment_from_the_page(registry: Registry, browser, fixture_channel: Path, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    text = f"name: from-the-page\nchannels: [{fixture_channel.name}]\ndependencies: [xz=5.2, tzdata]\n"
+    browser.get(registry.url + "/")
+    browser.find_element(By.CSS_SELECTOR, "#push-form textarea[name=text]").send_keys(text)
+    browser.find_element(By.CSS_SELECTOR, "#push-form button").click()
+    wait_for(browser, lambda d: text_of(d, "#pushed-name").startswith("env/"))
+    name = text_of(browser, "#pushed-name")
+    lines = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "code.copy")]
+    assert lines[0] == f"docker pull {registry.host}/{name}:latest"
+    # The same file uploaded (not pasted) is the same name, and the page of the name reads back.
+    upload = tmp_path / "environment.yml"
+    upload.write_text(text)
+    browser.get(registry.url + "/")
+    browser.find_element(By.CSS_SELECTOR, "#push-form input[type=file]").send_keys(str(upload))
+    browser.find_element(By.CSS_SELECTOR, "#push-form button").click()
+    wait_for(browser, lambda d: text_of(d, "#pushed-name") == name)
+    browser.get(registry.url + f"/images/{name}/latest")
+    wait_for(browser, lambda d: "xz" in text_of(d, "table.packages"))
+    assert "environment.yml" in text_of(browser, "#read-back")
+
+    # A bad file is the registry's error, shown as text, and nothing else.
+    browser.get(registry.url + "/")
+    browser.find_element(By.CSS_SELECTOR, "#push-form textarea[name=text]").send_keys(
+        "dependencies: [python]\nbuild: <script>window.pwned=1</script>\n")
+    browser.find_element(By.CSS_SELECTOR, "#push-form button").click()
+    wait_for(browser, lambda d: "unknown key 'build'" in text_of(d, "#error"))
+    assert "line 2" in text_of(browser, "#error")
+    not_pwned(browser)

@@ -16,17 +16,19 @@ from pathlib import Path
 from typing import Iterable
 from urllib.parse import quote
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 from condery.bases.resolve import describe_base
 from condery.bases.upstream import ImageReference
 from condery.build.look import ImageLook, shown_channels
 from condery.common.redact import redact_text
 from condery.image.compose import Composed, compose
-from condery.oci.errors import RegistryError
+from condery.image.environment import MAX_FILE_BYTES, EnvironmentFileError
+from condery.oci.errors import ManifestInvalid, RegistryError, Unavailable
 from condery.oci.layout import split_spec
 from condery.registry.builder import Builder
 from condery.registry.images_api import look
+from condery.storage import StorageError
 
 STATIC_DIR = Path(__file__).parent / "static"
 _HTML = "text/html"
@@ -193,6 +195,43 @@ def _failures(service: Builder) -> str:
     return f"<section id=\"failures\"><h2>Recent failures</h2>{_table(('when', 'image', 'code', 'reason'), rows, 'failures')}</section>"
 
 
+def _environments(service: Builder) -> str:
+    """Push a file (upload or paste), and the environments folder's names."""
+    form = (
+        "<form method=\"post\" action=\"/environments\" enctype=\"multipart/form-data\" id=\"push-form\">"
+        "<p><label>An <code>environment.yml</code>, a <code>conda-lock.yml</code> or an <code>@EXPLICIT</code> "
+        "lock: <input type=\"file\" name=\"file\" accept=\".yml,.yaml,.txt,.lock\"></label></p>"
+        "<p><label>or paste it:<br><textarea name=\"text\" rows=\"6\" cols=\"60\" spellcheck=\"false\">"
+        "</textarea></label></p><button type=\"submit\">Push</button></form>"
+    )
+    named = service.environments.listing()
+    rows = (
+        (f"<a href=\"{_e(_href('envs/' + n.name))}\"><code>envs/{_e(n.name)}</code></a>"
+         if n.environment is not None else f"<code>envs/{_e(n.name)}</code>",
+         f"<code>{_e(n.file)}</code>",
+         _e(n.environment.display_name or "") if n.environment is not None
+         else f"<span class=\"reason\">{_e(n.error)}</span>")
+        for n in named
+    )
+    folder = (_table(("image", "file", "name or problem"), rows, "environments") if named
+              else "<p>No environments folder is served (<code>environments_dir</code>).</p>"
+              if service.config.environments_dir is None else "<p>The environments folder is empty.</p>")
+    return (
+        "<section id=\"environments\"><h2>Environments</h2>"
+        "<p>Push an environment file and get an image name: the same file always gives the same name.</p>"
+        f"{form}<h3>From the environments folder</h3>{folder}</section>"
+    )
+
+
+def pushed_page(host: str, name: str, kind: str) -> str:
+    body = (
+        f"<h1>Pushed: <code id=\"pushed-name\">{_e(name)}</code></h1>"
+        f"<p>Read as {_e(kind)}. Pull it with any of these; the first pull builds it.</p>"
+        f"{_lines_html(host, name)}<p><a href=\"{_e(_href(name))}\">What it solves to</a></p>"
+    )
+    return _page(f"{name} - condery", body)
+
+
 def landing_page(service: Builder, host: str, specs: str) -> str:
     composed = compose(specs, service.meta_packages) if specs.strip() else None
     body = (
@@ -200,7 +239,8 @@ def landing_page(service: Builder, host: str, specs: str) -> str:
         "<p class=\"lead\">A container registry that builds conda images on demand: the image name is the "
         "list of packages. <code>docker pull " + _e(host) + "/numpy/scipy.gt.1.0</code> solves, builds one "
         "layer per package and serves the image.</p>"
-        f"{_composer(host, specs, composed)}{_served(service)}{_builds(service)}{_failures(service)}"
+        f"{_composer(host, specs, composed)}{_environments(service)}{_served(service)}{_builds(service)}"
+        f"{_failures(service)}"
     )
     return _page(f"condery at {host}", body, script=True)
 
@@ -213,6 +253,10 @@ def image_page(host: str, image: ImageLook) -> str:
         "<p>Built: <code id=\"digest\">" + _e(image.digest) + "</code></p>" if image.digest
         else "<p id=\"not-built\">Not built yet: the first pull builds it (these are the packages it will hold).</p>",
     ]
+    files = " ".join(
+        f"<a href=\"/api/v1/images/{_e(quote(image.name, safe='/'))}/{_e(quote(image.tag))}/{f}\">{f}</a>"
+        for f in ("environment.yml", "explicit.txt", "conda-lock.yml"))
+    sections.append(f"<p id=\"read-back\">As a file: {files}</p>")
     for subdir, reason in image.solved.skipped.items():
         sections.append(f"<p class=\"skipped\">Not served for {_e(subdir)}: {_e(reason)}</p>")
     for subdir, platform in image.solved.platforms.items():
@@ -240,6 +284,30 @@ def image_page(host: str, image: ImageLook) -> str:
     return _page(f"{image.name}:{image.tag} - condery", "".join(sections))
 
 
+async def _form_file(request: web.Request) -> bytes:
+    """The uploaded file, else the pasted text, of the push form; bounded like the API's body."""
+    too_large = ManifestInvalid(f"the file is larger than {MAX_FILE_BYTES // 1024} KiB")
+    if request.content_length is not None and request.content_length > 2 * MAX_FILE_BYTES + 65536:
+        raise too_large
+    if not request.content_type.startswith("multipart/"):
+        raise ManifestInvalid("send the form (multipart/form-data) with a file or a pasted text")
+    found: dict[str, bytes] = {}
+    reader = await request.multipart()
+    while (part := await reader.next()) is not None:
+        if not isinstance(part, BodyPartReader) or part.name not in ("file", "text") or part.name in found:
+            raise ManifestInvalid("the form has a file and a text field, once each")
+        data = bytearray()
+        while chunk := await part.read_chunk():
+            data += chunk
+            if len(data) > MAX_FILE_BYTES:
+                raise too_large
+        found[part.name] = bytes(data)
+    chosen = found.get("file") or found.get("text", b"").replace(b"\r\n", b"\n")
+    if not chosen.strip():
+        raise ManifestInvalid("choose a file or paste one")
+    return chosen
+
+
 def error_page(error: RegistryError) -> web.Response:
     body = (
         f"<h1>{_e(error.status)} {_e(error.code)}</h1>"
@@ -260,6 +328,20 @@ def register(app: web.Application, service: Builder) -> None:
             return error_page(error)
         return web.Response(text=image_page(request.host, found), content_type=_HTML)
 
+    async def push(request: web.Request) -> web.StreamResponse:
+        try:
+            data = await _form_file(request)
+            environment = await service.environments.push(data)
+        except EnvironmentFileError as exc:
+            return error_page(ManifestInvalid(f"not an environment file: {exc}"))
+        except RegistryError as error:
+            return error_page(error)
+        except StorageError as exc:
+            return error_page(Unavailable(f"cannot store the environment: {exc}"))
+        page = pushed_page(request.host, f"env/{environment.id}", environment.kind)
+        return web.Response(status=201, text=page, content_type=_HTML)
+
     app.router.add_get("/", landing)
+    app.router.add_post("/environments", push)
     app.router.add_get("/images/{tail:.+}", image)
     app.router.add_static("/static/", STATIC_DIR)
