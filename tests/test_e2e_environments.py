@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -290,3 +292,23 @@ def test_pip_refusals_name_the_package(registry: Registry, fixture_channel: Path
 
 def index_path_hidden(message: str) -> bool:
     return "/tmp/" not in message and "condery-work" not in message
+
+
+def test_prebuild_an_environment_through_the_builds_api(registry: Registry, fixture_channel: Path) -> None:
+    text = environment_file(fixture_channel.name).replace("xz=5.2", "tzdata")
+    _, answer = post(registry, text.encode())
+    request = urllib.request.Request(f"{registry.url}/api/v1/builds", method="POST",
+                                     data=json.dumps({"name": answer["name"]}).encode())
+    with urllib.request.urlopen(request, timeout=60) as started:
+        assert started.status == 202
+        location = started.headers["Location"]
+    deadline = time.monotonic() + 120
+    while True:
+        status = json.loads(registry.get(location)[2])
+        if status["state"] in ("done", "failed") or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert status["state"] == "done", status
+    assert manifest_digest(registry, answer["name"]) == status["digest"]
+    page = json.loads(registry.get(f"/api/v1/images/{answer['name']}/latest")[2])
+    assert page["digest"] == status["digest"] and page["name"] == answer["name"]

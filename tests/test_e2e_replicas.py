@@ -125,3 +125,18 @@ def test_replicas_serve_and_build_with_redis_stopped(
         for replica in (a, b):
             warnings = replica.log.read_text().count("Redis unavailable")
             assert warnings == 1, replica.log.read_text()[-3000:]  # once per interval, not per request
+
+
+def test_an_environment_pushed_to_one_replica_pulls_from_the_other(
+    tmp_path: Path, base_layout: Path, fixture_channel: Path, seaweed, redis: RedisServer
+) -> None:
+    from tests.test_e2e_environments import environment_file, post
+
+    with replicas(tmp_path, str(fixture_channel), base_layout, seaweed, redis.url) as (a, b):
+        status, answer = post(a.registry, environment_file(fixture_channel.name).encode())
+        assert status == 201, answer
+        status, headers, body = b.registry.get(f"/v2/{answer['name']}/manifests/latest")  # from the bucket
+        assert status == 200, body
+        assert a.registry.get(f"/v2/{answer['name']}/manifests/latest")[1]["Docker-Content-Digest"] \
+            == headers["Docker-Content-Digest"]
+        assert a.builds() == 0 and b.builds() == 1

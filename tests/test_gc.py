@@ -216,3 +216,21 @@ def test_gc_settings_are_validated_like_the_other_keys() -> None:
     ]
     with pytest.raises(ConfigError, match="^gc: expected a mapping"):
         load_config(None, environ={}, gc=7)
+
+
+async def test_a_pushed_environment_lives_while_its_image_does(built) -> None:
+    """An environment record goes once gc.keep has passed since its push and no live image
+    has its name; one whose image is live stays (the image's newest record lives on)."""
+    service, _, _ = built
+    store = service.store
+    channel = service.config.channels[0]
+    pulled = await service.environments.push(f"channels: [{Path(channel).name}]\ndependencies: [{TINY}]\n".encode())
+    unused = await service.environments.push(f"dependencies: [{TINY}]\nname: never pulled\n".encode())
+    await service.resolve(await service.request_for(f"env/{pulled.id}"), Latest())
+    gc = GcConfig(keep=7 * DAY, grace=DAY)
+    soon = await collect(store, gc, dry_run=True, now=time.time() + 2 * DAY)
+    assert not any(kind == "environments" for kind, _ in soon.records)  # younger than gc.keep
+    later = await collect(store, gc, now=time.time() + 8 * DAY)
+    assert [entry.name for kind, entry in later.records if kind == "environments"] == [unused.id]
+    assert await store.get_record("environments", pulled.id) is not None
+    assert await store.get_record("environments", unused.id) is None
