@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -29,15 +30,71 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 _ADDRESSES = re.compile(r"http://(HOST|127\.0\.0\.1:8080|registry:8080)")
 
 
+def readme_section(title: str) -> str:
+    """The text of the README's `## title` section."""
+    return README.read_text().split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
 def readme_curl_lines() -> list[str]:
-    """The shell lines of the README's sh blocks that call curl, in order."""
+    """The shell lines of the README's sh blocks that call curl, in order (the Environments
+    section's have a test of their own)."""
     lines, in_sh = [], False
-    for line in README.read_text().splitlines():
+    text = README.read_text().replace(readme_section("Environments"), "")
+    for line in text.splitlines():
         if line.startswith("```"):
             in_sh = line.strip() == "```sh"
         elif in_sh and "curl " in line and not line.lstrip().startswith("#"):
             lines.append(line)
     return lines
+
+
+def block(section: str, kind: str) -> str:
+    return re.search(rf"^```{kind}\n(.*?)^```", section, re.MULTILINE | re.DOTALL).group(1)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed (.ci/install installs it)")
+def test_the_readme_environment_lines_work_as_written(tmp_path: Path) -> None:
+    """The Environments section's environment.yml and its command lines, in a directory
+    holding that file, against a registry whose channel is named conda-forge (a local
+    directory of that name) and whose environments folder holds the file as team-a.yml."""
+    section = readme_section("Environments")
+    environment = block(section, "yaml")
+    lines = [line.split("  #", 1)[0].strip() for line in block(section, "sh").splitlines() if line.strip()]
+    assert len(lines) == 5 and lines[0].startswith("condery env push"), lines
+    channel = tmp_path / "conda-forge"
+    write_conda_package(channel, "python", "3.11.7", "h0_readme", files=[])
+    write_conda_package(channel, "numpy", "1.26.4", "h0", files=[PkgFile("lib/numpy.txt", b"numpy")])
+    index_channel(channel)
+    folder = tmp_path / "environments"
+    folder.mkdir()
+    (folder / "team-a.yml").write_text(environment)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "environment.yml").write_text(environment)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # condery, as installed
+
+    def sh(line: str, base: str) -> str:
+        result = subprocess.run(["bash", "-c", _ADDRESSES.sub(base, line)], capture_output=True, text=True,
+                                timeout=120, cwd=work, env=env)
+        assert result.returncode == 0, (line, result.stderr)
+        return result.stdout
+
+    with condery(tmp_path, [str(channel)], "scratch", environments_dir=str(folder)) as registry:
+        name = sh(lines[0], registry.url).strip()
+        pushed = json.loads(sh(lines[1], registry.url))
+        assert name == pushed["name"] == f"env/{pushed['id']}" and pushed["kind"] == "environment.yml"
+        listing = json.loads(sh(lines[2], registry.url))["environments"]
+        assert [(e["name"], e["id"]) for e in listing] == [("envs/team-a", pushed["id"])]
+        sh(lines[3], registry.url)
+        assert "manager: conda" in (work / "conda-lock.yml").read_text()
+        frozen = json.loads(sh(lines[4], registry.url))
+        assert frozen["kind"] == "conda-lock.yml"
+        status, headers, _ = registry.get(f"/v2/{frozen['name']}/manifests/latest")
+        assert status == 200
+        status, _, body = registry.get(f"/v2/{name}/manifests/latest")
+        assert status == 200
+        config = json.loads(registry.get(f"/v2/{name}/blobs/{json.loads(body)['config']['digest']}")[2])
+        assert "OMP_NUM_THREADS=1" in config["config"]["Env"]
 
 
 def run(line: str, base: str) -> str:
