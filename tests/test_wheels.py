@@ -8,6 +8,7 @@ import csv
 import hashlib
 import io
 import os
+import stat
 import subprocess
 import sys
 import tarfile
@@ -309,3 +310,19 @@ def test_wheel_layer_key_covers_its_inputs() -> None:
               key(target=PipTarget(**{**TARGET.__dict__, "python": "3.12", "site_packages": "lib/python3.12/site-packages"})),
               key(wheel=PinnedWheel(pin.name, pin.version, pin.filename, pin.url, "b" * 64))}
     assert key() not in others and len(others) == 5
+
+
+async def test_members_with_permission_bits_but_no_file_type_are_regular_files(index: SimpleIndex,
+                                                                                 tmp_path: Path) -> None:
+    """hatchling writes `0o644` without S_IFREG (attrs' wheels): a file, not a refusal;
+    a symlink's type (above) is still refused."""
+    wheel = next(wheelhouse().glob("attrs-*.whl"), None)
+    if wheel is None:
+        pytest.skip("no attrs wheel in the wheelhouse (.ci/install builds it)")
+    with zipfile.ZipFile(wheel) as zf:
+        assert any(stat.S_IFMT(i.external_attr >> 16) == 0 for i in zf.infolist())  # the case at hand
+    pin = PinnedWheel("attrs", wheel.name.split("-")[1], wheel.name, wheel.as_uri(),
+                      hashlib.sha256(wheel.read_bytes()).hexdigest())
+    blob = await build_wheel_layer(wheel, pin, TARGET, tmp_path / "attrs.tar.gz", compression=GZIP,
+                                   bytecode=None, limits=LIMITS)
+    assert blob.size > 0

@@ -222,8 +222,10 @@ def _inspect(wheel_path: Path, wheel: PinnedWheel, limits: PackageLimits) -> Non
             if rel in seen:
                 raise PipError(f"{wheel.filename}: {rel!r} is in the wheel twice")
             seen.add(rel)
-            mode = info.external_attr >> 16
-            if mode and not (stat.S_ISREG(mode) or (is_dir and stat.S_ISDIR(mode))):
+            # Some build backends (hatchling) write permission bits without a file type:
+            # only a type that is there and is not a regular file (or a directory) is refused.
+            kind = stat.S_IFMT(info.external_attr >> 16)
+            if kind and not (kind == stat.S_IFREG or (is_dir and kind == stat.S_IFDIR)):
                 raise PipError(f"{wheel.filename}: {rel!r} is not a regular file")
             top, _, below = rel.partition("/")
             if top.endswith(".dist-info"):
