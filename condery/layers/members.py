@@ -89,8 +89,11 @@ def _kind(info: tarfile.TarInfo) -> str:
     raise PackageError(f"{info.name!r} is a device, fifo or other special file")
 
 
-def _tar_members(stream: IO[bytes], mode: str, budget: list[int], limits: PackageLimits) -> Iterator[Member]:
-    """Members of one tar stream; budget = [bytes left, members left], shared across streams."""
+def _tar_entries(stream: IO[bytes], mode: str, budget: list[int],
+                 limits: PackageLimits) -> Iterator[tuple[Member, tarfile.TarFile, tarfile.TarInfo]]:
+    """Members of one tar stream, each with its tar and header (so a caller may read a
+    file's bytes before asking for the next); budget = [bytes left, members left],
+    shared across streams."""
     try:
         with tarfile.open(fileobj=stream, mode=mode, tarinfo=_BoundedTarInfo) as tar:  # type: ignore[call-overload]
             for info in tar:
@@ -102,24 +105,28 @@ def _tar_members(stream: IO[bytes], mode: str, budget: list[int], limits: Packag
                     if budget[0] < 0:
                         raise PackageError(f"unpacks to more than {limits.max_unpacked_bytes} bytes")
                 name = info.name.rstrip("/") if info.isdir() else info.name
-                yield Member(name, _kind(info), info.size if info.isreg() else 0, info.linkname)
+                yield Member(name, _kind(info), info.size if info.isreg() else 0, info.linkname), tar, info
     except PackageError:
         raise
     except (tarfile.TarError, EOFError, OSError, ValueError, UnicodeError) as exc:
         raise PackageError(f"its archive is not a readable tar stream ({type(exc).__name__})") from None
 
 
-def read_members(archive: Path, limits: PackageLimits) -> list[Member]:
-    """Every member of a `.tar.bz2` or `.conda` archive, in archive order (blocking)."""
+def iter_archive(archive: Path, limits: PackageLimits) -> Iterator[tuple[Member, tarfile.TarFile, tarfile.TarInfo]]:
+    """Every member of a `.tar.bz2` or `.conda` archive, in archive order (blocking), each
+    with its tar and header: the one reading of an archive, for the member check
+    (read_members) and for layers written straight from the archive (stream_layer.py).
+    A `.conda`'s info tarball comes before its pkg tarball. The bounds of `limits` are
+    checked from the headers before any content is read."""
     budget = [limits.max_unpacked_bytes, limits.max_files]
     if archive.name.endswith(".tar.bz2"):
         with open(archive, "rb") as raw:
-            return list(_tar_members(raw, "r|bz2", budget, limits))
+            yield from _tar_entries(raw, "r|bz2", budget, limits)
+        return
     if not archive.name.endswith(".conda"):
         raise PackageError("is neither a .conda nor a .tar.bz2 archive")
     import zstandard  # a runtime dependency already (zstd base layers)
 
-    members: list[Member] = []
     try:
         with zipfile.ZipFile(archive) as zf:
             inner = [n for n in zf.namelist() if n.endswith(".tar.zst")]
@@ -128,10 +135,14 @@ def read_members(archive: Path, limits: PackageLimits) -> list[Member]:
             for name in sorted(inner):
                 with zf.open(name) as compressed:
                     reader = zstandard.ZstdDecompressor().stream_reader(compressed)
-                    members.extend(_tar_members(reader, "r|", budget, limits))
+                    yield from _tar_entries(reader, "r|", budget, limits)
     except (zipfile.BadZipFile, zstandard.ZstdError, OSError) as exc:
         raise PackageError(f"its archive is not a readable .conda file ({type(exc).__name__})") from None
-    return members
+
+
+def read_members(archive: Path, limits: PackageLimits) -> list[Member]:
+    """Every member of a `.tar.bz2` or `.conda` archive, in archive order (blocking)."""
+    return [member for member, _, _ in iter_archive(archive, limits)]
 
 
 def parse_paths_json(data: bytes) -> list[Declared]:

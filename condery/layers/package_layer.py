@@ -52,6 +52,15 @@ from condery.layers import LayerBlob, PackageError, PackageUnavailable
 from condery.layers.bytecode import BytecodePlan, CompiledFile, compile_bytecode, record_compiled
 from condery.layers.compression import GZIP
 from condery.layers.members import PackageLimits, verify_archive
+from condery.layers.stream_layer import (
+    NotStreamable,
+    add_compiled,
+    open_spool,
+    plan_layer,
+    read_archive,
+    write_plan,
+    write_scratch_sources,
+)
 from condery.layers.tarball import check_member_name, write_layer
 
 log = logging.getLogger(__name__)
@@ -462,7 +471,8 @@ async def build_package_layer(record: rattler.RepoDataRecord, *, python_record: 
                               cpu_slots: asyncio.Semaphore | None = None,
                               client: rattler.Client | None = None,
                               report: LayerReport | None = None,
-                              bytecode: BytecodePlan | None = None, compression: str = GZIP) -> LayerBlob:
+                              bytecode: BytecodePlan | None = None, compression: str = GZIP,
+                              stream: bool = True) -> LayerBlob:
     """Build the layer of one package at `prefix`; the compressed file is left in `work_dir`.
 
     Package scripts (post-link) run only if `allow_scripts`: they are code from the
@@ -476,6 +486,9 @@ async def build_package_layer(record: rattler.RepoDataRecord, *, python_record: 
 
     With `bytecode` (layers/bytecode.py's bytecode_for), the package's python modules are
     compiled into the layer, under the CPU slot too.
+
+    The layer is written straight from the archive (stream_layer.py) unless the package
+    needs rattler's install; `stream=False` always installs (the tests compare the two).
     """
     _check_prefix(prefix)
     dist = dist_name(record)
@@ -502,7 +515,7 @@ async def build_package_layer(record: rattler.RepoDataRecord, *, python_record: 
                                                  prefix=prefix, platform=platform, work_dir=work_dir,
                                                  package_cache_dir=Path(package_cache_dir),
                                                  allow_scripts=allow_scripts, limits=limits, report=report,
-                                                 bytecode=bytecode, compression=compression)
+                                                 bytecode=bytecode, compression=compression, stream=stream)
     finally:
         # Once the CPU slot is given back: removing the extracted package and its linked
         # copy (two entries per file) is not the next build's business. Measured with 300
@@ -515,7 +528,8 @@ async def _build_from_archive(record: rattler.RepoDataRecord, archive: Path, sta
                               python_record: rattler.RepoDataRecord | None, prefix: str, platform: str,
                               work_dir: Path, package_cache_dir: Path, allow_scripts: bool,
                               limits: PackageLimits, report: LayerReport | None = None,
-                              bytecode: BytecodePlan | None = None, compression: str = GZIP) -> LayerBlob:
+                              bytecode: BytecodePlan | None = None, compression: str = GZIP,
+                              stream: bool = True) -> LayerBlob:
     """Inspect, install into `staging` (an empty directory the caller removes), scrub and
     tar a verified archive (the CPU-bound part)."""
     dist = dist_name(record)
@@ -523,6 +537,16 @@ async def _build_from_archive(record: rattler.RepoDataRecord, archive: Path, sta
 
     def timed(step: str) -> ContextManager[None]:
         return report.timed(step) if report else contextlib.nullcontext()
+
+    declined = ("package scripts" if allow_scripts else "noarch: python" if noarch_python
+                else None if stream else "asked to")
+    if declined is None:
+        try:
+            return await _stream_layer(record, archive, prefix=prefix, work_dir=work_dir, limits=limits,
+                                       bytecode=bytecode, compression=compression, timed=timed)
+        except NotStreamable as exc:
+            declined = str(exc)
+    log.debug("%s: installed with rattler: %s", dist, declined)
 
     try:
         with timed("check"):
@@ -569,3 +593,56 @@ async def _build_from_archive(record: rattler.RepoDataRecord, archive: Path, sta
     except BaseException:
         out_path.unlink(missing_ok=True)
         raise
+
+
+def _read_and_plan(record: rattler.RepoDataRecord, archive: Path, spool: Any, *, prefix: str,
+                   limits: PackageLimits, bytecode: BytecodePlan | None) -> Any:
+    read = read_archive(archive, limits, spool)
+    plan = plan_layer(record, read, spool, prefix=prefix, bytecode=bytecode)
+    del read
+    plan.record = _scrub_record(plan.record, record)
+    if _contains_path(plan.record, (str(archive.parent), str(archive.parent.resolve()))):
+        raise NotStreamable("the conda-meta record holds a local path")
+    return plan
+
+
+async def _stream_layer(record: rattler.RepoDataRecord, archive: Path, *, prefix: str, work_dir: Path,
+                        limits: PackageLimits, bytecode: BytecodePlan | None, compression: str,
+                        timed: Any) -> LayerBlob:
+    """The layer written straight from the archive (stream_layer.py), or NotStreamable
+    when the package needs rattler's install, or its verdict (the caller then installs
+    it, and refuses it if it must: this path never refuses a package itself)."""
+    dist = dist_name(record)
+    spool = open_spool(work_dir)
+    fd, out_name = tempfile.mkstemp(dir=work_dir, prefix=f"{dist}-", suffix=".tar.gz")
+    os.close(fd)
+    out_path = Path(out_name)
+    try:
+        with timed("check"):
+            plan = await asyncio.to_thread(_read_and_plan, record, archive, spool, prefix=prefix,
+                                           limits=limits, bytecode=bytecode)
+        if plan.sources and bytecode is not None:
+            with timed("bytecode"):
+                scratch = Path(tempfile.mkdtemp(dir=work_dir, prefix=".pyc-src-"))
+                try:
+                    target = scratch / "prefix"
+                    await asyncio.to_thread(write_scratch_sources, plan, spool, target)
+                    try:
+                        compiled = await compile_bytecode(target, dist, bytecode, prefix=prefix, work_dir=scratch)
+                    except PackageUnavailable:
+                        raise
+                    except PackageError as exc:
+                        raise NotStreamable(str(exc)) from None
+                    await asyncio.to_thread(add_compiled, plan, compiled, target)
+                finally:
+                    await asyncio.to_thread(shutil.rmtree, scratch, True)
+        with timed("pack"):
+            try:
+                return await asyncio.to_thread(write_plan, plan, spool, out_path, compression)
+            except PackageError as exc:
+                raise NotStreamable(str(exc)) from None
+    except BaseException:
+        out_path.unlink(missing_ok=True)
+        raise
+    finally:
+        spool.close()
