@@ -147,3 +147,18 @@ def test_environment_names() -> None:
     assert parse_environment_name("env/numpy/scipy") is None  # three components: specs, as before
     with pytest.raises(NameInvalid, match="hex digits"):
         parse_environment_name("env/numpy")
+
+
+def test_pushes_per_client_are_bounded() -> None:
+    from condery.build.environments import PushBudget
+    from condery.oci.errors import TooManyRequests
+
+    budget = PushBudget(per_minute=3, clients=2)
+    for second in range(3):
+        budget.take("a", now=float(second))
+    with pytest.raises(TooManyRequests):
+        budget.take("a", now=3.0)
+    budget.take("b", now=3.0)  # another client is not held back
+    budget.take("a", now=61.5)  # the first push is a minute old
+    budget.take("c", now=62.0)
+    assert len(budget._recent) == 2  # the memory of clients is bounded too

@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -40,6 +41,7 @@ from condery.storage import StorageError, Store
 log = logging.getLogger("condery.environments")
 ENVIRONMENT_SCHEMA = 1
 _PUSHED_MEMORY = 4096  # pushed environments kept parsed in memory (each a few KB)
+PUSHES_PER_MINUTE = 30  # new files one client may push in a minute (each a store record)
 _SUFFIXES = (".yml", ".yaml")
 
 
@@ -63,6 +65,29 @@ class NamedEnvironment:
         return out
 
 
+class PushBudget:
+    """Pushes per client and minute: each push may add a record to the store, so a client
+    pushing generated files as fast as it can is refused (429) rather than filling it."""
+
+    def __init__(self, per_minute: int = PUSHES_PER_MINUTE, clients: int = 10_000) -> None:
+        self.per_minute = per_minute
+        self.clients = clients
+        self._recent: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def take(self, client: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        recent = self._recent.setdefault(client, deque())
+        self._recent.move_to_end(client)
+        while recent and now - recent[0] > 60:
+            recent.popleft()
+        if len(recent) >= self.per_minute:
+            raise errors.TooManyRequests(f"this client pushed {self.per_minute} environments in the last minute; "
+                                         "wait a little")
+        recent.append(now)
+        while len(self._recent) > self.clients:
+            self._recent.popitem(last=False)
+
+
 class Environments:
     def __init__(self, config: Config, store: Store) -> None:
         self.config = config
@@ -70,12 +95,16 @@ class Environments:
         self.folder = Path(config.environments_dir) if config.environments_dir else None
         self._pushed: OrderedDict[str, Environment] = OrderedDict()
         self._files: dict[Path, tuple[tuple[int, int, int], Environment | str]] = {}
+        self.budget = PushBudget()
 
     # -- pushed files -------------------------------------------------------------------
-    async def push(self, data: bytes) -> Environment:
-        """Store a pushed file; raises EnvironmentFileError (400) or StorageError."""
+    async def push(self, data: bytes, client: str = "local") -> Environment:
+        """Store a pushed file; raises EnvironmentFileError (400), TooManyRequests (429) or
+        StorageError. A file already stored costs no budget."""
         environment = await asyncio.to_thread(read_environment, data)
         self.check(environment)
+        if await self.pushed(environment.id) is None:
+            self.budget.take(client)
         record = {"schema": ENVIRONMENT_SCHEMA, **environment.as_json()}
         # Written on every push, even of a known file: gc counts `gc.keep` from the last push.
         await self.store.put_record(kinds.ENVIRONMENTS, environment.id, record)

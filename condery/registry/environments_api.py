@@ -30,7 +30,7 @@ def register(app: web.Application, service: Builder) -> None:
         too_large = ManifestInvalid(f"the file is larger than {MAX_FILE_BYTES // 1024} KiB")
         body = await read_bounded(request, MAX_FILE_BYTES, too_large)
         try:
-            environment = await service.environments.push(body)
+            environment = await service.environments.push(body, request.remote or "unknown")
         except EnvironmentFileError as exc:
             raise ManifestInvalid(f"not an environment file: {exc}") from None
         except StorageError as exc:

@@ -331,7 +331,7 @@ def register(app: web.Application, service: Builder) -> None:
     async def push(request: web.Request) -> web.StreamResponse:
         try:
             data = await _form_file(request)
-            environment = await service.environments.push(data)
+            environment = await service.environments.push(data, request.remote or "unknown")
         except EnvironmentFileError as exc:
             return error_page(ManifestInvalid(f"not an environment file: {exc}"))
         except RegistryError as error:
