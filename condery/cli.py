@@ -18,6 +18,7 @@ import aiohttp
 from aiohttp import web
 from tqdm import tqdm
 
+from condery.auth.service import Authenticator
 from condery.build.service import ImageService
 from condery.build.state import AppState
 from condery.common.redact import redact_text
@@ -170,8 +171,10 @@ async def _serve(config: Config) -> int:
 
 
 async def _serve_app(config: Config) -> web.Application:
+    # Every auth file is read before anything else: a bad one stops the server at once.
+    auth = Authenticator(config.auth) if config.auth is not None else None
     state = await AppState.open(config)
-    app = create_app(ImageService(state), state.store, state.metrics)
+    app = create_app(ImageService(state), state.store, state.metrics, auth=auth)
 
     async def close(_: web.Application) -> None:
         await state.close()

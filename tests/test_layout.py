@@ -16,6 +16,7 @@ keeps this text and the data equal):
     2  image: what a name means: names, tags, meta-packages, compose, no I/O
     2  layers: conda packages and tarballs: solve, fetch, layer building, base layer scans, compression
     3  config: schema, loading, output
+    4  auth: who may pull what: identities, tokens, rules, the token endpoint and the guarding middleware
     4  storage: blobs and records behind one interface
     5  records: the store's schema: record kinds, keys, schemas, the record cache, gc
     6  bases: the upstream side: resolving, fetching, authenticating base images
@@ -62,7 +63,10 @@ FLOORS: tuple[dict[str, str], ...] = (
         "layers": "conda packages and tarballs: solve, fetch, layer building, base layer scans, compression",
     },
     {"config": "schema, loading, output"},
-    {"storage": "blobs and records behind one interface"},
+    {
+        "auth": "who may pull what: identities, tokens, rules, the token endpoint and the guarding middleware",
+        "storage": "blobs and records behind one interface",
+    },
     {"records": "the store's schema: record kinds, keys, schemas, the record cache, gc"},
     {"bases": "the upstream side: resolving, fetching, authenticating base images"},
     {

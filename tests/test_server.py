@@ -42,7 +42,7 @@ from condery.registry.connections import (
     serving,
 )
 from condery.oci.errors import ManifestUnknown, RegistryError, TooManyRequests, Unavailable
-from condery.image.names import ImageRef, ImageRequest
+from condery.image.names import ImageRef, ImageRequest, parse_name
 from condery.oci.media_types import (
     DOCKER_CONFIG,
     DOCKER_LAYER_GZIP,
@@ -125,6 +125,9 @@ class InTestService:
     # A multi-platform image instead of `image` (see the `multi` fixture).
     ref: ImageRef | None = None
     media_types: dict[str, str] = field(default_factory=dict)
+
+    async def request_for(self, name: str) -> ImageRequest:
+        return parse_name(name, self.meta_packages)
 
     async def resolve(self, request: ImageRequest, reference: Latest | Snapshot, client: str = "local") -> ImageRef:
         self.resolved.append((request, reference))

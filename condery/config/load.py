@@ -21,10 +21,18 @@ import yaml
 
 from condery.common.redact import redact_text
 from condery.config.schema import (
+    DEFAULT_ENDPOINT_RIGHTS,
+    ENDPOINTS,
+    AuthConfig,
+    ChannelRule,
     Config,
     ConfigError,
     CoordinationConfig,
+    FailedLoginLimits,
     GcConfig,
+    OidcConfig,
+    PullRule,
+    RobotAccount,
     StorageConfig,
 )
 from condery.image.meta import DEFAULT_META_PACKAGES, ImageUser, MetaPackage
@@ -439,6 +447,286 @@ def _channels(path: str, value: Any, problems: _Problems) -> tuple[str, ...] | N
     return names if ok else None
 
 
+# -- auth: ----------------------------------------------------------------------------
+_FIELDS_AUTH = {f.name: f for f in dataclasses.fields(AuthConfig)}
+_AUTH_KEYS = tuple(_FIELDS_AUTH)
+_OIDC_KEYS = tuple(f.name for f in dataclasses.fields(OidcConfig))
+_LIMIT_KEYS = tuple(f.name for f in dataclasses.fields(FailedLoginLimits))
+_ROBOT_KEYS = ("token_sha256", "groups")
+# anonymous, authenticated, user:NAME, group:NAME (NAME may hold ':' — an OIDC prefix).
+_PRINCIPAL = re.compile(r"anonymous|authenticated|(user|group):\S+")
+# A glob on canonical names: `*` within a component, `**` across components, `?` one character.
+_NAME_GLOB = re.compile(r"[a-z0-9._*?-]+(/[a-z0-9._*?-]+)*")
+_ROBOT_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_HTTP_URL = re.compile(r"https?://[^\s/]+\S*")
+
+
+def _mapping(path: str, value: Any, problems: _Problems, keys: tuple[str, ...]) -> Mapping[str, Any] | None:
+    """`value` if it is a mapping whose keys are all among `keys` (else its problems)."""
+    if not isinstance(value, Mapping):
+        problems.add(path, f"expected a mapping, got {_shown(value)}")
+        return None
+    ok = True
+    for key in value:
+        if key not in keys:
+            problems.add(_join(path, key), _unknown(key, keys))
+            ok = False
+    return value if ok else None
+
+
+def _principals(path: str, value: Any, problems: _Problems) -> tuple[str, ...] | None:
+    """A list of principals; an empty list is nobody."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        problems.add(path, f"expected a list such as [anonymous], [authenticated] or [group:NAME, user:NAME], "
+                           f"got {_shown(value)}")
+        return None
+    ok = True
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not _PRINCIPAL.fullmatch(item):
+            problems.add(f"{path}[{i}]", f"expected anonymous, authenticated, user:NAME or group:NAME, "
+                                         f"got {_shown(item)}")
+            ok = False
+    return tuple(value) if ok else None
+
+
+def _readable_file(path: str, value: Any, problems: _Problems, what: str) -> str | None:
+    text = _string(path, value, problems, optional=True)
+    if text is None:
+        return None
+    if not Path(text).is_file():
+        problems.add(path, f"{_shown(text)} is not a file ({what})")
+        return None
+    if not os.access(text, os.R_OK):
+        problems.add(path, f"{_shown(text)} cannot be read by this process ({what})")
+        return None
+    return text
+
+
+def _url(path: str, value: Any, problems: _Problems, what: str, optional: bool = False) -> str | None:
+    text = _string(path, value, problems, optional=optional)
+    if text is not None and not _HTTP_URL.fullmatch(text):
+        problems.add(path, f"expected an http(s):// URL ({what}), got {_shown(redact_text(text))}")
+        return None
+    return text
+
+
+def _pull_rules(path: str, value: Any, problems: _Problems) -> tuple[PullRule, ...] | None:
+    if not isinstance(value, (list, tuple)) or not value:
+        problems.add(path, f"expected a non-empty list of {{names: [GLOB, ...], pull: [PRINCIPAL, ...]}}, "
+                           f"got {_shown(value)}")
+        return None
+    rules = []
+    before = len(problems.lines)
+    for i, item in enumerate(value):
+        where = f"{path}[{i}]"
+        rule = _mapping(where, item, problems, ("names", "pull"))
+        if rule is None:
+            continue
+        for key in ("names", "pull"):
+            if key not in rule:
+                problems.add(f"{where}.{key}", "required")
+        names = rule.get("names")
+        if isinstance(names, str):
+            names = [names]
+        if names is not None:
+            if not isinstance(names, (list, tuple)) or not names:
+                problems.add(f"{where}.names", f"expected a non-empty list of name globs, got {_shown(names)}")
+                names = None
+            else:
+                for j, glob in enumerate(names):
+                    if not isinstance(glob, str) or not _NAME_GLOB.fullmatch(glob):
+                        problems.add(f"{where}.names[{j}]", f"expected a glob on canonical names "
+                                     f"(lowercase components, * within one, ** across), got {_shown(glob)}")
+                        names = None
+                        break
+        pull = _principals(f"{where}.pull", rule["pull"], problems) if "pull" in rule else None
+        if names is not None and pull is not None:
+            rules.append(PullRule(tuple(names), pull))
+    return tuple(rules) if len(problems.lines) == before else None
+
+
+def _endpoint_rights(path: str, value: Any, problems: _Problems) -> dict[str, tuple[str, ...]] | None:
+    section = _mapping(path, value, problems, ENDPOINTS)
+    if section is None:
+        return None
+    rights = dict(DEFAULT_ENDPOINT_RIGHTS)
+    before = len(problems.lines)
+    for key, item in section.items():
+        principals = _principals(_join(path, key), item, problems)
+        if principals is not None:
+            rights[key] = principals
+    return rights if len(problems.lines) == before else None
+
+
+def _channel_rules(path: str, value: Any, problems: _Problems) -> tuple[ChannelRule, ...] | None:
+    if not isinstance(value, (list, tuple)):
+        problems.add(path, f"expected a list of {{channel: CHANNEL, read: [PRINCIPAL, ...]}}, got {_shown(value)}")
+        return None
+    rules = []
+    before = len(problems.lines)
+    for i, item in enumerate(value):
+        where = f"{path}[{i}]"
+        rule = _mapping(where, item, problems, ("channel", "read"))
+        if rule is None:
+            continue
+        channel_name = _string(f"{where}.channel", rule.get("channel"), problems)
+        if "read" not in rule:
+            problems.add(f"{where}.read", "required")
+            continue
+        read = _principals(f"{where}.read", rule["read"], problems)
+        if channel_name is not None and read is not None:
+            rules.append(ChannelRule(channel_name, read))
+    return tuple(rules) if len(problems.lines) == before else None
+
+
+def _robots(path: str, value: Any, problems: _Problems) -> dict[str, RobotAccount] | None:
+    if not isinstance(value, Mapping):
+        problems.add(path, f"expected a mapping of robot name to {{token_sha256, groups}}, got {_shown(value)}")
+        return None
+    robots = {}
+    before = len(problems.lines)
+    for name, item in value.items():
+        where = _join(path, name)
+        if not isinstance(name, str) or not _ROBOT_NAME.fullmatch(name):
+            problems.add(where, f"a robot's name is lowercase [a-z0-9._-] (at most 64), got {_shown(name)}")
+            continue
+        robot = _mapping(where, item, problems, _ROBOT_KEYS)
+        if robot is None:
+            continue
+        digest = robot.get("token_sha256")
+        if not isinstance(digest, str) or not _SHA256_HEX.fullmatch(digest):
+            # Never echo the value: an operator may have pasted the token itself here.
+            problems.add(f"{where}.token_sha256", "expected the 64 lowercase hex digits of the token's sha256 "
+                                                  "(printf %s TOKEN | sha256sum), not the token")
+            continue
+        groups = robot.get("groups", [])
+        if not isinstance(groups, (list, tuple)) or not all(isinstance(g, str) and g.strip() for g in groups):
+            problems.add(f"{where}.groups", f"expected a list of group names, got {_shown(groups)}")
+            continue
+        robots[name] = RobotAccount(digest, tuple(groups))
+    return robots if len(problems.lines) == before else None
+
+
+def _oidc(path: str, value: Any, problems: _Problems) -> OidcConfig | None:
+    if value is None or isinstance(value, OidcConfig):
+        return value
+    section = _mapping(path, value, problems, _OIDC_KEYS)
+    if section is None:
+        return None
+    before = len(problems.lines)
+    for key in ("issuer", "jwks_url", "audience"):
+        if key not in section:
+            problems.add(_join(path, key), "required")
+    values: dict[str, Any] = {}
+    for key, item in section.items():
+        where = _join(path, key)
+        if key == "issuer":
+            values[key] = _url(where, item, problems, "the issuer's `iss`")
+        elif key == "jwks_url":
+            values[key] = _url(where, item, problems, "the issuer's JSON Web Key Set")
+        elif key == "jwks_cache":
+            values[key] = _integer(where, item, problems, 1, None, "second")
+        elif key == "algorithms":
+            algorithms = _string_list(where, item, problems)
+            allowed = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "EdDSA")
+            bad = [a for a in algorithms or () if a not in allowed]
+            if bad:
+                problems.add(where, f"{_shown(bad[0])} is not an asymmetric JWS algorithm ({', '.join(allowed)})")
+            values[key] = algorithms
+        elif key in ("username_prefix", "groups_prefix"):
+            if not isinstance(item, str):
+                problems.add(where, f"expected a string (may be empty), got {_shown(item)}")
+            values[key] = item
+        else:
+            values[key] = _string(where, item, problems)
+    return OidcConfig(**values) if len(problems.lines) == before else None
+
+
+def _failed_logins(path: str, value: Any, problems: _Problems) -> FailedLoginLimits | None:
+    section = _mapping(path, value, problems, _LIMIT_KEYS)
+    if section is None:
+        return None
+    before = len(problems.lines)
+    values = {key: _integer(_join(path, key), item, problems, 1, None, "second" if key == "window" else "")
+              for key, item in section.items()}
+    return FailedLoginLimits(**values) if len(problems.lines) == before else None
+
+
+def _auth(path: str, value: Any, problems: _Problems) -> AuthConfig | None:
+    if value is None or isinstance(value, AuthConfig):
+        return value
+    if isinstance(value, str):  # CONDERY_AUTH holds the section as YAML text
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            problems.add(path, "expected a mapping (YAML), got text that does not parse")
+            return None
+    section = _mapping(path, value, problems, _AUTH_KEYS)
+    if section is None:
+        return None
+    before = len(problems.lines)
+    values: dict[str, Any] = {}
+    for key, item in section.items():
+        where = _join(path, key)
+        if item is None and _FIELDS_AUTH[key].default is None:
+            values[key] = None
+        elif key in ("service", "issuer"):
+            values[key] = _string(where, item, problems)
+        elif key == "realm":
+            values[key] = _url(where, item, problems, "the token endpoint, such as https://HOST/token")
+        elif key == "signing_key_file":
+            values[key] = _readable_file(where, item, problems, "a PEM private key, RSA or EC")
+        elif key == "signing_secret":
+            secret = _string(where, item, problems)
+            if secret is not None and len(secret) < 32:
+                problems.add(where, f"an HS256 secret of at least 32 characters, got {len(secret)} "
+                                    "(openssl rand -hex 32)")
+            values[key] = secret
+        elif key in ("token_ttl", "refresh_token_ttl"):
+            values[key] = _integer(where, item, problems, 1, None, "second")
+        elif key == "leeway":
+            values[key] = _integer(where, item, problems, 0, 600, "second")
+        elif key == "users_file":
+            values[key] = _readable_file(where, item, problems, "an htpasswd file of bcrypt hashes: htpasswd -B")
+        elif key == "groups_file":
+            values[key] = _readable_file(where, item, problems, "YAML: {group: [user, ...]}")
+        elif key == "robots":
+            values[key] = _robots(where, item, problems)
+        elif key == "oidc":
+            values[key] = _oidc(where, item, problems)
+        elif key == "rules":
+            values[key] = _pull_rules(where, item, problems)
+        elif key == "endpoints":
+            values[key] = _endpoint_rights(where, item, problems)
+        elif key == "channels":
+            values[key] = _channel_rules(where, item, problems)
+        elif key == "failed_logins":
+            values[key] = _failed_logins(where, item, problems)
+    if len(problems.lines) != before:
+        return None
+    if not values.get("signing_key_file") and not values.get("signing_secret"):
+        problems.add(f"{path}.signing_key_file", "required: a PEM private key (RSA or EC P-256) to sign tokens with, "
+                                                 "or auth.signing_secret (HS256, at least 32 characters)")
+        return None
+    if values.get("signing_key_file") and values.get("signing_secret"):
+        problems.add(f"{path}.signing_secret", "give either signing_key_file or signing_secret, not both")
+        return None
+    return AuthConfig(**values)
+
+
+def _check_channel_rules(auth: AuthConfig | None, channels: tuple[str, ...] | None, problems: _Problems) -> None:
+    """A channel rule names one of the configured channels, as written there."""
+    if auth is None or channels is None:
+        return
+    for i, rule in enumerate(auth.channels):
+        if rule.channel not in channels:
+            problems.add(f"auth.channels[{i}].channel", f"{_shown(redact_text(rule.channel))} is not one of the "
+                                                        f"configured channels")
+
+
 def _coerce(key: str, value: Any, problems: _Problems) -> Any:
     """The typed value of top-level `key`, or None after adding its problems."""
     if key == "channels":
@@ -453,6 +741,8 @@ def _coerce(key: str, value: Any, problems: _Problems) -> Any:
         return _gc(key, value, problems)
     if key == "meta_packages":
         return _meta_packages(key, value, problems)
+    if key == "auth":
+        return _auth(key, value, problems)
     if key in _SIZE_KEYS:
         return _size(key, value, problems)
     default = _FIELDS[key].default
@@ -544,6 +834,7 @@ def load_config(
             problems.add(str(key), _unknown(key, _FIELDS))
     typed = {k: _coerce(k, v, problems) for k, v in values.items() if k in _FIELDS}
     _check_owned_dirs(typed.get("meta_packages"), typed.get("prefix") or Config.prefix, problems)
+    _check_channel_rules(typed.get("auth"), typed.get("channels", Config.channels), problems)
     for i, line in enumerate(problems.lines):  # name the variable when the value came from one
         key = re.split(r"[.:\[]", line, maxsplit=1)[0]
         if key in origin:

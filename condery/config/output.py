@@ -11,11 +11,13 @@ import yaml
 
 from condery.common.redact import redact_text
 from condery.config.load import _COORDINATION_KEYS, _FIELDS, _STORAGE_KEYS, _join
-from condery.config.schema import Config
+from condery.config.schema import AuthConfig, Config
 
 MASK = "***"
 # Keys whose values are secrets wherever they appear (meta_packages' env, mostly).
 _SECRET_KEY = re.compile(r"token|passw|secret|credential|api_?key|auth|private", re.IGNORECASE)
+# Keys the pattern above would take for secrets that are settings (auth's lifetimes).
+_NOT_SECRET = frozenset({"token_ttl", "refresh_token_ttl"})
 # Where aiobotocore's default chain takes S3 credentials from (condery reads none itself).
 _S3_CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
@@ -38,10 +40,27 @@ def _plain(config: Config) -> dict[str, Any]:
                        for k, v in dataclasses.asdict(package).items() if v is not None}
                 for meta, package in value.items()
             }
+        elif name == "auth" and value is not None:
+            value = _plain_auth(value)
         elif isinstance(value, tuple):
             value = list(value)
         data[name] = value
     return data
+
+
+def _lists(value: Any) -> Any:
+    """Tuples as lists and mappings as dicts, all the way down (for yaml.safe_dump)."""
+    if isinstance(value, Mapping):
+        return {k: _lists(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_lists(v) for v in value]
+    return value
+
+
+def _plain_auth(auth: AuthConfig) -> dict[str, Any]:
+    """The auth section as written in a file; unset keys (None) are left out."""
+    data = _lists(dataclasses.asdict(auth))
+    return {key: item for key, item in data.items() if item is not None}
 
 
 def _mask(value: Any, path: str, masked: list[str]) -> Any:
@@ -52,7 +71,7 @@ def _mask(value: Any, path: str, masked: list[str]) -> Any:
             child = _join(path, key)
             # Scalars only: a meta-package may well be called `auth`; its settings are no secret.
             # A `*_file` key (base_image_auth_file) names where secrets are, which is none.
-            if (_SECRET_KEY.search(str(key)) and not str(key).endswith("_file")
+            if (_SECRET_KEY.search(str(key)) and not str(key).endswith("_file") and key not in _NOT_SECRET
                     and isinstance(item, (str, int, float)) and item != ""):
                 out[key] = MASK
                 masked.append(child)

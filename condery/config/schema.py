@@ -58,6 +58,88 @@ class GcConfig:
     interval: int = 0  # seconds between runs inside `condery serve`; 0: only `condery gc`
 
 
+# Who may pull what (condery/auth/): principals are `anonymous` (anyone, with or without
+# credentials), `authenticated` (any login), `user:NAME` (htpasswd user, robot, or OIDC
+# user with its prefix) and `group:NAME`.
+ENDPOINTS = ("builds", "environments", "environment_list", "metrics", "landing")
+DEFAULT_ENDPOINT_RIGHTS: Mapping[str, tuple[str, ...]] = {
+    "builds": ("authenticated",),  # POST /api/v1/builds, GET /api/v1/builds (lists every name)
+    "environments": ("authenticated",),  # POST /api/v1/environments
+    "environment_list": ("authenticated",),  # GET /api/v1/environments
+    "metrics": ("anonymous",),  # GET /metrics (route labels, never names)
+    "landing": ("anonymous",),  # /, /api/v1/compose and any other page outside /v2/ and the APIs
+}
+
+
+@dataclass(frozen=True)
+class PullRule:
+    """Names matching one of `names` (globs on the canonical name) may be pulled by `pull`."""
+
+    names: tuple[str, ...]
+    pull: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ChannelRule:
+    """Packages of `channel` may reach only the images of those in `read`."""
+
+    channel: str
+    read: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RobotAccount:
+    """A static token for CI or a Kubernetes imagePullSecret, kept as its sha256 only."""
+
+    token_sha256: str
+    groups: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class OidcConfig:
+    """Tokens of an external OpenID Connect issuer, checked against its JWKS."""
+
+    issuer: str
+    jwks_url: str
+    audience: str
+    username_claim: str = "sub"
+    groups_claim: str = "groups"
+    # As Kubernetes' --oidc-username-prefix: the issuer's names are not the htpasswd file's.
+    username_prefix: str = "oidc:"
+    groups_prefix: str = "oidc:"
+    algorithms: tuple[str, ...] = ("RS256", "ES256")
+    jwks_cache: int = 300  # seconds the key set is used before it is fetched again
+
+
+@dataclass(frozen=True)
+class FailedLoginLimits:
+    """Failed logins allowed within `window` seconds, per client address and per user name."""
+
+    per_client: int = 10
+    per_user: int = 30
+    window: int = 60
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    service: str = "condery"  # the `service` of the challenge and the tokens' audience
+    realm: str | None = None  # the token endpoint's URL; None: <scheme>://<Host>/token of the request
+    issuer: str = "condery"  # `iss` of the tokens condery signs
+    signing_key_file: str | None = None  # PEM private key (RSA: RS256, EC P-256: ES256), reread when it changes
+    signing_secret: str | None = None  # or an HS256 secret (at least 32 characters)
+    token_ttl: int = 300  # seconds an access token lives
+    refresh_token_ttl: int = 7 * 24 * 3600  # seconds a refresh token (OAuth2, docker's identitytoken) lives
+    leeway: int = 30  # seconds of clock skew tolerated on exp, nbf and iat
+    users_file: str | None = None  # htpasswd, bcrypt only (htpasswd -B), reread when it changes
+    groups_file: str | None = None  # YAML {group: [user, ...]}, reread when it changes
+    robots: Mapping[str, RobotAccount] = field(default_factory=dict)
+    oidc: OidcConfig | None = None
+    rules: tuple[PullRule, ...] = (PullRule(("**",), ("authenticated",)),)
+    endpoints: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_ENDPOINT_RIGHTS))
+    channels: tuple[ChannelRule, ...] = ()
+    failed_logins: FailedLoginLimits = field(default_factory=FailedLoginLimits)
+
+
 @dataclass(frozen=True)
 class Config:
     host: str = "127.0.0.1"
@@ -123,6 +205,8 @@ class Config:
     # Where environment files' pip packages come from: a PEP 503/691 simple index (a
     # mirror, or file:///dir/simple for a site without internet). Wheels only.
     pypi_index: str = "https://pypi.org/simple"
+    # Who may pull what (docs/auth.md); None: anonymous pulls and open endpoints, as before.
+    auth: AuthConfig | None = None
 
     @property
     def package_cache_dir(self) -> Path:

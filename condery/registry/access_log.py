@@ -15,6 +15,7 @@ from typing import Awaitable, Callable
 
 from aiohttp import hdrs, web
 
+from condery.auth.http import USER_KEY
 from condery.observability.logs import event
 from condery.observability.metrics import Metrics
 from condery.oci.errors import RegistryError
@@ -78,6 +79,9 @@ def _log_request(request: web.Request, status: int, size: int, seconds: float) -
         "duration_s": seconds,
         "client": request.remote or "unknown",
     }
+    user = request.get(USER_KEY)
+    if user:  # with auth: who it was (a login's name; never a password or token)
+        fields["user"] = user
     if error is not None:
         # The error body's code and message: what the client was told, nothing more.
         fields["error"] = error.code

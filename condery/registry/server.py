@@ -29,6 +29,9 @@ from urllib.parse import quote
 
 from aiohttp import hdrs, web
 
+from condery.auth.http import auth_middleware, token_handler
+from condery.auth.service import Authenticator
+from condery.build import readback
 from condery.common.redact import redact_text
 from condery.image.names import ImageRef
 from condery.image.tags import Digest, parse_reference
@@ -392,7 +395,8 @@ async def _error_middleware(
         return await handler(request)
     except RegistryError as error:
         note_error(request, error)
-        return error_response(error)
+        # An auth refusal carries its challenge (WWW-Authenticate): auth/http.py.
+        return error_response(error, getattr(error, "headers", None))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -436,19 +440,40 @@ def _http_exception_error(request: web.Request, exc: web.HTTPException) -> Regis
     return RegistryError(exc.reason, status=exc.status)
 
 
+def _build_name(service: Builder, id: str) -> str | None:
+    """The canonical name of a build the builds API shows (its pull rule guards it)."""
+    status = service.outcomes.builds.get(id)
+    return status.name if status is not None else None
+
+
 async def _add_api_version(request: web.Request, response: web.StreamResponse) -> None:
     response.headers[API_VERSION_HEADER] = API_VERSION
 
 
-def create_app(service: Builder, store: Store, metrics: Metrics | None = None) -> web.Application:
+def create_app(service: Builder, store: Store, metrics: Metrics | None = None,
+               auth: Authenticator | None = None) -> web.Application:
     """The pull API as an aiohttp application (and /healthz, /readyz, /metrics).
 
-    `metrics` is the AppState's; a fresh registry when none is given (tests).
+    `metrics` is the AppState's; a fresh registry when none is given (tests). `auth`
+    (from `auth:` in configuration) guards every route and serves `/token`; without it
+    every request is anonymous and allowed, as before.
     """
     api = PullAPI(service, store)
     metrics = metrics or Metrics()
-    # The request log is outermost: it sees every answer, the error middleware's included.
-    app = web.Application(middlewares=[access_middleware(metrics), _error_middleware])
+    # The request log is outermost: it sees every answer, the error middleware's included;
+    # the auth middleware is inside the error middleware, which answers its refusals.
+    middlewares = [access_middleware(metrics), _error_middleware]
+    if auth is not None:
+        middlewares.append(auth_middleware(auth, lambda: service.meta_packages, readback.FORMATS,
+                                           lambda id: _build_name(service, id)))
+    app = web.Application(middlewares=middlewares)
+    if auth is not None:
+        app.router.add_route("*", "/token", token_handler(auth, lambda: service.meta_packages))
+
+        async def close_auth(_: web.Application) -> None:
+            await auth.close()
+
+        app.on_cleanup.append(close_auth)
     app.on_response_prepare.append(_add_api_version)
     app.router.add_route("*", "/v2", api.base)
     app.router.add_route("*", "/v2/", api.base)
