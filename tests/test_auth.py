@@ -153,6 +153,16 @@ def test_channel_readers() -> None:
     assert policy.readable_channels(Identity("bob", "user"), channels) == ("conda-forge",)
 
 
+def test_channel_rules_are_refused_until_the_builder_enforces_them() -> None:
+    config = load_config(None, environ={}, channels=["conda-forge", "https://conda.example.org/private"],
+                         auth={"signing_secret": SECRET, "channels": [
+                             {"channel": "https://conda.example.org/private", "read": ["group:team-a"]}]})
+    with pytest.raises(ConfigError, match=r"^auth.channels: channel rules are not enforced by this version's builder"):
+        Authenticator(config.auth)
+    auth = Authenticator(config.auth, channel_rules_enforced=True)
+    assert auth.policy.readable_channels(ANONYMOUS, config.channels) == ("conda-forge",)
+
+
 def test_scopes_parse_as_distribution_writes_them() -> None:
     assert [str(s) for s in parse_scopes(["repository:numpy/scipy:pull", "repository:a:pull,push b:c:d"])] == [
         "repository:numpy/scipy:pull", "repository:a:pull,push", "b:c:d"]

@@ -17,7 +17,7 @@ from condery.auth.oidc import OidcVerifier, unverified_issuer
 from condery.auth.ratelimit import FailedLogins
 from condery.auth.rules import ANONYMOUS, Identity, Policy
 from condery.auth.tokens import ACCESS, REFRESH, Scope, SigningKeys, TokenInvalid, Tokens, identity_of
-from condery.config.schema import AuthConfig
+from condery.config.schema import AuthConfig, ConfigError
 from condery.image.meta import MetaPackage
 from condery.image.names import parse_environment_name, parse_name
 from condery.oci.errors import RegistryError, TooManyRequests
@@ -41,8 +41,15 @@ def canonical_name(name: str, meta_packages: Mapping[str, MetaPackage]) -> str:
 
 
 class Authenticator:
-    def __init__(self, config: AuthConfig) -> None:
-        """Reads every file `config` names; ConfigError (one line) when one is wrong."""
+    def __init__(self, config: AuthConfig, *, channel_rules_enforced: bool = False) -> None:
+        """Reads every file `config` names; ConfigError (one line) when one is wrong.
+
+        `channel_rules_enforced`: the builder solves each identity's names with only the
+        channels it may read (Policy.readable_channels). Until a builder says so, channel
+        rules are refused rather than silently not applied."""
+        if config.channels and not channel_rules_enforced:
+            raise ConfigError("auth.channels: channel rules are not enforced by this version's builder yet; "
+                              "protect the names that need a private channel with auth.rules instead")
         self.config = config
         self.service = config.service
         self.policy = Policy(config.rules, config.endpoints, config.channels)

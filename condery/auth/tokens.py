@@ -64,9 +64,10 @@ def key_from_pem(key: str, text: str) -> SigningKey:
     """A PEM private key -> the signing key and its algorithm; ConfigError if it is none of ours."""
     try:
         private = serialization.load_pem_private_key(text.encode(), password=None)
-    except (ValueError, TypeError) as exc:
-        reason = "it is encrypted (give an unencrypted key)" if "encrypted" in str(exc).lower() else \
-            "not a PEM private key"
+    except (ValueError, TypeError):
+        # TypeError: a password is needed (cryptography's word for an encrypted key).
+        reason = "an encrypted key (give it unencrypted: openssl pkey -in KEY -out KEY.plain)" \
+            if "ENCRYPTED" in text else "not a PEM private key"
         raise ConfigError(f"{key}: {reason}") from None
     if isinstance(private, rsa.RSAPrivateKey):
         if private.key_size < 2048:

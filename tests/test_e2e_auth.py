@@ -1,0 +1,217 @@
+"""Who may pull what, end to end: a real `condery serve` with `auth:`, and real clients.
+
+podman login + pull, skopeo copy --src-creds, skopeo with a docker config.json
+(--authfile, a robot account as for a Kubernetes imagePullSecret), ctr image pull
+--user (containerd's OAuth2 POST to /token). Without credentials, with a wrong password
+and as a user outside the group, every client is refused and nothing is built (the
+store holds no layer or image record). 1,000 wrong passwords from one address get 429
+while other addresses are served. A configuration error stops `condery serve` with one
+line. Nothing of a password or token reaches condery's log.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from tests.fixtures.clients import ClientError, Podman, oci_validate, run_tool
+from tests.fixtures.condapkg import PkgFile, index_channel, write_conda_package
+from tests.fixtures.containerd import containerd
+from tests.test_e2e import Registry, condery
+
+pytestmark = pytest.mark.e2e
+
+PASSWORDS = {"alice": "alice-Secret-1", "bob": "bob-Secret-2"}
+ROBOT_TOKEN = "robot-token-0f3c9a7e5d1b2468ace0f3c9a7e5d1b2"
+
+
+def image_records(registry: Registry) -> set[str]:
+    root = registry.store / "records"
+    return {p.relative_to(root).as_posix() for p in root.rglob("*.json")} if root.exists() else set()
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    tmp = tmp_path_factory.mktemp("condery-auth")
+    channel = tmp / "channel"
+    for name in ("secretpkg", "publicpkg", "otherpkg"):
+        write_conda_package(channel, name, "1.0", "h0", files=[PkgFile(f"share/{name}.txt", name.encode())])
+    index_channel(channel)
+    users = tmp / "htpasswd"
+    for i, (user, password) in enumerate(PASSWORDS.items()):  # the real tool, bcrypt as documented
+        run_tool(["htpasswd", "-B", "-b", *(["-c"] if i == 0 else []), str(users), user, password])
+    (tmp / "groups.yaml").write_text("team-a: [alice]\n")
+    key = ec.generate_private_key(ec.SECP256R1())
+    (tmp / "signing.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                        serialization.PrivateFormat.PKCS8,
+                                                        serialization.NoEncryption()))
+    import hashlib
+
+    auth = {
+        "signing_key_file": str(tmp / "signing.pem"),
+        "users_file": str(users),
+        "groups_file": str(tmp / "groups.yaml"),
+        "robots": {"ci": {"token_sha256": hashlib.sha256(ROBOT_TOKEN.encode()).hexdigest(), "groups": ["team-a"]}},
+        "rules": [
+            {"names": ["publicpkg"], "pull": ["anonymous"]},
+            {"names": ["secretpkg", "otherpkg/secretpkg"], "pull": ["group:team-a"]},
+            {"names": ["**"], "pull": ["authenticated"]},
+        ],
+        "failed_logins": {"per_client": 10, "per_user": 30, "window": 60},
+    }
+    with condery(tmp, [str(channel)], "scratch", auth=auth) as running:
+        running.log = tmp / "condery.log"  # type: ignore[attr-defined]
+        yield running
+
+
+def skopeo(registry: Registry, name: str, dest: Path, *creds: str) -> subprocess.CompletedProcess[str]:
+    return run_tool(["skopeo", "copy", "--src-tls-verify=false", *creds, f"docker://{registry.host}/{name}:latest",
+                     f"oci:{dest}:latest"], check=False)
+
+
+def test_refused_without_credentials_with_a_wrong_password_and_outside_the_group(
+        registry: Registry, tmp_path: Path, podman: Podman) -> None:
+    assert image_records(registry) == set()
+    podman.allow_insecure(registry.host)
+    ref = f"{registry.host}/secretpkg:latest"
+    authfile = tmp_path / "auth.json"
+    authfile.write_text("{}")  # podman's own, empty: no credentials of the machine's
+    attempts = {
+        "skopeo, no credentials": skopeo(registry, "secretpkg", tmp_path / "a"),
+        "skopeo, wrong password": skopeo(registry, "secretpkg", tmp_path / "b", "--src-creds", "alice:wrong"),
+        "skopeo, unknown user": skopeo(registry, "secretpkg", tmp_path / "c", "--src-creds", "mallory:x"),
+        "skopeo, robot, wrong token": skopeo(registry, "secretpkg", tmp_path / "d", "--src-creds", "ci:nope"),
+        "podman, no credentials": podman.podman("pull", "--authfile", str(authfile), ref, check=False),
+        "podman login, wrong password": podman.podman("login", "--authfile", str(authfile), "-u", "alice",
+                                                      "-p", "wrong", registry.host, check=False),
+    }
+    for what, result in attempts.items():
+        assert result.returncode != 0, what
+        said = result.stderr.lower()
+        assert any(words in said for words in ("unauthorized", "authentication required", "invalid username/password")), \
+            (what, result.stderr)
+    # bob logs in (his password is right) but the name is team-a's: 403, "denied"
+    login = podman.podman("login", "--authfile", str(authfile), "-u", "bob", "-p", PASSWORDS["bob"], registry.host)
+    assert "Login Succeeded" in login.stdout
+    for what, result in {
+        "podman, outside the group": podman.podman("pull", "--authfile", str(authfile), ref, check=False),
+        "skopeo, outside the group": skopeo(registry, "secretpkg", tmp_path / "e", "--src-creds",
+                                            f"bob:{PASSWORDS['bob']}"),
+    }.items():
+        assert result.returncode != 0 and "denied" in result.stderr.lower(), (what, result.stderr)
+    # raw answers: the spec's challenge and error body
+    status, headers, body = registry.get("/v2/secretpkg/manifests/latest")
+    assert status == 401 and json.loads(body)["errors"][0]["code"] == "UNAUTHORIZED"
+    assert headers["WWW-Authenticate"] == (f'Bearer realm="http://{registry.host}/token",service="condery",'
+                                           'scope="repository:secretpkg:pull"')
+    assert registry.get("/healthz")[0] == 200 and registry.get("/readyz")[0] == 200
+    request_status = registry.get("/api/v1/builds", method="GET")[0]
+    assert request_status == 401
+    # nothing was solved, built or stored for any of them
+    assert registry.layer_keys() == set() and image_records(registry) == set()
+
+    # alice, in team-a: podman login, then pull
+    login = podman.podman("login", "--authfile", str(authfile), "-u", "alice", "-p", PASSWORDS["alice"],
+                          registry.host)
+    assert "Login Succeeded" in login.stdout
+    podman.podman("pull", "--authfile", str(authfile), ref)
+    assert registry.layer_keys()
+    # bob's pull of a name anyone logged in may pull works too
+    run_tool(["skopeo", "copy", "--src-tls-verify=false", "--src-creds", f"bob:{PASSWORDS['bob']}",
+              f"docker://{registry.host}/otherpkg:latest", f"oci:{tmp_path / 'f'}:latest"])
+
+
+def test_public_name_anonymously(registry: Registry, tmp_path: Path) -> None:
+    result = skopeo(registry, "publicpkg", tmp_path / "oci")
+    assert result.returncode == 0, result.stderr
+    oci_validate(tmp_path / "oci")
+
+
+def test_skopeo_with_creds_and_with_a_docker_config_json(registry: Registry, tmp_path: Path) -> None:
+    result = skopeo(registry, "secretpkg", tmp_path / "creds", "--src-creds", f"alice:{PASSWORDS['alice']}")
+    assert result.returncode == 0, result.stderr
+    oci_validate(tmp_path / "creds")
+    # what `kubectl create secret docker-registry` writes, for the robot account
+    config = tmp_path / "config.json"
+    auth = base64.b64encode(f"ci:{ROBOT_TOKEN}".encode()).decode()
+    config.write_text(json.dumps({"auths": {registry.host: {"username": "ci", "password": ROBOT_TOKEN,
+                                                            "auth": auth}}}))
+    result = skopeo(registry, "otherpkg/secretpkg", tmp_path / "authfile", "--authfile", str(config))
+    assert result.returncode == 0, result.stderr
+
+
+def test_ctr_pull_with_user(registry: Registry) -> None:
+    ref = f"{registry.host}/secretpkg:latest"
+    with containerd() as daemon:
+        with pytest.raises(ClientError) as refused:
+            daemon.ctr("image", "pull", "--plain-http", "--user", "alice:wrong", ref)
+        assert "401" in str(refused.value) or "unauthorized" in str(refused.value).lower(), str(refused.value)
+        daemon.ctr("image", "pull", "--plain-http", "--user", f"alice:{PASSWORDS['alice']}", ref)
+        listing = daemon.ctr("image", "ls", "-q").stdout
+        assert ref in listing
+
+
+def _get(address: str, port: int, path: str, headers: dict[str, str],
+         connection: http.client.HTTPConnection | None = None) -> tuple[int, dict[str, str]]:
+    connection = connection or http.client.HTTPConnection("127.0.0.1", port, timeout=30,
+                                                          source_address=(address, 0))
+    connection.request("GET", path, headers=headers)
+    response = connection.getresponse()
+    response.read()
+    return response.status, dict(response.getheaders())
+
+
+def test_a_thousand_wrong_passwords(registry: Registry) -> None:
+    port = int(registry.host.rsplit(":", 1)[1])
+    wrong = {"Authorization": "Basic " + base64.b64encode(b"alice:guess").decode()}
+    guesser = http.client.HTTPConnection("127.0.0.1", port, timeout=30, source_address=("127.0.0.2", 0))
+    statuses = [_get("127.0.0.2", port, "/v2/", wrong, guesser)[0] for _ in range(1000)]
+    assert statuses[:10] == [401] * 10 and set(statuses[10:]) == {429}, statuses[:20]
+    status, headers = _get("127.0.0.2", port, "/v2/", wrong, guesser)
+    assert status == 429 and 0 < int(headers["Retry-After"]) <= 60
+    # other clients are served: bob from another address, anonymous pulls of the public name
+    bob = {"Authorization": "Basic " + base64.b64encode(f"bob:{PASSWORDS['bob']}".encode()).decode()}
+    assert _get("127.0.0.3", port, "/v2/", bob)[0] == 200
+    assert _get("127.0.0.4", port, "/v2/publicpkg/tags/list", {})[0] == 200
+    assert _get("127.0.0.2", port, "/healthz", {})[0] == 200
+
+
+def test_no_secret_in_the_log_and_the_user_named(registry: Registry) -> None:
+    log = registry.log.read_text()  # type: ignore[attr-defined]
+    for secret in (*PASSWORDS.values(), ROBOT_TOKEN, base64.b64encode(b"alice:guess").decode(), "eyJ"):
+        assert secret not in log, secret
+    assert "user=alice" in log and "user=ci" in log
+
+
+@pytest.mark.parametrize(("auth", "line"), [
+    ({"users_file": "/nonexistent/htpasswd", "signing_secret": "x" * 32},
+     "condery: auth.users_file: '/nonexistent/htpasswd' is not a file"),
+    ({"rules": [{"names": ["**"], "pull": ["anonymous"]}]}, "condery: auth.signing_key_file: required"),
+    ("md5", "condery: auth.users_file: line 1: user 'alice' has MD5 ($apr1$); condery takes bcrypt only"),
+    ("key", "condery: auth.signing_key_file: not a PEM private key"),
+])
+def test_configuration_errors_stop_the_start(tmp_path: Path, auth, line: str) -> None:
+    if auth == "md5":
+        (tmp_path / "htpasswd").write_text("alice:$apr1$abcdefgh$0123456789abcdefghijkl\n")
+        auth = {"users_file": str(tmp_path / "htpasswd"), "signing_secret": "x" * 32}
+    elif auth == "key":
+        (tmp_path / "key.pem").write_text("-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n")
+        auth = {"signing_key_file": str(tmp_path / "key.pem")}
+    config = tmp_path / "condery.yaml"
+    config.write_text(yaml.safe_dump({"auth": auth, "storage": {"backend": "filesystem", "path": str(tmp_path / "s")},
+                                      "channels": [str(tmp_path)], "base_image": "scratch"}))
+    result = subprocess.run([sys.executable, "-m", "condery", "serve", "--config", str(config), "--port", "1"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [result.stderr.splitlines()[0]] and result.stderr.startswith(line), \
+        result.stderr
