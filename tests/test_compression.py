@@ -29,8 +29,8 @@ from condery.layers.tarball import concat_layers, write_layer
 from condery.layers.recompress import gzip_layer
 
 GOLDEN = {
-    GZIP: "sha256:c3273abc45a9fefb8d0d114e4ab2f174bb113f382ed714666bff277a60587a88",
-    ZSTD: "sha256:2e9529112f32d22fc45aeb3bf7a550212e95b369480f5efab323438bc69eefb7",
+    GZIP: "sha256:3d94f21b31742999e33c250509c7ae56a7accf7ce108d8f5508918d5a278d5b4",
+    ZSTD: "sha256:d8e17348715b727c8c5fe55c7ef43f15448be45b069f3ac83dab78b8c30b5450",
 }
 GOLDEN_DIFF_ID = "sha256:cec4d05338b285876d2d5bcbfbcd882fe9e92a6f7a8dfbdc43cdb18c07c62650"
 
@@ -47,6 +47,14 @@ def golden_tree(root: Path) -> Path:
     (root / "lib" / "libnoise.so").chmod(0o755)
     (root / "empty.txt").write_bytes(b"")
     return root
+
+
+def entries_end(tar: bytes) -> int:
+    """Where a tar's entries end and its end-of-archive blocks begin."""
+    with tarfile.open(fileobj=io.BytesIO(tar), mode="r|") as archive:
+        for _ in archive:
+            pass
+        return archive.offset
 
 
 def members_of(data: bytes) -> list[bytes]:
@@ -84,14 +92,17 @@ def test_layer_bytes_never_come_from_the_hosts_zlib(tmp_path: Path, monkeypatch:
 def test_bytes_do_not_depend_on_thread_count(tmp_path: Path) -> None:
     blob = write_layer(golden_tree(tmp_path / "tree"), "opt/conda", tmp_path / "layer.tgz")
     tar = gzip.decompress(blob.path.read_bytes())
+    end = entries_end(tar)
     assert len(tar) > 3 * CHUNK_SIZE
     for threads in (1, 2, 5):
         for window in (1, 8):
             out = io.BytesIO()
             with ThreadPoolExecutor(threads) as pool:
                 writer = GzipChunkWriter(out, pool, window)
-                for i in range(0, len(tar), 12345):  # write sizes unrelated to the chunk size
-                    writer.write(tar[i:i + 12345])
+                for i in range(0, end, 12345):  # write sizes unrelated to the chunk size
+                    writer.write(tar[i:min(i + 12345, end)])
+                writer.end_part()
+                writer.write(tar[end:])
                 writer.close()
             assert "sha256:" + hashlib.sha256(out.getvalue()).hexdigest() == blob.digest, (threads, window)
 
@@ -127,11 +138,14 @@ def test_members_are_fixed_chunks_every_gzip_reader_takes(tmp_path: Path) -> Non
     blob = write_layer(golden_tree(tmp_path / "tree"), "opt/conda", tmp_path / "layer.tgz")
     data = blob.path.read_bytes()
     tar = gzip.decompress(data)
+    end = entries_end(tar)
     members = members_of(data)
-    assert len(members) == -(-len(tar) // CHUNK_SIZE)
-    for i, member in enumerate(members):
-        assert member == gzip_chunk(tar[i * CHUNK_SIZE:(i + 1) * CHUNK_SIZE])
+    # The entries in fixed chunks, then the end-of-archive blocks in a member of their own.
+    assert len(members) == -(-end // CHUNK_SIZE) + 1
+    for i, member in enumerate(members[:-1]):
+        assert member == gzip_chunk(tar[i * CHUNK_SIZE:min((i + 1) * CHUNK_SIZE, end)])
         assert member[3] == 0 and member[4:8] == b"\0\0\0\0"  # no name, no time
+    assert members[-1] == gzip_chunk(tar[end:]) and tar[end:] == bytes(len(tar) - end) and len(tar) % 10240 == 0
     # GNU gzip and tarfile's file mode read all members; so does Go (the e2e test's skopeo).
     if shutil.which("gzip"):
         assert subprocess.run(["gzip", "-dc", str(blob.path)], capture_output=True, check=True).stdout == tar
@@ -177,8 +191,16 @@ def test_concat_reads_every_chunk(tmp_path: Path, compression: str) -> None:
 
 
 def test_base_layer_recompression_uses_the_layer_compressor(tmp_path: Path) -> None:
-    """A zstd base layer becomes the same gzip bytes condery's own writer gives that tar."""
+    """A zstd base layer becomes the same gzip bytes condery's own writer gives that tar
+    (fixed chunks through the whole stream: a base layer's end blocks are not cut off)."""
     ours = write_layer(golden_tree(tmp_path / "tree"), "opt/conda", tmp_path / "layer.tgz")
     zst = write_layer(tmp_path / "tree", "opt/conda", tmp_path / "layer.zst", compression=ZSTD)
     blob = gzip_layer(zst.path, tmp_path / "regzipped")
-    assert (blob.digest, blob.diff_id, blob.size) == (ours.digest, ours.diff_id, ours.size)
+    tar = gzip.decompress(ours.path.read_bytes())
+    expected = io.BytesIO()
+    writer = GzipChunkWriter(expected)
+    writer.write(tar)
+    writer.close()
+    assert blob.diff_id == ours.diff_id
+    assert (blob.digest, blob.size) == ("sha256:" + hashlib.sha256(expected.getvalue()).hexdigest(),
+                                        len(expected.getvalue()))

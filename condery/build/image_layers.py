@@ -22,6 +22,7 @@ from condery.common.singleflight import SingleFlight
 from condery.image.names import ImageRequest
 from condery.layers import LayerBlob
 from condery.layers.bytecode import BytecodePlan, bytecode_for
+from condery.layers.concat import NotConcatenable, concat_compressed
 from condery.layers.env_layer import Account, build_env_layer
 from condery.layers.grouping import group_layers
 from condery.layers.members import PackageLimits
@@ -145,7 +146,7 @@ class LayerBuilder:
                         async for chunk in self.store.read_blob(member.digest):
                             handle.write(chunk)
                     paths.append(path)
-                blob = await asyncio.to_thread(concat_layers, paths, Path(tmp) / "group.tar.gz",
+                blob = await asyncio.to_thread(_concat, paths, Path(tmp) / "group.tar.gz",
                                                self.config.layer_compression)
                 return await self._store(key, blob, tuple(p for m in members for p in m.packages))
 
@@ -181,3 +182,12 @@ class LayerBuilder:
             )
             await self.store.put_blob_file(blob.digest, blob.path)
         return LayerEntry("env", blob.digest, blob.diff_id, blob.size, ("environment",))
+
+
+def _concat(paths: Sequence[Path], out_path: Path, compression: str) -> LayerBlob:
+    """The group layer: the members' compressed bytes one after the other (layers/concat.py),
+    or decompressed and compressed again for layers not written to be concatenated."""
+    try:
+        return concat_compressed(paths, out_path, compression)
+    except NotConcatenable:
+        return concat_layers(paths, out_path, compression)

@@ -52,9 +52,10 @@ DEFLATE_LEVEL = 4
 CHUNK_SIZE = 1 << 20
 ZSTD_LEVEL = 3
 # Part of every layer cache key: a change here changes layer bytes (see cache.layer_key).
+# "-e": a layer's tar end blocks are a gzip member (zstd frame) of their own (end_part).
 COMPRESSOR_ID = {
-    GZIP: f"libdeflate-{deflate.__version__}-l{DEFLATE_LEVEL}-c{CHUNK_SIZE}",
-    ZSTD: f"zstd-{'.'.join(map(str, zstandard.ZSTD_VERSION))}-l{ZSTD_LEVEL}",
+    GZIP: f"libdeflate-{deflate.__version__}-l{DEFLATE_LEVEL}-c{CHUNK_SIZE}-e",
+    ZSTD: f"zstd-{'.'.join(map(str, zstandard.ZSTD_VERSION))}-l{ZSTD_LEVEL}-e",
 }
 
 _pool_lock = threading.Lock()
@@ -112,6 +113,13 @@ class GzipChunkWriter:
     def flush(self) -> None:
         pass  # members are written whole; a partial chunk waits for close()
 
+    def end_part(self) -> None:
+        """End the current member here, whatever its length: what follows starts a new one
+        (a layer's tar end blocks, so that layers concatenate: concat.py)."""
+        if self._buffer:
+            self._submit(bytes(self._buffer))
+            self._buffer.clear()
+
     def close(self) -> None:
         if self._buffer or not self._wrote_any:  # an empty stream is still one (empty) member
             self._submit(bytes(self._buffer))
@@ -130,23 +138,35 @@ class ZstdWriter:
     """A write-only file object compressing to one zstd frame (ZSTD_LEVEL, one thread)."""
 
     def __init__(self, sink: BinaryIO) -> None:
-        compressor = zstandard.ZstdCompressor(
-            level=ZSTD_LEVEL, threads=0, write_content_size=False, write_checksum=False, write_dict_id=False,
-        )
-        self._stream = compressor.stream_writer(sink, closefd=False)
+        self._stream = zstd_compressor().stream_writer(sink, closefd=False)
+        self._in_frame = False
 
     def write(self, data: bytes) -> int:
         self._stream.write(data)
+        self._in_frame = self._in_frame or bool(data)
         return len(data)
 
     def flush(self) -> None:
         pass  # a zstd flush would end a block early and change the bytes
+
+    def end_part(self) -> None:
+        """End the current frame here: what follows is a new frame (see GzipChunkWriter)."""
+        if self._in_frame:
+            self._stream.flush(zstandard.FLUSH_FRAME)
+            self._in_frame = False
 
     def close(self) -> None:
         self._stream.close()
 
     def abort(self) -> None:
         self._stream.close()
+
+
+def zstd_compressor() -> zstandard.ZstdCompressor:
+    """The one zstd configuration of layers (see the module docstring)."""
+    return zstandard.ZstdCompressor(
+        level=ZSTD_LEVEL, threads=0, write_content_size=False, write_checksum=False, write_dict_id=False,
+    )
 
 
 def check_compression(compression: str) -> None:

@@ -49,6 +49,9 @@ class _HashingWriter:
     def flush(self) -> None:
         self._sink.flush()
 
+    def tell(self) -> int:
+        return self.size
+
 
 @dataclass(frozen=True)
 class _Entry:
@@ -213,7 +216,10 @@ class _LayerWriter:
         self._gz_hash = _HashingWriter(self._raw)
         self._compressor = compressing_writer(compression, self._gz_hash)  # type: ignore[arg-type]
         self._tar_hash = _HashingWriter(self._compressor)  # type: ignore[arg-type]
-        self._tar = tarfile.open(fileobj=self._tar_hash, mode="w|", format=tarfile.PAX_FORMAT)  # type: ignore[call-overload]
+        # "w", not the stream mode "w|": every entry reaches the compressor as it is added
+        # (the same bytes; the stream mode would hold up to 10 KiB back), so close() can end
+        # a gzip member / zstd frame exactly where the entries end and the end blocks begin.
+        self._tar = tarfile.open(fileobj=self._tar_hash, mode="w", format=tarfile.PAX_FORMAT)  # type: ignore[call-overload]
 
     def add(self, entry: _Entry, content: BinaryIO | None = None) -> None:
         info = tarfile.TarInfo(entry.name)
@@ -240,6 +246,9 @@ class _LayerWriter:
             self._tar.addfile(info, content)
 
     def close(self) -> LayerBlob:
+        # The end-of-archive blocks in a member (frame) of their own: a group layer is then
+        # its packages' layers with that last member cut off, one after the other (concat.py).
+        self._compressor.end_part()
         self._tar.close()
         self._compressor.close()
         self._raw.close()

@@ -1,0 +1,192 @@
+"""Group layers by concatenation (condery/layers/concat.py): the members' compressed bytes
+copied, one end member appended; the same files as stacking the layers; read whole by
+Python, GNU gzip, zstd, and Go's readers in skopeo and umoci."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import zlib
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from condery.layers import PackageError
+from condery.layers.compression import GZIP, ZSTD, open_decompressed
+from condery.layers.concat import NotConcatenable, concat_compressed
+from condery.layers.tarball import concat_layers, write_layer
+from tests.fixtures.clients import run_tool, umoci_unpack
+
+
+def layer(tmp: Path, name: str, files: dict[str, bytes], compression: str = GZIP, links: dict[str, str] = {}) -> Path:
+    root = tmp / name
+    for rel, content in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(content)
+    for rel, target in links.items():
+        os.link(root / target, root / rel)
+    return write_layer(root, "opt/conda", tmp / f"{name}.layer", compression=compression).path
+
+
+def noise(n: int, seed: int = 0) -> bytes:
+    return b"".join(hashlib.sha256(f"{seed}-{i}".encode()).digest() for i in range(n // 32))
+
+
+def tar_of(path: Path) -> bytes:
+    with open(path, "rb") as handle, open_decompressed(handle) as stream:
+        return stream.read()
+
+
+def unpacked(path: Path) -> dict[str, tuple[str, bytes | str]]:
+    """What applying the layer gives: the last entry of each path wins."""
+    out: dict[str, tuple[str, bytes | str]] = {}
+    with tarfile.open(fileobj=io.BytesIO(tar_of(path)), mode="r|") as tar:
+        for m in tar:
+            if m.isreg():
+                out[m.name] = ("file", tar.extractfile(m).read())  # type: ignore[union-attr]
+            elif m.isdir():
+                out[m.name] = ("dir", b"")
+            else:
+                out[m.name] = ("link" if m.issym() else "hardlink", m.linkname)
+    return out
+
+
+def parts(data: bytes, compression: str) -> list[bytes]:
+    """A layer's gzip members (zstd frames), each as it is in the layer."""
+    out = []
+    while data:
+        dobj = zlib.decompressobj(31) if compression == GZIP else zstandard.ZstdDecompressor().decompressobj()
+        dobj.decompress(data)
+        assert dobj.eof
+        rest = dobj.unused_data
+        out.append(data[:len(data) - len(rest)])
+        data = rest
+    return out
+
+
+def three(tmp: Path, compression: str) -> list[Path]:
+    return [
+        layer(tmp, "a", {"bin/a": b"A", "share/x": b"old", "lib/big.so": noise(3 << 20)}, compression),
+        layer(tmp, "b", {"bin/b": b"B", "share/x": b"new", "lib/l": b"L" * 5000}, compression),
+        layer(tmp, "c", {"share/c/doc.txt": b"text\n" * 100_000, "f": b"x" * 1000}, compression, {"g": "f"}),
+    ]
+
+
+@pytest.mark.parametrize("compression", [GZIP, ZSTD])
+def test_concatenation_is_stacking_without_recompressing(tmp_path: Path, compression: str) -> None:
+    layers = three(tmp_path, compression)
+    blob = concat_compressed(layers, tmp_path / "group", compression)
+    data = blob.path.read_bytes()
+    assert blob.digest == "sha256:" + hashlib.sha256(data).hexdigest() and blob.size == len(data)
+    tar = tar_of(blob.path)
+    assert blob.diff_id == "sha256:" + hashlib.sha256(tar).hexdigest()
+    assert len(tar) % 10240 == 0 and tar.endswith(bytes(1024))
+    # Each layer's compressed bytes are in the group as they are, minus their end member.
+    copied = b"".join(b"".join(parts(path.read_bytes(), compression)[:-1]) for path in layers)
+    assert data.startswith(copied)
+    assert len(parts(data[len(copied):], compression)) == 1  # then one end member
+    # The same files as the layers stacked, and as the recompressing concat.
+    merged = concat_layers(layers, tmp_path / "merged", compression)
+    assert unpacked(blob.path) == unpacked(merged.path)
+    assert unpacked(blob.path)["opt/conda/share/x"] == ("file", b"new")
+    assert unpacked(blob.path)["opt/conda/g"] == ("hardlink", "opt/conda/f")
+    again = concat_compressed(layers, tmp_path / "again", compression)
+    assert (again.digest, again.diff_id) == (blob.digest, blob.diff_id)
+
+
+def test_every_gzip_reader_takes_the_whole_group(tmp_path: Path) -> None:
+    layers = three(tmp_path, GZIP)
+    blob = concat_compressed(layers, tmp_path / "group.tgz")
+    tar = gzip.decompress(blob.path.read_bytes())
+    assert subprocess.run(["gzip", "-dc", str(blob.path)], capture_output=True, check=True).stdout == tar
+    listing = subprocess.run(["tar", "-tzf", str(blob.path)], capture_output=True, text=True, check=True).stdout
+    assert "opt/conda/share/c/doc.txt" in listing.split()  # past the first layer's entries
+
+
+def test_conflicts_are_refused_as_before(tmp_path: Path) -> None:
+    a = layer(tmp_path, "a", {"bin/a": b"A"})
+    c = layer(tmp_path, "c", {"bin/a/inner": b"dir now"})
+    with pytest.raises(PackageError, match="bin/a"):
+        concat_compressed([a, c], tmp_path / "ac")
+    assert not (tmp_path / "ac").exists()
+    linked = layer(tmp_path, "l", {"f": b"x"}, links={"g": "f"})
+    replacing = layer(tmp_path, "r", {"f": b"z"})
+    with pytest.raises(PackageError, match="another layer replaces"):
+        concat_compressed([linked, replacing], tmp_path / "lr")
+
+
+def test_a_layer_of_the_old_layout_is_recompressed(tmp_path: Path) -> None:
+    """Layers written before the end member of their own (one gzip stream) are not cut."""
+    old = tmp_path / "old.tgz"
+    with tarfile.open(old, "w:gz") as tar:
+        info = tarfile.TarInfo("opt/conda/x")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    with pytest.raises(NotConcatenable):
+        concat_compressed([old], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def oci_layout(path: Path, layer: Path, diff_id: str, compression: str) -> None:
+    blobs = path / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+
+    def put(data: bytes) -> tuple[str, int]:
+        digest = hashlib.sha256(data).hexdigest()
+        (blobs / digest).write_bytes(data)
+        return "sha256:" + digest, len(data)
+
+    layer_digest, layer_size = put(layer.read_bytes())
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                         "rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode()
+    config_digest, config_size = put(config)
+    media = "application/vnd.oci.image.layer.v1.tar+" + ("gzip" if compression == GZIP else "zstd")
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest,
+                   "size": config_size},
+        "layers": [{"mediaType": media, "digest": layer_digest, "size": layer_size}],
+    }).encode()
+    manifest_digest, manifest_size = put(manifest)
+    (path / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (path / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest_digest,
+        "size": manifest_size, "annotations": {"org.opencontainers.image.ref.name": "group"}}]}))
+
+
+@pytest.mark.skipif(not (shutil.which("umoci") and shutil.which("skopeo")), reason="umoci and skopeo")
+@pytest.mark.parametrize("compression", [GZIP, ZSTD])
+def test_umoci_and_skopeo_read_a_concatenated_group(tmp_path: Path, compression: str) -> None:
+    layers = three(tmp_path, compression)
+    blob = concat_compressed(layers, tmp_path / "group", compression)
+    oci_layout(tmp_path / "oci", blob.path, blob.diff_id, compression)
+    # skopeo recompresses the layer: Go's gzip (zstd) reader goes through the whole stream,
+    # and the diff_id it computes must be the group's.
+    other = "zstd" if compression == GZIP else "gzip"
+    run_tool(["skopeo", "copy", "--dest-compress-format", other, "oci:" + str(tmp_path / "oci") + ":group",
+              "oci:" + str(tmp_path / "copy") + ":group"])
+    index = json.loads((tmp_path / "copy" / "index.json").read_text())
+    manifest = json.loads((tmp_path / "copy" / "blobs" / "sha256" /
+                           index["manifests"][0]["digest"].split(":")[1]).read_text())
+    config = json.loads((tmp_path / "copy" / "blobs" / "sha256" / manifest["config"]["digest"].split(":")[1])
+                        .read_text())
+    assert config["rootfs"]["diff_ids"] == [blob.diff_id]
+    copied = tmp_path / "copy" / "blobs" / "sha256" / manifest["layers"][0]["digest"].split(":")[1]
+    dctx = zstandard.ZstdDecompressor()
+    raw = copied.read_bytes()
+    tar = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else dctx.stream_reader(io.BytesIO(raw)).read()
+    assert "sha256:" + hashlib.sha256(tar).hexdigest() == blob.diff_id
+    # umoci unpacks it (Go's archive/tar over every member) as the layers stacked. Debian's
+    # umoci 0.4.7 knows no zstd layers: for those, skopeo's gzip copy of the group.
+    rootfs = umoci_unpack(tmp_path / ("oci" if compression == GZIP else "copy"), "group", tmp_path / "bundle")
+    assert (rootfs / "opt/conda/share/x").read_bytes() == b"new"
+    assert (rootfs / "opt/conda/share/c/doc.txt").read_bytes() == b"text\n" * 100_000
+    assert (rootfs / "opt/conda/lib/big.so").stat().st_size == 3 << 20
+    assert os.stat(rootfs / "opt/conda/g").st_ino == os.stat(rootfs / "opt/conda/f").st_ino
