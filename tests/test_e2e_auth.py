@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from tests.fixtures.clients import ClientError, Podman, oci_validate, run_tool
 from tests.fixtures.condapkg import PkgFile, index_channel, write_conda_package
 from tests.fixtures.containerd import containerd
+from tests.fixtures.procs import free_port, running
 from tests.test_e2e import Registry, condery
 
 pytestmark = pytest.mark.e2e
@@ -215,3 +217,55 @@ def test_configuration_errors_stop_the_start(tmp_path: Path, auth, line: str) ->
     assert result.returncode == 2, result.stderr
     assert result.stderr.splitlines() == [result.stderr.splitlines()[0]] and result.stderr.startswith(line), \
         result.stderr
+
+
+# -- the README's configuration, as written ---------------------------------------------------
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_auth_blocks() -> tuple[list[str], str, list[str]]:
+    """The section's setup lines, its condery.yaml and its client lines, as written."""
+    section = README.read_text().split("## Who may pull what", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"^```(sh|yaml)\n(.*?)^```", section, re.MULTILINE | re.DOTALL)
+    (_, setup), (_, config), (_, clients) = blocks
+    lines = [line.split("  #", 1)[0].strip() for line in setup.splitlines() if line.strip()]
+    client_lines = [line.strip() for line in clients.splitlines() if line.strip()]
+    return lines, config, client_lines
+
+
+def test_the_readme_configuration_as_written(tmp_path: Path) -> None:
+    setup, config, clients = readme_auth_blocks()
+    assert setup[2] == "htpasswd -B -c auth/htpasswd alice"  # interactive: the test gives the password with -b
+    password = "readme-Secret-3"
+    for line in setup:
+        line = line.replace("htpasswd -B -c", "htpasswd -B -b -c") + (f" {password}" if line == setup[2] else "")
+        subprocess.run(["bash", "-c", line], cwd=tmp_path, check=True, capture_output=True, timeout=60)
+    (tmp_path / "condery.yaml").write_text(config)
+    channel = tmp_path / "channel"
+    for name in ("teampkg", "publicpkg"):
+        write_conda_package(channel, name, "1.0", "h0", files=[PkgFile(f"share/{name}.txt", name.encode())])
+    index_channel(channel)
+    (tmp_path / "envs").mkdir()
+    (tmp_path / "envs" / "team-a.yml").write_text("name: team-a\ndependencies:\n  - teampkg\n")
+    port = free_port()
+    host = f"127.0.0.1:{port}"
+    # Only what the README's file leaves out (where the packages and the store are) comes from variables.
+    env = {"CONDERY_CHANNELS": f"[{channel}]", "CONDERY_BASE_IMAGE": "scratch", "CONDERY_PORT": str(port),
+           "CONDERY_ENVIRONMENTS_DIR": str(tmp_path / "envs"), "CONDERY_PACKAGE_CACHE": str(tmp_path / "pkgs")}
+    argv = [sys.executable, "-m", "condery", "serve", "--config", "condery.yaml"]
+    with running(argv, url=f"http://{host}/healthz", env=env, cwd=tmp_path, log_path=tmp_path / "condery.log",
+                 timeout=60):
+        registry = Registry(f"http://{host}", host, tmp_path / "condery-data")
+        status, headers, _ = registry.get("/v2/envs/team-a/manifests/latest")
+        assert status == 401 and 'scope="repository:envs/team-a:pull"' in headers["WWW-Authenticate"]
+        assert registry.get("/api/v1/builds", method="GET")[0] == 401
+        assert registry.get("/metrics")[0] == 200
+        assert registry.layer_keys() == set()
+        skopeo_line = next(line for line in clients if line.startswith("skopeo copy"))
+        line = skopeo_line.replace("127.0.0.1:8080", host).replace("PASSWORD", password)
+        line = line.replace("skopeo copy ", "skopeo copy --src-tls-verify=false ")  # plain HTTP here
+        result = subprocess.run(["bash", "-c", line], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, (line, result.stderr)
+        oci_validate(tmp_path / "team-a")
+        # every other name is anyone's, as without auth
+        assert skopeo(registry, "publicpkg", tmp_path / "public").returncode == 0
