@@ -18,7 +18,9 @@ meta-package `scale-image` depending on all of them. Then, in the same run:
 The table gives each time per MB and per package, so linear growth (or not) shows as a
 flat column; a second table shows where the cold build's time went (the phases and steps
 of the server's `build ended` log line; phases overlap, so they do not add up).
-`--quick` runs the small sizes only (10 MB with 5 and 50 packages).
+`--quick` runs the small sizes only (10 MB with 5 and 50 packages). The fixed cost per
+package: `--sizes 3 --packages 300` (300 packages of about 10 KB). Each cell ends with
+pass or FAIL against issue 18's targets.
 """
 
 from __future__ import annotations
@@ -156,6 +158,17 @@ def print_tables(cells: list[Cell]) -> None:
         print(row)
     print("  (baseline columns: the Dockerfile's time, then condery's cold time as a multiple of it;"
           " targets <= 0.5x gzip -6, <= 1.0x pigz, bytes <= 1.03x)")
+    print()
+    print("targets (issue 18): cold <= 0.5x gzip -6 and <= 1.0x pigz, bytes <= 1.03x; 10 KB packages:"
+          " < 5 ms a package")
+    for c in cells:
+        gzip6, best = c.baselines[0], c.baselines[-1]
+        checks = [("cold/gzip -6", c.cold_s / gzip6.seconds, 0.5), ("cold/pigz", c.cold_s / best.seconds, 1.0),
+                  ("bytes", c.layer_bytes / gzip6.layer_bytes, 1.03)]
+        if c.size_mb * 1024 / c.packages <= 16:  # packages of about 10 KB: the fixed cost per package
+            checks.append(("ms/package", 1000 * c.cold_s / c.packages, 5.0))
+        print(f"  {c.size_mb:>4} MB {c.packages:>4}: " + ", ".join(
+            f"{name} {value:.2f} {'pass' if value <= limit else 'FAIL'}" for name, value, limit in checks))
     print()
     print("where a cold build's time goes (seconds of wall time in which the phase or step ran)")
     names = [*PHASES, *STEPS]
