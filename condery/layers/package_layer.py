@@ -620,8 +620,14 @@ async def _stream_layer(record: rattler.RepoDataRecord, archive: Path, *, prefix
     out_path = Path(out_name)
     try:
         with timed("check"):
-            plan = await asyncio.to_thread(_read_and_plan, record, archive, spool, prefix=prefix,
-                                           limits=limits, bytecode=bytecode)
+            try:
+                plan = await asyncio.to_thread(_read_and_plan, record, archive, spool, prefix=prefix,
+                                               limits=limits, bytecode=bytecode)
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError, UnicodeError) as exc:
+                # A package this module did not foresee (a bug of ours, not a verdict on it):
+                # rattler's install gives the layer, or the refusal.
+                log.warning("%s: not streamed (%s: %s); installing it with rattler", dist, type(exc).__name__, exc)
+                raise NotStreamable(type(exc).__name__) from None
         if plan.sources and bytecode is not None:
             with timed("bytecode"):
                 scratch = Path(tempfile.mkdtemp(dir=work_dir, prefix=".pyc-src-"))
