@@ -19,6 +19,7 @@ import rattler
 from condery.config import Config
 from condery.image.meta import MetaPackage, combine_meta_packages
 from condery.image.names import ImageRequest
+from condery.layers.activation import Activation
 from condery.layers.env_layer import Account
 from condery.oci.manifest import Descriptor, ImageSettings
 from condery.oci.platforms import OciPlatform
@@ -73,14 +74,28 @@ def default_cmd(prefix: str, records: Sequence[rattler.RepoDataRecord]) -> tuple
 
 def image_settings(
     config: Config, request: ImageRequest, records: Sequence[rattler.RepoDataRecord], created: datetime, lock: str,
-    account: Account | None = None,
+    account: Account | None = None, activation: Activation | None = None, scratch: bool = False,
 ) -> ImageSettings:
+    """The image's config settings. `activation` (layers/activation.py): its static
+    variables join Env (after condery's own defaults, before a meta-package's and an
+    environment file's, which are the user's word), and when some activation script is not
+    static the activating entrypoint is put in front of the Entrypoint, run by /bin/sh
+    (on `scratch`, which has none, by the environment's bash; without one there is no
+    entrypoint and only shells see those scripts' variables)."""
     prefix = config.prefix
     activate = f"{prefix}/etc/condery/activate.sh"
     env: dict[str, str] = {"CONDA_PREFIX": prefix, "LANG": "C.UTF-8", "BASH_ENV": activate, "ENV": activate}
     if _has(records, "ca-certificates"):
         bundle = f"{prefix}/ssl/cacert.pem"
         env.update(SSL_CERT_FILE=bundle, REQUESTS_CA_BUNDLE=bundle, CURL_CA_BUNDLE=bundle)
+    path_prefix = f"{prefix}/bin"
+    activation_entrypoint = None
+    if activation is not None:
+        env.update(activation.env)
+        path_prefix = ":".join([*activation.path_prepend, path_prefix])
+        shell = f"{prefix}/bin/bash" if scratch and _has(records, "bash") else None if scratch else "/bin/sh"
+        if activation.needs_entrypoint and shell is not None:
+            activation_entrypoint = (shell, f"{prefix}/etc/condery/entrypoint.sh")
     meta = meta_settings(config, request)
     user = workdir = None
     if account is not None:
@@ -103,8 +118,9 @@ def image_settings(
         if environment.display_name:
             labels[f"{LABEL_PREFIX}.environment.name"] = environment.display_name
     return ImageSettings(
-        env=env, path_prefix=f"{prefix}/bin", labels=labels, user=user, workdir=workdir or meta.workdir,
+        env=env, path_prefix=path_prefix, labels=labels, user=user, workdir=workdir or meta.workdir,
         cmd=meta.cmd, entrypoint=meta.entrypoint, default_cmd=default_cmd(prefix, records), created=created,
+        activation_entrypoint=activation_entrypoint,
     )
 
 

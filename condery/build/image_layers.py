@@ -20,13 +20,14 @@ import rattler
 from condery.build.state import AppState
 from condery.common.singleflight import SingleFlight
 from condery.image.names import ImageRequest
-from condery.layers import LayerBlob
+from condery.layers import LayerBlob, PackageError
+from condery.layers.activation_scripts import PackageScripts, read_package_scripts
 from condery.layers.bytecode import BytecodePlan, bytecode_for
 from condery.layers.concat import NotConcatenable, concat_compressed
 from condery.layers.env_layer import Account, build_env_layer
 from condery.layers.grouping import group_layers
 from condery.layers.members import PackageLimits
-from condery.layers.package_layer import LayerReport, build_package_layer
+from condery.layers.package_layer import LayerReport, build_package_layer, fetch_verified
 from condery.layers.tarball import concat_layers
 from condery.layers.wheels import PinnedWheel, PipTarget, build_wheel_layer, fetch_wheel
 from condery.records.cache import RecordCache
@@ -78,8 +79,13 @@ class LayerBuilder:
                 bytecode=bytecode,
                 compression=self.config.layer_compression,
             )
+            try:
+                scripts = await self._package_scripts(record)
+            except BaseException:
+                blob.path.unlink(missing_ok=True)
+                raise
             with report.timed("store") if report else contextlib.nullcontext():
-                return await self._store(key, blob, (record.file_name,))
+                return await self._store(key, blob, (record.file_name,), scripts)
 
         return await self.flights.run(key, build), True
 
@@ -152,10 +158,25 @@ class LayerBuilder:
 
         return await self.flights.run(key, build)
 
-    async def _store(self, key: str, blob: LayerBlob, packages: tuple[str, ...]) -> LayerEntry:
+    async def _package_scripts(self, record: rattler.RepoDataRecord) -> PackageScripts:
+        """The package's part in activation (layers/activation_scripts.py), read from the
+        archive its layer was just built from (verified, in the package cache; fetched
+        again if the cache's cap removed it meanwhile): kept in the layer record, so that
+        an image built from cached layers knows its activation scripts."""
+        archive = Path(self.config.package_cache_dir) / "archives" / (record.sha256 or b"").hex() / record.file_name
+        if not archive.exists():
+            archive = await fetch_verified(record, self.config.package_cache_dir, self.config.max_package_unpacked_size,
+                                           self.state.download_client)
+        try:
+            return await read_package_scripts(archive)
+        except Exception as exc:
+            raise PackageError(f"{record.file_name}: cannot read its activation scripts ({type(exc).__name__})") from exc
+
+    async def _store(self, key: str, blob: LayerBlob, packages: tuple[str, ...],
+                     scripts: PackageScripts | None = None) -> LayerEntry:
         # The blob before the record that points at it: a crash leaves an orphan at worst.
         await self.store.put_blob_file(blob.digest, blob.path)
-        entry = LayerEntry(key, blob.digest, blob.diff_id, blob.size, packages)
+        entry = LayerEntry(key, blob.digest, blob.diff_id, blob.size, packages, scripts)
         await self.records.put_layer(entry)
         return entry
 

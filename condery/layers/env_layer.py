@@ -5,9 +5,14 @@
 - `<prefix>/conda-meta/explicit.txt`: an `@EXPLICIT` lock (URL + sha256 per package) from
   which `conda create --file` or `micromamba create --file` rebuild the same environment.
 - `<prefix>/etc/condery/activate.sh`: sets CONDA_PREFIX and PATH and sources the packages'
-  `etc/conda/activate.d/*.sh` when a shell starts, not at build time (those scripts read
-  the container's environment). `/etc/profile.d/condery.sh` sources it for login shells;
-  non-login shells get it through BASH_ENV/ENV in the image config.
+  `etc/conda/activate.d/*.sh` when a shell starts (those scripts read the container's
+  environment). `/etc/profile.d/condery.sh` sources it for login shells; non-login shells
+  get it through BASH_ENV/ENV in the image config. What the scripts export is also in the
+  image config's Env where the build could evaluate them (layers/activation.py).
+- `<prefix>/etc/condery/activation.json` (when packages have activate.d scripts): what
+  the build found, each script static or why not; and `<prefix>/etc/condery/entrypoint.sh`
+  when some script is not static: the image's entrypoint then (build/assembly.py), which
+  activates and execs the command (docs/activation.md).
 - With a user (a meta-package's `user`): `/etc/passwd` and `/etc/group` as the base left
   them plus that user and its group, and its home and working directory owned by it.
   containerd and runc create a missing working directory as root, and nothing can
@@ -32,6 +37,7 @@ import rattler
 
 from condery.common.redact import redact_url
 from condery.layers import LayerBlob, PackageError
+from condery.layers.activation import Activation
 from condery.layers.compression import GZIP
 from condery.layers.tarball import OwnedDir, write_layer
 
@@ -117,6 +123,32 @@ fi
 """
 
 
+def entrypoint_script(prefix: str) -> str:
+    """The activating entrypoint: POSIX sh, for images whose activation scripts could not
+    all be evaluated at build time. The scripts run in a function (a `set --` or `shift` in
+    one cannot touch the command), with stdin from /dev/null and their output on stderr
+    (the command's stdin and stdout are its own); `exec` then makes the command this
+    process: PID 1 as it would be with no entrypoint, the signals and the exit status its
+    own. No reaper is added (docs/activation.md: `--init`, or tini as the command)."""
+    return f"""\
+#!/bin/sh
+# The entrypoint of this image (written by condery): some of the environment's activation
+# scripts could not be evaluated when the image was built ({prefix}/etc/condery/activation.json
+# says which and why), so the environment is activated here, then the command replaces
+# this shell.
+_condery_activate() {{
+    . {prefix}/etc/condery/activate.sh
+}}
+_condery_activate </dev/null >&2
+unset -f _condery_activate
+if [ "$#" -eq 0 ]; then
+    echo "condery entrypoint: no command given (this image has no Cmd: name one after the image)" >&2
+    exit 127
+fi
+exec "$@"
+"""
+
+
 def profile_script(prefix: str) -> str:
     return f"""\
 # Login shells: activate the conda environment at {prefix} (written by condery).
@@ -173,6 +205,7 @@ def group_text(account: Account) -> str:
 def build_env_layer(records: Sequence[rattler.RepoDataRecord], *, requested_specs: Sequence[str], prefix: str,
                     platform: str, created: datetime, out_path: Path, command: str,
                     account: Account | None = None, compression: str = GZIP,
+                    activation: Activation | None = None,
                     variables: Mapping[str, str] | None = None, meta_files: Mapping[str, str] | None = None) -> LayerBlob:
     """Write the environment layer to `out_path` (blocking; small). `variables` are an
     environment file's: conda keeps them in conda-meta/state and sets them on activation.
@@ -184,6 +217,10 @@ def build_env_layer(records: Sequence[rattler.RepoDataRecord], *, requested_spec
         "conda-meta/explicit.txt": explicit_lock(records, platform),
         "etc/condery/activate.sh": activate_script(prefix),
     }
+    if activation is not None and activation.verdicts:
+        files["etc/condery/activation.json"] = json.dumps(activation.as_json(), indent=2, sort_keys=True) + "\n"
+        if activation.needs_entrypoint:
+            files["etc/condery/entrypoint.sh"] = entrypoint_script(prefix)
     files.update({rel: text for rel, text in (meta_files or {}).items() if rel.startswith("conda-meta/")})
     if variables:
         files["conda-meta/state"] = json.dumps({"env_vars": dict(sorted(variables.items()))}, indent=2) + "\n"
@@ -199,6 +236,8 @@ def build_env_layer(records: Sequence[rattler.RepoDataRecord], *, requested_spec
         for rel, text in files.items():
             (env / rel).parent.mkdir(parents=True, exist_ok=True)
             (env / rel).write_text(text)
+            if rel == "etc/condery/entrypoint.sh":
+                (env / rel).chmod(0o755)
         for rel, text in system_files.items():
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             (root / rel).write_text(text)

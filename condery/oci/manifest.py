@@ -103,6 +103,9 @@ class ImageSettings:
     # Cmd when neither the base nor `cmd`/`entrypoint` gives one: `podman run IMAGE` with no
     # command otherwise fails with "no command or entrypoint provided".
     default_cmd: Sequence[str] | None = None
+    # Put before the Entrypoint (the base's, or `entrypoint`), which it then runs: the
+    # activating entrypoint (env_layer.py). Unlike `entrypoint` it keeps the Cmd.
+    activation_entrypoint: Sequence[str] | None = None
 
 
 def sha256_digest(data: bytes) -> str:
@@ -218,6 +221,8 @@ def image_config(
         config["Cmd"] = list(settings.cmd)
     elif settings.default_cmd is not None and not config.get("Cmd") and not config.get("Entrypoint"):
         config["Cmd"] = list(settings.default_cmd)
+    if settings.activation_entrypoint:
+        config["Entrypoint"] = [*settings.activation_entrypoint, *(config.get("Entrypoint") or [])]
 
     created = _rfc3339(settings.created)
     base_history = base.get("history") or []

@@ -13,11 +13,12 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from condery.image.names import ImageRef
+from condery.layers.activation_scripts import PackageScripts
 from condery.oci.grammar import is_digest
 from condery.oci.manifest import Descriptor
 
 IMAGE_SCHEMA = 2
-LAYER_SCHEMA = 2
+LAYER_SCHEMA = 3  # 3: a package layer's activation scripts, programs and path digests
 TAGS_SCHEMA = 1
 
 
@@ -61,6 +62,9 @@ class LayerEntry:
     diff_id: str
     size: int
     packages: tuple[str, ...]
+    # A conda package's part in activation (layers/activation_scripts.py), read from its
+    # archive when the layer was built, so that warm builds know it; None for other layers.
+    scripts: PackageScripts | None = None
 
     def as_record(self) -> dict:
         return {
@@ -69,6 +73,7 @@ class LayerEntry:
             "diff_id": self.diff_id,
             "size": self.size,
             "packages": list(self.packages),
+            **({"scripts": self.scripts.as_record()} if self.scripts is not None else {}),
         }
 
     @classmethod
@@ -81,7 +86,9 @@ class LayerEntry:
                 return None
             if not isinstance(packages, list) or not all(isinstance(p, str) for p in packages):
                 return None
-            return cls(key, _digest(record["digest"]), _digest(record["diff_id"]), size, tuple(packages))
+            scripts = record.get("scripts")
+            return cls(key, _digest(record["digest"]), _digest(record["diff_id"]), size, tuple(packages),
+                       None if scripts is None else PackageScripts.from_record(scripts))
         except (KeyError, TypeError, ValueError):
             return None
 
