@@ -259,8 +259,9 @@ def test_the_entrypoint_execs_and_passes_status_and_pid(tmp_path: Path) -> None:
         argv = [shell, "sh"] if shell.endswith("busybox") else [shell]
         run = subprocess.run([*argv, str(prefix / "etc/condery/entrypoint.sh"), "sh", "-c",
                               'echo "$FROM_SCRIPT $1"; exit 7', "x", "arg one"],
-                             capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"}, timeout=30)
+                             check=False, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"}, timeout=30)
         assert run.returncode == 7 and run.stdout == "yes arg one\n" and "noise" in run.stderr, (shell, run)
-        none = subprocess.run([*argv, str(prefix / "etc/condery/entrypoint.sh")], capture_output=True, text=True,
+        none = subprocess.run([*argv, str(prefix / "etc/condery/entrypoint.sh")], check=False, capture_output=True,
+                              text=True,
                               env={"PATH": "/usr/bin:/bin"}, timeout=30)
         assert none.returncode == 127 and "no command" in none.stderr

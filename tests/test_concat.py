@@ -1,6 +1,8 @@
 """Group layers by concatenation (condery/layers/concat.py): the members' compressed bytes
 copied, one end member appended; the same files as stacking the layers; read whole by
-Python, GNU gzip, zstd, and Go's readers in skopeo and umoci."""
+Python, GNU gzip, zstd, and Go's readers in skopeo and umoci. Layers that share a path
+(every package layer shares `opt/conda/`) are not concatenated: podman refuses a path twice
+in one layer, so the group is recompressed (tests/test_e2e_groups.py pulls one)."""
 
 from __future__ import annotations
 
@@ -21,18 +23,20 @@ import zstandard
 from condery.layers import PackageError
 from condery.layers.compression import GZIP, ZSTD, open_decompressed
 from condery.layers.concat import NotConcatenable, concat_compressed
+from condery.build.image_layers import _concat
 from condery.layers.tarball import concat_layers, write_layer
 from tests.fixtures.clients import run_tool, umoci_unpack
 
 
-def layer(tmp: Path, name: str, files: dict[str, bytes], compression: str = GZIP, links: dict[str, str] = {}) -> Path:
+def layer(tmp: Path, name: str, files: dict[str, bytes], compression: str = GZIP, links: dict[str, str] = {},
+          prefix: str = "opt/conda") -> Path:
     root = tmp / name
     for rel, content in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(content)
     for rel, target in links.items():
         os.link(root / target, root / rel)
-    return write_layer(root, "opt/conda", tmp / f"{name}.layer", compression=compression).path
+    return write_layer(root, prefix, tmp / f"{name}.layer", compression=compression).path
 
 
 def noise(n: int, seed: int = 0) -> bytes:
@@ -72,10 +76,12 @@ def parts(data: bytes, compression: str) -> list[bytes]:
 
 
 def three(tmp: Path, compression: str) -> list[Path]:
+    """Three layers that share no path (not even a directory): concatenated as they are."""
     return [
-        layer(tmp, "a", {"bin/a": b"A", "share/x": b"old", "lib/big.so": noise(3 << 20)}, compression),
-        layer(tmp, "b", {"bin/b": b"B", "share/x": b"new", "lib/l": b"L" * 5000}, compression),
-        layer(tmp, "c", {"share/c/doc.txt": b"text\n" * 100_000, "f": b"x" * 1000}, compression, {"g": "f"}),
+        layer(tmp, "a", {"a/bin/a": b"A", "a/lib/big.so": noise(3 << 20)}, compression, prefix=""),
+        layer(tmp, "b", {"b/bin/b": b"B", "b/lib/l": b"L" * 5000}, compression, prefix=""),
+        layer(tmp, "c", {"c/share/doc.txt": b"text\n" * 100_000, "c/f": b"x" * 1000}, compression, {"c/g": "c/f"},
+              prefix=""),
     ]
 
 
@@ -95,8 +101,7 @@ def test_concatenation_is_stacking_without_recompressing(tmp_path: Path, compres
     # The same files as the layers stacked, and as the recompressing concat.
     merged = concat_layers(layers, tmp_path / "merged", compression)
     assert unpacked(blob.path) == unpacked(merged.path)
-    assert unpacked(blob.path)["opt/conda/share/x"] == ("file", b"new")
-    assert unpacked(blob.path)["opt/conda/g"] == ("hardlink", "opt/conda/f")
+    assert unpacked(blob.path)["c/g"] == ("hardlink", "c/f")
     again = concat_compressed(layers, tmp_path / "again", compression)
     assert (again.digest, again.diff_id) == (blob.digest, blob.diff_id)
 
@@ -107,19 +112,33 @@ def test_every_gzip_reader_takes_the_whole_group(tmp_path: Path) -> None:
     tar = gzip.decompress(blob.path.read_bytes())
     assert subprocess.run(["gzip", "-dc", str(blob.path)], capture_output=True, check=True).stdout == tar
     listing = subprocess.run(["tar", "-tzf", str(blob.path)], capture_output=True, text=True, check=True).stdout
-    assert "opt/conda/share/c/doc.txt" in listing.split()  # past the first layer's entries
+    assert "c/share/doc.txt" in listing.split()  # past the first layer's entries
+
+
+def test_layers_sharing_a_path_are_recompressed_into_one_entry_a_path(tmp_path: Path) -> None:
+    """Package layers share their parents (opt/, opt/conda/, ...) and may share a file: not
+    concatenated (podman refuses a path twice), recompressed with one entry a path."""
+    layers = [layer(tmp_path, "a", {"bin/a": b"A", "share/x": b"old"}), layer(tmp_path, "b", {"share/x": b"new"})]
+    with pytest.raises(NotConcatenable, match="two layers"):
+        concat_compressed(layers, tmp_path / "group")
+    assert not (tmp_path / "group").exists()
+    group = _concat(layers, tmp_path / "group", GZIP)
+    with tarfile.open(group.path) as tar:
+        names = tar.getnames()
+    assert len(names) == len(set(names)) and "opt/conda" in names
+    assert unpacked(group.path)["opt/conda/share/x"] == ("file", b"new")
 
 
 def test_conflicts_are_refused_as_before(tmp_path: Path) -> None:
     a = layer(tmp_path, "a", {"bin/a": b"A"})
     c = layer(tmp_path, "c", {"bin/a/inner": b"dir now"})
-    with pytest.raises(PackageError, match="bin/a"):
-        concat_compressed([a, c], tmp_path / "ac")
+    with pytest.raises(PackageError, match="bin/a"):  # what builds a group: _concat
+        _concat([a, c], tmp_path / "ac", GZIP)
     assert not (tmp_path / "ac").exists()
     linked = layer(tmp_path, "l", {"f": b"x"}, links={"g": "f"})
     replacing = layer(tmp_path, "r", {"f": b"z"})
     with pytest.raises(PackageError, match="another layer replaces"):
-        concat_compressed([linked, replacing], tmp_path / "lr")
+        _concat([linked, replacing], tmp_path / "lr", GZIP)
 
 
 def test_a_layer_of_the_old_layout_is_recompressed(tmp_path: Path) -> None:
@@ -186,7 +205,7 @@ def test_umoci_and_skopeo_read_a_concatenated_group(tmp_path: Path, compression:
     # umoci unpacks it (Go's archive/tar over every member) as the layers stacked. Debian's
     # umoci 0.4.7 knows no zstd layers: for those, skopeo's gzip copy of the group.
     rootfs = umoci_unpack(tmp_path / ("oci" if compression == GZIP else "copy"), "group", tmp_path / "bundle")
-    assert (rootfs / "opt/conda/share/x").read_bytes() == b"new"
-    assert (rootfs / "opt/conda/share/c/doc.txt").read_bytes() == b"text\n" * 100_000
-    assert (rootfs / "opt/conda/lib/big.so").stat().st_size == 3 << 20
-    assert os.stat(rootfs / "opt/conda/g").st_ino == os.stat(rootfs / "opt/conda/f").st_ino
+    assert (rootfs / "b/bin/b").read_bytes() == b"B"
+    assert (rootfs / "c/share/doc.txt").read_bytes() == b"text\n" * 100_000
+    assert (rootfs / "a/lib/big.so").stat().st_size == 3 << 20
+    assert os.stat(rootfs / "c/g").st_ino == os.stat(rootfs / "c/f").st_ino

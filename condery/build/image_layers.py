@@ -21,6 +21,7 @@ from condery.build.state import AppState
 from condery.common.singleflight import SingleFlight
 from condery.image.names import ImageRequest
 from condery.layers import LayerBlob, PackageError
+from condery.layers.activation import Activation
 from condery.layers.activation_scripts import PackageScripts, read_package_scripts
 from condery.layers.bytecode import BytecodePlan, bytecode_for
 from condery.layers.concat import NotConcatenable, concat_compressed
@@ -183,6 +184,7 @@ class LayerBuilder:
     async def env_layer(
         self, request: ImageRequest, records: Sequence[rattler.RepoDataRecord], subdir: str, created: datetime,
         account: Account | None = None, files: Mapping[str, str] | None = None,
+        activation: Activation | None = None,
     ) -> LayerEntry:
         """The layer of what belongs to this environment only; `files` are more of it
         (relative to the prefix)."""
@@ -200,6 +202,7 @@ class LayerBuilder:
                 compression=self.config.layer_compression,
                 variables=dict(request.environment.variables) if request.environment else None,
                 meta_files=files,
+                activation=activation,
             )
             await self.store.put_blob_file(blob.digest, blob.path)
         return LayerEntry("env", blob.digest, blob.diff_id, blob.size, ("environment",))

@@ -43,6 +43,7 @@ from condery.image.environment import EnvironmentFileError, solve_channels
 from condery.image.names import ImageRef, ImageRequest
 from condery.image.tags import Latest, Snapshot, tag_of
 from condery.layers import PackageError, PackageUnavailable
+from condery.layers.activation import evaluate_activation
 from condery.layers.bytecode import BytecodePlan, plan_bytecode, wants_bytecode
 from condery.layers.compression import GZIP, ZSTD
 from condery.layers.env_layer import explicit_lock
@@ -350,6 +351,9 @@ class Pipeline:
         # pip's packages after conda's: they may need them, never the other way round.
         package_layers = list(await asyncio.gather(*(one(r) for r in records),
                                                    *(one_wheel(w, t) for w, t in pinned)))
+        # What the environment's activate.d scripts export (layers/activation.py): the config's
+        # Env, and an activating entrypoint for the scripts that cannot be evaluated.
+        activation = await evaluate_activation([e.scripts for e in package_layers if e.scripts], self.config.prefix)
         started = time.monotonic()
         # The base's layers and the environment layer count against the budget too.
         room = max(1, self.config.layer_budget - len(base.layers) - 1)
@@ -363,9 +367,11 @@ class Pipeline:
         # The image reads back as files (build/readback.py), and holds them in conda-meta/.
         solved = solved_platform(records, subdir, [wheel for wheel, _ in pinned])
         readable = in_image_files(request.canonical_name, subdir, solved, request, self._channels_and_specs(request)[0])
-        ours = [*layers, await self.layers.env_layer(request, records, subdir, created, account, readable)]
+        ours = [*layers, await self.layers.env_layer(request, records, subdir, created, account, readable,
+                                                           activation=activation)]
         report.stored(ours[-1].size)
-        settings = image_settings(self.config, request, records, created, lock, account)
+        settings = image_settings(self.config, request, records, created, lock, account, activation=activation,
+                                  scratch=base.config is None)
         history = [f"conda: {', '.join(entry.packages)}" for entry in ours]
         config_bytes = image_config(base.config, [e.diff_id for e in ours], settings, platform, history)
         config = Descriptor(OCI_CONFIG, sha256_digest(config_bytes), len(config_bytes))

@@ -43,9 +43,9 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 from condery.common.children import spawn, stop
 from condery.layers.activation_scripts import ACTIVATE_DIR, DEACTIVATE_DIR, PackageScripts
@@ -149,7 +149,7 @@ def programs(packages: Sequence[PackageScripts]) -> list[str]:
 # The sandbox
 
 _DRIVER = r"""
-ulimit -t 4 2>/dev/null
+ulimit -t 10 2>/dev/null
 ulimit -f 2048 2>/dev/null
 printf 'start\0'; env -0; printf 'end\0'
 for _condery_name in $(cat /.condery/names); do
@@ -413,7 +413,8 @@ class Sandbox:
         output, code, problem = await self._run(tmp, scripts, prefix, probe_list, program_list, variant, deactivate)
         run = _parse(output)
         if problem is None and not run.done:
-            problem = f"ended the shell (exit status {code})"
+            problem = (f"was killed (signal {code - 128}, a limit of the sandbox)" if code is not None and code > 128
+                       else f"ended the shell (exit status {code})")
         run.problem = problem
         return run
 

@@ -24,11 +24,12 @@ import base64
 import hashlib
 import posixpath
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
-import rattler.package_streaming as package_streaming
+from rattler import package_streaming
 
 ACTIVATE_DIR = "etc/conda/activate.d"
 DEACTIVATE_DIR = "etc/conda/deactivate.d"
@@ -70,7 +71,7 @@ class PackageScripts:
         }
 
     @classmethod
-    def from_record(cls, record: Any) -> "PackageScripts":
+    def from_record(cls, record: Any) -> PackageScripts:
         """Raises TypeError/ValueError on a malformed record (the caller reads that as a miss)."""
         if not isinstance(record, Mapping):
             raise TypeError("scripts: not an object")

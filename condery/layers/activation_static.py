@@ -23,8 +23,8 @@ the others still are.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 _NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 _ASSIGNMENT = re.compile(rf"^({_NAME})=")
@@ -179,7 +179,7 @@ class _Shell:
 
     # -- expansion
     def _param(self, expr: str, quoted: bool) -> str:
-        match = re.fullmatch(rf"({_NAME})(?:(:?[-+])(.*))?", expr, re.S)
+        match = re.fullmatch(rf"({_NAME})(?:(:?[-+])(.*))?", expr, re.DOTALL)
         if not match:
             raise Refused(f"the expansion ${{{expr}}}")
         name, op, arg = match.groups()
@@ -247,7 +247,7 @@ class _Shell:
                         continue
                     if not re.fullmatch(_NAME, name):
                         # export "NAME=value" (proj's script): quoted as a whole
-                        m = re.fullmatch(rf"({_NAME})=(.*)", name, re.S)
+                        m = re.fullmatch(rf"({_NAME})=(.*)", name, re.DOTALL)
                         if not m:
                             raise Refused(f"export {name}")
                         self.vars[m.group(1)] = m.group(2)

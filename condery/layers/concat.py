@@ -10,10 +10,14 @@ reads any number of gzip members as one stream and zstd any number of frames.
 The layers are still read through (inflated, never deflated again): for the group's
 diff_id, which is the sha256 of the whole tar, and to check them as tarball.concat_layers
 does: every member name safe, a path a directory in one layer and anything else in
-another refused, a hardlink whose target a later layer replaces refused. Unlike
-concat_layers, directories repeat (one entry per package, each identical) and a path two
-packages hold is written twice, the later one unpacked last: what stacking the layers
-gives, which is what a group stands for.
+another refused, a hardlink whose target a later layer replaces refused.
+
+A path may not repeat: containers/storage (podman, CRI-O) refuses a layer that holds one
+path twice ("duplicates of file paths not supported"), directories included, although Go's
+tar readers, containerd and umoci accept it. Package layers each carry their parent
+directories (`opt/`, `opt/conda/`, ...), so such a group is NotConcatenable and the caller
+recompresses it (tarball.concat_layers keeps one entry a path). Copying pays off once
+package layers leave shared parents out; until then it serves groups that share no path.
 """
 
 from __future__ import annotations
@@ -137,6 +141,9 @@ def concat_compressed(layers: Sequence[Path], out_path: Path, compression: str =
                                 if seen is not None and (seen == "dir") != (entry.kind == "dir"):
                                     raise PackageError(f"{entry.name!r} is a {seen} in one layer "
                                                        f"and a {entry.kind} in another")
+                                if seen is not None:
+                                    raise NotConcatenable(f"{entry.name!r} is in two layers (podman refuses "
+                                                          "a path twice in one layer)")
                                 kinds[entry.name] = entry.kind
                                 if entry.kind != "dir":
                                     final[entry.name] = li

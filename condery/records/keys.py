@@ -36,7 +36,7 @@ from condery.records.schemas import BaseImage
 
 # Bump IMAGE_LAYOUT when the images built from the same inputs change (annotations,
 # config, environment layer).
-IMAGE_LAYOUT = f"image-v4+layer-{LAYOUT_VERSION}"  # v2: no ref.name annotation; v3: users, default Cmd; v4: conda-meta read-back files
+IMAGE_LAYOUT = f"image-v5+layer-{LAYOUT_VERSION}"  # v2: no ref.name annotation; v3: users, default Cmd; v4: conda-meta read-back files; v5: activation in Env, entrypoint
 _SEPARATOR = "/_/"
 
 

@@ -1,0 +1,33 @@
+"""End to end: an image whose packages are grouped under the layer budget, pulled and run
+by podman (containers/storage refuses a layer that holds a path twice: a group must hold
+one entry a path) and unpacked by umoci."""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.clients import run_in_rootfs, skopeo_copy, umoci_unpack
+from tests.test_e2e import condery
+
+pytestmark = pytest.mark.e2e
+
+
+def test_a_grouped_image_pulls_and_runs(tmp_path: Path, fixture_channel: Path, base_layout: Path, podman) -> None:
+    with condery(tmp_path, [str(fixture_channel)], f"oci:{base_layout}:bookworm", layer_budget=4) as registry:
+        ref = f"{registry.host}/python/tqdm/xz:latest"
+        podman.pull(ref)
+        result = podman.run(ref, ["python", "-c", "import tqdm; print('tqdm', tqdm.__version__)"])
+        assert "tqdm 4.54.1" in result.stdout, result.stderr
+        layout = tmp_path / "oci"
+        skopeo_copy(f"docker://{ref}", layout, "latest")
+        for blob in (layout / "blobs" / "sha256").iterdir():
+            if blob.read_bytes()[:2] == b"\x1f\x8b":  # a layer: one entry a path
+                with tarfile.open(blob) as tar:
+                    names = tar.getnames()
+                assert len(names) == len(set(names)), blob.name
+        rootfs = umoci_unpack(layout, "latest", tmp_path / "bundle")
+        ran = run_in_rootfs(rootfs, ["/opt/conda/bin/xz", "--version"])
+        assert ran.returncode == 0 and "5.2.5" in ran.stdout
