@@ -151,6 +151,7 @@ def programs(packages: Sequence[PackageScripts]) -> list[str]:
 _DRIVER = r"""
 ulimit -t 10 2>/dev/null
 ulimit -f 2048 2>/dev/null
+ulimit -v 262144 2>/dev/null
 printf 'start\0'; env -0; printf 'end\0'
 for _condery_name in $(cat /.condery/names); do
     printf 'begin\0%s\0' "$_condery_name"
