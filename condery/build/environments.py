@@ -29,6 +29,7 @@ from condery.image.environment import (
     MAX_FILE_BYTES,
     Environment,
     EnvironmentFileError,
+    Kernel,
     read_environment,
     solve_channels,
 )
@@ -243,6 +244,31 @@ class Environments:
         else:
             environment = await asyncio.to_thread(self.named, key)
         return environment_request(name, environment)
+
+    async def kernels(self, names: Sequence[str]) -> tuple[Kernel, ...]:
+        """The environments a meta-package's `kernels:` names: `all` (every environment of
+        the folder that reads), folder names, `env/<id>`. One that cannot be served now is a
+        ManifestUnknown naming it (its file may come back)."""
+        found: dict[str, Kernel] = {}
+        for name in names:
+            if name == "all":
+                for named in await asyncio.to_thread(self.listing):
+                    if named.environment is not None:
+                        found.setdefault(named.name, Kernel(named.name, named.environment))
+                continue
+            try:
+                if name.startswith("env/"):
+                    environment = await self.pushed(name.removeprefix("env/"))
+                    if environment is None:
+                        raise errors.NameUnknown(f"no environment {name} was pushed to this registry")
+                    found.setdefault(name.removeprefix("env/"), Kernel(name.removeprefix("env/"), environment))
+                else:
+                    found.setdefault(name, Kernel(name, await asyncio.to_thread(self.named, name)))
+            except (errors.NameUnknown, errors.NameInvalid) as exc:
+                raise errors.ManifestUnknown(f"kernel {name}: {exc.message}") from None
+            except StorageError as exc:
+                raise errors.Unavailable(f"cannot read environment {name}: {exc}") from None
+        return tuple(found[k] for k in sorted(found))
 
     def names(self) -> Sequence[str]:
         """The folder's servable names (envs/<name>), for the landing page."""

@@ -48,13 +48,15 @@ class LayerBuilder:
     async def package_layer(
         self, record: rattler.RepoDataRecord, python: rattler.RepoDataRecord | None,
         site_packages: str | None, subdir: str, report: LayerReport | None = None,
-        bytecode: BytecodePlan | None = None,
+        bytecode: BytecodePlan | None = None, prefix: str | None = None,
     ) -> tuple[LayerEntry, bool]:
         """The package's layer from the cache, or built now (once, however many ask);
-        and whether it was built. `bytecode` is the image's plan (layers/bytecode.py)."""
+        and whether it was built. `bytecode` is the image's plan (layers/bytecode.py);
+        `prefix` where the package goes (a kernel's environment: <prefix>/envs/<name>)."""
         bytecode = bytecode_for(record, bytecode)
+        prefix = prefix or self.config.prefix
         key = layer_key(
-            record, prefix=self.config.prefix, site_packages=site_packages,
+            record, prefix=prefix, site_packages=site_packages,
             allow_scripts=self.config.allow_package_scripts, bytecode=bytecode.tag if bytecode else None,
             compression=self.config.layer_compression,
         )
@@ -67,7 +69,7 @@ class LayerBuilder:
             blob = await build_package_layer(
                 record,
                 python_record=python,
-                prefix=self.config.prefix,
+                prefix=prefix,
                 platform=subdir,
                 work_dir=self.state.work_dir,
                 package_cache_dir=self.config.package_cache_dir,
@@ -183,17 +185,18 @@ class LayerBuilder:
 
     async def env_layer(
         self, request: ImageRequest, records: Sequence[rattler.RepoDataRecord], subdir: str, created: datetime,
-        account: Account | None = None, files: Mapping[str, str] | None = None,
+        account: Account | None = None, files: Mapping[str, str] | None = None, prefix: str | None = None,
         activation: Activation | None = None,
     ) -> LayerEntry:
         """The layer of what belongs to this environment only; `files` are more of it
-        (relative to the prefix)."""
+        (relative to the prefix). With `prefix` (a kernel's environment), only what is
+        under it: the system's files (profile, accounts) are the image's own environment's."""
         with tempfile.TemporaryDirectory(dir=self.state.work_dir) as tmp:
             blob = await asyncio.to_thread(
                 build_env_layer,
                 records,
                 requested_specs=request.specs,
-                prefix=self.config.prefix,
+                prefix=prefix or self.config.prefix,
                 platform=subdir,
                 created=created,
                 out_path=Path(tmp) / "env.tar.gz",
@@ -203,6 +206,7 @@ class LayerBuilder:
                 variables=dict(request.environment.variables) if request.environment else None,
                 meta_files=files,
                 activation=activation,
+                with_system=prefix is None,
             )
             await self.store.put_blob_file(blob.digest, blob.path)
         return LayerEntry("env", blob.digest, blob.diff_id, blob.size, ("environment",))

@@ -119,6 +119,7 @@ class ImageLook:
     solved: Solved
     digest: str | None  # the top-level manifest a pull gets now; None until built
     layers: list[BuiltLayer] | None
+    kernels: list[dict[str, Any]] = field(default_factory=list)  # build/kernels.py kernels_json
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -138,6 +139,7 @@ class ImageLook:
                 for subdir, platform in self.solved.platforms.items()
             },
             "skipped": dict(self.solved.skipped),
+            "kernels": self.kernels,
             "digest": self.digest,
             "layers": None if self.layers is None else [
                 {"platform": layer.platform, "digest": layer.digest, "size": layer.size,

@@ -36,14 +36,15 @@ from condery.build.assembly import (
     manifest_annotations,
 )
 from condery.build.image_layers import LayerBuilder
+from condery.build.kernels import kernel_prefix, kernelspec_files
 from condery.build.look import Solved, SolvedPlatform, solved_platform
 from condery.build.readback import in_image_files
 from condery.build.state import AppState
-from condery.image.environment import EnvironmentFileError, solve_channels
-from condery.image.names import ImageRef, ImageRequest
+from condery.image.environment import EnvironmentFileError, Kernel, solve_channels
+from condery.image.names import ImageRef, ImageRequest, kernel_request
 from condery.image.tags import Latest, Snapshot, tag_of
 from condery.layers import PackageError, PackageUnavailable
-from condery.layers.activation import evaluate_activation
+from condery.layers.activation import Activation, evaluate_activation
 from condery.layers.bytecode import BytecodePlan, plan_bytecode, wants_bytecode
 from condery.layers.compression import GZIP, ZSTD
 from condery.layers.env_layer import explicit_lock
@@ -110,6 +111,16 @@ class Job:
     reference: Latest | Snapshot
     bases: Mapping[str, BaseImage]  # conda subdir -> its base, as resolved for the key
     progress: BuildProgress | None = None
+
+
+@dataclass(frozen=True)
+class BuiltKernel:
+    """A kernel's environment as built into one platform's image."""
+
+    kernel: Kernel
+    layers: list[LayerEntry]  # its package layers (grouped with the image's)
+    env_layer: LayerEntry
+    activation: Activation  # what its activate.d scripts export: the kernelspec's env
 
 
 @dataclass(frozen=True)
@@ -284,7 +295,7 @@ class Pipeline:
 
     async def pip(
         self, request: ImageRequest, reference: Latest | Snapshot, subdir: str, base: BaseImage,
-        records: Sequence[rattler.RepoDataRecord],
+        records: Sequence[rattler.RepoDataRecord], prefix: str | None = None,
     ) -> list[tuple[PinnedWheel, PipTarget]]:
         """The environment's pip packages on top of its conda records: a lock's wheels as
         locked, else its `pip:` requirements resolved against pypi_index (wheels only)."""
@@ -297,7 +308,7 @@ class Pipeline:
             raise SolveError("pip packages need python in the environment")
         major, minor = rattler.Version(str(python.version)).as_major_minor()
         target = PipTarget(
-            python=f"{major}.{minor}", subdir=subdir, glibc=base.glibc_version, prefix=self.config.prefix,
+            python=f"{major}.{minor}", subdir=subdir, glibc=base.glibc_version, prefix=prefix or self.config.prefix,
             site_packages=site_packages,
             exclude_newer=reference.exclude_newer if isinstance(reference, Snapshot) else None,
         )
@@ -328,36 +339,19 @@ class Pipeline:
         report.solved(len(records), started)
         if progress:
             progress.solved(subdir, len(records), sum(r.size or 0 for r in records))
-        python = next((r for r in records if r.name.normalized == "python"), None)
-        site_packages = python_site_packages(python)
-        bytecode = await self._bytecode_plan(request, records, python, site_packages)
-
-        async def one(record: rattler.RepoDataRecord) -> LayerEntry:
-            entry, built = await self.layers.package_layer(record, python, site_packages, subdir, report, bytecode)
-            report.layer(built, entry.size)
-            if progress:
-                progress.layer_done(subdir, record.file_name, built, record.size or 0)
-            return entry
-
-        pinned = await self.pip(request, reference, subdir, base, records)
-
-        async def one_wheel(wheel: PinnedWheel, target: PipTarget) -> LayerEntry:
-            entry, built = await self.layers.wheel_layer(wheel, target, bytecode)
-            report.layer(built, entry.size)
-            if progress:
-                progress.layer_done(subdir, wheel.filename, built, 0)
-            return entry
-
-        # pip's packages after conda's: they may need them, never the other way round.
-        package_layers = list(await asyncio.gather(*(one(r) for r in records),
-                                                   *(one_wheel(w, t) for w, t in pinned)))
+        pinned, package_layers = await self._environment_layers(request, reference, subdir, base, records, report,
+                                                                progress)
         # What the environment's activate.d scripts export (layers/activation.py): the config's
         # Env, and an activating entrypoint for the scripts that cannot be evaluated.
         activation = await evaluate_activation([e.scripts for e in package_layers if e.scripts], self.config.prefix)
+        kernels = [await self._kernel(kernel, job, subdir, report) for kernel in request.kernels]
+        for built_kernel in kernels:
+            package_layers += built_kernel.layers
         started = time.monotonic()
-        # The base's layers and the environment layer count against the budget too.
-        room = max(1, self.config.layer_budget - len(base.layers) - 1)
+        # The base's layers and the environment layers count against the budget too.
+        room = max(1, self.config.layer_budget - len(base.layers) - 1 - len(kernels))
         layers = await self.layers.grouped(package_layers, room)
+        layers += [built_kernel.env_layer for built_kernel in kernels]
         if progress:
             progress.assembling(subdir)
 
@@ -367,6 +361,7 @@ class Pipeline:
         # The image reads back as files (build/readback.py), and holds them in conda-meta/.
         solved = solved_platform(records, subdir, [wheel for wheel, _ in pinned])
         readable = in_image_files(request.canonical_name, subdir, solved, request, self._channels_and_specs(request)[0])
+        readable.update(kernelspec_files([(k.kernel, k.activation) for k in kernels], self.config.prefix))
         ours = [*layers, await self.layers.env_layer(request, records, subdir, created, account, readable,
                                                            activation=activation)]
         report.stored(ours[-1].size)
@@ -391,6 +386,58 @@ class Pipeline:
             docker = await self._put_manifest(DOCKER_MANIFEST, docker_manifest(config, layer_descriptors), platform)
         report.span("manifests", started)
         return PlatformImage(platform, oci, docker, lock)
+
+    async def _environment_layers(
+        self, request: ImageRequest, reference: Latest | Snapshot, subdir: str, base: BaseImage,
+        records: Sequence[rattler.RepoDataRecord], report: BuildReport, progress: BuildProgress | None,
+        prefix: str | None = None,
+    ) -> tuple[list[tuple[PinnedWheel, PipTarget]], list[LayerEntry]]:
+        """One environment's package layers (conda's, then pip's) at `prefix` (the image's
+        own by default), each from the cache or built once, in parallel."""
+        python = next((r for r in records if r.name.normalized == "python"), None)
+        site_packages = python_site_packages(python)
+        bytecode = await self._bytecode_plan(request, records, python, site_packages)
+
+        async def one(record: rattler.RepoDataRecord) -> LayerEntry:
+            entry, built = await self.layers.package_layer(record, python, site_packages, subdir, report, bytecode,
+                                                           prefix=prefix)
+            report.layer(built, entry.size)
+            if progress:
+                progress.layer_done(subdir, record.file_name, built, record.size or 0)
+            return entry
+
+        pinned = await self.pip(request, reference, subdir, base, records, prefix)
+
+        async def one_wheel(wheel: PinnedWheel, target: PipTarget) -> LayerEntry:
+            entry, built = await self.layers.wheel_layer(wheel, target, bytecode)
+            report.layer(built, entry.size)
+            if progress:
+                progress.layer_done(subdir, wheel.filename, built, 0)
+            return entry
+
+        # pip's packages after conda's: they may need them, never the other way round.
+        layers = list(await asyncio.gather(*(one(r) for r in records), *(one_wheel(w, t) for w, t in pinned)))
+        return pinned, layers
+
+    async def _kernel(self, kernel: Kernel, job: Job, subdir: str, report: BuildReport) -> BuiltKernel:
+        """A kernel's environment at <prefix>/envs/<name>: its package layers (shared by every
+        image that places it there), its own environment layer, and what its activation
+        scripts export (for its kernelspec's env)."""
+        request, base = kernel_request(kernel), job.bases[subdir]
+        prefix = kernel_prefix(self.config.prefix, kernel)
+        try:
+            records = await self.solve(request, job.reference, subdir, base)
+        except SolveUnavailable:
+            raise
+        except SolveError as exc:
+            raise SolveError(f"kernel {kernel.name}: {exc}") from None
+        _, layers = await self._environment_layers(request, job.reference, subdir, base, records, report,
+                                                   job.progress, prefix)
+        activation = await evaluate_activation([e.scripts for e in layers if e.scripts], prefix)
+        env_layer = await self.layers.env_layer(request, records, subdir, created_of(records), prefix=prefix,
+                                                activation=activation)
+        report.stored(env_layer.size)
+        return BuiltKernel(kernel, layers, env_layer, activation)
 
     async def _bytecode_plan(self, request: ImageRequest, records: Sequence[rattler.RepoDataRecord],
                              python: rattler.RepoDataRecord | None, site_packages: str | None) -> BytecodePlan | None:

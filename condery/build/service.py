@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Callable, Mapping
 
@@ -34,6 +35,7 @@ from condery.build.assembly import PlatformImage
 from condery.build.bases import PlatformBases
 from condery.build.environments import Environments
 from condery.build.image_layers import LayerBuilder
+from condery.build.kernels import kernels_json
 from condery.build.look import ImageLook, SolveCache, built_layers
 from condery.build.outcomes import Outcomes
 from condery.build.pipeline import BuildProgress, Job, Pipeline, store_failed
@@ -92,7 +94,11 @@ class ImageService:
     async def request_for(self, name: str) -> ImageRequest:
         """What a repository name stands for: an environment (`env/<id>`, `envs/<name>`) or
         a list of specs and meta-packages. Raises NameInvalid, NameUnknown."""
-        return await self.environments.request_for(name) or parse_name(name, self.meta_packages)
+        request = await self.environments.request_for(name) or parse_name(name, self.meta_packages)
+        kernels = [k for meta in request.meta for k in self.meta_packages[meta].kernels]
+        if kernels:
+            request = replace(request, kernels=await self.environments.kernels(kernels))
+        return request
 
     def _fresh(self, request: ImageRequest, record: ImageRecord, reference: Latest | Snapshot) -> bool:
         # A lock is solved already: its image never changes, whatever the tag.
@@ -318,7 +324,8 @@ class ImageService:
         except errors.RegistryError as exc:
             self.state.outcomes.failed(request.canonical_name, tag, exc)
             raise
-        return ImageLook(request.canonical_name, tag, solved, None if record is None else record.ref.oci_digest, layers)
+        return ImageLook(request.canonical_name, tag, solved, None if record is None else record.ref.oci_digest, layers,
+                         kernels_json(request.kernels, self.config.prefix))
 
     async def solve(self, request: ImageRequest, reference: Latest | Snapshot, subdir: str) -> list[rattler.RepoDataRecord]:
         """The records of one platform's solve (`condery solve`)."""

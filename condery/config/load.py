@@ -414,10 +414,25 @@ def _meta_package(path: str, value: Any, problems: _Problems) -> MetaPackage | N
     labels = _string_map(f"{path}.labels", value.get("labels"), problems, r"[A-Za-z0-9][A-Za-z0-9._/-]*", "label key")
     cmd = _cmd(f"{path}.cmd", value.get("cmd"), problems)
     entrypoint = _cmd(f"{path}.entrypoint", value.get("entrypoint"), problems)
+    kernels = _kernels(f"{path}.kernels", value.get("kernels"), problems)
     if len(problems.lines) != before or specs is None:
         return None
     return MetaPackage(specs=specs, user=user, env=env, workdir=workdir, cmd=cmd, entrypoint=entrypoint,
-                       labels=labels)
+                       labels=labels, kernels=kernels)
+
+
+def _kernels(path: str, value: Any, problems: _Problems) -> tuple[str, ...]:
+    """`all`, or names of the environments folder (`team-a`) and pushed ids (`env/<id>`)."""
+    if value is None or value == []:
+        return ()
+    if value == "all":
+        return ("all",)
+    names = _string_list(path, value, problems)
+    for i, name in enumerate(names or ()):
+        kernel = name.removeprefix("env/")
+        if name != "all" and not (COMPONENT_RE.fullmatch(kernel) and len(kernel) <= 64):
+            problems.add(f"{path}[{i}]", f"{_shown(name)} is not an environment name (team-a, env/<id> or all)")
+    return tuple(names or ())
 
 
 def _meta_packages(path: str, value: Any, problems: _Problems) -> dict[str, MetaPackage] | None:

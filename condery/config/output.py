@@ -37,7 +37,7 @@ def _plain(config: Config) -> dict[str, Any]:
         elif name == "meta_packages":
             value = {
                 meta: {k: (list(v) if isinstance(v, tuple) else dict(v) if isinstance(v, Mapping) else v)
-                       for k, v in dataclasses.asdict(package).items() if v is not None}
+                       for k, v in dataclasses.asdict(package).items() if v is not None and v != ()}
                 for meta, package in value.items()
             }
         elif name == "auth" and value is not None:

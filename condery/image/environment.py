@@ -556,3 +556,43 @@ def solve_channels(environment: Environment, configured: Sequence[str]) -> tuple
 def _base_url(configured: str) -> str:
     source = Path(configured).as_uri() if configured.startswith("/") else configured
     return rattler.Channel(source).base_url.rstrip("/") + "/"
+
+
+# -- kernels -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Kernel:
+    """An environment an image holds beside its own, at <prefix>/envs/<name>, registered as
+    a Jupyter kernel (a meta-package's `kernels:`)."""
+
+    name: str  # the directory under <prefix>/envs/ and the kernelspec's name
+    environment: Environment
+
+    @property
+    def display_name(self) -> str:
+        return self.environment.display_name or self.name
+
+    @property
+    def language(self) -> str | None:
+        """The kernel's language as its packages say: python (ipykernel), R (IRkernel), or
+        None: an environment of tools only, which gets no kernel."""
+        names = {spec.split("::")[-1].split()[0] for spec in kernel_specs(self.environment)}
+        if "python" in names:
+            return "python"
+        if names & {"r-base", "r-irkernel"}:
+            return "R"
+        return None
+
+
+def kernel_specs(environment: Environment) -> tuple[str, ...]:
+    """The specs of a kernel's environment: its own, plus `ipykernel` (or `r-irkernel`)
+    where the file has the language but not the kernel (a lock is taken as it is)."""
+    if environment.locked is not None:
+        return tuple(sorted(f"{n} =={v} {b}" for packages in environment.locked.values()
+                            for n, v, b in (archive_name(p.file_name) for p in packages)))
+    names = {spec.split("::")[-1].split()[0] for spec in environment.specs}
+    extra = ()
+    if "python" in names and "ipykernel" not in names:
+        extra = ("ipykernel",)
+    elif "r-base" in names and "r-irkernel" not in names:
+        extra = ("r-irkernel",)
+    return tuple(sorted((*environment.specs, *extra)))

@@ -33,6 +33,10 @@ class MetaPackage:
     cmd: tuple[str, ...] | None = None
     entrypoint: tuple[str, ...] | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
+    # Environments held beside the meta-package's own, each at <prefix>/envs/<name> and
+    # registered as a Jupyter kernel: names of the environments folder (`team-a`), pushed
+    # environments (`env/<id>`), or `all` (every environment of the folder).
+    kernels: tuple[str, ...] = ()
 
 
 JOVYAN = ImageUser(name="jovyan", uid=1000, gid=100, group="users", home="/home/jovyan")
@@ -66,6 +70,7 @@ def combine_meta_packages(packages: Mapping[str, MetaPackage]) -> MetaPackage:
     Anything else is a MetaConflict naming both.
     """
     specs: list[str] = []
+    kernels: list[str] = []
     single: dict[str, tuple[str, Any]] = {}  # setting -> (meta-package that set it, value)
     merged: dict[str, dict[str, str]] = {"env": {}, "labels": {}}
     owners: dict[tuple[str, str], str] = {}
@@ -78,6 +83,7 @@ def combine_meta_packages(packages: Mapping[str, MetaPackage]) -> MetaPackage:
     for name in sorted(packages):
         package = packages[name]
         specs.extend(s for s in package.specs if s not in specs)
+        kernels.extend(k for k in package.kernels if k not in kernels)
         for setting in ("user", "workdir", "cmd", "entrypoint"):
             value = getattr(package, setting)
             if value is not None:
@@ -90,6 +96,7 @@ def combine_meta_packages(packages: Mapping[str, MetaPackage]) -> MetaPackage:
                 merged[kind][key] = value
                 owners.setdefault((kind, key), name)
     values = {setting: value for setting, (_, value) in single.items()}
-    return MetaPackage(specs=tuple(specs), env=merged["env"], labels=merged["labels"], **values)
+    return MetaPackage(specs=tuple(specs), env=merged["env"], labels=merged["labels"], kernels=tuple(kernels),
+                       **values)
 
 

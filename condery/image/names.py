@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 import rattler
 
-from condery.image.environment import ID_LENGTH, Environment, archive_name
+from condery.image.environment import ID_LENGTH, Environment, Kernel, archive_name, kernel_specs
 from condery.image.meta import MetaConflict, MetaPackage, combine_meta_packages
 from condery.oci.errors import NameInvalid
 from condery.oci.grammar import COMPONENT_RE
@@ -56,6 +56,9 @@ class ImageRequest:
     # `env/<id>` and `envs/<name>`: the environment file the name stands for (its specs
     # above); None for a name that is a list of specs.
     environment: Environment | None = None
+    # The environments a meta-package's `kernels:` adds at <prefix>/envs/<name> (resolved by
+    # the builder: they live in the store or the environments folder).
+    kernels: tuple[Kernel, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -329,3 +332,11 @@ def environment_request(name: str, environment: Environment) -> ImageRequest:
         sorted(f"{n} =={v} {b}" for packages in environment.locked.values()
                for n, v, b in (archive_name(p.file_name) for p in packages)))
     return ImageRequest(canonical_name=name, components=components, specs=specs, meta=(), environment=environment)
+
+
+def kernel_request(kernel: Kernel) -> ImageRequest:
+    """What a kernel's environment is built from: its file, with its kernel package added."""
+    environment = kernel.environment
+    if environment.locked is None:
+        environment = replace(environment, specs=kernel_specs(environment))
+    return environment_request(f"envs/{kernel.name}", environment)

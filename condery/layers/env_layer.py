@@ -206,10 +206,14 @@ def build_env_layer(records: Sequence[rattler.RepoDataRecord], *, requested_spec
                     platform: str, created: datetime, out_path: Path, command: str,
                     account: Account | None = None, compression: str = GZIP,
                     activation: Activation | None = None,
-                    variables: Mapping[str, str] | None = None, meta_files: Mapping[str, str] | None = None) -> LayerBlob:
+                    variables: Mapping[str, str] | None = None, meta_files: Mapping[str, str] | None = None,
+                    with_system: bool = True) -> LayerBlob:
     """Write the environment layer to `out_path` (blocking; small). `variables` are an
     environment file's: conda keeps them in conda-meta/state and sets them on activation.
-    `meta_files` are more of conda-meta/ (the image read back as files: build/readback.py)."""
+    `meta_files` are more of conda-meta/ (the image read back as files: build/readback.py)
+    and kernelspecs (share/jupyter/kernels/); nothing else, so that no package file is
+    replaced. Without `with_system` (a kernel's environment under <prefix>/envs/), nothing
+    outside the prefix: the profile script and the accounts are the image's own environment's."""
     _check_prefix(prefix)
     out_path = Path(out_path)
     files = {
@@ -221,10 +225,11 @@ def build_env_layer(records: Sequence[rattler.RepoDataRecord], *, requested_spec
         files["etc/condery/activation.json"] = json.dumps(activation.as_json(), indent=2, sort_keys=True) + "\n"
         if activation.needs_entrypoint:
             files["etc/condery/entrypoint.sh"] = entrypoint_script(prefix)
-    files.update({rel: text for rel, text in (meta_files or {}).items() if rel.startswith("conda-meta/")})
+    files.update({rel: text for rel, text in (meta_files or {}).items()
+                  if rel.startswith(("conda-meta/", "share/jupyter/kernels/"))})
     if variables:
         files["conda-meta/state"] = json.dumps({"env_vars": dict(sorted(variables.items()))}, indent=2) + "\n"
-    system_files = {"etc/profile.d/condery.sh": profile_script(prefix)}
+    system_files = {"etc/profile.d/condery.sh": profile_script(prefix)} if with_system else {}
     owned: list[OwnedDir] = []
     if account is not None:
         system_files.update({"etc/passwd": passwd_text(account), "etc/group": group_text(account)})

@@ -129,6 +129,8 @@ class ImageKeys:
             "meta_packages": {name: self._meta[name] for name in sorted(request.meta)},
             # An environment file's content (envs/<name> changes with its file), and where its
             # pip packages come from.
+            # The kernels' environments by content: an edited team file is another image.
+            **({} if not request.kernels else {"kernels": {k.name: k.environment.id for k in request.kernels}}),
             **({} if request.environment is None else {
                 "environment": request.environment.id,
                 "pypi_index": self._pypi_index if request.environment.pip or request.environment.locked_pip else None,

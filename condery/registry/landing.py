@@ -257,6 +257,14 @@ def image_page(host: str, image: ImageLook) -> str:
         f"<a href=\"/api/v1/images/{_e(quote(image.name, safe='/'))}/{_e(quote(image.tag))}/{f}\">{f}</a>"
         for f in ("environment.yml", "explicit.txt", "conda-lock.yml"))
     sections.append(f"<p id=\"read-back\">As a file: {files}</p>")
+    if image.kernels:
+        rows = (
+            (f"<code>{_e(k['name'])}</code>", _e(k["display_name"]), _e(k["language"] or "none (no kernel)"),
+             f"<code>{_e(k['prefix'])}</code>")
+            for k in image.kernels
+        )
+        sections.append(f"<section id=\"kernels\"><h2>Kernels ({len(image.kernels)})</h2>"
+                        f"{_table(('kernel', 'display name', 'language', 'environment'), rows, 'kernels')}</section>")
     for subdir, reason in image.solved.skipped.items():
         sections.append(f"<p class=\"skipped\">Not served for {_e(subdir)}: {_e(reason)}</p>")
     for subdir, platform in image.solved.platforms.items():
