@@ -172,7 +172,8 @@ async def _serve(config: Config) -> int:
 
 async def _serve_app(config: Config) -> web.Application:
     # Every auth file is read before anything else: a bad one stops the server at once.
-    auth = Authenticator(config.auth) if config.auth is not None else None
+    # Channel rules hold: the builder solves each caller's names with the channels it may read.
+    auth = Authenticator(config.auth, channel_rules_enforced=True) if config.auth is not None else None
     state = await AppState.open(config)
     app = create_app(ImageService(state), state.store, state.metrics, auth=auth)
 

@@ -23,7 +23,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import pytest
 from aiohttp import ClientResponse
@@ -126,7 +126,7 @@ class InTestService:
     ref: ImageRef | None = None
     media_types: dict[str, str] = field(default_factory=dict)
 
-    async def request_for(self, name: str) -> ImageRequest:
+    async def request_for(self, name: str, channels: Sequence[str] | None = None) -> ImageRequest:
         return parse_name(name, self.meta_packages)
 
     async def resolve(self, request: ImageRequest, reference: Latest | Snapshot, client: str = "local") -> ImageRef:

@@ -32,7 +32,7 @@ import base64
 import binascii
 import re
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Collection, Mapping
+from typing import Any, Awaitable, Callable, Collection, Mapping, Sequence
 
 from aiohttp import hdrs, web
 
@@ -43,6 +43,9 @@ from condery.image.meta import MetaPackage
 from condery.oci.errors import Denied, RegistryError, Unauthorized
 
 USER_KEY = web.RequestKey("condery_user", str) if hasattr(web, "RequestKey") else "condery_user"
+# The configured channels this request's identity may read, where channel rules exist
+# (absent: every channel). The builder solves the request's names with only these.
+CHANNELS_KEY = "condery_channels"
 _TOKEN_FORM_LIMIT = 64 * 1024
 
 _V2_NAME = re.compile(
@@ -189,10 +192,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def auth_middleware(auth: Authenticator, meta_packages: Callable[[], Mapping[str, MetaPackage]],
-                    files: Collection[str], build_name: Callable[[str], str | None]) -> Any:
+                    files: Collection[str], build_name: Callable[[str], str | None],
+                    channels: Callable[[], Sequence[str]] = tuple) -> Any:
     """The middleware guarding every route (see the module's table). `meta_packages` gives
     what names may use (for canonical names), `files` the read-back file names under
-    /api/v1/images/<name>/<tag>/, `build_name` a build id's canonical name (None: unknown)."""
+    /api/v1/images/<name>/<tag>/, `build_name` a build id's canonical name (None: unknown),
+    `channels` the configured channels (those the identity may read go to CHANNELS_KEY)."""
 
     def canonical(name: str) -> str:
         return canonical_name(name, meta_packages())
@@ -205,6 +210,8 @@ def auth_middleware(auth: Authenticator, meta_packages: Callable[[], Mapping[str
         identity, claims, presented = await identify(auth, request, need)
         if identity.authenticated:
             request[USER_KEY] = identity.name
+        if auth.policy.channels:
+            request[CHANNELS_KEY] = auth.policy.readable_channels(identity, channels())
         if need.kind == "base":
             if not presented:
                 raise AuthError(Unauthorized("authentication required"), _challenge(auth, request, need))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Protocol, Sequence
 
 import rattler
@@ -204,6 +204,7 @@ class Pipeline:
         images = [r for r in results if isinstance(r, PlatformImage)]
         skipped = {r.subdir: r.reason for r in results if isinstance(r, Unsolvable)}
         if not images:
+            await self._deny_if_private(job)
             raise self._unsolvable(job.key, name, skipped)
         for subdir, reason in skipped.items():
             log.warning("%s: served without %s, which does not solve: %s", name, subdir, reason)
@@ -250,6 +251,7 @@ class Pipeline:
         skipped = {r.subdir: r.reason for r in results if isinstance(r, Unsolvable)}
         platforms = {s: r for s, r in zip(self.config.platforms, results) if not isinstance(r, Unsolvable)}
         if not platforms:
+            await self._deny_if_private(job)
             raise self._unsolvable(job.key, name, skipped)
         return Solved(data_as_of, platforms, skipped)
 
@@ -285,13 +287,36 @@ class Pipeline:
         return records
 
     def _channels_and_specs(self, request: ImageRequest) -> tuple[Sequence[str], Sequence[str]]:
-        """The channels a request is solved with, in priority order, and its specs."""
+        """The channels a request is solved with, in priority order, and its specs: the
+        configured ones, or those its caller may read (auth's channel rules)."""
+        readable = self.config.channels if request.channels is None else request.channels
         if request.environment is None:
-            return self.config.channels, request.specs
+            return readable, request.specs
         try:
-            return solve_channels(request.environment, self.config.channels)
-        except EnvironmentFileError as exc:  # the configuration changed since the file was pushed
-            raise SpecError(str(exc)) from None
+            return solve_channels(request.environment, readable)
+        except EnvironmentFileError as exc:
+            if request.channels is not None:
+                try:
+                    solve_channels(request.environment, self.config.channels)
+                except EnvironmentFileError:
+                    pass
+                else:  # served, but from a channel this caller may not read
+                    raise _denied(request) from None
+            raise SpecError(str(exc)) from None  # the configuration changed since the file was pushed
+
+    async def _deny_if_private(self, job: Job) -> None:
+        """A name the caller's channels cannot solve, that every configured channel can: 403
+        DENIED (its packages are another's to read), not a 404 that would say it does not
+        exist. The caller learns nothing of the private packages."""
+        if job.request.channels is None:
+            return
+        everything = replace(job.request, channels=None)
+        for subdir in self.config.platforms:
+            try:
+                await self.solve(everything, job.reference, subdir, job.bases[subdir])
+            except SolveError:
+                continue
+            raise _denied(job.request)
 
     async def pip(
         self, request: ImageRequest, reference: Latest | Snapshot, subdir: str, base: BaseImage,
@@ -423,7 +448,8 @@ class Pipeline:
         """A kernel's environment at <prefix>/envs/<name>: its package layers (shared by every
         image that places it there), its own environment layer, and what its activation
         scripts export (for its kernelspec's env)."""
-        request, base = kernel_request(kernel), job.bases[subdir]
+        # A kernel's environment draws from the caller's channels as the image's does.
+        request, base = replace(kernel_request(kernel), channels=job.request.channels), job.bases[subdir]
         prefix = kernel_prefix(self.config.prefix, kernel)
         try:
             records = await self.solve(request, job.reference, subdir, base)
@@ -474,6 +500,10 @@ class Pipeline:
 
 # The layer media type of each layer_compression (the layers/ package knows no OCI types).
 _LAYER_MEDIA_TYPES = {GZIP: OCI_LAYER_GZIP, ZSTD: OCI_LAYER_ZSTD}
+
+
+def _denied(request: ImageRequest) -> errors.Denied:
+    return errors.Denied(f"{request.canonical_name} needs packages from a channel you may not read")
 
 
 def store_failed(request: ImageRequest, exc: StorageError) -> errors.Unavailable:

@@ -25,7 +25,7 @@ import hashlib
 import logging
 from dataclasses import replace
 from datetime import datetime, timezone
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import rattler
 
@@ -91,10 +91,15 @@ class ImageService:
         return self.state.outcomes
 
     # -- the registry's protocol ------------------------------------------------
-    async def request_for(self, name: str) -> ImageRequest:
+    async def request_for(self, name: str, channels: Sequence[str] | None = None) -> ImageRequest:
         """What a repository name stands for: an environment (`env/<id>`, `envs/<name>`) or
-        a list of specs and meta-packages. Raises NameInvalid, NameUnknown."""
+        a list of specs and meta-packages. Raises NameInvalid, NameUnknown.
+
+        `channels`: the configured channels the caller may read (auth's channel rules);
+        the image is then solved with only those (and keyed by them)."""
         request = await self.environments.request_for(name) or parse_name(name, self.meta_packages)
+        if channels is not None and set(channels) != set(self.config.channels):
+            request = replace(request, channels=tuple(c for c in self.config.channels if c in set(channels)))
         kernels = [k for meta in request.meta for k in self.meta_packages[meta].kernels]
         if kernels:
             request = replace(request, kernels=await self.environments.kernels(kernels))

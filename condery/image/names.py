@@ -59,6 +59,9 @@ class ImageRequest:
     # The environments a meta-package's `kernels:` adds at <prefix>/envs/<name> (resolved by
     # the builder: they live in the store or the environments folder).
     kernels: tuple[Kernel, ...] = ()
+    # The configured channels this request may draw from (auth's channel rules: those its
+    # caller may read), in configuration order; None: every configured channel.
+    channels: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)

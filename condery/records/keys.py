@@ -129,6 +129,9 @@ class ImageKeys:
             "meta_packages": {name: self._meta[name] for name in sorted(request.meta)},
             # An environment file's content (envs/<name> changes with its file), and where its
             # pip packages come from.
+            # A caller's channels (auth's channel rules): another set of channels, another image.
+            **({} if request.channels is None else {
+                "readable_channels": [redact_url(channel(c).base_url) for c in request.channels]}),
             # The kernels' environments by content: an edited team file is another image.
             **({} if not request.kernels else {"kernels": {k.name: k.environment.id for k in request.kernels}}),
             **({} if request.environment is None else {

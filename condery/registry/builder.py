@@ -9,7 +9,7 @@ and shown, never driven.
 
 from __future__ import annotations
 
-from typing import Mapping, Protocol
+from typing import Mapping, Protocol, Sequence
 
 from condery.build.admission import BuildQueue
 from condery.build.environments import Environments
@@ -48,8 +48,9 @@ class Builder(Protocol):
         """Pushed environment files and the environments folder."""
         ...
 
-    async def request_for(self, name: str) -> ImageRequest:
-        """What a repository name stands for (an environment, or specs); raises RegistryError."""
+    async def request_for(self, name: str, channels: Sequence[str] | None = None) -> ImageRequest:
+        """What a repository name stands for (an environment, or specs); raises RegistryError.
+        `channels`: the configured channels the caller may read (auth's channel rules), None: all."""
         ...
 
     async def resolve(self, request: ImageRequest, reference: Latest | Snapshot, client: str) -> ImageRef:

@@ -18,6 +18,7 @@ import re
 
 from aiohttp import web
 
+from condery.auth.http import CHANNELS_KEY
 from condery.image.tags import Digest, parse_reference
 from condery.oci.errors import NameInvalid, NameUnknown
 from condery.registry.bodies import read_bounded
@@ -33,7 +34,7 @@ class BuildsAPI:
 
     async def start(self, request: web.Request) -> web.StreamResponse:
         name, tag = await _name_and_tag(request)
-        image_request = await self.service.request_for(name)
+        image_request = await self.service.request_for(name, request.get(CHANNELS_KEY))
         reference = parse_reference(tag)  # an unserved tag: 404 MANIFEST_UNKNOWN, as a pull
         if isinstance(reference, Digest):
             raise NameInvalid("a build takes a tag (latest or YYYY-MM-DD), not a digest")

@@ -13,8 +13,11 @@ UNAVAILABLE), with credentials removed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from aiohttp import web
 
+from condery.auth.http import CHANNELS_KEY
 from condery.build import readback
 from condery.build.look import ImageLook
 from condery.image.compose import compose
@@ -33,25 +36,28 @@ def split_name_tag(path: str) -> tuple[str, str]:
     return name, tag
 
 
-async def look(service: Builder, path: str) -> ImageLook:
-    """What `<name>/<tag>` solves to and, once built, what a pull gets; raises RegistryError."""
+async def look(service: Builder, path: str, channels: Sequence[str] | None = None) -> ImageLook:
+    """What `<name>/<tag>` solves to and, once built, what a pull gets; raises RegistryError.
+    `channels`: those the caller may read (auth's channel rules), None: all."""
     name, tag = split_name_tag(path)
-    request, reference = await _request(service, name, tag)
+    request, reference = await _request(service, name, tag, channels)
     return await service.look(request, reference)
 
 
-async def _request(service: Builder, name: str, tag: str) -> tuple[ImageRequest, Latest | Snapshot]:
-    request = await service.request_for(name)
+async def _request(service: Builder, name: str, tag: str,
+                   channels: Sequence[str] | None) -> tuple[ImageRequest, Latest | Snapshot]:
+    request = await service.request_for(name, channels)
     reference = parse_reference(tag)
     if isinstance(reference, Digest):
         raise ManifestUnknown("look at a tag ('latest' or a past 'YYYY-MM-DD'), not a digest")
     return request, reference
 
 
-async def read_back(service: Builder, path: str, file: str, platform: str | None) -> str:
+async def read_back(service: Builder, path: str, file: str, platform: str | None,
+                    channels: Sequence[str] | None = None) -> str:
     """The image of `<name>/<tag>` as `file` (one of readback.FORMATS)."""
     name, tag = split_name_tag(path)
-    request, reference = await _request(service, name, tag)
+    request, reference = await _request(service, name, tag, channels)
     found = await service.look(request, reference)
     channels = list(service.config.channels)
     if request.environment is not None:
@@ -64,11 +70,11 @@ def register(app: web.Application, service: Builder) -> None:
         tail = request.match_info["tail"]
         head, _, file = tail.rpartition("/")
         if file in readback.FORMATS and head.count("/") >= 1:
-            text = await read_back(service, head, file, request.query.get("platform"))
+            text = await read_back(service, head, file, request.query.get("platform"), request.get(CHANNELS_KEY))
             kind = "text/plain" if file.endswith(".txt") else "application/yaml"
             return web.Response(text=text, content_type=kind,
                                 headers={"Content-Disposition": f'inline; filename="{file}"'})
-        return web.json_response((await look(service, tail)).as_json())
+        return web.json_response((await look(service, tail, request.get(CHANNELS_KEY))).as_json())
 
     async def composed(request: web.Request) -> web.StreamResponse:
         result = compose(request.query.get("specs", ""), service.meta_packages)

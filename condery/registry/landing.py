@@ -18,6 +18,7 @@ from urllib.parse import quote
 
 from aiohttp import BodyPartReader, web
 
+from condery.auth.http import CHANNELS_KEY
 from condery.bases.resolve import describe_base
 from condery.bases.upstream import ImageReference
 from condery.build.look import ImageLook, shown_channels
@@ -331,7 +332,7 @@ def register(app: web.Application, service: Builder) -> None:
 
     async def image(request: web.Request) -> web.StreamResponse:
         try:
-            found = await look(service, request.match_info["tail"])
+            found = await look(service, request.match_info["tail"], request.get(CHANNELS_KEY))
         except RegistryError as error:
             return error_page(error)
         return web.Response(text=image_page(request.host, found), content_type=_HTML)

@@ -29,7 +29,7 @@ from urllib.parse import quote
 
 from aiohttp import hdrs, web
 
-from condery.auth.http import auth_middleware, token_handler
+from condery.auth.http import CHANNELS_KEY, auth_middleware, token_handler
 from condery.auth.service import Authenticator
 from condery.build import readback
 from condery.common.redact import redact_text
@@ -206,7 +206,7 @@ class PullAPI:
 
     async def manifest(self, request: web.Request, name: str, ref: str) -> web.StreamResponse:
         self._read_only(request, "manifests")
-        image_request = await self.service.request_for(name)
+        image_request = await self.service.request_for(name, request.get(CHANNELS_KEY))
         reference = parse_reference(ref)
         if isinstance(reference, Digest):
             digest = reference.digest
@@ -268,7 +268,7 @@ class PullAPI:
 
     async def blob(self, request: web.Request, name: str, digest: str) -> web.StreamResponse:
         self._read_only(request, "blobs")
-        await self.service.request_for(name)
+        await self.service.request_for(name, request.get(CHANNELS_KEY))
         _check_digest(digest)
         info = await self.store.blob_info(digest)
         if info is None:
@@ -333,7 +333,7 @@ class PullAPI:
 
     async def tags_list(self, request: web.Request, name: str) -> web.StreamResponse:
         self._read_only(request, "tags")
-        image_request = await self.service.request_for(name)
+        image_request = await self.service.request_for(name, request.get(CHANNELS_KEY))
         n_text = request.query.get("n")
         n: int | None = None
         if n_text is not None:
@@ -357,7 +357,7 @@ class PullAPI:
 
     async def referrers(self, request: web.Request, name: str, digest: str) -> web.StreamResponse:
         self._read_only(request, "referrers")
-        await self.service.request_for(name)
+        await self.service.request_for(name, request.get(CHANNELS_KEY))
         _check_digest(digest)
         index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
         return web.Response(body=json.dumps(index).encode(), content_type=OCI_INDEX)
@@ -465,7 +465,7 @@ def create_app(service: Builder, store: Store, metrics: Metrics | None = None,
     middlewares = [access_middleware(metrics), _error_middleware]
     if auth is not None:
         middlewares.append(auth_middleware(auth, lambda: service.meta_packages, readback.FORMATS,
-                                           lambda id: _build_name(service, id)))
+                                           lambda id: _build_name(service, id), lambda: service.config.channels))
     app = web.Application(middlewares=middlewares)
     if auth is not None:
         app.router.add_route("*", "/token", token_handler(auth, lambda: service.meta_packages))
