@@ -269,3 +269,27 @@ def test_the_readme_configuration_as_written(tmp_path: Path) -> None:
         oci_validate(tmp_path / "team-a")
         # every other name is anyone's, as without auth
         assert skopeo(registry, "publicpkg", tmp_path / "public").returncode == 0
+
+
+def test_a_prebuild_is_a_pull_and_lists_show_only_what_one_may_pull(registry: Registry) -> None:
+    """The builds right is not the right to build any name: bob (not in team-a) may start
+    builds but not of secretpkg; the builds listing and the landing page show each caller
+    only the names they may pull."""
+    host, port = registry.host.split(":")
+
+    def call(method: str, path: str, user: str, body: bytes | None = None) -> tuple[int, bytes]:
+        connection = http.client.HTTPConnection(host, int(port), timeout=120)
+        token = base64.b64encode(f"{user}:{PASSWORDS[user]}".encode()).decode()
+        connection.request(method, path, body=body, headers={"Authorization": f"Basic {token}"})
+        answer = connection.getresponse()
+        data = answer.read()
+        connection.close()
+        return answer.status, data
+
+    status, body = call("POST", "/api/v1/builds", "bob", json.dumps({"name": "secretpkg"}).encode())
+    assert status == 403 and json.loads(body)["errors"][0]["code"] == "DENIED", body
+    status, body = call("POST", "/api/v1/builds", "alice", json.dumps({"name": "secretpkg"}).encode())
+    assert status in (200, 202), body
+    listed = {b["name"] for b in json.loads(call("GET", "/api/v1/builds", "bob")[1])["builds"]}
+    assert "secretpkg" not in listed
+    assert "secretpkg" in {b["name"] for b in json.loads(call("GET", "/api/v1/builds", "alice")[1])["builds"]}

@@ -46,6 +46,10 @@ USER_KEY = web.RequestKey("condery_user", str) if hasattr(web, "RequestKey") els
 # The configured channels this request's identity may read, where channel rules exist
 # (absent: every channel). The builder solves the request's names with only these.
 CHANNELS_KEY = "condery_channels"
+# Whether this request's identity may pull a canonical name (absent without auth: yes):
+# for what the middleware cannot see from the path (a build's name in its body, the
+# landing page's lists of builds and failures).
+MAY_PULL_KEY = "condery_may_pull"
 _TOKEN_FORM_LIMIT = 64 * 1024
 
 _V2_NAME = re.compile(
@@ -212,6 +216,7 @@ def auth_middleware(auth: Authenticator, meta_packages: Callable[[], Mapping[str
             request[USER_KEY] = identity.name
         if auth.policy.channels:
             request[CHANNELS_KEY] = auth.policy.readable_channels(identity, channels())
+        request[MAY_PULL_KEY] = lambda name: auth.policy.may_pull(identity, name)
         if need.kind == "base":
             if not presented:
                 raise AuthError(Unauthorized("authentication required"), _challenge(auth, request, need))

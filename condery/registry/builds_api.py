@@ -18,9 +18,9 @@ import re
 
 from aiohttp import web
 
-from condery.auth.http import CHANNELS_KEY
+from condery.auth.http import CHANNELS_KEY, MAY_PULL_KEY
 from condery.image.tags import Digest, parse_reference
-from condery.oci.errors import NameInvalid, NameUnknown
+from condery.oci.errors import Denied, NameInvalid, NameUnknown
 from condery.registry.bodies import read_bounded
 from condery.registry.builder import Builder
 
@@ -35,6 +35,10 @@ class BuildsAPI:
     async def start(self, request: web.Request) -> web.StreamResponse:
         name, tag = await _name_and_tag(request)
         image_request = await self.service.request_for(name, request.get(CHANNELS_KEY))
+        may_pull = request.get(MAY_PULL_KEY)
+        if may_pull is not None and not may_pull(image_request.canonical_name):
+            # The builds right is not the right to build any name: a prebuild is a pull.
+            raise Denied(f"you may not pull {image_request.canonical_name}, so not build it")
         reference = parse_reference(tag)  # an unserved tag: 404 MANIFEST_UNKNOWN, as a pull
         if isinstance(reference, Digest):
             raise NameInvalid("a build takes a tag (latest or YYYY-MM-DD), not a digest")
@@ -56,7 +60,9 @@ class BuildsAPI:
         return web.json_response(status.to_json())
 
     async def listing(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response({"builds": [s.to_json() for s in self.service.outcomes.builds.listing()]})
+        may_pull = request.get(MAY_PULL_KEY) or (lambda name: True)
+        return web.json_response({"builds": [s.to_json() for s in self.service.outcomes.builds.listing()
+                                             if may_pull(s.name)]})
 
 
 async def _name_and_tag(request: web.Request) -> tuple[str, str]:

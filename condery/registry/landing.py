@@ -13,12 +13,12 @@ from __future__ import annotations
 import html
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 from urllib.parse import quote
 
 from aiohttp import BodyPartReader, web
 
-from condery.auth.http import CHANNELS_KEY
+from condery.auth.http import CHANNELS_KEY, MAY_PULL_KEY
 from condery.bases.resolve import describe_base
 from condery.bases.upstream import ImageReference
 from condery.build.look import ImageLook, shown_channels
@@ -158,11 +158,11 @@ def _composer(host: str, specs: str, composed: Composed | None) -> str:
     )
 
 
-def _builds(service: Builder) -> str:
+def _builds(service: Builder, visible: Callable[[str], bool]) -> str:
     queue = service.builds
     rows = []
     for status in service.outcomes.builds.listing():
-        if status.is_finished:
+        if status.is_finished or not visible(status.name):
             continue
         packages = f"{status.packages_done} of {status.packages_total}" if status.packages_total else "solving"
         size = f"{_size(status.bytes_done)} of {_size(status.bytes_total)}" if status.bytes_total else ""
@@ -180,8 +180,8 @@ def _builds(service: Builder) -> str:
     )
 
 
-def _failures(service: Builder) -> str:
-    failures = service.outcomes.recent_failures()
+def _failures(service: Builder, visible: Callable[[str], bool]) -> str:
+    failures = [f for f in service.outcomes.recent_failures() if visible(f.name)]
     if not failures:
         return "<section id=\"failures\"><h2>Recent failures</h2><p>None since this process started.</p></section>"
     rows = (
@@ -233,15 +233,17 @@ def pushed_page(host: str, name: str, kind: str) -> str:
     return _page(f"{name} - condery", body)
 
 
-def landing_page(service: Builder, host: str, specs: str) -> str:
+def landing_page(service: Builder, host: str, specs: str, visible: Callable[[str], bool] = lambda name: True) -> str:
+    """The landing page; `visible` says which names' builds and failures the reader may see
+    (those it may pull, under auth)."""
     composed = compose(specs, service.meta_packages) if specs.strip() else None
     body = (
         f"<h1>condery at <code>{_e(host)}</code></h1>"
         "<p class=\"lead\">A container registry that builds conda images on demand: the image name is the "
         "list of packages. <code>docker pull " + _e(host) + "/numpy/scipy.gt.1.0</code> solves, builds one "
         "layer per package and serves the image.</p>"
-        f"{_composer(host, specs, composed)}{_environments(service)}{_served(service)}{_builds(service)}"
-        f"{_failures(service)}"
+        f"{_composer(host, specs, composed)}{_environments(service)}{_served(service)}{_builds(service, visible)}"
+        f"{_failures(service, visible)}"
     )
     return _page(f"condery at {host}", body, script=True)
 
@@ -327,7 +329,8 @@ def error_page(error: RegistryError) -> web.Response:
 
 def register(app: web.Application, service: Builder) -> None:
     async def landing(request: web.Request) -> web.StreamResponse:
-        page = landing_page(service, request.host, request.query.get("specs", ""))
+        page = landing_page(service, request.host, request.query.get("specs", ""),
+                            request.get(MAY_PULL_KEY) or (lambda name: True))
         return web.Response(text=page, content_type=_HTML)
 
     async def image(request: web.Request) -> web.StreamResponse:
