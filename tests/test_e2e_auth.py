@@ -293,3 +293,28 @@ def test_a_prebuild_is_a_pull_and_lists_show_only_what_one_may_pull(registry: Re
     listed = {b["name"] for b in json.loads(call("GET", "/api/v1/builds", "bob")[1])["builds"]}
     assert "secretpkg" not in listed
     assert "secretpkg" in {b["name"] for b in json.loads(call("GET", "/api/v1/builds", "alice")[1])["builds"]}
+
+
+def test_a_digest_is_fetched_only_through_a_name_that_references_it(registry: Registry, tmp_path: Path) -> None:
+    """A layer of secretpkg's image, asked for under publicpkg (which anyone may pull): 404,
+    as Distribution answers a blob not linked to the repository; under its own name, for
+    alice: 200."""
+    alice = ("--src-creds", f"alice:{PASSWORDS['alice']}")
+    assert skopeo(registry, "secretpkg", tmp_path / "secret", *alice).returncode == 0
+    assert skopeo(registry, "publicpkg", tmp_path / "public").returncode == 0
+    index = json.loads((tmp_path / "secret" / "index.json").read_text())
+    manifest = json.loads((tmp_path / "secret" / "blobs" / "sha256" /
+                           index["manifests"][0]["digest"].split(":")[1]).read_text())
+    secret_layer = manifest["layers"][-2]["digest"]  # secretpkg's own package layer
+    status, _, body = registry.get(f"/v2/publicpkg/blobs/{secret_layer}")
+    assert status == 404 and json.loads(body)["errors"][0]["code"] == "BLOB_UNKNOWN"
+    status, _, _ = registry.get(f"/v2/publicpkg/manifests/{index['manifests'][0]['digest']}")
+    assert status == 404
+    public_index = json.loads((tmp_path / "public" / "index.json").read_text())
+    assert registry.get(f"/v2/publicpkg/manifests/{public_index['manifests'][0]['digest']}")[0] == 200
+    host, port = registry.host.split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    token = base64.b64encode(f"alice:{PASSWORDS['alice']}".encode()).decode()
+    connection.request("GET", f"/v2/secretpkg/blobs/{secret_layer}", headers={"Authorization": f"Basic {token}"})
+    assert connection.getresponse().status == 200
+    connection.close()

@@ -129,6 +129,11 @@ class InTestService:
     async def request_for(self, name: str, channels: Sequence[str] | None = None) -> ImageRequest:
         return parse_name(name, self.meta_packages)
 
+    async def holds(self, request: ImageRequest, digest: str) -> bool:
+        """Every name of this stand-in is its one image, which names these blobs."""
+        image = self.image
+        return digest in {sha256(part) for part in (image.layer, image.config, image.oci, image.docker, image.index)}
+
     async def resolve(self, request: ImageRequest, reference: Latest | Snapshot, client: str = "local") -> ImageRef:
         self.resolved.append((request, reference))
         self.clients.append(client)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Callable, Mapping, Sequence
@@ -45,6 +46,7 @@ from condery.image.meta import MetaPackage
 from condery.image.names import ImageRef, ImageRequest, parse_name
 from condery.image.tags import Latest, Snapshot, tag_of
 from condery.oci import errors
+from condery.oci.references import walk
 from condery.records import kinds
 from condery.records.cache import RecordCache
 from condery.records.freshness import Freshness, RepodataClock
@@ -57,6 +59,8 @@ log = logging.getLogger("condery.build")
 # Background refreshes enter the build queue as this client, so that together they hold
 # at most max_builds_per_client slots and cold builds keep the rest.
 REFRESH_CLIENT = "background-refresh"
+HELD_SECONDS = 5.0  # how long holds() trusts what it read (a build in between adds digests)
+HELD_ENTRIES = 1024
 
 
 class ImageService:
@@ -80,6 +84,7 @@ class ImageService:
         self.solves = SolveCache(self.freshness, self.config.max_concurrent_builds)  # look(): solves, no builds
         self._refreshes: dict[str, asyncio.Task[None]] = {}
         self._prebuilds: set[asyncio.Task[ImageRef]] = set()  # held here: the loop keeps weak references
+        self._held: dict[str, tuple[float, frozenset[str]]] = {}  # holds(): image keys -> the digests they name
 
     @property
     def meta_packages(self) -> Mapping[str, MetaPackage]:
@@ -249,6 +254,31 @@ class ImageService:
 
     async def tags(self, request: ImageRequest) -> list[str]:
         return sorted(await self.records.tags(request) | {"latest"})
+
+    async def holds(self, request: ImageRequest, digest: str) -> bool:
+        """Whether an image this name and caller pull (any tag, this configuration and this
+        caller's channels) names `digest`: under auth, a digest is fetched through the
+        manifests that reference it, as Distribution links blobs to repositories, so a
+        digest learned elsewhere does not pass a name's rule. Remembered for a few seconds."""
+        bases = await self.bases.for_platforms()
+        keys = {self.keys.key(request, tag, bases) for tag in await self.records.tags(request)}
+        cache_key = "\n".join(sorted(keys))
+        known = self._held.get(cache_key)
+        if known is None or time.monotonic() - known[0] > HELD_SECONDS:
+            roots: set[str] = set()
+            for key in keys:
+                record = await self.records.image(key, quiet=True)
+                if record is not None:
+                    roots.update((record.ref.oci_digest, record.ref.docker_digest))
+            held: set[str] = set()
+            async for visit in walk(roots, self.store.get_blob_bytes):
+                held.add(visit.digest)
+                if visit.found is not None:
+                    held.update(blob.digest for blob in visit.found.blobs)
+            known = self._held[cache_key] = (time.monotonic(), frozenset(held))
+            while len(self._held) > HELD_ENTRIES:
+                self._held.pop(next(iter(self._held)))
+        return digest in known[1]
 
     # -- refresh off the request path ------------------------------------------------
     def _refresh(self, key: str, request: ImageRequest, reference: Latest | Snapshot, bases: Mapping[str, BaseImage]) -> None:

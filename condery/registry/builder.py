@@ -71,6 +71,10 @@ class Builder(Protocol):
         """What a name and tag solve to and, once built, what a pull gets; never builds."""
         ...
 
+    async def holds(self, request: ImageRequest, digest: str) -> bool:
+        """Whether an image of this name (and caller's channels) names `digest` (auth)."""
+        ...
+
     async def manifest_media_type(self, digest: str) -> str | None:
         """The mediaType of a manifest or index stored by digest, None if unknown."""
         ...

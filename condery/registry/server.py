@@ -29,11 +29,11 @@ from urllib.parse import quote
 
 from aiohttp import hdrs, web
 
-from condery.auth.http import CHANNELS_KEY, auth_middleware, token_handler
+from condery.auth.http import CHANNELS_KEY, MAY_PULL_KEY, auth_middleware, token_handler
 from condery.auth.service import Authenticator
 from condery.build import readback
 from condery.common.redact import redact_text
-from condery.image.names import ImageRef
+from condery.image.names import ImageRef, ImageRequest
 from condery.image.tags import Digest, parse_reference
 from condery.observability.metrics import Metrics
 from condery.oci.errors import (
@@ -200,6 +200,13 @@ class PullAPI:
     async def push(self, request: web.Request, name: str) -> web.StreamResponse:
         raise Unsupported("condery builds images on demand; pushing is not supported")
 
+    async def _reachable(self, request: web.Request, image_request: ImageRequest, digest: str) -> bool:
+        """Under auth, a digest is served under a name only when an image of that name
+        references it (the name's pull rule is the middleware's); without auth, always."""
+        if request.get(MAY_PULL_KEY) is None:
+            return True
+        return await self.service.holds(image_request, digest)
+
     def _read_only(self, request: web.Request, what: str) -> None:
         if request.method not in READ_METHODS:
             raise Unsupported(f"{request.method} of {what} is not supported: condery is pull-only")
@@ -211,7 +218,7 @@ class PullAPI:
         if isinstance(reference, Digest):
             digest = reference.digest
             media_type = await self.service.manifest_media_type(digest)
-            if media_type is None:
+            if media_type is None or not await self._reachable(request, image_request, digest):
                 raise ManifestUnknown(f"manifest {digest} is not known to this registry")
         else:
             image = await _while_connected(
@@ -268,10 +275,10 @@ class PullAPI:
 
     async def blob(self, request: web.Request, name: str, digest: str) -> web.StreamResponse:
         self._read_only(request, "blobs")
-        await self.service.request_for(name, request.get(CHANNELS_KEY))
+        image_request = await self.service.request_for(name, request.get(CHANNELS_KEY))
         _check_digest(digest)
         info = await self.store.blob_info(digest)
-        if info is None:
+        if info is None or not await self._reachable(request, image_request, digest):
             raise BlobUnknown(f"blob {digest} is not known to this registry")
         headers = {
             hdrs.CONTENT_TYPE: "application/octet-stream",
