@@ -318,3 +318,44 @@ def test_a_digest_is_fetched_only_through_a_name_that_references_it(registry: Re
     connection.request("GET", f"/v2/secretpkg/blobs/{secret_layer}", headers={"Authorization": f"Basic {token}"})
     assert connection.getresponse().status == 200
     connection.close()
+
+
+def test_listings_show_each_caller_only_what_it_may_pull(tmp_path: Path) -> None:
+    """The environments listing and the landing page name envs/team-a to team-a only."""
+    channel = tmp_path / "channel"
+    write_conda_package(channel, "publicpkg", "1.0", "h0", files=[PkgFile("share/p.txt", b"p")])
+    index_channel(channel)
+    folder = tmp_path / "environments"
+    folder.mkdir()
+    (folder / "team-a.yml").write_text("dependencies: [publicpkg]\n")
+    (folder / "open.yml").write_text("dependencies: [publicpkg]\n")
+    users = tmp_path / "htpasswd"
+    run_tool(["htpasswd", "-B", "-b", "-c", str(users), "alice", PASSWORDS["alice"]])
+    (tmp_path / "groups.yaml").write_text("team-a: [alice]\n")
+    auth = {
+        "signing_secret": "a-test-signing-secret-of-enough-length-0123456789",
+        "users_file": str(users), "groups_file": str(tmp_path / "groups.yaml"),
+        "rules": [{"names": ["envs/team-a"], "pull": ["group:team-a"]}, {"names": ["**"], "pull": ["anonymous"]}],
+        "endpoints": {"environment_list": ["anonymous"], "landing": ["anonymous"]},
+    }
+    with condery(tmp_path, [str(channel)], "scratch", auth=auth, environments_dir=str(folder)) as registry:
+        host, port = registry.host.split(":")
+
+        def get(path: str, user: str | None = None) -> bytes:
+            connection = http.client.HTTPConnection(host, int(port), timeout=60)
+            headers = {}
+            if user:
+                headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{PASSWORDS[user]}".encode()).decode()
+            connection.request("GET", path, headers=headers)
+            answer = connection.getresponse()
+            assert answer.status == 200, (path, answer.status)
+            data = answer.read()
+            connection.close()
+            return data
+
+        anonymous = {e["name"] for e in json.loads(get("/api/v1/environments"))["environments"]}
+        assert anonymous == {"envs/open"}
+        members = {e["name"] for e in json.loads(get("/api/v1/environments", "alice"))["environments"]}
+        assert members == {"envs/open", "envs/team-a"}
+        assert b"envs/team-a" not in get("/") and b"envs/open" in get("/")
+        assert b"envs/team-a" in get("/", "alice")

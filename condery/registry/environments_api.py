@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from condery.auth.http import MAY_PULL_KEY
 from condery.image.environment import MAX_FILE_BYTES, EnvironmentFileError
 from condery.oci.errors import ManifestInvalid, Unavailable
 from condery.registry.bodies import read_bounded
@@ -42,7 +43,9 @@ def register(app: web.Application, service: Builder) -> None:
         )
 
     async def listing(request: web.Request) -> web.StreamResponse:
-        return web.json_response({"environments": [n.as_json() for n in service.environments.listing()]})
+        may_pull = request.get(MAY_PULL_KEY) or (lambda name: True)  # under auth: what the caller may pull
+        return web.json_response({"environments": [n.as_json() for n in service.environments.listing()
+                                                   if may_pull(f"envs/{n.name}")]})
 
     app.router.add_post("/api/v1/environments", push)
     app.router.add_get("/api/v1/environments", listing, allow_head=False)

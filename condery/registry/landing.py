@@ -196,8 +196,9 @@ def _failures(service: Builder, visible: Callable[[str], bool]) -> str:
     return f"<section id=\"failures\"><h2>Recent failures</h2>{_table(('when', 'image', 'code', 'reason'), rows, 'failures')}</section>"
 
 
-def _environments(service: Builder) -> str:
-    """Push a file (upload or paste), and the environments folder's names."""
+def _environments(service: Builder, visible: Callable[[str], bool]) -> str:
+    """Push a file (upload or paste), and the environments folder's names (those the reader
+    may pull)."""
     form = (
         "<form method=\"post\" action=\"/environments\" enctype=\"multipart/form-data\" id=\"push-form\">"
         "<p><label>An <code>environment.yml</code>, a <code>conda-lock.yml</code> or an <code>@EXPLICIT</code> "
@@ -205,7 +206,7 @@ def _environments(service: Builder) -> str:
         "<p><label>or paste it:<br><textarea name=\"text\" rows=\"6\" cols=\"60\" spellcheck=\"false\">"
         "</textarea></label></p><button type=\"submit\">Push</button></form>"
     )
-    named = service.environments.listing()
+    named = [n for n in service.environments.listing() if visible(f"envs/{n.name}")]
     rows = (
         (f"<a href=\"{_e(_href('envs/' + n.name))}\"><code>envs/{_e(n.name)}</code></a>"
          if n.environment is not None else f"<code>envs/{_e(n.name)}</code>",
@@ -242,7 +243,7 @@ def landing_page(service: Builder, host: str, specs: str, visible: Callable[[str
         "<p class=\"lead\">A container registry that builds conda images on demand: the image name is the "
         "list of packages. <code>docker pull " + _e(host) + "/numpy/scipy.gt.1.0</code> solves, builds one "
         "layer per package and serves the image.</p>"
-        f"{_composer(host, specs, composed)}{_environments(service)}{_served(service)}{_builds(service, visible)}"
+        f"{_composer(host, specs, composed)}{_environments(service, visible)}{_served(service)}{_builds(service, visible)}"
         f"{_failures(service, visible)}"
     )
     return _page(f"condery at {host}", body, script=True)
