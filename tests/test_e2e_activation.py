@@ -117,3 +117,39 @@ def test_hostile_scripts_are_reported_leak_nothing_and_do_not_hang_the_build(reg
     assert reasons["condery-activate.sh"] is None
     log = (registry.store.parent / "condery.log").read_text()
     assert "activation scripts are evaluated in a bubblewrap sandbox" in log
+
+
+def test_containerd_runc_and_a_dockerfile_run_see_the_variables(registry: Registry, tmp_path: Path, podman) -> None:
+    """What Kubernetes runs (containerd), the bare OCI runtime (runc on umoci's bundle), and a
+    Dockerfile `RUN` in an image built FROM a condery name: each process sees the variable."""
+    import shutil
+    import subprocess
+
+    from tests.fixtures.containerd import containerd
+
+    ref = f"{registry.host}/{STATIC}:latest"
+    with containerd() as daemon:
+        daemon.pull(ref)
+        ran = daemon.run(ref, ["sh", "-c", "env"])
+        assert ran.returncode == 0 and DATA in ran.stdout.splitlines(), ran.stderr
+
+    if shutil.which("runc"):
+        rootfs = unpack(registry, STATIC, tmp_path)
+        bundle = rootfs.parent
+        config = json.loads((bundle / "config.json").read_text())
+        config["process"]["args"] = ["/usr/bin/env"]
+        config["root"]["readonly"] = True
+        (bundle / "config.json").write_text(json.dumps(config))
+        ran = subprocess.run(["runc", "--root", str(tmp_path / "runc-state"), "run", "-b", str(bundle),
+                              f"condery-act-{int(time.time())}"], capture_output=True, text=True, timeout=120)
+        assert ran.returncode == 0 and DATA in ran.stdout.splitlines(), ran.stderr
+
+    context = tmp_path / "context"
+    context.mkdir()
+    (context / "Dockerfile").write_text(f"FROM {ref}\nRUN echo \"seen: $CONDERY_ACTIVATE_DATA\" && "
+                                        "sh -c 'test -n \"$CONDERY_ACTIVATE_DATA\"'\n")
+    podman.allow_insecure(registry.host)
+    built = podman.podman("build", "--tls-verify=false", "-t", "localhost/act-run", str(context), check=False,
+                          timeout=600)
+    assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
+    assert "seen: /opt/conda/share/condery-activate" in built.stdout
