@@ -265,3 +265,22 @@ def test_the_entrypoint_execs_and_passes_status_and_pid(tmp_path: Path) -> None:
                               text=True,
                               env={"PATH": "/usr/bin:/bin"}, timeout=30)
         assert none.returncode == 127 and "no command" in none.stderr
+
+
+async def test_an_old_package_without_paths_json_gives_its_scripts(tmp_path: Path) -> None:
+    """info/files and info/has_prefix (packages of before 2017) name the scripts and their
+    text placeholders, as paths.json does for the others."""
+    from condery.layers.activation_scripts import PackageScripts, read_package_scripts
+    from tests.fixtures.condapkg import PkgFile, write_conda_package
+
+    placeholder = "/opt/anaconda1anaconda2anaconda3"
+    script = f'export OLD_PKG_DATA="{placeholder}/share/old"\n'.encode()
+    archive = write_conda_package(
+        tmp_path, "oldpkg", "1.0", "h0",
+        files=[PkgFile("etc/conda/activate.d/oldpkg.sh", script), PkgFile("share/old/data", b"d")],
+        legacy_files=["etc/conda/activate.d/oldpkg.sh", "share/old/data"],
+        has_prefix=f"{placeholder} text etc/conda/activate.d/oldpkg.sh\n", fmt="tar.bz2")
+    scripts = await read_package_scripts(archive)
+    assert scripts.activate == (("oldpkg.sh", script.decode(), placeholder),)
+    assert PackageScripts.for_prefix(scripts.activate, "/opt/conda") == [
+        ("oldpkg.sh", 'export OLD_PKG_DATA="/opt/conda/share/old"\n')]

@@ -24,6 +24,7 @@ import base64
 import hashlib
 import posixpath
 import re
+import shlex
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,14 +155,39 @@ async def read_package_scripts(archive: Path) -> PackageScripts:
     the layer holds exactly those, members.py checked it). noarch: python packages' paths
     are the archive's (`site-packages/...`), which no activation script tests."""
     pkg = await package_streaming.PackageArchive.from_path(archive)
-    paths = await pkg.paths_json()
     entries: list[tuple[str, str | None]] = []
-    for entry in paths.paths:
-        placeholder = entry.prefix_placeholder
-        text_placeholder = None
-        if placeholder is not None and placeholder.file_mode.text:
-            text_placeholder = placeholder.placeholder
-        entries.append((str(entry.relative_path), text_placeholder))
+    try:
+        paths = await pkg.paths_json()
+    except OSError:  # an old package: info/files and info/has_prefix, as conda reads them
+        entries = await _old_package_paths(pkg)
+    else:
+        for entry in paths.paths:
+            placeholder = entry.prefix_placeholder
+            text_placeholder = None
+            if placeholder is not None and placeholder.file_mode.text:
+                text_placeholder = placeholder.placeholder
+            entries.append((str(entry.relative_path), text_placeholder))
     wanted = wanted_scripts(rel for rel, _ in entries)
     contents = await pkg.read_files(wanted) if wanted else {}
     return scripts_from_paths(entries, contents)
+
+
+# conda's placeholder of packages that name none in info/has_prefix (`path` alone).
+_LEGACY_PLACEHOLDER = "/opt/anaconda1anaconda2anaconda3"
+
+
+async def _old_package_paths(pkg: package_streaming.PackageArchive) -> list[tuple[str, str | None]]:
+    """(path, text placeholder) of a package without paths.json: info/files, and
+    info/has_prefix lines `placeholder mode path` (text unless `binary`) or `path` alone."""
+    info = await pkg.read_files(["info/files", "info/has_prefix"])
+    files = info.get("info/files")
+    if files is None:
+        raise OSError("the package has neither info/paths.json nor info/files")
+    placeholders: dict[str, str | None] = {}
+    for line in (info.get("info/has_prefix") or b"").decode("utf-8", "strict").splitlines():
+        parts = shlex.split(line) if line.strip() else []
+        if len(parts) == 3:
+            placeholders[parts[2]] = parts[0] if parts[1] != "binary" else None
+        elif len(parts) == 1:
+            placeholders[parts[0]] = _LEGACY_PLACEHOLDER
+    return [(path, placeholders.get(path)) for path in files.decode("utf-8", "strict").splitlines() if path]
