@@ -45,11 +45,11 @@ from condery.oci.errors import Denied, RegistryError, Unauthorized
 USER_KEY = web.RequestKey("condery_user", str) if hasattr(web, "RequestKey") else "condery_user"
 # The configured channels this request's identity may read, where channel rules exist
 # (absent: every channel). The builder solves the request's names with only these.
-CHANNELS_KEY = "condery_channels"
+CHANNELS_KEY = web.RequestKey("condery_channels", tuple) if hasattr(web, "RequestKey") else "condery_channels"
 # Whether this request's identity may pull a canonical name (absent without auth: yes):
 # for what the middleware cannot see from the path (a build's name in its body, the
 # landing page's lists of builds and failures).
-MAY_PULL_KEY = "condery_may_pull"
+MAY_PULL_KEY = web.RequestKey("condery_may_pull", object) if hasattr(web, "RequestKey") else "condery_may_pull"
 _TOKEN_FORM_LIMIT = 64 * 1024
 
 _V2_NAME = re.compile(
