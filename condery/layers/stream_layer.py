@@ -60,7 +60,7 @@ from condery.layers.tarball import (
 )
 
 # Package bytes kept in memory before the spool moves to a temporary file.
-SPOOL_MEMORY = 32 << 20
+SPOOL_MEMORY = 8 << 20  # small: a build's memory must not grow with package size (tests/test_memory.py)
 _COPY_CHUNK = 1 << 20
 # Linux's limit (rattler's is_valid_shebang_length).
 _MAX_SHEBANG = 127
