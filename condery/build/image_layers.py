@@ -48,17 +48,18 @@ class LayerBuilder:
     async def package_layer(
         self, record: rattler.RepoDataRecord, python: rattler.RepoDataRecord | None,
         site_packages: str | None, subdir: str, report: LayerReport | None = None,
-        bytecode: BytecodePlan | None = None, prefix: str | None = None,
+        bytecode: BytecodePlan | None = None, prefix: str | None = None, owner: tuple[int, int] | None = None,
     ) -> tuple[LayerEntry, bool]:
         """The package's layer from the cache, or built now (once, however many ask);
         and whether it was built. `bytecode` is the image's plan (layers/bytecode.py);
-        `prefix` where the package goes (a kernel's environment: <prefix>/envs/<name>)."""
+        `prefix` where the package goes (a kernel's environment: <prefix>/envs/<name>);
+        `owner` the (uid, gid) of a changeable environment (None: root's)."""
         bytecode = bytecode_for(record, bytecode)
         prefix = prefix or self.config.prefix
         key = layer_key(
             record, prefix=prefix, site_packages=site_packages,
             allow_scripts=self.config.allow_package_scripts, bytecode=bytecode.tag if bytecode else None,
-            compression=self.config.layer_compression,
+            compression=self.config.layer_compression, owner=owner,
         )
         cached = await self.records.layer(key)
         if cached is not None:
@@ -81,6 +82,7 @@ class LayerBuilder:
                 report=report,
                 bytecode=bytecode,
                 compression=self.config.layer_compression,
+                owner=owner,
             )
             try:
                 scripts = await self._package_scripts(record)
@@ -92,12 +94,13 @@ class LayerBuilder:
 
         return await self.flights.run(key, build), True
 
-    async def wheel_layer(self, wheel: PinnedWheel, target: PipTarget,
-                          bytecode: BytecodePlan | None) -> tuple[LayerEntry, bool]:
+    async def wheel_layer(self, wheel: PinnedWheel, target: PipTarget, bytecode: BytecodePlan | None,
+                          owner: tuple[int, int] | None = None) -> tuple[LayerEntry, bool]:
         """The layer of one pip wheel (layers/wheels.py) from the cache, or built now (once,
-        however many ask); and whether it was built. `bytecode` is the image's plan."""
+        however many ask); and whether it was built. `bytecode` is the image's plan, `owner`
+        package_layer's."""
         key = wheel_layer_key(wheel, target, bytecode=bytecode.tag if bytecode else None,
-                              compression=self.config.layer_compression)
+                              compression=self.config.layer_compression, owner=owner)
         cached = await self.records.layer(key)
         if cached is not None:
             return cached, False
@@ -115,7 +118,7 @@ class LayerBuilder:
                 try:
                     blob = await build_wheel_layer(path, wheel, target, out_path,
                                                    compression=self.config.layer_compression,
-                                                   bytecode=bytecode, limits=limits)
+                                                   bytecode=bytecode, limits=limits, owner=owner)
                 except BaseException:
                     out_path.unlink(missing_ok=True)
                     raise
@@ -186,11 +189,12 @@ class LayerBuilder:
     async def env_layer(
         self, request: ImageRequest, records: Sequence[rattler.RepoDataRecord], subdir: str, created: datetime,
         account: Account | None = None, files: Mapping[str, str] | None = None, prefix: str | None = None,
-        activation: Activation | None = None,
+        activation: Activation | None = None, owner: tuple[int, int] | None = None,
     ) -> LayerEntry:
         """The layer of what belongs to this environment only; `files` are more of it
         (relative to the prefix). With `prefix` (a kernel's environment), only what is
-        under it: the system's files (profile, accounts) are the image's own environment's."""
+        under it: the system's files (profile, accounts) are the image's own environment's.
+        `owner`: package_layer's."""
         with tempfile.TemporaryDirectory(dir=self.state.work_dir) as tmp:
             blob = await asyncio.to_thread(
                 build_env_layer,
@@ -207,6 +211,7 @@ class LayerBuilder:
                 meta_files=files,
                 activation=activation,
                 with_system=prefix is None,
+                owner=owner,
             )
             await self.store.put_blob_file(blob.digest, blob.path)
         return LayerEntry("env", blob.digest, blob.diff_id, blob.size, ("environment",))

@@ -34,7 +34,9 @@ from condery.build.assembly import (
     image_settings,
     layer_annotations,
     manifest_annotations,
+    meta_settings,
 )
+from condery.build.changeable import changeable_files, environment_owner
 from condery.build.image_layers import LayerBuilder
 from condery.build.kernels import kernel_prefix, kernelspec_files
 from condery.build.look import Solved, SolvedPlatform, solved_platform
@@ -364,12 +366,14 @@ class Pipeline:
         report.solved(len(records), started)
         if progress:
             progress.solved(subdir, len(records), sum(r.size or 0 for r in records))
+        meta = meta_settings(self.config, request)
+        owner = environment_owner(meta)  # a changeable environment's user, or root
         pinned, package_layers = await self._environment_layers(request, reference, subdir, base, records, report,
-                                                                progress)
+                                                                progress, owner=owner)
         # What the environment's activate.d scripts export (layers/activation.py): the config's
         # Env, and an activating entrypoint for the scripts that cannot be evaluated.
         activation = await evaluate_activation([e.scripts for e in package_layers if e.scripts], self.config.prefix)
-        kernels = [await self._kernel(kernel, job, subdir, report) for kernel in request.kernels]
+        kernels = [await self._kernel(kernel, job, subdir, report, owner) for kernel in request.kernels]
         for built_kernel in kernels:
             package_layers += built_kernel.layers
         started = time.monotonic()
@@ -385,10 +389,13 @@ class Pipeline:
         account = image_account(self.config, request, records, base.passwd, base.group)
         # The image reads back as files (build/readback.py), and holds them in conda-meta/.
         solved = solved_platform(records, subdir, [wheel for wheel, _ in pinned])
-        readable = in_image_files(request.canonical_name, subdir, solved, request, self._channels_and_specs(request)[0])
+        channels = self._channels_and_specs(request)[0]
+        readable = in_image_files(request.canonical_name, subdir, solved, request, channels)
         readable.update(kernelspec_files([(k.kernel, k.activation) for k in kernels], self.config.prefix))
+        if meta.changeable:
+            readable.update(changeable_files(channels, records, request.specs, self.config.pypi_index))
         ours = [*layers, await self.layers.env_layer(request, records, subdir, created, account, readable,
-                                                           activation=activation)]
+                                                           activation=activation, owner=owner)]
         report.stored(ours[-1].size)
         settings = image_settings(self.config, request, records, created, lock, account, activation=activation,
                                   scratch=base.config is None)
@@ -415,17 +422,18 @@ class Pipeline:
     async def _environment_layers(
         self, request: ImageRequest, reference: Latest | Snapshot, subdir: str, base: BaseImage,
         records: Sequence[rattler.RepoDataRecord], report: BuildReport, progress: BuildProgress | None,
-        prefix: str | None = None,
+        prefix: str | None = None, owner: tuple[int, int] | None = None,
     ) -> tuple[list[tuple[PinnedWheel, PipTarget]], list[LayerEntry]]:
         """One environment's package layers (conda's, then pip's) at `prefix` (the image's
-        own by default), each from the cache or built once, in parallel."""
+        own by default), each from the cache or built once, in parallel; owned by `owner`
+        (uid, gid) when the environment is changeable (build/changeable.py)."""
         python = next((r for r in records if r.name.normalized == "python"), None)
         site_packages = python_site_packages(python)
         bytecode = await self._bytecode_plan(request, records, python, site_packages)
 
         async def one(record: rattler.RepoDataRecord) -> LayerEntry:
             entry, built = await self.layers.package_layer(record, python, site_packages, subdir, report, bytecode,
-                                                           prefix=prefix)
+                                                           prefix=prefix, owner=owner)
             report.layer(built, entry.size)
             if progress:
                 progress.layer_done(subdir, record.file_name, built, record.size or 0)
@@ -434,7 +442,7 @@ class Pipeline:
         pinned = await self.pip(request, reference, subdir, base, records, prefix)
 
         async def one_wheel(wheel: PinnedWheel, target: PipTarget) -> LayerEntry:
-            entry, built = await self.layers.wheel_layer(wheel, target, bytecode)
+            entry, built = await self.layers.wheel_layer(wheel, target, bytecode, owner)
             report.layer(built, entry.size)
             if progress:
                 progress.layer_done(subdir, wheel.filename, built, 0)
@@ -444,10 +452,12 @@ class Pipeline:
         layers = list(await asyncio.gather(*(one(r) for r in records), *(one_wheel(w, t) for w, t in pinned)))
         return pinned, layers
 
-    async def _kernel(self, kernel: Kernel, job: Job, subdir: str, report: BuildReport) -> BuiltKernel:
+    async def _kernel(self, kernel: Kernel, job: Job, subdir: str, report: BuildReport,
+                      owner: tuple[int, int] | None = None) -> BuiltKernel:
         """A kernel's environment at <prefix>/envs/<name>: its package layers (shared by every
         image that places it there), its own environment layer, and what its activation
-        scripts export (for its kernelspec's env)."""
+        scripts export (for its kernelspec's env). `owner`: the image's changeable
+        environment's, whose package manager changes the kernels' environments too."""
         # A kernel's environment draws from the caller's channels as the image's does.
         request, base = replace(kernel_request(kernel), channels=job.request.channels), job.bases[subdir]
         prefix = kernel_prefix(self.config.prefix, kernel)
@@ -458,10 +468,14 @@ class Pipeline:
         except SolveError as exc:
             raise SolveError(f"kernel {kernel.name}: {exc}") from None
         _, layers = await self._environment_layers(request, job.reference, subdir, base, records, report,
-                                                   job.progress, prefix)
+                                                   job.progress, prefix, owner)
         activation = await evaluate_activation([e.scripts for e in layers if e.scripts], prefix)
-        env_layer = await self.layers.env_layer(request, records, subdir, created_of(records), prefix=prefix,
-                                                activation=activation)
+        files = None
+        if owner is not None:  # `conda install -n <name>` keeps the kernel's python too
+            files = {"conda-meta/pinned": changeable_files(self._channels_and_specs(request)[0], records,
+                                                           request.specs, self.config.pypi_index)["conda-meta/pinned"]}
+        env_layer = await self.layers.env_layer(request, records, subdir, created_of(records), files=files,
+                                                prefix=prefix, activation=activation, owner=owner)
         report.stored(env_layer.size)
         return BuiltKernel(kernel, layers, env_layer, activation)
 

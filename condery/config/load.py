@@ -415,10 +415,11 @@ def _meta_package(path: str, value: Any, problems: _Problems) -> MetaPackage | N
     cmd = _cmd(f"{path}.cmd", value.get("cmd"), problems)
     entrypoint = _cmd(f"{path}.entrypoint", value.get("entrypoint"), problems)
     kernels = _kernels(f"{path}.kernels", value.get("kernels"), problems)
+    changeable = _boolean(f"{path}.changeable", value["changeable"], problems) if "changeable" in value else None
     if len(problems.lines) != before or specs is None:
         return None
     return MetaPackage(specs=specs, user=user, env=env, workdir=workdir, cmd=cmd, entrypoint=entrypoint,
-                       labels=labels, kernels=kernels)
+                       labels=labels, kernels=kernels, changeable=changeable)
 
 
 def _kernels(path: str, value: Any, problems: _Problems) -> tuple[str, ...]:

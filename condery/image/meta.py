@@ -37,7 +37,17 @@ class MetaPackage:
     # registered as a Jupyter kernel: names of the environments folder (`team-a`), pushed
     # environments (`env/<id>`), or `all` (every environment of the folder).
     kernels: tuple[str, ...] = ()
+    # The environment its user may change (build/changeable.py): the prefix and its package
+    # layers owned by `user`, and conda and pip added, configured for the image's channels
+    # with its packages pinned. None: not set (off unless another meta-package of the name
+    # sets it).
+    changeable: bool | None = None
 
+
+# What a changeable environment adds to its specs: the package managers whose
+# configuration it writes. `mamba` or `micromamba` in a meta-package's specs read the
+# same `.condarc`.
+PACKAGE_MANAGER_SPECS = ("conda", "pip")
 
 JOVYAN = ImageUser(name="jovyan", uid=1000, gid=100, group="users", home="/home/jovyan")
 DEFAULT_META_PACKAGES: dict[str, MetaPackage] = {
@@ -47,12 +57,14 @@ DEFAULT_META_PACKAGES: dict[str, MetaPackage] = {
     # The Jupyter Docker Stacks' conventions (jovyan, uid 1000, gid 100 `users`, which
     # z2jh's fsGid defaults to), and the command KubeSpawner and z2jh run by default.
     # Not start-notebook.sh: it exists to drop root and chown the home, which this image
-    # needs neither of (docs/jupyterhub.md).
+    # needs neither of (docs/jupyterhub.md). Changeable, as the Docker Stacks' /opt/conda
+    # is jovyan's: users `conda install` and `pip install` into their running server.
     "jupyter": MetaPackage(
         specs=("jupyterlab", "jupyterhub-singleuser"),
         user=JOVYAN,
         workdir="/home/jovyan",
         cmd=("jupyterhub-singleuser",),
+        changeable=True,
     ),
 }
 
@@ -84,7 +96,7 @@ def combine_meta_packages(packages: Mapping[str, MetaPackage]) -> MetaPackage:
         package = packages[name]
         specs.extend(s for s in package.specs if s not in specs)
         kernels.extend(k for k in package.kernels if k not in kernels)
-        for setting in ("user", "workdir", "cmd", "entrypoint"):
+        for setting in ("user", "workdir", "cmd", "entrypoint", "changeable"):
             value = getattr(package, setting)
             if value is not None:
                 agree(setting, name, value, single.get(setting))
@@ -96,6 +108,8 @@ def combine_meta_packages(packages: Mapping[str, MetaPackage]) -> MetaPackage:
                 merged[kind][key] = value
                 owners.setdefault((kind, key), name)
     values = {setting: value for setting, (_, value) in single.items()}
+    if values.get("changeable"):
+        specs.extend(s for s in PACKAGE_MANAGER_SPECS if s not in specs)
     return MetaPackage(specs=tuple(specs), env=merged["env"], labels=merged["labels"], kernels=tuple(kernels),
                        **values)
 

@@ -296,9 +296,10 @@ def parse_name(name: str, meta_packages: Mapping[str, MetaPackage]) -> ImageRequ
             raise _invalid(name, str(exc)) from None
         canonical.add(parsed.canonical)
         specs.add(parsed.spec)
-    if len(meta) > 1:
+    if meta:
         try:
-            combine_meta_packages({m: meta_packages[m] for m in meta})
+            # Their specs, with what their settings add (a changeable environment's package managers).
+            specs.update(combine_meta_packages({m: meta_packages[m] for m in meta}).specs)
         except MetaConflict as exc:
             raise NameInvalid(f"invalid image name {_quoted(name)}: {exc}") from None
     components = tuple(sorted(canonical))

@@ -18,7 +18,10 @@
   containerd and runc create a missing working directory as root, and nothing can
   write in it then (podman chowns it and hides the problem); a uid without a passwd
   entry breaks `getpwuid` (`whoami`, ssh, some Python tools). The package layers stay
-  root's, shared by every image.
+  root's, shared by every image, unless the environment is changeable (below).
+- A changeable environment (a meta-package's `changeable`): everything of this layer under
+  the prefix is the user's (`owner`), as its package layers are, and it holds the package
+  manager's configuration (`.condarc`, `conda-meta/pinned`, `pip.conf`: build/changeable.py).
 
 The layer depends only on the arguments, so it is reproducible like the package layers.
 """
@@ -39,11 +42,13 @@ from condery.common.redact import redact_url
 from condery.layers import LayerBlob, PackageError
 from condery.layers.activation import Activation
 from condery.layers.compression import GZIP
-from condery.layers.tarball import OwnedDir, write_layer
+from condery.layers.tarball import OwnedDir, TreeOwner, write_layer
 
 # The prefix is pasted into shell scripts: keep it to characters that need no quoting.
 _SHELL_SAFE_PREFIX = re.compile(r"^(/[A-Za-z0-9._+-]+)+$")
 _ANACONDA_CLOUD = "https://conda.anaconda.org/"
+# The package managers' configuration files at the prefix (a changeable environment's).
+_CONFIG_FILES = (".condarc", "pip.conf")
 
 
 def _check_prefix(prefix: str) -> str:
@@ -207,13 +212,14 @@ def build_env_layer(records: Sequence[rattler.RepoDataRecord], *, requested_spec
                     account: Account | None = None, compression: str = GZIP,
                     activation: Activation | None = None,
                     variables: Mapping[str, str] | None = None, meta_files: Mapping[str, str] | None = None,
-                    with_system: bool = True) -> LayerBlob:
+                    with_system: bool = True, owner: tuple[int, int] | None = None) -> LayerBlob:
     """Write the environment layer to `out_path` (blocking; small). `variables` are an
     environment file's: conda keeps them in conda-meta/state and sets them on activation.
     `meta_files` are more of conda-meta/ (the image read back as files: build/readback.py)
     and kernelspecs (share/jupyter/kernels/); nothing else, so that no package file is
     replaced. Without `with_system` (a kernel's environment under <prefix>/envs/), nothing
-    outside the prefix: the profile script and the accounts are the image's own environment's."""
+    outside the prefix: the profile script and the accounts are the image's own environment's.
+    `owner` (uid, gid): the prefix's entries are theirs (a changeable environment)."""
     _check_prefix(prefix)
     out_path = Path(out_path)
     files = {
@@ -226,7 +232,7 @@ def build_env_layer(records: Sequence[rattler.RepoDataRecord], *, requested_spec
         if activation.needs_entrypoint:
             files["etc/condery/entrypoint.sh"] = entrypoint_script(prefix)
     files.update({rel: text for rel, text in (meta_files or {}).items()
-                  if rel.startswith(("conda-meta/", "share/jupyter/kernels/"))})
+                  if rel.startswith(("conda-meta/", "share/jupyter/kernels/")) or rel in _CONFIG_FILES})
     if variables:
         files["conda-meta/state"] = json.dumps({"env_vars": dict(sorted(variables.items()))}, indent=2) + "\n"
     system_files = {"etc/profile.d/condery.sh": profile_script(prefix)} if with_system else {}
@@ -246,4 +252,5 @@ def build_env_layer(records: Sequence[rattler.RepoDataRecord], *, requested_spec
         for rel, text in system_files.items():
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             (root / rel).write_text(text)
-        return write_layer(root, "", out_path, owned_dirs=owned, compression=compression)
+        tree = None if owner is None else TreeOwner(prefix.strip("/"), *owner)
+        return write_layer(root, "", out_path, owned_dirs=owned, compression=compression, owner=tree)

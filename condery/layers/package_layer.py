@@ -61,7 +61,7 @@ from condery.layers.stream_layer import (
     write_plan,
     write_scratch_sources,
 )
-from condery.layers.tarball import check_member_name, write_layer
+from condery.layers.tarball import TreeOwner, check_member_name, write_layer
 
 log = logging.getLogger(__name__)
 
@@ -409,7 +409,8 @@ def _contains_path(value: Any, needles: tuple[str, ...]) -> bool:
 
 def _finish_layer(record: rattler.RepoDataRecord, staging: Path, target: Path, *, prefix: str,
                   keep_unrecorded: bool, hidden: tuple[Path, ...], out_path: Path,
-                  compiled: list[CompiledFile], compression: str = GZIP) -> LayerBlob:
+                  compiled: list[CompiledFile], compression: str = GZIP,
+                  owner: TreeOwner | None = None) -> LayerBlob:
     """Scrub the installed tree and write the layer (blocking; run in a thread)."""
     dist = dist_name(record)
     for rel in _STAGING_ONLY:
@@ -441,7 +442,7 @@ def _finish_layer(record: rattler.RepoDataRecord, staging: Path, target: Path, *
     # The record's paths (a few hundred bytes of Python objects per file) are not needed to
     # write the layer: freed first, the peak is the larger of the two steps, not their sum.
     del data
-    return write_layer(target, prefix.strip("/"), out_path, compression=compression)
+    return write_layer(target, prefix.strip("/"), out_path, compression=compression, owner=owner)
 
 
 def _prune(target: Path, wanted: set[str], softlinks: set[str], dist: str) -> None:
@@ -473,7 +474,7 @@ async def build_package_layer(record: rattler.RepoDataRecord, *, python_record: 
                               client: rattler.Client | None = None,
                               report: LayerReport | None = None,
                               bytecode: BytecodePlan | None = None, compression: str = GZIP,
-                              stream: bool = True) -> LayerBlob:
+                              stream: bool = True, owner: tuple[int, int] | None = None) -> LayerBlob:
     """Build the layer of one package at `prefix`; the compressed file is left in `work_dir`.
 
     Package scripts (post-link) run only if `allow_scripts`: they are code from the
@@ -490,6 +491,9 @@ async def build_package_layer(record: rattler.RepoDataRecord, *, python_record: 
 
     The layer is written straight from the archive (stream_layer.py) unless the package
     needs rattler's install; `stream=False` always installs (the tests compare the two).
+
+    `owner` (uid, gid): everything at and below the prefix is theirs (the environment of a
+    meta-package's `changeable`, which its user may change); None: root's.
     """
     _check_prefix(prefix)
     dist = dist_name(record)
@@ -516,7 +520,8 @@ async def build_package_layer(record: rattler.RepoDataRecord, *, python_record: 
                                                  prefix=prefix, platform=platform, work_dir=work_dir,
                                                  package_cache_dir=Path(package_cache_dir),
                                                  allow_scripts=allow_scripts, limits=limits, report=report,
-                                                 bytecode=bytecode, compression=compression, stream=stream)
+                                                 bytecode=bytecode, compression=compression, stream=stream,
+                                                 owner=None if owner is None else TreeOwner(prefix.strip("/"), *owner))
     finally:
         # Once the CPU slot is given back: removing the extracted package and its linked
         # copy (two entries per file) is not the next build's business. Measured with 300
@@ -530,7 +535,7 @@ async def _build_from_archive(record: rattler.RepoDataRecord, archive: Path, sta
                               work_dir: Path, package_cache_dir: Path, allow_scripts: bool,
                               limits: PackageLimits, report: LayerReport | None = None,
                               bytecode: BytecodePlan | None = None, compression: str = GZIP,
-                              stream: bool = True) -> LayerBlob:
+                              stream: bool = True, owner: TreeOwner | None = None) -> LayerBlob:
     """Inspect, install into `staging` (an empty directory the caller removes), scrub and
     tar a verified archive (the CPU-bound part)."""
     dist = dist_name(record)
@@ -544,7 +549,7 @@ async def _build_from_archive(record: rattler.RepoDataRecord, archive: Path, sta
     if declined is None:
         try:
             return await _stream_layer(record, archive, prefix=prefix, work_dir=work_dir, limits=limits,
-                                       bytecode=bytecode, compression=compression, timed=timed)
+                                       bytecode=bytecode, compression=compression, timed=timed, owner=owner)
         except NotStreamable as exc:
             declined = str(exc)
     log.debug("%s: installed with rattler: %s", dist, declined)
@@ -589,7 +594,7 @@ async def _build_from_archive(record: rattler.RepoDataRecord, archive: Path, sta
             return await asyncio.to_thread(
                 _finish_layer, record, staging, target, prefix=prefix, keep_unrecorded=allow_scripts,
                 hidden=(archive.parent, archive.parent.resolve(), staging.resolve()),
-                out_path=out_path, compiled=compiled, compression=compression,
+                out_path=out_path, compiled=compiled, compression=compression, owner=owner,
             )
     except BaseException:
         out_path.unlink(missing_ok=True)
@@ -609,7 +614,7 @@ def _read_and_plan(record: rattler.RepoDataRecord, archive: Path, spool: Any, *,
 
 async def _stream_layer(record: rattler.RepoDataRecord, archive: Path, *, prefix: str, work_dir: Path,
                         limits: PackageLimits, bytecode: BytecodePlan | None, compression: str,
-                        timed: Any) -> LayerBlob:
+                        timed: Any, owner: TreeOwner | None = None) -> LayerBlob:
     """The layer written straight from the archive (stream_layer.py), or NotStreamable
     when the package needs rattler's install, or its verdict (the caller then installs
     it, and refuses it if it must: this path never refuses a package itself)."""
@@ -645,7 +650,7 @@ async def _stream_layer(record: rattler.RepoDataRecord, archive: Path, *, prefix
                     await asyncio.to_thread(shutil.rmtree, scratch, True)
         with timed("pack"):
             try:
-                return await asyncio.to_thread(write_plan, plan, spool, out_path, compression)
+                return await asyncio.to_thread(write_plan, plan, spool, out_path, compression, owner)
             except PackageError as exc:
                 raise NotStreamable(str(exc)) from None
     except BaseException:

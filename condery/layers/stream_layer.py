@@ -52,6 +52,7 @@ from condery.layers.tarball import (
     _EXEC_MODE,
     _FILE_MODE,
     _LINK_MODE,
+    TreeOwner,
     _Entry,
     _LayerWriter,
     _parents,
@@ -422,8 +423,10 @@ def add_compiled(plan: StreamPlan, compiled: list[CompiledFile], target: Path) -
     record_compiled(plan.record, compiled)
 
 
-def write_plan(plan: StreamPlan, spool: _Spool, out_path: Path, compression: str = GZIP) -> LayerBlob:
-    """Write the layer: tarball.write_layer's entries and order for the installed tree."""
+def write_plan(plan: StreamPlan, spool: _Spool, out_path: Path, compression: str = GZIP,
+               owner: TreeOwner | None = None) -> LayerBlob:
+    """Write the layer: tarball.write_layer's entries and order for the installed tree
+    (with `owner`, its tree owned by that uid:gid, as write_layer's)."""
     record = (json.dumps(plan.record, indent=2, sort_keys=True) + "\n").encode()
     entries: dict[str, _Entry] = {}
 
@@ -456,7 +459,7 @@ def write_plan(plan: StreamPlan, spool: _Spool, out_path: Path, compression: str
             size = len(record) if rel == meta else (
                 len(plan.extra[rel]) if rel in plan.extra else plan.contents[rel][1])
             entries[name] = _Entry(name, "file", mode, size, source=Path(rel))
-    writer = _LayerWriter(out_path, compression)
+    writer = _LayerWriter(out_path, compression, owner)
     try:
         for name in sorted(entries):
             entry = entries[name]

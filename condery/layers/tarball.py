@@ -63,7 +63,7 @@ class _Entry:
     size: int = 0
     linkname: str = ""
     source: Path | None = None  # file content, for kind == "file"
-    uid: int = 0  # not root only for the environment layer's home directories (OwnedDir)
+    uid: int = 0  # not root only for OwnedDir and under a TreeOwner's tree
     gid: int = 0
 
 
@@ -74,6 +74,20 @@ class OwnedDir:
     name: str  # archive path, e.g. "home/jovyan"
     uid: int
     gid: int
+
+
+@dataclass(frozen=True)
+class TreeOwner:
+    """The owner of every entry at or below `tree` (an archive path, e.g. "opt/conda"):
+    the layers of an environment its user may change (a meta-package's `changeable`).
+    Entries outside the tree (the prefix's parents, /etc) stay root's."""
+
+    tree: str
+    uid: int
+    gid: int
+
+    def owns(self, name: str) -> bool:
+        return name == self.tree or name.startswith(self.tree + "/")
 
 
 def _has_control_character(text: str) -> bool:
@@ -209,9 +223,10 @@ def _open_regular(path: Path, size: int) -> BinaryIO:
 class _LayerWriter:
     """tar -> sha256 (diff_id) -> compress -> sha256 (digest) -> file, in one stream."""
 
-    def __init__(self, out_path: Path, compression: str = GZIP) -> None:
+    def __init__(self, out_path: Path, compression: str = GZIP, owner: TreeOwner | None = None) -> None:
         check_compression(compression)  # before the file exists
         self._out_path = out_path
+        self._owner = owner
         self._raw = open(out_path, "wb")
         self._gz_hash = _HashingWriter(self._raw)
         self._compressor = compressing_writer(compression, self._gz_hash)  # type: ignore[arg-type]
@@ -225,6 +240,8 @@ class _LayerWriter:
         info = tarfile.TarInfo(entry.name)
         info.mtime = LAYER_MTIME
         info.uid, info.gid = entry.uid, entry.gid
+        if self._owner is not None and not (entry.uid or entry.gid) and self._owner.owns(entry.name):
+            info.uid, info.gid = self._owner.uid, self._owner.gid
         info.uname = info.gname = ""
         info.mode = entry.mode
         if entry.kind == "dir":
@@ -270,19 +287,20 @@ class _LayerWriter:
 
 def write_layer(root: Path, arcname_prefix: str, out_path: Path, *,
                 extra_dirs: Sequence[str] = (), owned_dirs: Sequence[OwnedDir] = (),
-                compression: str = GZIP) -> LayerBlob:
+                compression: str = GZIP, owner: TreeOwner | None = None) -> LayerBlob:
     """Write every entry under `root` as a layer rooted at `arcname_prefix` (e.g. "opt/conda").
 
     The prefix's parent directories are emitted too, and so are `extra_dirs` (archive
     paths of directories to create even when `root` has nothing there), and so are
-    `owned_dirs` (owned by their uid:gid, their parents left to the layers below). Raises
+    `owned_dirs` (owned by their uid:gid, their parents left to the layers below), and
+    with `owner` every entry of its tree is that uid:gid's. Raises
     PackageError for unsafe entries (special files, symlinks above the image root).
     `compression` is compression.GZIP or compression.ZSTD.
     """
     if not Path(root).is_dir():
         raise FileNotFoundError(f"layer root {root} is not a directory")
     entries = _scan(Path(root), arcname_prefix, extra_dirs, owned_dirs)
-    writer = _LayerWriter(Path(out_path), compression)
+    writer = _LayerWriter(Path(out_path), compression, owner)
     try:
         for entry in entries:
             writer.add(entry)
@@ -293,19 +311,21 @@ def write_layer(root: Path, arcname_prefix: str, out_path: Path, *,
 
 
 def _member_entry(member: tarfile.TarInfo) -> _Entry:
-    """Validate a member read back from a layer and describe it as an _Entry."""
+    """Validate a member read back from a layer and describe it as an _Entry (its owner
+    kept: the layers of a changeable environment are their user's)."""
     name = member.name.rstrip("/")
     check_member_name(name)
+    owner = {"uid": member.uid, "gid": member.gid}
     if member.isdir():
-        return _Entry(name, "dir")
+        return _Entry(name, "dir", **owner)
     if member.issym():
         check_symlink(name, member.linkname)
-        return _Entry(name, "symlink", _LINK_MODE, linkname=member.linkname)
+        return _Entry(name, "symlink", _LINK_MODE, linkname=member.linkname, **owner)
     if member.isreg():
-        return _Entry(name, "file", _normal_mode(member.mode), member.size)
+        return _Entry(name, "file", _normal_mode(member.mode), member.size, **owner)
     if member.islnk():
         check_member_name(member.linkname)
-        return _Entry(name, "hardlink", _normal_mode(member.mode), linkname=member.linkname)
+        return _Entry(name, "hardlink", _normal_mode(member.mode), linkname=member.linkname, **owner)
     raise PackageError(f"{name!r} in a layer is not a file, directory, symlink or hardlink")
 
 

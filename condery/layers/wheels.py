@@ -69,7 +69,7 @@ from condery.layers.pip_resolve import (
     provided_by_conda,
     resolve_wheels,
 )
-from condery.layers.tarball import check_member_name, write_layer
+from condery.layers.tarball import TreeOwner, check_member_name, write_layer
 
 __all__ = [
     "INSTALLER_NAME", "WHEEL_INSTALLER_ID", "WHEEL_LAYOUT", "PinnedWheel", "PipError", "PipTarget",
@@ -310,8 +310,9 @@ def _record_compiled(site_dir: Path, dist_info: str, site_packages: str, compile
 
 async def build_wheel_layer(wheel_path: Path, wheel: PinnedWheel, target: PipTarget, out_path: Path, *,
                             compression: str, bytecode: BytecodePlan | None,
-                            limits: PackageLimits) -> LayerBlob:
-    """The layer of the installed wheel, written to `out_path`.
+                            limits: PackageLimits, owner: tuple[int, int] | None = None) -> LayerBlob:
+    """The layer of the installed wheel, written to `out_path` (with `owner` (uid, gid), the
+    prefix's entries theirs: package_layer.build_package_layer's).
 
     Async (unlike the brief's sync sketch) because bytecode.compile_bytecode is: the
     inspection, install and tar run in threads, the compiler in a child process. The
@@ -347,8 +348,9 @@ async def build_wheel_layer(wheel_path: Path, wheel: PinnedWheel, target: PipTar
         site = target.site_packages.strip("/")
         await asyncio.to_thread(_record_compiled, prefix_dir / site, dist_info, site, compiled)
         try:
-            return await asyncio.to_thread(write_layer, prefix_dir, target.prefix.strip("/"), out_path,
-                                           compression=compression)
+            prefix = target.prefix.strip("/")
+            return await asyncio.to_thread(write_layer, prefix_dir, prefix, out_path, compression=compression,
+                                           owner=None if owner is None else TreeOwner(prefix, *owner))
         except PackageError as exc:
             raise PipError(f"{wheel.filename}: {exc}") from None
     finally:

@@ -145,7 +145,7 @@ class ImageKeys:
 
 
 def layer_key(record: rattler.RepoDataRecord, *, prefix: str, site_packages: str | None, allow_scripts: bool,
-              bytecode: str | None = None, compression: str = GZIP) -> str:
+              bytecode: str | None = None, compression: str = GZIP, owner: tuple[int, int] | None = None) -> str:
     """A storage-safe key for the layer of `record` as this configuration builds it.
 
     The site-packages path counts for noarch python only, so that e.g. zlib's layer is
@@ -154,7 +154,9 @@ def layer_key(record: rattler.RepoDataRecord, *, prefix: str, site_packages: str
     ours: a build host without the image's python makes another layer, never this one.
     The compressor (algorithm, library version, level, chunk size) counts too: switching
     layer_compression never serves a layer of the other kind, and a new libdeflate never
-    reuses layers it would not write the same.
+    reuses layers it would not write the same. `owner` (uid, gid) of a changeable
+    environment's layers: counted only when set, so that root's layers keep their keys
+    and every image of one owner shares its layers.
     """
     if record.sha256 is None:
         # build_package_layer refuses it too; a key that cannot name the bytes is no key.
@@ -166,6 +168,7 @@ def layer_key(record: rattler.RepoDataRecord, *, prefix: str, site_packages: str
         "allow_scripts": allow_scripts,
         "bytecode": bytecode,
         "compressor": COMPRESSOR_ID[compression],
+        **({} if owner is None else {"owner": list(owner)}),
     }
     return f"{LAYOUT_VERSION}/{record.sha256.hex()}/{fingerprint_of(inputs)[:32]}"
 
@@ -174,7 +177,8 @@ def group_key(member_keys: Sequence[str]) -> str:
     return "group/" + hashlib.sha256("\n".join(member_keys).encode()).hexdigest()
 
 
-def wheel_layer_key(wheel: PinnedWheel, target: PipTarget, *, bytecode: str | None, compression: str) -> str:
+def wheel_layer_key(wheel: PinnedWheel, target: PipTarget, *, bytecode: str | None, compression: str,
+                    owner: tuple[int, int] | None = None) -> str:
     """`wheel/<layout>/<sha256>/<inputs>`: the layer of one wheel (layers/wheels.py).
 
     Every input whose bytes reach the layer: the wheel (sha256), the prefix (scripts'
@@ -190,5 +194,6 @@ def wheel_layer_key(wheel: PinnedWheel, target: PipTarget, *, bytecode: str | No
         "bytecode": bytecode,
         "compressor": COMPRESSOR_ID[compression],
         "installer": WHEEL_INSTALLER_ID,
+        **({} if owner is None else {"owner": list(owner)}),  # layer_key's rule
     }
     return f"wheel/{WHEEL_LAYOUT}/{wheel.sha256}/{fingerprint_of(inputs)[:32]}"
