@@ -53,9 +53,16 @@ def test_yaml_blocks() -> None:
     by_kind = {("Pod" if d.get("kind") == "Pod" else next(iter(d))): d for d in documents}
     assert set(by_kind) == {"meta_packages", "singleuser", "Pod"}
 
-    # The condery configuration loads, and its meta-package gives a user as the doc says.
-    config = load_config(None, environ={}, **by_kind["meta_packages"])
-    assert config.meta_packages["lab"].user is not None and config.meta_packages["lab"].user.uid == 1000
+    # The condery configurations load, and their meta-packages are what the doc says: a
+    # user for `lab`, and `jupyter` as the defaults but not changeable.
+    configs = [load_config(None, environ={}, **d) for d in documents if "meta_packages" in d]
+    assert len(configs) == 2
+    lab = configs[0].meta_packages["lab"]
+    assert lab.user is not None and lab.user.uid == 1000
+    fixed, default = configs[1].meta_packages["jupyter"], DEFAULT_META_PACKAGES["jupyter"]
+    assert fixed.changeable is False and default.changeable is True
+    assert (fixed.specs, fixed.user, fixed.workdir, fixed.cmd) == (default.specs, default.user, default.workdir,
+                                                                    default.cmd)
 
     singleuser = by_kind["singleuser"]["singleuser"]
     assert (singleuser["uid"], singleuser["fsGid"]) == (1000, 100)  # what `jupyter` sets

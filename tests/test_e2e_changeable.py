@@ -126,6 +126,15 @@ def test_a_root_owned_environment_refuses_with_condas_message(registry: Registry
     assert "Defaulting to user installation because normal site-packages is not writeable" in text, text
 
 
+def test_the_images_api_says_who_owns_the_environment(registry: Registry) -> None:
+    status, _, body = registry.get("/api/v1/images/jupyter/latest")
+    assert status == 200, body
+    assert json.loads(body)["changeable"] == {"prefix": "/opt/conda", "owner": "1000:100",
+                                              "package_managers": ["conda", "pip"]}
+    status, _, body = registry.get("/api/v1/images/fixed/latest")
+    assert status == 200 and json.loads(body)["changeable"] is None, body
+
+
 def test_layers_of_one_owner_are_shared_and_not_roots(registry: Registry) -> None:
     """The changeable image's package layers are other layers than root's, keyed by owner:
     `jupyter/xz` reuses every layer `jupyter` built."""

@@ -21,7 +21,7 @@ from typing import Sequence
 import rattler
 
 from condery.common.redact import redact_url
-from condery.image.meta import MetaPackage
+from condery.image.meta import PACKAGE_MANAGER_SPECS, MetaPackage
 from condery.layers.env_layer import channel_name
 from condery.layers.solve import channel
 
@@ -33,6 +33,14 @@ def environment_owner(meta: MetaPackage) -> tuple[int, int] | None:
     if not meta.changeable or meta.user is None:
         return None
     return meta.user.uid, meta.user.gid
+
+
+def changeable_json(meta: MetaPackage, prefix: str) -> dict[str, object] | None:
+    """What the images API says of a changeable environment (None: it is not one)."""
+    if not meta.changeable:
+        return None
+    uid, gid = environment_owner(meta) or (0, 0)
+    return {"prefix": prefix, "owner": f"{uid}:{gid}", "package_managers": list(PACKAGE_MANAGER_SPECS)}
 
 
 def condarc(channels: Sequence[str]) -> str:

@@ -120,6 +120,7 @@ class ImageLook:
     digest: str | None  # the top-level manifest a pull gets now; None until built
     layers: list[BuiltLayer] | None
     kernels: list[dict[str, Any]] = field(default_factory=list)  # build/kernels.py kernels_json
+    changeable: dict[str, Any] | None = None  # build/changeable.py changeable_json
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -140,6 +141,7 @@ class ImageLook:
             },
             "skipped": dict(self.solved.skipped),
             "kernels": self.kernels,
+            "changeable": self.changeable,
             "digest": self.digest,
             "layers": None if self.layers is None else [
                 {"platform": layer.platform, "digest": layer.digest, "size": layer.size,

@@ -32,8 +32,9 @@ import rattler
 
 from condery.bases.errors import BaseImageError
 from condery.build.admission import BuildQueue
-from condery.build.assembly import PlatformImage
+from condery.build.assembly import PlatformImage, meta_settings
 from condery.build.bases import PlatformBases
+from condery.build.changeable import changeable_json
 from condery.build.environments import Environments
 from condery.build.image_layers import LayerBuilder
 from condery.build.kernels import kernels_json
@@ -360,7 +361,7 @@ class ImageService:
             self.state.outcomes.failed(request.canonical_name, tag, exc)
             raise
         return ImageLook(request.canonical_name, tag, solved, None if record is None else record.ref.oci_digest, layers,
-                         kernels_json(request.kernels, self.config.prefix))
+                         kernels_json(request.kernels, self.config.prefix), changeable_json(meta_settings(self.config, request), self.config.prefix))
 
     async def solve(self, request: ImageRequest, reference: Latest | Snapshot, subdir: str) -> list[rattler.RepoDataRecord]:
         """The records of one platform's solve (`condery solve`)."""
