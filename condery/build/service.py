@@ -61,6 +61,7 @@ log = logging.getLogger("condery.build")
 # at most max_builds_per_client slots and cold builds keep the rest.
 REFRESH_CLIENT = "background-refresh"
 HELD_SECONDS = 5.0  # how long holds() trusts what it read (a build in between adds digests)
+HELD_RECHECK = 0.5  # a digest it did not hold is looked up again after this long, no sooner
 HELD_ENTRIES = 1024
 
 
@@ -85,7 +86,7 @@ class ImageService:
         self.solves = SolveCache(self.freshness, self.config.max_concurrent_builds)  # look(): solves, no builds
         self._refreshes: dict[str, asyncio.Task[None]] = {}
         self._prebuilds: set[asyncio.Task[ImageRef]] = set()  # held here: the loop keeps weak references
-        self._held: dict[str, tuple[float, frozenset[str]]] = {}  # holds(): image keys -> the digests they name
+        self._held: dict[str, tuple[float, frozenset[str]]] = {}  # holds(): name and channels -> the digests named
 
     @property
     def meta_packages(self) -> Mapping[str, MetaPackage]:
@@ -260,26 +261,35 @@ class ImageService:
         """Whether an image this name and caller pull (any tag, this configuration and this
         caller's channels) names `digest`: under auth, a digest is fetched through the
         manifests that reference it, as Distribution links blobs to repositories, so a
-        digest learned elsewhere does not pass a name's rule. Remembered for a few seconds."""
-        bases = await self.bases.for_platforms()
-        keys = {self.keys.key(request, tag, bases) for tag in await self.records.tags(request)}
-        cache_key = "\n".join(sorted(keys))
+        digest learned elsewhere does not pass a name's rule.
+
+        Remembered per (name, caller's channels) for HELD_SECONDS, so the blobs of one pull
+        cost one walk, not one per blob (each walk reads the tags index and every image
+        record). A digest not in what was remembered is looked up again, at most once per
+        HELD_RECHECK seconds: the image may have been built or refreshed since, and its
+        client is fetching the blobs its new manifest names right now."""
+        cache_key = f"{request.canonical_name}\n{request.channels!r}"
         known = self._held.get(cache_key)
-        if known is None or time.monotonic() - known[0] > HELD_SECONDS:
-            roots: set[str] = set()
-            for key in keys:
-                record = await self.records.image(key, quiet=True)
-                if record is not None:
-                    roots.update((record.ref.oci_digest, record.ref.docker_digest))
-            held: set[str] = set()
-            async for visit in walk(roots, self.store.get_blob_bytes):
-                held.add(visit.digest)
-                if visit.found is not None:
-                    held.update(blob.digest for blob in visit.found.blobs)
-            known = self._held[cache_key] = (time.monotonic(), frozenset(held))
-            while len(self._held) > HELD_ENTRIES:
-                self._held.pop(next(iter(self._held)))
-        return digest in known[1]
+        now = time.monotonic()
+        if known is not None and now - known[0] <= HELD_SECONDS and (
+                digest in known[1] or now - known[0] <= HELD_RECHECK):
+            return digest in known[1]
+        bases = await self.bases.for_platforms()
+        roots: set[str] = set()
+        for tag in await self.records.tags(request):
+            record = await self.records.image(self.keys.key(request, tag, bases), quiet=True)
+            if record is not None:
+                roots.update((record.ref.oci_digest, record.ref.docker_digest))
+        held: set[str] = set()
+        async for visit in walk(roots, self.store.get_blob_bytes):
+            held.add(visit.digest)
+            if visit.found is not None:
+                held.update(blob.digest for blob in visit.found.blobs)
+        self._held.pop(cache_key, None)  # re-inserted last: the oldest entries go first
+        self._held[cache_key] = (time.monotonic(), frozenset(held))
+        while len(self._held) > HELD_ENTRIES:
+            self._held.pop(next(iter(self._held)))
+        return digest in held
 
     # -- refresh off the request path ------------------------------------------------
     def _refresh(self, key: str, request: ImageRequest, reference: Latest | Snapshot, bases: Mapping[str, BaseImage]) -> None:
