@@ -133,6 +133,11 @@ def test_the_images_api_says_who_owns_the_environment(registry: Registry) -> Non
                                               "package_managers": ["conda", "pip"]}
     status, _, body = registry.get("/api/v1/images/fixed/latest")
     assert status == 200 and json.loads(body)["changeable"] is None, body
+    # The image page says it too.
+    status, _, page = registry.get("/images/jupyter/latest")
+    assert status == 200 and b'id="changeable"' in page and b"<code>1000:100</code>" in page, page[:2000]
+    status, _, page = registry.get("/images/fixed/latest")
+    assert status == 200 and b'id="changeable"' not in page
 
 
 def test_layers_of_one_owner_are_shared_and_not_roots(registry: Registry) -> None:

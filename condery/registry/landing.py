@@ -261,6 +261,12 @@ def image_page(host: str, image: ImageLook) -> str:
         f"<a href=\"/api/v1/images/{_e(quote(image.name, safe='/'))}/{_e(quote(image.tag))}/{f}\">{f}</a>"
         for f in ("environment.yml", "explicit.txt", "conda-lock.yml"))
     sections.append(f"<p id=\"read-back\">As a file: {files}</p>")
+    if image.changeable:
+        owner = image.changeable["owner"]
+        tools = " and ".join(f"<code>{_e(t)}</code>" for t in image.changeable["package_managers"])
+        sections.append(f"<p id=\"changeable\">Changeable: <code>{_e(image.changeable['prefix'])}</code> belongs "
+                        f"to uid:gid <code>{_e(owner)}</code>, who may add packages with {tools} in a running "
+                        "container.</p>")
     if image.kernels:
         rows = (
             (f"<code>{_e(k['name'])}</code>", _e(k["display_name"]), _e(k["language"] or "none (no kernel)"),
