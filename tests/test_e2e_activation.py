@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.clients import bundle_env, bundle_process, run_in_rootfs
+from tests.fixtures.clients import bundle_env, bundle_process, run_in_rootfs, runc_run
 from tests.test_e2e import Registry, condery, unpack
 
 pytestmark = pytest.mark.e2e
@@ -19,6 +19,13 @@ DATA = "CONDERY_ACTIVATE_DATA=/opt/conda/share/condery-activate"
 STATIC = "condery-activate/condery-activate-full"
 DYNAMIC = "bash/condery-activate/condery-activate-dynamic"
 HOSTILE = "condery-activate/condery-hostile-activate"
+TOOL = "CONDERY_ACTIVATE_TOOL=from-the-tool"  # DYNAMIC's script: only a shell or the entrypoint sets it
+# The image's bash is GNU bash (Debian's, repackaged: tests/fixtures/bash_package.py), so
+# each mode reads what a real bash reads: `-c` BASH_ENV, `-u -c` BASH_ENV with nounset on
+# (DYNAMIC's script tests a variable that may be unset), `-l -c` /etc/profile (the glibc
+# test base has none) and BASH_ENV, `-i` only ~/.bashrc (none either).
+BASH_MODES = {"bash -c": ["bash", "-c", "env"], "bash -u": ["bash", "-u", "-c", "env"],
+              "bash -i": ["bash", "-i", "-c", "env"], "bash -l": ["bash", "-l", "-c", "env"]}
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +87,6 @@ def test_a_script_that_cannot_be_evaluated_runs_in_the_entrypoint(registry: Regi
     # exec: the command is PID 1, its exit status is the container's.
     assert podman.run(ref, ["sh", "-c", "echo $$; exit 7"]).stdout.strip() == "1"
     assert podman.run(ref, ["sh", "-c", "exit 7"]).returncode == 7
-    # bash here is the fixture's stand-in (it runs /bin/sh): what `bash -c` gets through BASH_ENV
-    # is dash's, so this checks the entrypoint, not bash.
-    assert "CONDERY_ACTIVATE_TOOL=from-the-tool" in podman.run(ref, ["bash", "-c", "env"], check=True).stdout
     # podman exec reaches no entrypoint: the static variables only.
     name = f"condery-activation-dyn-{int(time.time())}"
     podman.podman("run", "-d", "--name", name, ref, "sleep", "300")
@@ -153,3 +157,58 @@ def test_containerd_runc_and_a_dockerfile_run_see_the_variables(registry: Regist
                           timeout=600)
     assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
     assert "seen: /opt/conda/share/condery-activate" in built.stdout
+
+
+def test_real_bash_under_podman_run_and_exec(registry: Registry, podman) -> None:
+    """`podman run`: the entrypoint activates and every bash inherits it. `podman exec`: no
+    entrypoint; `bash -c`, `bash -u -c` and `bash -l -c` source the scripts through
+    BASH_ENV, an interactive bash (which reads only ~/.bashrc) has the config's static
+    variables."""
+    ref = f"{registry.host}/{DYNAMIC}"
+    podman.pull(ref)
+    version = podman.run(ref, ["bash", "-c", 'echo "$BASH $BASH_VERSION"'], check=True).stdout.strip()
+    assert version.startswith("/opt/conda/bin/bash 5."), version
+    for mode, argv in BASH_MODES.items():
+        out = podman.run(ref, argv, check=True).stdout.splitlines()
+        assert DATA in out and TOOL in out, (mode, out)
+    name = f"condery-activation-bash-{int(time.time())}"
+    podman.podman("run", "-d", "--name", name, ref, "sleep", "300")
+    try:
+        for mode, argv in BASH_MODES.items():
+            out = podman.podman("exec", name, *argv).stdout.splitlines()
+            assert DATA in out, (mode, out)
+            assert (TOOL in out) is (mode != "bash -i"), (mode, out)
+        # What docs/activation.md tells an interactive shell to do for the rest.
+        out = podman.podman("exec", name, "bash", "-i", "-c", ". /opt/conda/etc/condery/activate.sh; env").stdout
+        assert TOOL in out.splitlines()
+        # Sourced once per process tree: a nested bash inherits, it does not run the scripts again.
+        nested = podman.podman("exec", name, "bash", "-c",
+                               "export CONDERY_ACTIVATE_TOOL=mine; bash -c 'echo $CONDERY_ACTIVATE_TOOL'").stdout
+        assert nested.strip() == "mine", nested
+    finally:
+        podman.podman("rm", "-f", "-t", "0", name, check=False)
+
+
+def test_real_bash_under_containerd_and_runc(registry: Registry, tmp_path: Path) -> None:
+    """`ctr run IMG ID CMD...` replaces the whole process, entrypoint included (a Kubernetes
+    pod's `args:` keep it), and runc runs bash as the bundle's process: without the
+    entrypoint, `bash -c` and `bash -l -c` activate through BASH_ENV alone, an interactive
+    bash has the config's static variables. With the entrypoint every mode inherits it."""
+    from tests.fixtures.containerd import containerd
+
+    ref = f"{registry.host}/{DYNAMIC}:latest"
+    with containerd() as daemon:
+        daemon.pull(ref)
+        for mode, argv in BASH_MODES.items():
+            ran = daemon.run(ref, argv)
+            assert ran.returncode == 0 and DATA in ran.stdout.splitlines(), (mode, ran.stderr)
+            assert (TOOL in ran.stdout.splitlines()) is (mode != "bash -i"), (mode, ran.stdout)
+
+    rootfs = unpack(registry, DYNAMIC, tmp_path)
+    entrypoint = bundle_process(rootfs.parent)["args"][:2]
+    for mode, argv in BASH_MODES.items():
+        ran = runc_run(rootfs.parent, argv, tmp_path / "runc")
+        assert ran.returncode == 0 and DATA in ran.stdout.splitlines(), (mode, ran.stderr)
+        assert (TOOL in ran.stdout.splitlines()) is (mode != "bash -i"), (mode, ran.stdout)
+        ran = runc_run(rootfs.parent, [*entrypoint, *argv], tmp_path / "runc")
+        assert ran.returncode == 0 and TOOL in ran.stdout.splitlines(), (mode, ran.stderr)

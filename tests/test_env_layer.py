@@ -122,6 +122,14 @@ def test_activation_runs_in_shells(records, tmp_path: Path) -> None:
                          env={**env, "BASH_ENV": str(prefix / "etc/condery/activate.sh")},
                          check=True, capture_output=True, text=True).stdout.splitlines()
     assert out == [f"{prefix}|{prefix}/bin|x"] * 2
+    # `bash -u -c`: nounset is on while BASH_ENV is read; a script's unguarded test of an
+    # unset variable (gdal's) must not stop the activation, and -u stays on for the command.
+    (activate_d / "pkg.sh").write_text('if [ -n "$PKG_UNSET" ]; then :; fi\n'
+                                       'export PKG_ACTIVATED="${PKG_ACTIVATED:-}x"\n')
+    result = subprocess.run(["bash", "-u", "-c", probe + '; case $- in *u*) echo nounset;; esac'],
+                            env={**env, "BASH_ENV": str(prefix / "etc/condery/activate.sh")},
+                            check=True, capture_output=True, text=True)
+    assert result.stdout.splitlines() == [f"{prefix}|{prefix}/bin|x", "nounset"] and not result.stderr
     # Login shells source /etc/profile.d/condery.sh after /etc/profile reset PATH.
     profile = unpacked / "etc" / "profile.d" / "condery.sh"
     out = subprocess.run(["sh", "-c", f"PATH=/usr/bin:/bin; . {profile}; {probe}"],

@@ -118,12 +118,17 @@ esac
 # what the scripts export.
 if [ "${{CONDERY_ACTIVATED:-}}" != "{prefix}" ]; then
     export CONDERY_ACTIVATED={prefix}
+    # Package scripts test variables that may be unset without `${{VAR:-}}` (gdal's
+    # "$GDAL_DRIVER_PATH"): under `bash -u -c` (nounset is on when BASH_ENV is read) the
+    # first one would abort this file halfway. Off while they run, then as it was.
+    case $- in *u*) _condery_nounset=1; set +u ;; *) _condery_nounset= ;; esac
     for _condery_script in {prefix}/etc/conda/activate.d/*.sh; do
         if [ -r "$_condery_script" ]; then
             . "$_condery_script"
         fi
     done
-    unset _condery_script
+    if [ -n "$_condery_nounset" ]; then set -u; fi
+    unset _condery_script _condery_nounset
 fi
 """
 
