@@ -36,7 +36,7 @@ from condery.records.schemas import BaseImage
 
 # Bump IMAGE_LAYOUT when the images built from the same inputs change (annotations,
 # config, environment layer).
-IMAGE_LAYOUT = f"image-v5+layer-{LAYOUT_VERSION}"  # v2: no ref.name annotation; v3: users, default Cmd; v4: conda-meta read-back files; v5: activation in Env, entrypoint
+IMAGE_LAYOUT = f"image-v6+layer-{LAYOUT_VERSION}"  # v2: no ref.name annotation; v3: users, default Cmd; v4: conda-meta read-back files; v5: activation in Env, entrypoint; v6: activate.sh under set -u
 _SEPARATOR = "/_/"
 
 
