@@ -43,7 +43,13 @@ from tests.fixtures.clients import (
 )
 from tests.fixtures.procs import cache_root
 from tests.fixtures.python_package import BUILD_PREFIX, python_version
-from tests.fixtures.wheel_packages import build_realistic_channel, conda_name, dependency_closure, wheel_packages
+from tests.fixtures.wheel_packages import (
+    build_realistic_channel,
+    conda_name,
+    dependency_closure,
+    other_kernel_packages,
+    wheel_packages,
+)
 
 PLATFORMS: list[SubdirLiteral] = ["linux-64", "noarch"]
 VIRTUAL_PACKAGES = [
@@ -277,3 +283,38 @@ def test_missing_libraries_follows_the_loaders_search(tmp_path: Path) -> None:
     (system / "libc.so.6").write_bytes(b"")
     (rootfs / "lib").symlink_to("usr/lib")  # merged /usr, as the glibc base has it
     assert missing_libraries(rootfs, "/bin") == {}
+
+
+def test_wheels_of_another_python_are_laid_out_for_it() -> None:
+    """ipykernel's closure for 3.9 from the wheelhouse .ci/install fills: compiled wheels
+    built for 3.9, pure ones noarch with their console scripts as conda entry points."""
+    packages = other_kernel_packages()
+    (pyzmq,) = (packages / "linux-64").glob("pyzmq-*.conda")
+    index = IndexJson.from_package_archive(pyzmq)
+    assert index.subdir == "linux-64" and str(index.build).startswith("py39")
+    assert index.depends[0] == "python >=3.9,<3.10.0a0"
+    paths = [e.relative_path.as_posix() for e in PathsJson.from_package_archive(pyzmq).paths]
+    assert all(p.startswith("lib/python3.9/site-packages/") for p in paths)
+    assert any(p.endswith(".cpython-39-x86_64-linux-gnu.so") for p in paths)
+    (ipython,) = (packages / "noarch").glob("ipython-*.conda")
+    # Markers evaluated for 3.9, not for the running python: IPython 8 needs these below 3.11.
+    assert {"exceptiongroup", "typing-extensions"} <= {d.split()[0] for d in IndexJson.from_package_archive(ipython).depends}
+    (core,) = (packages / "noarch").glob("jupyter-core-*.conda")
+    link = json.loads(_info_member(core, "info/link.json"))
+    assert "jupyter = jupyter_core.command:main" in link["noarch"]["entry_points"]
+
+
+def _info_member(package: Path, name: str) -> bytes:
+    import io
+    import tarfile
+    import zipfile
+
+    import zstandard
+
+    with zipfile.ZipFile(package) as archive:
+        info = next(n for n in archive.namelist() if n.startswith("info-"))
+        data = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(archive.read(info))).read()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        member = tar.extractfile(name)
+        assert member is not None
+        return member.read()
