@@ -31,6 +31,9 @@ pytestmark = pytest.mark.e2e
 JOVYAN = {"name": "jovyan", "uid": 1000, "gid": 100, "group": "users", "home": "/home/jovyan"}
 FIXED = {"specs": ["jupyterlab", "jupyterhub-singleuser", "conda", "pip"], "user": JOVYAN,
          "workdir": "/home/jovyan", "changeable": False}
+# A changeable image with a second environment at /opt/conda/envs/tools (a tools-only
+# environment of the folder: no python, so no kernel and no ipykernel to add).
+HUB = {"specs": ["jupyterlab", "jupyterhub-singleuser"], "user": JOVYAN, "changeable": True, "kernels": ["tools"]}
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +54,10 @@ def index(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleIndex]:
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory, base_layout, channel: FaultyChannel, index: SimpleIndex) -> Iterator[Registry]:
     tmp = tmp_path_factory.mktemp("changeable")
+    (tmp / "environments").mkdir()
+    (tmp / "environments" / "tools.yml").write_text("dependencies: [xz]\n")
     with condery(tmp, [channel.url], f"oci:{base_layout}:{BASE_TAG}", pypi_index=index.url,
-                 meta_packages={"fixed": FIXED}) as running:
+                 meta_packages={"fixed": FIXED, "hub": HUB}, environments_dir=str(tmp / "environments")) as running:
         yield running
 
 
@@ -150,3 +155,15 @@ def test_layers_of_one_owner_are_shared_and_not_roots(registry: Registry) -> Non
     assert status == 200, body
     built = registry.layer_keys() - before
     assert len(built) == 1, built  # xz's layer only, jovyan's
+
+
+def test_the_user_changes_a_second_environment_too(registry: Registry, tmp_path: Path) -> None:
+    """`conda install -n tools` as jovyan: the environments under envs/ are the user's as well."""
+    bundle = _bundle(registry, "hub", tmp_path)
+    tools = bundle / "rootfs/opt/conda/envs/tools"
+    assert (tools.stat().st_uid, (tools / "conda-meta").stat().st_uid) == (1000, 1000)
+    assert (tools / "conda-meta/pinned").read_text() == ""  # no python to keep, nothing the name pinned
+    result = _run(bundle, "conda install --yes --quiet -n tools zlib && conda list -n tools --json", tmp_path / "runc")
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    listed = json.loads(result.stdout[result.stdout.index("["):])
+    assert {"xz", "zlib"} <= {p["name"] for p in listed}, listed
