@@ -6,7 +6,7 @@ import rattler
 import yaml
 from rattler.package.build_string import BuildString
 
-from condery.build.changeable import changeable_files, changeable_json, condarc, environment_owner, pinned
+from condery.build.changeable import changeable_files, changeable_json, condarc, environment_owner, pinned_file
 from condery.image.meta import DEFAULT_META_PACKAGES, JOVYAN, MetaPackage, combine_meta_packages
 
 
@@ -52,11 +52,11 @@ def test_condarc_names_channels_without_credentials_or_local_paths() -> None:
 
 
 def test_pins_keep_python_and_the_names_versioned_specs() -> None:
-    text = pinned(RECORDS, ["numpy >1.0", "xz", "conda", "pip"])
+    text = pinned_file(RECORDS, ["numpy >1.0", "xz", "conda", "pip"])
     assert text == "numpy >1.0\npython 3.11.*\n"
     # A name that pins python itself keeps its own pin, not the major.minor.
-    assert pinned(RECORDS, ["python ==3.11.7"]) == "python ==3.11.7\n"
-    assert pinned([record("xz", "5.4.6")], ["xz"]) == ""  # no python: nothing to keep
+    assert pinned_file(RECORDS, ["python ==3.11.7"]) == "python ==3.11.7\n"
+    assert pinned_file([record("xz", "5.4.6")], ["xz"]) == ""  # no python: nothing to keep
 
 
 def test_files_are_the_three_package_manager_files() -> None:

@@ -71,7 +71,7 @@ def condarc(channels: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def pinned(records: Sequence[rattler.RepoDataRecord], requested_specs: Sequence[str]) -> str:
+def pinned_file(records: Sequence[rattler.RepoDataRecord], requested_specs: Sequence[str]) -> str:
     """conda-meta/pinned: the name's own specs that carry a version, and python's
     major.minor when the name does not pin python itself."""
     installed = {r.name.normalized: r for r in records}
@@ -98,6 +98,6 @@ def changeable_files(channels: Sequence[str], records: Sequence[rattler.RepoData
     """The package managers' files of a changeable environment, relative to its prefix."""
     return {
         ".condarc": condarc(channels),
-        "conda-meta/pinned": pinned(records, requested_specs),
+        "conda-meta/pinned": pinned_file(records, requested_specs),
         "pip.conf": pip_conf(pypi_index),
     }

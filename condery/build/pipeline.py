@@ -36,7 +36,7 @@ from condery.build.assembly import (
     manifest_annotations,
     meta_settings,
 )
-from condery.build.changeable import changeable_files, environment_owner
+from condery.build.changeable import changeable_files, environment_owner, pinned_file
 from condery.build.image_layers import LayerBuilder
 from condery.build.kernels import kernel_prefix, kernelspec_files
 from condery.build.look import Solved, SolvedPlatform, solved_platform
@@ -470,10 +470,8 @@ class Pipeline:
         _, layers = await self._environment_layers(request, job.reference, subdir, base, records, report,
                                                    job.progress, prefix, owner)
         activation = await evaluate_activation([e.scripts for e in layers if e.scripts], prefix)
-        files = None
-        if owner is not None:  # `conda install -n <name>` keeps the kernel's python too
-            files = {"conda-meta/pinned": changeable_files(self._channels_and_specs(request)[0], records,
-                                                           request.specs, self.config.pypi_index)["conda-meta/pinned"]}
+        # A changeable image's `conda install -n <name>` keeps the kernel's python too.
+        files = None if owner is None else {"conda-meta/pinned": pinned_file(records, request.specs)}
         env_layer = await self.layers.env_layer(request, records, subdir, created_of(records), files=files,
                                                 prefix=prefix, activation=activation, owner=owner)
         report.stored(env_layer.size)
