@@ -28,11 +28,12 @@ from condery.layers.compression import (
 from condery.layers.tarball import concat_layers, write_layer
 from condery.layers.recompress import gzip_layer
 
+# Layout v5 (LAYOUT_VERSION): directories first, in a member of their own.
 GOLDEN = {
-    GZIP: "sha256:3d94f21b31742999e33c250509c7ae56a7accf7ce108d8f5508918d5a278d5b4",
-    ZSTD: "sha256:d8e17348715b727c8c5fe55c7ef43f15448be45b069f3ac83dab78b8c30b5450",
+    GZIP: "sha256:737f000efec60d6b70860752e2e8fd3035302927982f812d7e623f5ea18a334f",
+    ZSTD: "sha256:28d9353d0b684f948cbc71cce17ff5bc57e4adf6d1034170e3a7fa9f380d3705",
 }
-GOLDEN_DIFF_ID = "sha256:cec4d05338b285876d2d5bcbfbcd882fe9e92a6f7a8dfbdc43cdb18c07c62650"
+GOLDEN_DIFF_ID = "sha256:16deb606ba56550e0aa31ff8b1362c55c1fcca1cf386536a1963dcb0f65e65da"
 
 
 def golden_tree(root: Path) -> Path:
@@ -54,6 +55,15 @@ def entries_end(tar: bytes) -> int:
     with tarfile.open(fileobj=io.BytesIO(tar), mode="r|") as archive:
         for _ in archive:
             pass
+        return archive.offset
+
+
+def dirs_end(tar: bytes) -> int:
+    """Where a layer's directories end (its first other entry begins): a member boundary."""
+    with tarfile.open(fileobj=io.BytesIO(tar), mode="r|") as archive:
+        for member in archive:
+            if not member.isdir():
+                return member.offset
         return archive.offset
 
 
@@ -92,14 +102,16 @@ def test_layer_bytes_never_come_from_the_hosts_zlib(tmp_path: Path, monkeypatch:
 def test_bytes_do_not_depend_on_thread_count(tmp_path: Path) -> None:
     blob = write_layer(golden_tree(tmp_path / "tree"), "opt/conda", tmp_path / "layer.tgz")
     tar = gzip.decompress(blob.path.read_bytes())
-    end = entries_end(tar)
-    assert len(tar) > 3 * CHUNK_SIZE
+    end, dirs = entries_end(tar), dirs_end(tar)
+    assert len(tar) > 3 * CHUNK_SIZE and 0 < dirs < end
     for threads in (1, 2, 5):
         for window in (1, 8):
             out = io.BytesIO()
             with ThreadPoolExecutor(threads) as pool:
                 writer = GzipChunkWriter(out, pool, window)
-                for i in range(0, end, 12345):  # write sizes unrelated to the chunk size
+                writer.write(tar[:dirs])
+                writer.end_part()
+                for i in range(dirs, end, 12345):  # write sizes unrelated to the chunk size
                     writer.write(tar[i:min(i + 12345, end)])
                 writer.end_part()
                 writer.write(tar[end:])
@@ -138,12 +150,15 @@ def test_members_are_fixed_chunks_every_gzip_reader_takes(tmp_path: Path) -> Non
     blob = write_layer(golden_tree(tmp_path / "tree"), "opt/conda", tmp_path / "layer.tgz")
     data = blob.path.read_bytes()
     tar = gzip.decompress(data)
-    end = entries_end(tar)
+    end, dirs = entries_end(tar), dirs_end(tar)
     members = members_of(data)
-    # The entries in fixed chunks, then the end-of-archive blocks in a member of their own.
-    assert len(members) == -(-end // CHUNK_SIZE) + 1
-    for i, member in enumerate(members[:-1]):
-        assert member == gzip_chunk(tar[i * CHUNK_SIZE:min((i + 1) * CHUNK_SIZE, end)])
+    # The directories in a member of their own (a group writes them once: concat.py), the
+    # other entries in fixed chunks, then the end-of-archive blocks in a member of their own.
+    assert 0 < dirs < CHUNK_SIZE and members[0] == gzip_chunk(tar[:dirs])
+    assert len(members) == 1 + -(-(end - dirs) // CHUNK_SIZE) + 1
+    for i, member in enumerate(members[1:-1]):
+        assert member == gzip_chunk(tar[dirs + i * CHUNK_SIZE:min(dirs + (i + 1) * CHUNK_SIZE, end)])
+    for member in members:
         assert member[3] == 0 and member[4:8] == b"\0\0\0\0"  # no name, no time
     assert members[-1] == gzip_chunk(tar[end:]) and tar[end:] == bytes(len(tar) - end) and len(tar) % 10240 == 0
     # GNU gzip and tarfile's file mode read all members; so does Go (the e2e test's skopeo).

@@ -1,8 +1,10 @@
-"""Group layers by concatenation (condery/layers/concat.py): the members' compressed bytes
-copied, one end member appended; the same files as stacking the layers; read whole by
-Python, GNU gzip, zstd, and Go's readers in skopeo and umoci. Layers that share a path
-(every package layer shares `opt/conda/`) are not concatenated: podman refuses a path twice
-in one layer, so the group is recompressed (tests/test_e2e_groups.py pulls one)."""
+"""Group layers by concatenation (condery/layers/concat.py): the layers' directories written
+once, their other members' compressed bytes copied, one end member appended; the same tar
+as the recompressing tarball.concat_layers and as stacking the layers; read whole by
+Python, GNU gzip, zstd, and Go's readers in skopeo and umoci. Package layers share their
+parents (`opt/conda/`...): the group holds each once, as podman requires (it refuses a
+path twice in one layer: tests/test_e2e_groups.py pulls a group). Layers that share a
+file are recompressed, the last one winning as stacking does."""
 
 from __future__ import annotations
 
@@ -20,11 +22,11 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from condery.build.image_layers import _concat
 from condery.layers import PackageError
 from condery.layers.compression import GZIP, ZSTD, open_decompressed
-from condery.layers.concat import NotConcatenable, concat_compressed
-from condery.build.image_layers import _concat
-from condery.layers.tarball import concat_layers, write_layer
+from condery.layers.concat import NotConcatenable, compress_part, concat_compressed
+from condery.layers.tarball import OwnedDir, concat_layers, write_layer
 from tests.fixtures.clients import run_tool, umoci_unpack
 
 
@@ -76,13 +78,21 @@ def parts(data: bytes, compression: str) -> list[bytes]:
 
 
 def three(tmp: Path, compression: str) -> list[Path]:
-    """Three layers that share no path (not even a directory): concatenated as they are."""
+    """Three layers sharing their parent directories (opt/, opt/conda/, opt/conda/lib/), no file."""
     return [
-        layer(tmp, "a", {"a/bin/a": b"A", "a/lib/big.so": noise(3 << 20)}, compression, prefix=""),
-        layer(tmp, "b", {"b/bin/b": b"B", "b/lib/l": b"L" * 5000}, compression, prefix=""),
-        layer(tmp, "c", {"c/share/doc.txt": b"text\n" * 100_000, "c/f": b"x" * 1000}, compression, {"c/g": "c/f"},
-              prefix=""),
+        layer(tmp, "a", {"bin/a": b"A", "lib/big.so": noise(3 << 20)}, compression),
+        layer(tmp, "b", {"bin/b": b"B", "lib/l": b"L" * 5000}, compression),
+        layer(tmp, "c", {"share/doc.txt": b"text\n" * 100_000, "f": b"x" * 1000}, compression, {"g": "f"}),
     ]
+
+
+def dirs_tar(tar: bytes) -> bytes:
+    """The leading directory entries of a layer's tar."""
+    with tarfile.open(fileobj=io.BytesIO(tar), mode="r|") as archive:
+        for member in archive:
+            if not member.isdir():
+                return tar[:member.offset]
+    raise AssertionError("no other entry")
 
 
 @pytest.mark.parametrize("compression", [GZIP, ZSTD])
@@ -94,16 +104,34 @@ def test_concatenation_is_stacking_without_recompressing(tmp_path: Path, compres
     tar = tar_of(blob.path)
     assert blob.diff_id == "sha256:" + hashlib.sha256(tar).hexdigest()
     assert len(tar) % 10240 == 0 and tar.endswith(bytes(1024))
-    # Each layer's compressed bytes are in the group as they are, minus their end member.
-    copied = b"".join(b"".join(parts(path.read_bytes(), compression)[:-1]) for path in layers)
+    # The directories of all three once, then each layer's other members as they are (not
+    # its directories' member, not its end member), then one end member.
+    head = dirs_tar(tar)
+    with tarfile.open(fileobj=io.BytesIO(head + bytes(1024)), mode="r|") as archive:
+        names = [m.name for m in archive]
+    assert names == sorted(set(names)) and {"opt", "opt/conda", "opt/conda/bin", "opt/conda/lib"} <= set(names)
+    copied = compress_part(head, compression) + b"".join(
+        b"".join(parts(path.read_bytes(), compression)[1:-1]) for path in layers)
     assert data.startswith(copied)
     assert len(parts(data[len(copied):], compression)) == 1  # then one end member
-    # The same files as the layers stacked, and as the recompressing concat.
+    # The same tar as the recompressing concat: the same diff_id; the same files as stacking.
     merged = concat_layers(layers, tmp_path / "merged", compression)
+    assert merged.diff_id == blob.diff_id
     assert unpacked(blob.path) == unpacked(merged.path)
-    assert unpacked(blob.path)["c/g"] == ("hardlink", "c/f")
+    assert unpacked(blob.path)["opt/conda/g"] == ("hardlink", "opt/conda/f")
+    with tarfile.open(fileobj=io.BytesIO(tar), mode="r|") as archive:
+        every = [m.name for m in archive]
+    assert len(every) == len(set(every))  # one entry a path: what podman requires
     again = concat_compressed(layers, tmp_path / "again", compression)
     assert (again.digest, again.diff_id) == (blob.digest, blob.diff_id)
+    # A store's open blob files do as well as paths.
+    handles = [open(path, "rb") for path in layers]
+    try:
+        from_handles = concat_compressed(handles, tmp_path / "handles", compression)  # type: ignore[arg-type]
+    finally:
+        for handle in handles:
+            handle.close()
+    assert from_handles.digest == blob.digest
 
 
 def test_every_gzip_reader_takes_the_whole_group(tmp_path: Path) -> None:
@@ -112,12 +140,12 @@ def test_every_gzip_reader_takes_the_whole_group(tmp_path: Path) -> None:
     tar = gzip.decompress(blob.path.read_bytes())
     assert subprocess.run(["gzip", "-dc", str(blob.path)], capture_output=True, check=True).stdout == tar
     listing = subprocess.run(["tar", "-tzf", str(blob.path)], capture_output=True, text=True, check=True).stdout
-    assert "c/share/doc.txt" in listing.split()  # past the first layer's entries
+    assert "opt/conda/share/doc.txt" in listing.split()  # past the first layer's entries
 
 
-def test_layers_sharing_a_path_are_recompressed_into_one_entry_a_path(tmp_path: Path) -> None:
-    """Package layers share their parents (opt/, opt/conda/, ...) and may share a file: not
-    concatenated (podman refuses a path twice), recompressed with one entry a path."""
+def test_layers_sharing_a_file_are_recompressed_into_one_entry_a_path(tmp_path: Path) -> None:
+    """Two packages with one file (a clobber): not concatenated (podman refuses a path
+    twice), recompressed with one entry a path, the last layer's."""
     layers = [layer(tmp_path, "a", {"bin/a": b"A", "share/x": b"old"}), layer(tmp_path, "b", {"share/x": b"new"})]
     with pytest.raises(NotConcatenable, match="two layers"):
         concat_compressed(layers, tmp_path / "group")
@@ -127,6 +155,19 @@ def test_layers_sharing_a_path_are_recompressed_into_one_entry_a_path(tmp_path: 
         names = tar.getnames()
     assert len(names) == len(set(names)) and "opt/conda" in names
     assert unpacked(group.path)["opt/conda/share/x"] == ("file", b"new")
+
+
+def test_directories_keep_their_owner(tmp_path: Path) -> None:
+    """A group writes each directory once, with the owner and mode its first layer gives it."""
+    owned = tmp_path / "owned.layer"
+    (tmp_path / "empty").mkdir()
+    write_layer(tmp_path / "empty", "", owned, owned_dirs=[OwnedDir("home/user", 1000, 100)])
+    other = layer(tmp_path, "o", {"x": b"x"}, prefix="home/user")
+    group = concat_compressed([owned, other], tmp_path / "group")
+    with tarfile.open(group.path) as tar:
+        home = tar.getmember("home/user")
+        assert (home.uid, home.gid, home.mode) == (1000, 100, 0o755)
+        assert tar.getnames().count("home/user") == 1
 
 
 def test_conflicts_are_refused_as_before(tmp_path: Path) -> None:
@@ -205,7 +246,9 @@ def test_umoci_and_skopeo_read_a_concatenated_group(tmp_path: Path, compression:
     # umoci unpacks it (Go's archive/tar over every member) as the layers stacked. Debian's
     # umoci 0.4.7 knows no zstd layers: for those, skopeo's gzip copy of the group.
     rootfs = umoci_unpack(tmp_path / ("oci" if compression == GZIP else "copy"), "group", tmp_path / "bundle")
-    assert (rootfs / "b/bin/b").read_bytes() == b"B"
-    assert (rootfs / "c/share/doc.txt").read_bytes() == b"text\n" * 100_000
-    assert (rootfs / "a/lib/big.so").stat().st_size == 3 << 20
-    assert os.stat(rootfs / "c/g").st_ino == os.stat(rootfs / "c/f").st_ino
+    conda = rootfs / "opt/conda"
+    assert (conda / "bin/b").read_bytes() == b"B" and (conda / "bin/a").read_bytes() == b"A"
+    assert (conda / "share/doc.txt").read_bytes() == b"text\n" * 100_000
+    assert (conda / "lib/big.so").stat().st_size == 3 << 20
+    assert os.stat(conda / "g").st_ino == os.stat(conda / "f").st_ino
+    assert (conda / "lib").stat().st_mode & 0o7777 == 0o755

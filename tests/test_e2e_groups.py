@@ -1,10 +1,13 @@
 """End to end: an image whose packages are grouped under the layer budget, pulled and run
 by podman (containers/storage refuses a layer that holds a path twice: a group must hold
-one entry a path) and unpacked by umoci."""
+one entry a path) and unpacked by umoci. The group is its layers' compressed members
+copied (concat.py), their shared directories written once."""
 
 from __future__ import annotations
 
+import json
 import tarfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,15 @@ def test_a_grouped_image_pulls_and_runs(tmp_path: Path, fixture_channel: Path, b
         assert "tqdm 4.54.1" in result.stdout, result.stderr
         layout = tmp_path / "oci"
         skopeo_copy(f"docker://{ref}", layout, "latest")
+        index = json.loads((layout / "index.json").read_text())
+        manifest = json.loads((layout / "blobs" / "sha256" / index["manifests"][0]["digest"][7:]).read_text())
+        groups = [d for d in manifest["layers"]
+                  if len(d.get("annotations", {}).get("org.condery.packages", "").split()) > 1]
+        assert len(groups) == 1, manifest["layers"]
+        packages = len(groups[0]["annotations"]["org.condery.packages"].split())
+        # Concatenated, not recompressed: the directories' member(s), at least one member
+        # per package (each package's entries end on a member boundary), the end member.
+        assert gzip_members((layout / "blobs" / "sha256" / groups[0]["digest"][7:]).read_bytes()) >= packages + 2
         for blob in (layout / "blobs" / "sha256").iterdir():
             if blob.read_bytes()[:2] == b"\x1f\x8b":  # a layer: one entry a path
                 with tarfile.open(blob) as tar:
@@ -31,3 +43,14 @@ def test_a_grouped_image_pulls_and_runs(tmp_path: Path, fixture_channel: Path, b
         rootfs = umoci_unpack(layout, "latest", tmp_path / "bundle")
         ran = run_in_rootfs(rootfs, ["/opt/conda/bin/xz", "--version"])
         assert ran.returncode == 0 and "5.2.5" in ran.stdout
+
+
+def gzip_members(data: bytes) -> int:
+    count = 0
+    while data:
+        inflate = zlib.decompressobj(31)
+        inflate.decompress(data)
+        assert inflate.eof
+        data = inflate.unused_data
+        count += 1
+    return count

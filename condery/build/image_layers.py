@@ -24,7 +24,7 @@ from condery.layers import LayerBlob, PackageError
 from condery.layers.activation import Activation
 from condery.layers.activation_scripts import PackageScripts, read_package_scripts
 from condery.layers.bytecode import BytecodePlan, bytecode_for
-from condery.layers.concat import NotConcatenable, concat_compressed
+from condery.layers.concat import LayerSource, NotConcatenable, concat_compressed
 from condery.layers.env_layer import Account, build_env_layer
 from condery.layers.grouping import group_layers
 from condery.layers.members import PackageLimits
@@ -150,15 +150,20 @@ class LayerBuilder:
             return cached
 
         async def build() -> LayerEntry:
-            with tempfile.TemporaryDirectory(dir=self.state.work_dir) as tmp:
-                paths = []
+            with tempfile.TemporaryDirectory(dir=self.state.work_dir) as tmp, contextlib.ExitStack() as opened:
+                sources: list[LayerSource] = []
                 for i, member in enumerate(members):
+                    # The store's own file where it has one (filesystem): read in place, not copied.
+                    handle = await self.store.open_blob_file(member.digest)
+                    if handle is not None:
+                        sources.append(opened.enter_context(handle))
+                        continue
                     path = Path(tmp) / f"{i}.tar.gz"
-                    with open(path, "wb") as handle:
+                    with open(path, "wb") as out:
                         async for chunk in self.store.read_blob(member.digest):
-                            handle.write(chunk)
-                    paths.append(path)
-                blob = await asyncio.to_thread(_concat, paths, Path(tmp) / "group.tar.gz",
+                            out.write(chunk)
+                    sources.append(path)
+                blob = await asyncio.to_thread(_concat, sources, Path(tmp) / "group.tar.gz",
                                                self.config.layer_compression)
                 return await self._store(key, blob, tuple(p for m in members for p in m.packages))
 
@@ -217,10 +222,10 @@ class LayerBuilder:
         return LayerEntry("env", blob.digest, blob.diff_id, blob.size, ("environment",))
 
 
-def _concat(paths: Sequence[Path], out_path: Path, compression: str) -> LayerBlob:
+def _concat(sources: Sequence[LayerSource], out_path: Path, compression: str) -> LayerBlob:
     """The group layer: the members' compressed bytes one after the other (layers/concat.py),
-    or decompressed and compressed again for layers not written to be concatenated."""
+    or decompressed and compressed again where that cannot be (a file in two layers)."""
     try:
-        return concat_compressed(paths, out_path, compression)
+        return concat_compressed(sources, out_path, compression)
     except NotConcatenable:
-        return concat_layers(paths, out_path, compression)
+        return concat_layers(sources, out_path, compression)

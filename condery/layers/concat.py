@@ -1,38 +1,44 @@
 """A group layer made of its packages' compressed layers, one after the other, not recompressed.
 
-Every layer condery writes ends its entries on a gzip member (zstd frame) boundary and
-keeps the tar's end-of-archive blocks in a last member of their own (tarball._LayerWriter,
-compression.end_part). A group layer is then each package layer's bytes without that last
-member, in install order, then one end member: the compressed bytes are copied, never
-recompressed. Readers see one tar: Go's compress/gzip (containerd, podman, skopeo, umoci)
-reads any number of gzip members as one stream and zstd any number of frames.
+Every layer condery writes (layout v5) is: its directories, ending on a gzip member (zstd
+frame) boundary; its other entries, ending on a boundary; the tar's end-of-archive blocks
+in a last member of their own (tarball._LayerWriter, tarball.layer_order,
+compression.end_part). A group layer is then:
+
+    the union of its layers' directories, written once (compressed anew: a few KB)
+    each layer's other members, in install order, their compressed bytes copied
+    one end member
+
+Readers see one tar: Go's compress/gzip (containerd, podman, skopeo, umoci) reads any
+number of gzip members as one stream, zstd any number of frames. Each path is in the
+group once: containers/storage (podman, CRI-O) refuses a layer that holds a path twice
+("duplicates of file paths not supported"), directories included, and every package layer
+carries its parents (`opt/`, `opt/conda/`, `opt/conda/lib/`...), which a group writes once
+with the mode and owner the layers give them (the first layer's, as
+tarball.concat_layers does). A group has the same tar (diff_id) as concat_layers gives it.
 
 The layers are still read through (inflated, never deflated again): for the group's
-diff_id, which is the sha256 of the whole tar, and to check them as tarball.concat_layers
-does: every member name safe, a path a directory in one layer and anything else in
-another refused, a hardlink whose target a later layer replaces refused.
-
-A path may not repeat: containers/storage (podman, CRI-O) refuses a layer that holds one
-path twice ("duplicates of file paths not supported"), directories included, although Go's
-tar readers, containerd and umoci accept it. Package layers each carry their parent
-directories (`opt/`, `opt/conda/`, ...), so such a group is NotConcatenable and the caller
-recompresses it (tarball.concat_layers keeps one entry a path). Copying pays off once
-package layers leave shared parents out; until then it serves groups that share no path.
+diff_id, which is the sha256 of the whole tar, and to check them as concat_layers does:
+every member name safe, a path a directory in one layer and anything else in another
+refused, a hardlink whose target a later layer replaces refused. A file (or link) in two
+layers makes the group NotConcatenable: concat_layers then keeps the last, as stacking does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import tarfile
 import zlib
 from pathlib import Path
-from typing import BinaryIO, Sequence
+from typing import BinaryIO, Iterator, Sequence, Union
 
 import zstandard
 
 from condery.layers import LayerBlob, PackageError
-from condery.layers.compression import GZIP, check_compression, gzip_chunk, zstd_compressor
-from condery.layers.tarball import _member_entry
+from condery.layers.compression import GZIP, check_compression, compressing_writer
+from condery.layers.tarball import _Entry, _member_entry, tar_info
 
 _READ = 1 << 20
 # zstd's decompressobj returns all it can: small inputs keep that bounded.
@@ -40,45 +46,68 @@ _ZSTD_READ = 16 << 10
 _BLOCK = 512
 _RECORD = 20 * _BLOCK  # tarfile's RECORDSIZE: archives are padded to a multiple of it
 
+# A layer to read: a local file, or a file object the caller opened (a store's blob file).
+LayerSource = Union[Path, BinaryIO]
+
 
 class NotConcatenable(Exception):
-    """A layer that does not end in an end-of-archive member (written before layout v4)."""
+    """A group that concat_layers must build instead: a path in two layers, or a layer not
+    written as layout v5 describes (the message says which)."""
+
+
+class _Null:
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+    def tell(self) -> int:
+        return 0
 
 
 class _Parts:
-    """Reads one layer's members (frames) in order, inflating them for a tar reader, while
-    the compressed bytes go to `out` and both hashes follow. Before each member starts, the
-    position and the hashes are noted, so that the last member can be taken back."""
+    """Reads one layer's members (frames) in order from where `source` stands, inflating
+    them for a tar reader, while the compressed bytes go to `out` and both hashes follow.
+    Before each member starts, the positions and the hashes are noted (`starts`,
+    `mark`), so that a member's place is known and the last member can be taken back."""
 
-    def __init__(self, source: BinaryIO, compression: str, out: BinaryIO,
-                 digest: "hashlib._Hash", diff: "hashlib._Hash") -> None:
+    def __init__(self, source: BinaryIO, compression: str, out: BinaryIO | _Null,
+                 digest: "hashlib._Hash | None" = None, diff: "hashlib._Hash | None" = None) -> None:
         self._source, self._zstd = source, compression != GZIP
+        self._base = source.tell()
+        self._read = 0
         self._out, self._digest, self._diff = out, digest, diff
         self._pending = b""
         self._dobj: object | None = None
         self._buffer = bytearray()
         self._done = False
         self.uncompressed = 0
+        self.starts: dict[int, int] = {}  # uncompressed offset -> source offset of a member starting there
         self.mark: tuple[int, int, object, object] | None = None  # out position, uncompressed, hashes
         self.part_zero = True
         self.part_size = 0
 
-    def _start(self) -> None:
-        self.mark = (self._out.tell(), self.uncompressed, self._digest.copy(), self._diff.copy())
+    def _start(self, position: int) -> None:
+        self.starts[self.uncompressed] = position
+        self.mark = (self._out.tell(), self.uncompressed,
+                     self._digest.copy() if self._digest else None, self._diff.copy() if self._diff else None)
         self.part_zero, self.part_size = True, 0
         self._dobj = (zstandard.ZstdDecompressor().decompressobj() if self._zstd
                       else zlib.decompressobj(31))
 
     def _pump(self) -> None:
-        data = self._pending or self._source.read(_ZSTD_READ if self._zstd else _READ)
-        self._pending = b""
+        if self._pending:  # what the last member left of the last read
+            data, self._pending = self._pending, b""
+            position = self._base + self._read - len(data)
+        else:
+            data = self._source.read(_ZSTD_READ if self._zstd else _READ)
+            position = self._base + self._read
+            self._read += len(data)
         if not data:
             if self._dobj is not None:
                 raise NotConcatenable("a layer ends inside a member")
             self._done = True
             return
         if self._dobj is None:
-            self._start()
+            self._start(position)
         dobj = self._dobj
         out = dobj.decompress(data)  # type: ignore[attr-defined]
         used = data
@@ -89,9 +118,11 @@ class _Parts:
                 self._pending = rest
             self._dobj = None
         self._out.write(used)
-        self._digest.update(used)
+        if self._digest is not None:
+            self._digest.update(used)
         if out:
-            self._diff.update(out)
+            if self._diff is not None:
+                self._diff.update(out)
             self.uncompressed += len(out)
             self.part_size += len(out)
             if self.part_zero and out.count(0) != len(out):
@@ -115,38 +146,108 @@ def _end_blocks(size: int) -> bytes:
     return bytes(2 * _BLOCK + (-total) % _RECORD)
 
 
-def concat_compressed(layers: Sequence[Path], out_path: Path, compression: str = GZIP) -> LayerBlob:
+@contextlib.contextmanager
+def _opened(source: LayerSource) -> Iterator[BinaryIO]:
+    if isinstance(source, Path):
+        with open(source, "rb") as handle:
+            yield handle
+    else:
+        source.seek(0)
+        yield source
+
+
+def _leading_dirs(handle: BinaryIO, compression: str) -> tuple[list[_Entry], int]:
+    """A layer's directories, and where (in its compressed bytes) the member holding its
+    first other entry begins; only its first members are inflated."""
+    parts = _Parts(handle, compression, _Null())
+    dirs: list[_Entry] = []
+    try:
+        with tarfile.open(fileobj=parts, mode="r|") as tar:  # type: ignore[call-overload]
+            first_other = None
+            for member in tar:
+                entry = _member_entry(member)
+                if entry.kind != "dir":
+                    first_other = member.offset
+                    break
+                dirs.append(entry)
+            if first_other is None:
+                first_other = tar.offset  # directories only: the next member is the end member
+    except (tarfile.TarError, EOFError, zlib.error, zstandard.ZstdError) as exc:
+        raise NotConcatenable(f"unreadable layer ({type(exc).__name__})") from None
+    start = parts.starts.get(first_other)
+    if start is None:
+        raise NotConcatenable("a layer whose directories do not end on a member boundary")
+    return dirs, start
+
+
+def _dirs_part(dirs: Sequence[_Entry], compression: str) -> tuple[bytes, bytes]:
+    """The tar entries of `dirs` and their compressed member(s), as a layer writes them."""
+    tar_bytes = io.BytesIO()
+    tar = tarfile.open(fileobj=tar_bytes, mode="w", format=tarfile.PAX_FORMAT)  # type: ignore[call-overload]
+    for entry in dirs:
+        tar.addfile(tar_info(entry))
+    data = tar_bytes.getvalue()  # before close(), which would add the end blocks
+    if not data:
+        return b"", b""
+    return data, compress_part(data, compression)
+
+
+def compress_part(data: bytes, compression: str) -> bytes:
+    """`data` as a layer writer compresses a part of its stream (chunked gzip members, or
+    one zstd frame), ended on a member boundary."""
+    sink = io.BytesIO()
+    writer = compressing_writer(compression, sink)  # type: ignore[arg-type]
+    writer.write(data)
+    writer.end_part()
+    if compression == GZIP:
+        writer.close()  # writes the members in flight; a zstd close would add an empty frame
+    return sink.getvalue()
+
+
+def concat_compressed(layers: Sequence[LayerSource], out_path: Path, compression: str = GZIP) -> LayerBlob:
     """One layer holding the layers' entries in order, their compressed bytes copied.
 
     Raises PackageError for a group that cannot be one layer (see the module doc), and
-    NotConcatenable for a layer not written with its end blocks in a member of their own
-    (the caller then uses tarball.concat_layers).
+    NotConcatenable where tarball.concat_layers must build it (a file in two layers, a
+    layer not of layout v5).
     """
     check_compression(compression)
+    dirs: dict[str, _Entry] = {}
+    starts = []
+    for layer in layers:
+        with _opened(layer) as handle:
+            found, start = _leading_dirs(handle, compression)
+        for entry in found:
+            dirs.setdefault(entry.name, entry)
+        starts.append(start)
     digest, diff = hashlib.sha256(), hashlib.sha256()
-    kinds: dict[str, str] = {}
-    final: dict[str, int] = {}  # path -> the layer whose entry for it is unpacked last
+    final: dict[str, int] = {}  # path -> the layer holding it
     links: list[tuple[int, str, str]] = []
-    total = 0
     try:
         with open(out_path, "wb") as out:
+            head_tar, head = _dirs_part([dirs[name] for name in sorted(dirs)], compression)
+            out.write(head)
+            digest.update(head)
+            diff.update(head_tar)
+            total = len(head_tar)
             for li, layer in enumerate(layers):
-                with open(layer, "rb") as source:
+                with _opened(layer) as source:
+                    source.seek(starts[li])
                     parts = _Parts(source, compression, out, digest, diff)
                     try:
                         with tarfile.open(fileobj=parts, mode="r|") as tar:  # type: ignore[call-overload]
                             for member in tar:
                                 entry = _member_entry(member)
-                                seen = kinds.get(entry.name)
-                                if seen is not None and (seen == "dir") != (entry.kind == "dir"):
-                                    raise PackageError(f"{entry.name!r} is a {seen} in one layer "
+                                if entry.kind == "dir":
+                                    raise NotConcatenable(f"the directory {entry.name!r} after other entries "
+                                                          "(a layer before layout v5)")
+                                if entry.name in dirs:
+                                    raise PackageError(f"{entry.name!r} is a dir in one layer "
                                                        f"and a {entry.kind} in another")
-                                if seen is not None:
+                                if entry.name in final:
                                     raise NotConcatenable(f"{entry.name!r} is in two layers (podman refuses "
                                                           "a path twice in one layer)")
-                                kinds[entry.name] = entry.kind
-                                if entry.kind != "dir":
-                                    final[entry.name] = li
+                                final[entry.name] = li
                                 if entry.kind == "hardlink":
                                     links.append((li, entry.name, entry.linkname))
                             entries_end = tar.offset
@@ -164,10 +265,10 @@ def concat_compressed(layers: Sequence[Path], out_path: Path, compression: str =
                     digest, diff = kept_digest, kept_diff  # type: ignore[assignment]
                     total += uncompressed
             for li, name, target in links:
-                if final.get(name) == li and final.get(target, li) != li:
+                if final.get(target, li) != li:
                     raise PackageError(f"the hardlink {name!r} points at a file another layer replaces")
             end = _end_blocks(total)
-            tail = gzip_chunk(end) if compression == GZIP else zstd_compressor().compress(end)
+            tail = compress_part(end, compression)
             out.write(tail)
             digest.update(tail)
             diff.update(end)

@@ -75,8 +75,9 @@ class LayerReport(Protocol):
 
 # Bump when the layer contents change for the same package (scrubbing, tar layout...),
 # so that layers cached under the old layout are not reused.
-LAYOUT_VERSION = "v4"  # v2: tar hardlinks, mtime 1980-01-01; v3: python bytecode, libdeflate gzip members;
-# v4: the tar's end blocks in a gzip member (zstd frame) of their own, so groups concatenate layers
+LAYOUT_VERSION = "v5"  # v2: tar hardlinks, mtime 1980-01-01; v3: python bytecode, libdeflate gzip members;
+# v4: the tar's end blocks in a gzip member (zstd frame) of their own, so groups concatenate layers;
+# v5: directories first, in members of their own (tarball.layer_order), so a group holds each once
 
 # Keys of rattler's conda-meta record that hold paths of the machine that built the
 # layer, or facts about this one install rather than the package.

@@ -58,6 +58,7 @@ from condery.layers.tarball import (
     _parents,
     check_member_name,
     check_symlink,
+    layer_order,
 )
 
 # Package bytes kept in memory before the spool moves to a temporary file.
@@ -461,8 +462,7 @@ def write_plan(plan: StreamPlan, spool: _Spool, out_path: Path, compression: str
             entries[name] = _Entry(name, "file", mode, size, source=Path(rel))
     writer = _LayerWriter(out_path, compression, owner)
     try:
-        for name in sorted(entries):
-            entry = entries[name]
+        for entry in sorted(entries.values(), key=layer_order):
             if entry.kind != "file":
                 writer.add(entry)
                 continue

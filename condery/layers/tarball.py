@@ -1,17 +1,20 @@
 """Reproducible image layers: deterministic tar, deterministic compression, both hashed while streaming.
 
-The same tree gives the same bytes on any machine and any day: entries sorted by archive
-path, one fixed mtime (1980-01-01: zip and other tools refuse earlier dates), owner root
+The same tree gives the same bytes on any machine and any day: directories first, then
+every other entry, each part sorted by archive path (layer_order), one fixed mtime (1980-01-01: zip and other tools refuse earlier dates), owner root
 (but for a user's home in the environment layer: OwnedDir) with empty names, modes normalised to 0755/0644 (exec bit kept), symlinks kept, files
 that are hardlinks of each other written once plus tar hardlinks to the first name (so a
 2 MiB file with 20 links stays 2 MiB), PAX format, then compression.py's host-independent
-compressor (gzip members with no time and no file name, or zstd). Nothing is held in
+compressor (gzip members with no time and no file name, or zstd). The directories end
+on a member (frame) boundary and so do the other entries: a group layer is its
+layers' directories written once, then their other members copied (concat.py). Nothing is held in
 memory beyond tarfile's buffer and the compressor's few chunks in flight.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import os
@@ -135,6 +138,16 @@ def _normal_mode(st_mode: int) -> int:
     return _EXEC_MODE if st_mode & 0o111 else _FILE_MODE
 
 
+def layer_order(entry: _Entry) -> tuple[bool, str]:
+    """The order of a layer's entries: its directories, then everything else, each by name.
+
+    Directories first, in a member of their own, so that a group layer can hold each
+    directory once and copy its layers' other members as they are (concat.py):
+    containers/storage refuses a layer holding one path twice. A parent still comes
+    before its children (a prefix sorts first)."""
+    return (entry.kind != "dir", entry.name)
+
+
 def _parents(name: str) -> Iterator[str]:
     parts = name.split("/")
     for i in range(1, len(parts)):
@@ -187,7 +200,7 @@ def _scan(root: Path, arcname_prefix: str, extra_dirs: Sequence[str],
                     inodes[name] = (st.st_dev, st.st_ino)
             else:
                 raise PackageError(f"{name!r} is not a file, directory or symlink")
-    ordered = [entries[k] for k in sorted(entries)]
+    ordered = sorted(entries.values(), key=layer_order)
     # Files sharing an inode: the first in archive order carries the bytes, the rest link to it.
     first_of: dict[tuple[int, int], str] = {}
     for i, entry in enumerate(ordered):
@@ -220,6 +233,27 @@ def _open_regular(path: Path, size: int) -> BinaryIO:
     return os.fdopen(fd, "rb")
 
 
+def tar_info(entry: _Entry) -> tarfile.TarInfo:
+    """The tar header of an entry: the fixed mtime, no owner names, the normal modes."""
+    info = tarfile.TarInfo(entry.name)
+    info.mtime = LAYER_MTIME
+    info.uid, info.gid = entry.uid, entry.gid
+    info.uname = info.gname = ""
+    info.mode = entry.mode
+    if entry.kind == "dir":
+        info.type = tarfile.DIRTYPE
+    elif entry.kind == "symlink":
+        info.type = tarfile.SYMTYPE
+        info.linkname = entry.linkname
+    elif entry.kind == "hardlink":
+        info.type = tarfile.LNKTYPE
+        info.linkname = entry.linkname
+    else:
+        info.type = tarfile.REGTYPE
+        info.size = entry.size
+    return info
+
+
 class _LayerWriter:
     """tar -> sha256 (diff_id) -> compress -> sha256 (digest) -> file, in one stream."""
 
@@ -235,26 +269,20 @@ class _LayerWriter:
         # (the same bytes; the stream mode would hold up to 10 KiB back), so close() can end
         # a gzip member / zstd frame exactly where the entries end and the end blocks begin.
         self._tar = tarfile.open(fileobj=self._tar_hash, mode="w", format=tarfile.PAX_FORMAT)  # type: ignore[call-overload]
+        self._past_dirs = False
 
     def add(self, entry: _Entry, content: BinaryIO | None = None) -> None:
-        info = tarfile.TarInfo(entry.name)
-        info.mtime = LAYER_MTIME
-        info.uid, info.gid = entry.uid, entry.gid
-        if self._owner is not None and not (entry.uid or entry.gid) and self._owner.owns(entry.name):
-            info.uid, info.gid = self._owner.uid, self._owner.gid
-        info.uname = info.gname = ""
-        info.mode = entry.mode
+        """Add the next entry; entries come in layer_order (directories first)."""
         if entry.kind == "dir":
-            info.type = tarfile.DIRTYPE
-        elif entry.kind == "symlink":
-            info.type = tarfile.SYMTYPE
-            info.linkname = entry.linkname
-        elif entry.kind == "hardlink":
-            info.type = tarfile.LNKTYPE
-            info.linkname = entry.linkname
-        else:
-            info.type = tarfile.REGTYPE
-            info.size = entry.size
+            if self._past_dirs:
+                raise ValueError(f"directory {entry.name!r} after the other entries (see layer_order)")
+        elif not self._past_dirs:
+            # The directories end a member (frame): concat.py writes a group's once.
+            self._compressor.end_part()
+            self._past_dirs = True
+        if self._owner is not None and not (entry.uid or entry.gid) and self._owner.owns(entry.name):
+            entry = dataclasses.replace(entry, uid=self._owner.uid, gid=self._owner.gid)
+        info = tar_info(entry)
         if entry.kind == "file" and content is None:
             assert entry.source is not None
             with _open_regular(entry.source, entry.size) as f:
@@ -330,25 +358,35 @@ def _member_entry(member: tarfile.TarInfo) -> _Entry:
 
 
 @contextlib.contextmanager
-def _read_layer(path: Path) -> Iterator[tarfile.TarFile]:
-    """A streaming reader of a layer written by _LayerWriter (gzip members or zstd).
+def _read_layer(source: Path | BinaryIO) -> Iterator[tarfile.TarFile]:
+    """A streaming reader of a layer written by _LayerWriter (gzip members or zstd), from
+    its path or a seekable file object (read from its start).
 
     Not tarfile's own "r|gz": it reads the first gzip member only.
     """
-    with open(path, "rb") as handle, open_decompressed(handle) as stream:
-        with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
-            yield tar
+    with contextlib.ExitStack() as stack:
+        if isinstance(source, Path):
+            handle: BinaryIO = stack.enter_context(open(source, "rb"))
+        else:
+            handle = source
+            handle.seek(0)
+        with open_decompressed(handle) as stream:
+            with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
+                yield tar
 
 
-def concat_layers(layers: Sequence[Path], out_path: Path, compression: str = GZIP) -> LayerBlob:
+def concat_layers(layers: Sequence[Path | BinaryIO], out_path: Path, compression: str = GZIP) -> LayerBlob:
     """One layer with the entries of several layers, as if they were applied in order.
 
-    Directories are written once (first occurrence); for any other path the last layer
-    that has it wins, as it would when the layers are stacked. A path that is a
-    directory in one layer and a file or symlink in another is refused. Two streamed
-    passes: the first finds which occurrence of each path to keep, the second copies.
+    Directories are written once (first occurrence), all of them first (layer_order); for
+    any other path the last layer that has it wins, as it would when the layers are
+    stacked, and those follow in layer order. A path that is a directory in one layer and
+    a file or symlink in another is refused. Two streamed passes: the first finds which
+    occurrence of each path to keep, the second copies. A group without a path in two
+    layers gets the same tar (diff_id) as concat.concat_compressed gives it.
     """
     kinds: dict[str, str] = {}
+    dirs: dict[str, _Entry] = {}
     keep: dict[str, tuple[int, int]] = {}  # path -> (layer index, member index) to write
     for li, layer in enumerate(layers):
         with _read_layer(layer) as tar:
@@ -358,11 +396,15 @@ def concat_layers(layers: Sequence[Path], out_path: Path, compression: str = GZI
                 if seen is not None and (seen == "dir") != (entry.kind == "dir"):
                     raise PackageError(f"{entry.name!r} is a {seen} in one layer and a {entry.kind} in another")
                 kinds[entry.name] = entry.kind
-                if entry.kind != "dir" or entry.name not in keep:
+                if entry.kind == "dir":
+                    dirs.setdefault(entry.name, entry)
+                else:
                     keep[entry.name] = (li, mi)
     wanted = set(keep.values())
     writer = _LayerWriter(Path(out_path), compression)
     try:
+        for name in sorted(dirs):
+            writer.add(dirs[name])
         for li, layer in enumerate(layers):
             with _read_layer(layer) as tar:
                 for mi, member in enumerate(tar):
