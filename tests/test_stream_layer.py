@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import rattler
 
+from condery.layers.activation_scripts import PackageScripts, read_package_scripts
 from condery.layers.bytecode import HostInterpreters, bytecode_for, plan_bytecode
 from condery.layers.package_layer import build_package_layer, python_site_packages
 from condery.layers.stream_layer import NotStreamable, replace_binary, replace_text
@@ -96,13 +97,15 @@ def records_of(ch: Path) -> list[rattler.RepoDataRecord]:
 
 
 async def compare_both_paths(records: list[rattler.RepoDataRecord], tmp: Path,
-                             caplog: pytest.LogCaptureFixture) -> dict[str, str]:
-    """Build every record both ways; assert identical layers; return how each went."""
+                             caplog: pytest.LogCaptureFixture) -> tuple[dict[str, str], list[PackageScripts]]:
+    """Build every record both ways; assert identical layers (and streamed ones' activation
+    scripts as read from the archive); return how each went, and those scripts."""
     python = next(r for r in records if r.name.normalized == "python")
     site = python_site_packages(python)
     plan = await plan_bytecode(python, site, HostInterpreters())
     assert not isinstance(plan, str), plan
     how: dict[str, str] = {}
+    scripts_seen: list[PackageScripts] = []
     for record in records:
         bytecode = bytecode_for(record, plan)
         blobs = []
@@ -118,16 +121,25 @@ async def compare_both_paths(records: list[rattler.RepoDataRecord], tmp: Path,
         streamed, installed = blobs
         assert (streamed.digest, streamed.diff_id, streamed.size) == \
             (installed.digest, installed.diff_id, installed.size), record.file_name
+        # A streamed layer brings the package's activation scripts from the same reading of
+        # the archive: what read_package_scripts reads from the archive itself.
+        if how[record.file_name] == "streamed":
+            archive = tmp / "pkgs" / "archives" / (record.sha256 or b"").hex() / record.file_name
+            assert streamed.scripts == await read_package_scripts(archive), record.file_name
+            scripts_seen.append(streamed.scripts)
+        else:
+            assert streamed.scripts is None and installed.scripts is None
         assert streamed.path.read_bytes() == installed.path.read_bytes(), record.file_name
         for blob in blobs:
             blob.path.unlink()
-    return how
+    return how, scripts_seen
 
 
 async def test_fixture_packages_stream_to_the_installed_bytes(everything: Path, tmp_path: Path,
                                                                caplog: pytest.LogCaptureFixture) -> None:
     records = records_of(everything)
-    how = await compare_both_paths(records, tmp_path, caplog)
+    how, scripts = await compare_both_paths(records, tmp_path, caplog)
+    assert any(s.activate for s in scripts) and any(s.deactivate for s in scripts) and any(s.programs for s in scripts)
     print("\n".join(f"{name}: {way}" for name, way in how.items()))
     streamed = {name for name, way in how.items() if way == "streamed"}
     # Everything streams but what the module declines on purpose.
@@ -145,7 +157,7 @@ async def test_fixture_packages_stream_to_the_installed_bytes(everything: Path, 
 async def test_realistic_wheel_packages_stream_to_the_installed_bytes(wheels: Path, tmp_path: Path,
                                                                        caplog: pytest.LogCaptureFixture) -> None:
     records = records_of(wheels)
-    how = await compare_both_paths(records, tmp_path, caplog)
+    how, _ = await compare_both_paths(records, tmp_path, caplog)
     print("\n".join(f"{name}: {way}" for name, way in how.items()))
     for record in records:
         if not record.noarch.python:

@@ -85,7 +85,7 @@ class LayerBuilder:
                 owner=owner,
             )
             try:
-                scripts = await self._package_scripts(record)
+                scripts = blob.scripts if blob.scripts is not None else await self._package_scripts(record)
             except BaseException:
                 blob.path.unlink(missing_ok=True)
                 raise

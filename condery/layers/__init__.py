@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from condery.layers.activation_scripts import PackageScripts
 
 
 @dataclass(frozen=True)
@@ -17,6 +21,9 @@ class LayerBlob:
     diff_id: str  # "sha256:<hex>" of the uncompressed tar: the image config's rootfs entry
     size: int  # bytes of the gzip stream
     path: Path  # local file holding the gzip stream until the store takes it
+    # A package layer's part in activation, when the build read it from the archive in the
+    # same pass (stream_layer.py); else None and the caller reads it from the archive.
+    scripts: PackageScripts | None = None
 
 
 class PackageError(ValueError):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
@@ -49,6 +50,7 @@ from rattler.networking import AuthenticationMiddleware, RetryMiddleware
 
 from condery.common.redact import redact_url, redact_values
 from condery.layers import LayerBlob, PackageError, PackageUnavailable
+from condery.layers.activation_scripts import PackageScripts, scripts_from_paths, wanted_scripts
 from condery.layers.bytecode import BytecodePlan, CompiledFile, compile_bytecode, record_compiled
 from condery.layers.compression import GZIP
 from condery.layers.members import PackageLimits, verify_archive
@@ -178,16 +180,27 @@ def http_status(exc: BaseException) -> int | None:
     return int(match.group(1)) if match else None
 
 
-async def _download(client: rattler.Client, url: str, dest: Path, max_bytes: int) -> None:
+def _copy_hashed(source: Path, dest: Path) -> str:
+    """Copy a local channel's archive and hash the bytes copied, in one pass (blocking)."""
+    digest = hashlib.sha256()
+    with open(source, "rb") as src, open(dest, "wb") as out:
+        while chunk := src.read(_HASH_CHUNK):
+            digest.update(chunk)
+            out.write(chunk)
+    return digest.hexdigest()
+
+
+async def _download(client: rattler.Client, url: str, dest: Path, max_bytes: int) -> str | None:
     """Fetch `url` to `dest`, stopped as soon as it passes `max_bytes` (a hostile or broken
     channel could otherwise fill the disk before the sha256 check ever runs) or when no
-    byte arrives for DOWNLOAD_READ_TIMEOUT seconds."""
+    byte arrives for DOWNLOAD_READ_TIMEOUT seconds. A local channel's archive is hashed as
+    it is copied: the sha256 of `dest` is returned then (else None)."""
     parsed = urlparse(url)
     if parsed.scheme == "file":
         source = Path(unquote(parsed.path))
         if source.stat().st_size > max_bytes:
             raise _TooLarge
-        await asyncio.to_thread(shutil.copyfile, source, dest)
+        return await asyncio.to_thread(_copy_hashed, source, dest)
     elif parsed.scheme in ("http", "https"):
         # rattler streams to the file and offers neither a size cap nor a read timeout
         # (its client timeout is a total, which a big package on a slow link would pass):
@@ -212,13 +225,15 @@ async def _download(client: rattler.Client, url: str, dest: Path, max_bytes: int
                 await asyncio.gather(task, return_exceptions=True)
         if dest.stat().st_size > max_bytes:
             raise _TooLarge
+        return None
     else:
         raise PackageError(f"unsupported package URL scheme {parsed.scheme!r}")
 
 
 async def _download_with_retries(client: rattler.Client, record: rattler.RepoDataRecord, dest: Path,
-                                 limit: int) -> None:
-    """`_download`, again after DOWNLOAD_RETRY_DELAYS when the failure may pass by itself.
+                                 limit: int) -> str | None:
+    """`_download` (and what it returns), again after DOWNLOAD_RETRY_DELAYS when the failure
+    may pass by itself.
 
     Raises PackageUnavailable for a channel that cannot be read now (refused access,
     4xx, 5xx or connection failures past the last attempt, a stall): the client may retry
@@ -228,8 +243,7 @@ async def _download_with_retries(client: rattler.Client, record: rattler.RepoDat
     source = public_channel(record.channel)
     for attempt, delay in enumerate((*DOWNLOAD_RETRY_DELAYS, None), start=1):
         try:
-            await _download(client, record.url, dest, limit)
-            return
+            return await _download(client, record.url, dest, limit)
         except (PackageError, _TooLarge):
             raise
         except _Stalled:
@@ -292,10 +306,13 @@ async def fetch_verified(record: rattler.RepoDataRecord, package_cache_dir: Path
     try:
         limit = record.size if record.size else max_bytes
         try:
-            await _download_with_retries(client or channel_client(), record, tmp, limit)
+            # A local channel's archive is hashed as it is copied: that pass is the "verify".
+            hashing = report.timed("verify") if report and record.url.startswith("file:") else contextlib.nullcontext()
+            with hashing:
+                hashed = await _download_with_retries(client or channel_client(), record, tmp, limit)
         except _TooLarge:
             raise PackageError(f"{dist}: the channel serves more than the {limit} bytes its repodata gives") from None
-        actual = await verify(tmp)
+        actual = hashed if hashed is not None else await verify(tmp)
         if actual != sha:
             raise PackageError(f"{dist}: sha256 mismatch: repodata says {sha}, archive is {actual}")
         os.replace(tmp, path)  # atomic: concurrent builds see a whole, verified file or none
@@ -506,14 +523,14 @@ async def build_package_layer(record: rattler.RepoDataRecord, *, python_record: 
             archive = await fetch_verified(record, package_cache_dir, limits.max_unpacked_bytes, client, report)
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=work_dir, prefix=f".stage-{record.name.normalized}-"))
+    staging = _Scratch(work_dir, f".stage-{record.name.normalized}-")
     try:
         async with cpu_slots or contextlib.nullcontext():
             # A long wait for the slot can outlast the archive cache's "in use" window
             # (archive_cache.py): mark the archive used now, or fetch it again if the
-            # cache's size cap removed it meanwhile.
+            # cache's size cap removed it meanwhile. (One metadata call: not worth a thread.)
             try:
-                await asyncio.to_thread(os.utime, archive)
+                os.utime(archive)
             except FileNotFoundError:
                 archive = await fetch_verified(record, package_cache_dir, limits.max_unpacked_bytes, client, report)
             with report.timed("layers") if report else contextlib.nullcontext():
@@ -528,16 +545,35 @@ async def build_package_layer(record: rattler.RepoDataRecord, *, python_record: 
         # copy (two entries per file) is not the next build's business. Measured with 300
         # small packages (bench_scale's 10 MB x 300), runs taken in turn: cold build 7.4 s and
         # 7.8 s with this inside the slot, 6.2 s and 6.6 s after it.
-        await asyncio.to_thread(shutil.rmtree, staging, True)
+        await staging.remove()
 
 
-async def _build_from_archive(record: rattler.RepoDataRecord, archive: Path, staging: Path, *,
+class _Scratch:
+    """A staging directory made on first use: only rattler's install needs one, and making
+    and removing one per streamed package was a fixed cost of every small package."""
+
+    def __init__(self, parent: Path, prefix: str) -> None:
+        self._parent, self._prefix = parent, prefix
+        self._path: Path | None = None
+
+    @property
+    def path(self) -> Path:
+        if self._path is None:
+            self._path = Path(tempfile.mkdtemp(dir=self._parent, prefix=self._prefix))
+        return self._path
+
+    async def remove(self) -> None:
+        if self._path is not None:
+            await asyncio.to_thread(shutil.rmtree, self._path, True)
+
+
+async def _build_from_archive(record: rattler.RepoDataRecord, archive: Path, scratch: _Scratch, *,
                               python_record: rattler.RepoDataRecord | None, prefix: str, platform: str,
                               work_dir: Path, package_cache_dir: Path, allow_scripts: bool,
                               limits: PackageLimits, report: LayerReport | None = None,
                               bytecode: BytecodePlan | None = None, compression: str = GZIP,
                               stream: bool = True, owner: TreeOwner | None = None) -> LayerBlob:
-    """Inspect, install into `staging` (an empty directory the caller removes), scrub and
+    """Inspect, install into `scratch` (an empty directory the caller removes), scrub and
     tar a verified archive (the CPU-bound part)."""
     dist = dist_name(record)
     noarch_python = _is_noarch_python(record)
@@ -554,6 +590,7 @@ async def _build_from_archive(record: rattler.RepoDataRecord, archive: Path, sta
         except NotStreamable as exc:
             declined = str(exc)
     log.debug("%s: installed with rattler: %s", dist, declined)
+    staging = scratch.path
 
     try:
         with timed("check"):
@@ -603,14 +640,45 @@ async def _build_from_archive(record: rattler.RepoDataRecord, archive: Path, sta
 
 
 def _read_and_plan(record: rattler.RepoDataRecord, archive: Path, spool: Any, *, prefix: str,
-                   limits: PackageLimits, bytecode: BytecodePlan | None) -> Any:
+                   limits: PackageLimits, bytecode: BytecodePlan | None) -> tuple[Any, PackageScripts]:
+    """The layer's plan (stream_layer.plan_layer) and the package's part in activation, from
+    one reading of the archive (blocking)."""
     read = read_archive(archive, limits, spool)
     plan = plan_layer(record, read, spool, prefix=prefix, bytecode=bytecode)
+    scripts = _scripts_of(read, spool)
     del read
     plan.record = _scrub_record(plan.record, record)
     if _contains_path(plan.record, (str(archive.parent), str(archive.parent.resolve()))):
         raise NotStreamable("the conda-meta record holds a local path")
-    return plan
+    return plan, scripts
+
+
+def _scripts_of(read: Any, spool: Any) -> PackageScripts:
+    """What activation_scripts.read_package_scripts reads from the archive, from the reading
+    the layer was planned from: paths.json's paths with their text placeholders, and the
+    activation scripts' bytes as the archive holds them (placeholders not replaced)."""
+    entries: list[tuple[str, str | None]] = []
+    for raw in json.loads(read.info["info/paths.json"])["paths"]:
+        text = raw.get("prefix_placeholder") if raw.get("file_mode") == "text" else None
+        entries.append((str(raw["_path"]), text))
+    contents = {}
+    for rel in wanted_scripts(rel for rel, _ in entries):
+        spooled = read.files.get(rel)
+        contents[rel] = spool.read(spooled.offset, spooled.size) if spooled is not None else None
+    return scripts_from_paths(entries, contents)
+
+
+def _read_plan_write(record: rattler.RepoDataRecord, archive: Path, spool: Any, out_path: Path, *, prefix: str,
+                     limits: PackageLimits, bytecode: BytecodePlan | None, compression: str,
+                     timed: Any, owner: TreeOwner | None = None) -> tuple[Any, PackageScripts, LayerBlob | None]:
+    """Read, plan and, unless modules must be compiled first, write the layer: one thread
+    hop for most packages (each hop waits on the event loop, a fixed cost per package)."""
+    with timed("check"):
+        plan, scripts = _read_and_plan(record, archive, spool, prefix=prefix, limits=limits, bytecode=bytecode)
+    if plan.sources and bytecode is not None:
+        return plan, scripts, None
+    with timed("pack"):
+        return plan, scripts, write_plan(plan, spool, out_path, compression, owner)
 
 
 async def _stream_layer(record: rattler.RepoDataRecord, archive: Path, *, prefix: str, work_dir: Path,
@@ -618,23 +686,26 @@ async def _stream_layer(record: rattler.RepoDataRecord, archive: Path, *, prefix
                         timed: Any, owner: TreeOwner | None = None) -> LayerBlob:
     """The layer written straight from the archive (stream_layer.py), or NotStreamable
     when the package needs rattler's install, or its verdict (the caller then installs
-    it, and refuses it if it must: this path never refuses a package itself)."""
+    it, and refuses it if it must: this path never refuses a package itself). The blob
+    carries the package's activation scripts, read in the same pass."""
     dist = dist_name(record)
     spool = open_spool(work_dir)
     fd, out_name = tempfile.mkstemp(dir=work_dir, prefix=f"{dist}-", suffix=".tar.gz")
     os.close(fd)
     out_path = Path(out_name)
     try:
-        with timed("check"):
-            try:
-                plan = await asyncio.to_thread(_read_and_plan, record, archive, spool, prefix=prefix,
-                                               limits=limits, bytecode=bytecode)
-            except (KeyError, TypeError, ValueError, AttributeError, IndexError, UnicodeError) as exc:
-                # A package this module did not foresee (a bug of ours, not a verdict on it):
-                # rattler's install gives the layer, or the refusal.
-                log.warning("%s: not streamed (%s: %s); installing it with rattler", dist, type(exc).__name__, exc)
-                raise NotStreamable(type(exc).__name__) from None
-        if plan.sources and bytecode is not None:
+        try:
+            plan, scripts, blob = await asyncio.to_thread(
+                _read_plan_write, record, archive, spool, out_path, prefix=prefix, limits=limits,
+                bytecode=bytecode, compression=compression, timed=timed, owner=owner)
+        except PackageError as exc:  # from write_plan: the install gives the verdict
+            raise NotStreamable(str(exc)) from None
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, UnicodeError) as exc:
+            # A package this module did not foresee (a bug of ours, not a verdict on it):
+            # rattler's install gives the layer, or the refusal.
+            log.warning("%s: not streamed (%s: %s); installing it with rattler", dist, type(exc).__name__, exc)
+            raise NotStreamable(type(exc).__name__) from None
+        if blob is None:
             with timed("bytecode"):
                 scratch = Path(tempfile.mkdtemp(dir=work_dir, prefix=".pyc-src-"))
                 try:
@@ -649,11 +720,12 @@ async def _stream_layer(record: rattler.RepoDataRecord, archive: Path, *, prefix
                     await asyncio.to_thread(add_compiled, plan, compiled, target)
                 finally:
                     await asyncio.to_thread(shutil.rmtree, scratch, True)
-        with timed("pack"):
-            try:
-                return await asyncio.to_thread(write_plan, plan, spool, out_path, compression, owner)
-            except PackageError as exc:
-                raise NotStreamable(str(exc)) from None
+            with timed("pack"):
+                try:
+                    blob = await asyncio.to_thread(write_plan, plan, spool, out_path, compression, owner)
+                except PackageError as exc:
+                    raise NotStreamable(str(exc)) from None
+        return dataclasses.replace(blob, scripts=scripts)
     except BaseException:
         out_path.unlink(missing_ok=True)
         raise
