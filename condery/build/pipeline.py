@@ -368,29 +368,38 @@ class Pipeline:
             progress.solved(subdir, len(records), sum(r.size or 0 for r in records))
         meta = meta_settings(self.config, request)
         owner = environment_owner(meta)  # a changeable environment's user, or root
-        pinned, package_layers = await self._environment_layers(request, reference, subdir, base, records, report,
-                                                                progress, owner=owner)
-        # What the environment's activate.d scripts export (layers/activation.py): the config's
-        # Env, and an activating entrypoint for the scripts that cannot be evaluated.
-        activation = await evaluate_activation([e.scripts for e in package_layers if e.scripts], self.config.prefix)
-        kernels = [await self._kernel(kernel, job, subdir, report, owner) for kernel in request.kernels]
-        for built_kernel in kernels:
-            package_layers += built_kernel.layers
-        started = time.monotonic()
-        # The base's layers and the environment layers count against the budget too.
-        room = max(1, self.config.layer_budget - len(base.layers) - 1 - len(kernels))
-        layers = await self.layers.grouped(package_layers, room)
-        layers += [built_kernel.env_layer for built_kernel in kernels]
-        if progress:
-            progress.assembling(subdir)
-
-        created = created_of(records)
-        lock = explicit_lock(records, subdir)
-        account = image_account(self.config, request, records, base.passwd, base.group)
-        # The image reads back as files (build/readback.py), and holds them in conda-meta/.
+        pinned = await self.pip(request, reference, subdir, base, records)
+        # The image reads back as files (build/readback.py), and holds them in conda-meta/:
+        # written (YAML, a few hundred ms for 300 packages) in a thread while layers build.
         solved = solved_platform(records, subdir, [wheel for wheel, _ in pinned])
         channels = self._channels_and_specs(request)[0]
-        readable = in_image_files(request.canonical_name, subdir, solved, request, channels)
+        readable_files = asyncio.ensure_future(asyncio.to_thread(
+            in_image_files, request.canonical_name, subdir, solved, request, channels))
+        try:
+            package_layers = await self._environment_layers(request, reference, subdir, base, records, report,
+                                                            progress, pinned=pinned, owner=owner)
+            # What the environment's activate.d scripts export (layers/activation.py): the config's
+            # Env, and an activating entrypoint for the scripts that cannot be evaluated.
+            activation = await evaluate_activation([e.scripts for e in package_layers if e.scripts], self.config.prefix)
+            kernels = [await self._kernel(kernel, job, subdir, report, owner) for kernel in request.kernels]
+            for built_kernel in kernels:
+                package_layers += built_kernel.layers
+            started = time.monotonic()
+            # The base's layers and the environment layers count against the budget too.
+            room = max(1, self.config.layer_budget - len(base.layers) - 1 - len(kernels))
+            layers = await self.layers.grouped(package_layers, room)
+            layers += [built_kernel.env_layer for built_kernel in kernels]
+            if progress:
+                progress.assembling(subdir)
+
+            created = created_of(records)
+            lock = explicit_lock(records, subdir)
+            account = image_account(self.config, request, records, base.passwd, base.group)
+            readable = await readable_files
+        except BaseException:
+            readable_files.cancel()
+            await asyncio.gather(readable_files, return_exceptions=True)
+            raise
         readable.update(kernelspec_files([(k.kernel, k.activation) for k in kernels], self.config.prefix))
         if meta.changeable:
             readable.update(changeable_files(channels, records, request.specs, self.config.pypi_index))
@@ -423,10 +432,12 @@ class Pipeline:
         self, request: ImageRequest, reference: Latest | Snapshot, subdir: str, base: BaseImage,
         records: Sequence[rattler.RepoDataRecord], report: BuildReport, progress: BuildProgress | None,
         prefix: str | None = None, owner: tuple[int, int] | None = None,
-    ) -> tuple[list[tuple[PinnedWheel, PipTarget]], list[LayerEntry]]:
+        pinned: list[tuple[PinnedWheel, PipTarget]] | None = None,
+    ) -> list[LayerEntry]:
         """One environment's package layers (conda's, then pip's) at `prefix` (the image's
         own by default), each from the cache or built once, in parallel; owned by `owner`
-        (uid, gid) when the environment is changeable (build/changeable.py)."""
+        (uid, gid) when the environment is changeable (build/changeable.py); `pinned` its
+        pip packages when the caller resolved them already."""
         python = next((r for r in records if r.name.normalized == "python"), None)
         site_packages = python_site_packages(python)
         bytecode = await self._bytecode_plan(request, records, python, site_packages)
@@ -439,7 +450,8 @@ class Pipeline:
                 progress.layer_done(subdir, record.file_name, built, record.size or 0)
             return entry
 
-        pinned = await self.pip(request, reference, subdir, base, records, prefix)
+        if pinned is None:
+            pinned = await self.pip(request, reference, subdir, base, records, prefix)
 
         async def one_wheel(wheel: PinnedWheel, target: PipTarget) -> LayerEntry:
             entry, built = await self.layers.wheel_layer(wheel, target, bytecode, owner)
@@ -449,8 +461,7 @@ class Pipeline:
             return entry
 
         # pip's packages after conda's: they may need them, never the other way round.
-        layers = list(await asyncio.gather(*(one(r) for r in records), *(one_wheel(w, t) for w, t in pinned)))
-        return pinned, layers
+        return list(await asyncio.gather(*(one(r) for r in records), *(one_wheel(w, t) for w, t in pinned)))
 
     async def _kernel(self, kernel: Kernel, job: Job, subdir: str, report: BuildReport,
                       owner: tuple[int, int] | None = None) -> BuiltKernel:
@@ -467,8 +478,8 @@ class Pipeline:
             raise
         except SolveError as exc:
             raise SolveError(f"kernel {kernel.name}: {exc}") from None
-        _, layers = await self._environment_layers(request, job.reference, subdir, base, records, report,
-                                                   job.progress, prefix, owner)
+        layers = await self._environment_layers(request, job.reference, subdir, base, records, report,
+                                                job.progress, prefix, owner)
         activation = await evaluate_activation([e.scripts for e in layers if e.scripts], prefix)
         # A changeable image's `conda install -n <name>` keeps the kernel's python too.
         files = None if owner is None else {"conda-meta/pinned": pinned_file(records, request.specs)}

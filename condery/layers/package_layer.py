@@ -288,21 +288,13 @@ async def fetch_verified(record: rattler.RepoDataRecord, package_cache_dir: Path
         raise PackageError(f"{dist}: unexpected archive file name {record.file_name!r}")
     path = Path(package_cache_dir) / "archives" / sha / record.file_name
 
-    async def verify(archive: Path) -> str:
-        with report.timed("verify") if report else contextlib.nullcontext():
-            return await asyncio.to_thread(_hash_file, archive)
+    def verifying() -> ContextManager[None]:
+        return report.timed("verify") if report else contextlib.nullcontext()
 
-    if path.exists():
-        if await verify(path) == sha:
-            # Used now: the cache's size cap (archive_cache.py) removes the least recently used.
-            await asyncio.to_thread(os.utime, path)
-            return path
-        log.warning("cached archive of %s does not match its sha256; fetching it again", dist)
-        path.unlink()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".download-")
-    os.close(fd)
-    tmp = Path(tmp_name)
+    with verifying():
+        tmp = await asyncio.to_thread(_cache_slot, path, sha, dist)
+    if tmp is None:
+        return path
     try:
         limit = record.size if record.size else max_bytes
         try:
@@ -312,7 +304,10 @@ async def fetch_verified(record: rattler.RepoDataRecord, package_cache_dir: Path
                 hashed = await _download_with_retries(client or channel_client(), record, tmp, limit)
         except _TooLarge:
             raise PackageError(f"{dist}: the channel serves more than the {limit} bytes its repodata gives") from None
-        actual = hashed if hashed is not None else await verify(tmp)
+        if hashed is None:
+            with verifying():
+                hashed = await asyncio.to_thread(_hash_file, tmp)
+        actual = hashed
         if actual != sha:
             raise PackageError(f"{dist}: sha256 mismatch: repodata says {sha}, archive is {actual}")
         os.replace(tmp, path)  # atomic: concurrent builds see a whole, verified file or none
@@ -321,6 +316,23 @@ async def fetch_verified(record: rattler.RepoDataRecord, package_cache_dir: Path
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _cache_slot(path: Path, sha: str, dist: str) -> Path | None:
+    """None when the cache holds the archive whole (marked used now); else a new empty
+    file beside where it goes, to download into (blocking: one thread hop for what were
+    several file system calls on the event loop, per package)."""
+    if path.exists():
+        if _hash_file(path) == sha:
+            # Used now: the cache's size cap (archive_cache.py) removes the least recently used.
+            os.utime(path)
+            return None
+        log.warning("cached archive of %s does not match its sha256; fetching it again", dist)
+        path.unlink()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".download-")
+    os.close(fd)
+    return Path(tmp_name)
 
 
 async def _inspect(record: rattler.RepoDataRecord, archive: Path, limits: PackageLimits) -> None:
