@@ -50,6 +50,8 @@ COMPRESSIONS = (GZIP, ZSTD)
 # use three threads; at 256 KiB the loss is 0.5%.
 DEFLATE_LEVEL = 4
 CHUNK_SIZE = 1 << 20
+# Parts smaller than this are compressed by the writing thread itself (GzipChunkWriter).
+INLINE_CHUNK = 64 << 10
 ZSTD_LEVEL = 3
 # Part of every layer cache key: a change here changes layer bytes (see cache.layer_key).
 # "-e": a layer's tar end blocks are a gzip member (zstd frame) of their own (end_part).
@@ -105,7 +107,15 @@ class GzipChunkWriter:
         return len(data)
 
     def _submit(self, chunk: bytes) -> None:
-        self._pending.append(self._executor.submit(gzip_chunk, chunk))
+        if len(chunk) < INLINE_CHUNK:
+            # A small part (a small layer, its directories, its end blocks): compressed here.
+            # Handing it to the pool and waiting for it cost more than compressing it. The
+            # same bytes either way, in the same order.
+            done: Future[bytes] = Future()
+            done.set_result(gzip_chunk(chunk))
+            self._pending.append(done)
+        else:
+            self._pending.append(self._executor.submit(gzip_chunk, chunk))
         self._wrote_any = True
         while len(self._pending) > self._window:
             self._sink.write(self._pending.popleft().result())

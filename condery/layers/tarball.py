@@ -18,6 +18,7 @@ import dataclasses
 import errno
 import hashlib
 import os
+import re
 import stat
 import tarfile
 from dataclasses import dataclass
@@ -93,8 +94,13 @@ class TreeOwner:
         return name == self.tree or name.startswith(self.tree + "/")
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _has_control_character(text: str) -> bool:
-    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
+    # A regular expression: checked for every entry of every layer (a generator over the
+    # characters cost ~0.4 ms a small package).
+    return _CONTROL.search(text) is not None
 
 
 def check_member_name(name: str) -> None:
