@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from condery.layers import PackageError
-from condery.layers.tarball import LAYER_MTIME, concat_layers, write_layer
+from condery.layers.tarball import LAYER_MTIME, _Entry, concat_layers, tar_header, tar_info, write_layer
 
 
 def make_tree(root: Path, *, mtime: int = 1234567890) -> Path:
@@ -203,3 +203,17 @@ def test_concat_keeps_hardlinks(tmp_path: Path) -> None:
     replacing = write_layer(other, "opt/conda", tmp_path / "c.tgz")
     with pytest.raises(PackageError, match="another layer replaces"):
         concat_layers([first.path, replacing.path], tmp_path / "n.tgz")
+
+
+@pytest.mark.parametrize("entry", [
+    _Entry("opt", "dir"), _Entry("opt/conda/bin/tool", "file", 0o755, 12345), _Entry("opt/conda/f", "file", 0o644, 0),
+    _Entry("opt/conda/lib/libx.so", "symlink", 0o777, linkname="libx.so.1"),
+    _Entry("opt/conda/lib/sub/hard", "hardlink", 0o644, linkname="opt/conda/lib/libx.so.1"),
+    _Entry("home/jovyan", "dir", uid=1000, gid=100), _Entry("d" * 99, "dir"), _Entry("d" * 100, "dir"),
+    _Entry("f" * 100, "file", 0o644, 1), _Entry("f" * 101, "file", 0o644, 1), _Entry("ünïcode.txt", "file", 0o644, 3),
+    _Entry("l", "symlink", 0o777, linkname="t" * 101), _Entry("big", "file", 0o644, 9 << 30),
+])
+def test_tar_headers_are_tarfiles(entry: _Entry) -> None:
+    """The layer writer's own headers (tar_header) are the bytes tarfile's PAX writer gives."""
+    expected = tar_info(entry).tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+    assert tar_header(entry) == expected

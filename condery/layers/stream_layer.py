@@ -432,6 +432,9 @@ def write_plan(plan: StreamPlan, spool: _Spool, out_path: Path, compression: str
     entries: dict[str, _Entry] = {}
 
     def add_dir(name: str) -> None:
+        known = entries.get(name)
+        if known is not None and known.kind == "dir":
+            return  # and so are its parents: every directory came through here
         for parent in (*_parents(name), name):
             check_member_name(parent)
             existing = entries.get(parent)
