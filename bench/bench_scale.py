@@ -1,6 +1,6 @@
 """Benchmark: how the cost of an image grows with its size and its number of packages.
 
-    python3 bench/bench_scale.py [--quick] [--sizes 10,100,1000] [--packages 5,50,300]
+    python3 bench/bench_scale.py [--quick] [--sizes 10,100,1000] [--packages 5,50,300] [--conda-forge]
 
 For every image size (MB unpacked) and package count, a channel of generated packages
 (tests/fixtures/condapkg.py write_bulk_package: 2 MiB binary-like files, half
@@ -19,8 +19,11 @@ The table gives each time per MB and per package, so linear growth (or not) show
 flat column; a second table shows where the cold build's time went (the phases and steps
 of the server's `build ended` log line; phases overlap, so they do not add up).
 `--quick` runs the small sizes only (10 MB with 5 and 50 packages). The fixed cost per
-package: `--sizes 3 --packages 300` (300 packages of about 10 KB). Each cell ends with
-pass or FAIL against issue 18's targets.
+package: `--sizes 3 --packages 300` (300 packages of about 10 KB). `--conda-forge` adds
+a conda-forge-shaped image: 300 packages whose sizes are drawn (seeded) from the real
+`python=3.9` closure of ../shared/fixtures/conda-forge-subset-2024 (each record's archive
+size, used as the package's unpacked size), with the same content mix. `--sizes 0`
+runs that cell alone. Each cell ends with pass or FAIL against issue 18's targets.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import shutil
 import sys
 import tempfile
@@ -39,6 +43,7 @@ from pathlib import Path
 
 import aiohttp
 import rattler
+import zstandard
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -57,6 +62,9 @@ WARM_CONCURRENCY = 3  # docker's default max-concurrent-downloads
 WARM_ROUNDS = 3
 
 
+CONDA_FORGE_SUBSET = ROOT.parent / "shared" / "fixtures" / "conda-forge-subset-2024"
+
+
 @dataclass(frozen=True)
 class Cell:
     size_mb: int
@@ -69,11 +77,28 @@ class Cell:
     baselines: list[Baseline]
 
 
-def write_channel(channel: Path, size_mb: int, packages: int) -> None:
-    per_package = size_mb * MB // packages
+def conda_forge_sizes(packages: int = 300, seed: int = 0) -> list[int]:
+    """`packages` sizes drawn from the python=3.9 closure of the conda-forge subset fixture
+    (its records' archive sizes), the same on every run."""
+    with tempfile.TemporaryDirectory(prefix="condery-bench-cf-") as tmp:
+        for subdir in ("linux-64", "noarch"):
+            (Path(tmp) / subdir).mkdir()
+            with open(CONDA_FORGE_SUBSET / subdir / "repodata.json.zst", "rb") as raw:
+                (Path(tmp) / subdir / "repodata.json").write_bytes(zstandard.ZstdDecompressor().stream_reader(raw).read())
+        glibc = rattler.GenericVirtualPackage(rattler.PackageName("__glibc"), rattler.Version("2.17"),
+                                              rattler.BuildString("0"))
+        closure = asyncio.run(rattler.solve([tmp], ["python=3.9"], platforms=["linux-64", "noarch"],
+                                            virtual_packages=[glibc]))
+    sizes = sorted(r.size or 0 for r in closure)
+    rng = random.Random(seed)
+    return [rng.choice(sizes) for _ in range(packages)]
+
+
+def write_channel(channel: Path, size_mb: int, packages: int, sizes: list[int] | None = None) -> None:
     names = []
     for i in range(packages):
         name = f"scale-{i:03d}"
+        per_package = sizes[i] if sizes else size_mb * MB // packages
         write_bulk_package(channel, name, size=per_package, small_files=int(per_package * TEXT_SHARE) // 2048)
         names.append(name)
     write_conda_package(channel, IMAGE, "1.0", "0", depends=names)
@@ -114,9 +139,9 @@ async def warm_pull(base: str, digests: list[str]) -> float:
         return time.perf_counter() - started
 
 
-def measure(work: Path, size_mb: int, packages: int) -> Cell:
+def measure(work: Path, size_mb: int, packages: int, sizes: list[int] | None = None) -> Cell:
     channel = work / "channel"
-    write_channel(channel, size_mb, packages)
+    write_channel(channel, size_mb, packages, sizes)
     # Every contender starts with nothing left to write back: without this, the flush
     # of the channel just written (up to 1 GB) lands in condery's cold run alone.
     os.sync()
@@ -184,11 +209,21 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="10 MB images of 5 and 50 packages only")
     parser.add_argument("--sizes", default="10,100,1000", help="image sizes in MB, comma separated")
     parser.add_argument("--packages", default="5,50,300", help="packages per image, comma separated")
+    parser.add_argument("--conda-forge", action="store_true",
+                        help="add the conda-forge-shaped image (300 packages sized as the python=3.9 closure)")
     args = parser.parse_args()
-    sizes = [10] if args.quick else [int(s) for s in args.sizes.split(",")]
+    sizes = [10] if args.quick else [int(s) for s in args.sizes.split(",") if int(s)]
     counts = [5, 50] if args.quick else [int(n) for n in args.packages.split(",")]
 
     cells = []
+    if args.conda_forge:
+        shaped = conda_forge_sizes()
+        size_mb = max(1, round(sum(shaped) / MB))
+        with tempfile.TemporaryDirectory(prefix="condery-bench-scale-") as tmp:
+            cell = measure(Path(tmp), size_mb, len(shaped), shaped)
+        cells.append(cell)
+        print(f"  measured the conda-forge-shaped image ({size_mb} MB x {len(shaped)} packages):"
+              f" cold {cell.cold_s:.2f} s", flush=True)
     for size_mb in sizes:
         for packages in counts:
             with tempfile.TemporaryDirectory(prefix="condery-bench-scale-") as tmp:
