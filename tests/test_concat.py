@@ -25,7 +25,7 @@ import zstandard
 from condery.build.image_layers import _concat
 from condery.layers import PackageError
 from condery.layers.compression import GZIP, ZSTD, open_decompressed
-from condery.layers.concat import NotConcatenable, compress_part, concat_compressed
+from condery.layers.concat import NotConcatenable, compress_part, concat_compressed, worth_concatenating
 from condery.layers.tarball import OwnedDir, concat_layers, write_layer
 from tests.fixtures.clients import run_tool, umoci_unpack
 
@@ -252,3 +252,15 @@ def test_umoci_and_skopeo_read_a_concatenated_group(tmp_path: Path, compression:
     assert (conda / "lib/big.so").stat().st_size == 3 << 20
     assert os.stat(conda / "g").st_ino == os.stat(conda / "f").st_ino
     assert (conda / "lib").stat().st_mode & 0o7777 == 0o755
+
+
+def test_small_layers_are_recompressed_large_ones_concatenated(tmp_path: Path) -> None:
+    """Tiny layers compress better together (one context): a group of them is recompressed,
+    with the same tar (diff_id) the concatenation would have."""
+    assert not worth_concatenating([10_000] * 200) and not worth_concatenating([])
+    assert worth_concatenating([3 << 20, 5000, 2 << 20])
+    small = [layer(tmp_path, f"s{i}", {f"share/s{i}.txt": f"text of package {i}\n".encode() * 300}) for i in range(20)]
+    recompressed = _concat(small, tmp_path / "r", GZIP, concatenate=False)
+    concatenated = concat_compressed(small, tmp_path / "c")
+    assert recompressed.diff_id == concatenated.diff_id
+    assert recompressed.size < concatenated.size

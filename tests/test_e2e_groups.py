@@ -1,7 +1,8 @@
 """End to end: an image whose packages are grouped under the layer budget, pulled and run
 by podman (containers/storage refuses a layer that holds a path twice: a group must hold
-one entry a path) and unpacked by umoci. The group is its layers' compressed members
-copied (concat.py), their shared directories written once."""
+one entry a path) and unpacked by umoci. A group of large layers is its layers'
+compressed members copied (concat.py), their shared directories written once; a group of
+small layers is recompressed (concat.worth_concatenating). Both kinds are pulled here."""
 
 from __future__ import annotations
 
@@ -18,8 +19,13 @@ from tests.test_e2e import condery
 pytestmark = pytest.mark.e2e
 
 
-def test_a_grouped_image_pulls_and_runs(tmp_path: Path, fixture_channel: Path, base_layout: Path, podman) -> None:
-    with condery(tmp_path, [str(fixture_channel)], f"oci:{base_layout}:bookworm", layer_budget=4) as registry:
+# The base has one layer and the environment layer counts: a budget of 3 leaves room for
+# one package layer (every package in one group, python's 20 MB among them: concatenated);
+# 4 leaves python alone and groups the small rest (recompressed).
+@pytest.mark.parametrize("budget,concatenated", [(3, True), (4, False)])
+def test_a_grouped_image_pulls_and_runs(tmp_path: Path, fixture_channel: Path, base_layout: Path, podman,
+                                        budget: int, concatenated: bool) -> None:
+    with condery(tmp_path, [str(fixture_channel)], f"oci:{base_layout}:bookworm", layer_budget=budget) as registry:
         ref = f"{registry.host}/python/tqdm/xz:latest"
         podman.pull(ref)
         result = podman.run(ref, ["python", "-c", "import tqdm; print('tqdm', tqdm.__version__)"])
@@ -32,9 +38,10 @@ def test_a_grouped_image_pulls_and_runs(tmp_path: Path, fixture_channel: Path, b
                   if len(d.get("annotations", {}).get("org.condery.packages", "").split()) > 1]
         assert len(groups) == 1, manifest["layers"]
         packages = len(groups[0]["annotations"]["org.condery.packages"].split())
-        # Concatenated, not recompressed: the directories' member(s), at least one member
-        # per package (each package's entries end on a member boundary), the end member.
-        assert gzip_members((layout / "blobs" / "sha256" / groups[0]["digest"][7:]).read_bytes()) >= packages + 2
+        # Concatenated: the directories' member(s), at least one member per package (each
+        # package's entries end on a member boundary), the end member. Recompressed: fewer.
+        members = gzip_members((layout / "blobs" / "sha256" / groups[0]["digest"][7:]).read_bytes())
+        assert (members >= packages + 2) == concatenated, (members, packages)
         for blob in (layout / "blobs" / "sha256").iterdir():
             if blob.read_bytes()[:2] == b"\x1f\x8b":  # a layer: one entry a path
                 with tarfile.open(blob) as tar:

@@ -24,7 +24,7 @@ from condery.layers import LayerBlob, PackageError
 from condery.layers.activation import Activation
 from condery.layers.activation_scripts import PackageScripts, read_package_scripts
 from condery.layers.bytecode import BytecodePlan, bytecode_for
-from condery.layers.concat import LayerSource, NotConcatenable, concat_compressed
+from condery.layers.concat import LayerSource, NotConcatenable, concat_compressed, worth_concatenating
 from condery.layers.env_layer import Account, build_env_layer
 from condery.layers.grouping import group_layers
 from condery.layers.members import PackageLimits
@@ -164,7 +164,8 @@ class LayerBuilder:
                             out.write(chunk)
                     sources.append(path)
                 blob = await asyncio.to_thread(_concat, sources, Path(tmp) / "group.tar.gz",
-                                               self.config.layer_compression)
+                                               self.config.layer_compression,
+                                               worth_concatenating([m.size for m in members]))
                 return await self._store(key, blob, tuple(p for m in members for p in m.packages))
 
         return await self.flights.run(key, build)
@@ -222,10 +223,14 @@ class LayerBuilder:
         return LayerEntry("env", blob.digest, blob.diff_id, blob.size, ("environment",))
 
 
-def _concat(sources: Sequence[LayerSource], out_path: Path, compression: str) -> LayerBlob:
+def _concat(sources: Sequence[LayerSource], out_path: Path, compression: str, concatenate: bool = True) -> LayerBlob:
     """The group layer: the members' compressed bytes one after the other (layers/concat.py),
-    or decompressed and compressed again where that cannot be (a file in two layers)."""
-    try:
-        return concat_compressed(sources, out_path, compression)
-    except NotConcatenable:
-        return concat_layers(sources, out_path, compression)
+    or decompressed and compressed again where that cannot be (a file in two layers) or is
+    not worth it (`concatenate` false: small layers, concat.worth_concatenating). Both
+    give the same tar (diff_id)."""
+    if concatenate:
+        try:
+            return concat_compressed(sources, out_path, compression)
+        except NotConcatenable:
+            pass
+    return concat_layers(sources, out_path, compression)
