@@ -258,7 +258,7 @@ def test_small_layers_are_recompressed_large_ones_concatenated(tmp_path: Path) -
     """Tiny layers compress better together (one context): a group of them is recompressed,
     with the same tar (diff_id) the concatenation would have."""
     assert not worth_concatenating([10_000] * 200) and not worth_concatenating([])
-    assert worth_concatenating([3 << 20, 5000, 2 << 20])
+    assert worth_concatenating([3 << 20, 5000, 2 << 20]) and worth_concatenating([200_000] * 200)
     small = [layer(tmp_path, f"s{i}", {f"share/s{i}.txt": f"text of package {i}\n".encode() * 300}) for i in range(20)]
     recompressed = _concat(small, tmp_path / "r", GZIP, concatenate=False)
     concatenated = concat_compressed(small, tmp_path / "c")

@@ -50,11 +50,13 @@ _RECORD = 20 * _BLOCK  # tarfile's RECORDSIZE: archives are padded to a multiple
 LayerSource = Union[Path, BinaryIO]
 
 
-# Below this mean size a group's layers are recompressed together instead: each small
-# layer's members compress alone, and 200 packages of 10 KB concatenated take 1.15x the
-# bytes of one gzip -6 stream (1.08x recompressed), while recompressing that little costs
-# a few hundred ms at most. Above it each layer is at least one full 1 MiB member anyway.
-CONCAT_MIN_MEAN = 1 << 20
+# Below this mean (compressed) size a group's layers are recompressed together instead:
+# each tiny layer's members compress alone, and 200 packages of 10 KB concatenated take
+# 1.15x the bytes of one gzip -6 stream (1.08x recompressed), while recompressing that
+# little costs a few hundred ms at most. From packages of ~200 KB up the bytes did not
+# move (1.02x either way, docs/performance.md) and recompressing costs seconds (2.9 s for
+# the 67 MB group of bench_scale's 100 MB x 300).
+CONCAT_MIN_MEAN = 64 << 10
 
 
 def worth_concatenating(sizes: Sequence[int]) -> bool:

@@ -156,11 +156,13 @@ def read_archive(archive: Path, limits: PackageLimits, spool: _Spool) -> _Read:
         for member, tar, info in iter_archive(archive, limits):
             read.members.append(member)
             if member.kind == "file":
-                handle = tar.extractfile(info)
+                # The stream stands at the file's bytes: read them from it (what extractfile
+                # does, without an object per file); tarfile skips the padding itself.
+                handle = tar.fileobj if tar.fileobj.tell() == info.offset_data else tar.extractfile(info)
                 assert handle is not None
                 if member.name.startswith("info/"):
                     if member.name in _INFO_FILES:
-                        read.info[member.name] = handle.read()
+                        read.info[member.name] = handle.read(member.size)
                 elif member.name not in read.files:  # a second copy is refused by the check
                     read.files[member.name] = _Spooled(spool.append(handle, member.size), member.size, info.mode)
             elif member.kind == "symlink":
