@@ -20,6 +20,7 @@ import rattler
 from condery.build.admission import BuildQueue
 from condery.build.coordination import Coordinator, LocalCoordinator, open_coordinator
 from condery.build.outcomes import Outcomes
+from condery.common.slots import PrioritySlots
 from condery.config import Config
 from condery.image.names import ImageRef
 from condery.layers.archive_cache import cap_archive_cache
@@ -49,7 +50,7 @@ class AppState:
     builds: BuildQueue[ImageRef]  # image builds: running, queued, per client
     # What became of builds: definitive solve failures, recent failures, build statuses.
     outcomes: Outcomes
-    cpu_slots: asyncio.Semaphore  # concurrent package layer builds (CPU-bound)
+    cpu_slots: PrioritySlots  # concurrent package layer builds (CPU-bound), the largest package first
     download_slots: asyncio.Semaphore  # concurrent package downloads (network-bound)
     owns_work_dir: bool = False  # a private temporary directory, removed on close
     metrics: Metrics = field(default_factory=Metrics)  # this app's own registry (/metrics)
@@ -95,7 +96,7 @@ class AppState:
                 per_client=config.max_builds_per_client,
             ),
             outcomes=Outcomes(config.failed_solve_ttl),
-            cpu_slots=asyncio.Semaphore(os.cpu_count() or 2),
+            cpu_slots=PrioritySlots(os.cpu_count() or 2),
             download_slots=asyncio.Semaphore(config.max_concurrent_downloads),
             owns_work_dir=not isinstance(store, FilesystemStore),
         )

@@ -49,6 +49,7 @@ import rattler.package_streaming as package_streaming
 from rattler.networking import AuthenticationMiddleware, RetryMiddleware
 
 from condery.common.redact import redact_url, redact_values
+from condery.common.slots import PrioritySlots
 from condery.layers import LayerBlob, PackageError, PackageUnavailable
 from condery.layers.activation_scripts import PackageScripts, scripts_from_paths, wanted_scripts
 from condery.layers.bytecode import BytecodePlan, CompiledFile, compile_bytecode, record_compiled
@@ -500,7 +501,7 @@ async def build_package_layer(record: rattler.RepoDataRecord, *, python_record: 
                               prefix: str, platform: str, work_dir: Path, package_cache_dir: Path,
                               allow_scripts: bool = False, limits: PackageLimits = PackageLimits(),
                               download_slots: asyncio.Semaphore | None = None,
-                              cpu_slots: asyncio.Semaphore | None = None,
+                              cpu_slots: asyncio.Semaphore | PrioritySlots | None = None,
                               client: rattler.Client | None = None,
                               report: LayerReport | None = None,
                               bytecode: BytecodePlan | None = None, compression: str = GZIP,
@@ -537,7 +538,10 @@ async def build_package_layer(record: rattler.RepoDataRecord, *, python_record: 
     work_dir.mkdir(parents=True, exist_ok=True)
     staging = _Scratch(work_dir, f".stage-{record.name.normalized}-")
     try:
-        async with cpu_slots or contextlib.nullcontext():
+        # Largest first where the slots say so (common/slots.py): a big package does not wait
+        # behind many small ones and then run alone at the end.
+        taken = cpu_slots.taken(record.size or 0) if isinstance(cpu_slots, PrioritySlots) else cpu_slots
+        async with taken or contextlib.nullcontext():
             # A long wait for the slot can outlast the archive cache's "in use" window
             # (archive_cache.py): mark the archive used now, or fetch it again if the
             # cache's size cap removed it meanwhile. (One metadata call: not worth a thread.)
