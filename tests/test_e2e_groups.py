@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from condery.layers.concat import worth_concatenating
 from tests.fixtures.clients import run_in_rootfs, skopeo_copy, umoci_unpack
 from tests.test_e2e import condery
 
@@ -21,8 +22,8 @@ pytestmark = pytest.mark.e2e
 
 # The base has one layer and the environment layer counts: a budget of 3 leaves room for
 # one package layer (every package in one group, python's 20 MB among them: concatenated);
-# 4 leaves python alone and groups the small rest (recompressed).
-@pytest.mark.parametrize("budget,concatenated", [(3, True), (4, False)])
+# 6 leaves the largest alone and groups the two smallest (tiny: recompressed).
+@pytest.mark.parametrize("budget,concatenated", [(3, True), (6, False)])
 def test_a_grouped_image_pulls_and_runs(tmp_path: Path, fixture_channel: Path, base_layout: Path, podman,
                                         budget: int, concatenated: bool) -> None:
     with condery(tmp_path, [str(fixture_channel)], f"oci:{base_layout}:bookworm", layer_budget=budget) as registry:
@@ -37,7 +38,15 @@ def test_a_grouped_image_pulls_and_runs(tmp_path: Path, fixture_channel: Path, b
         groups = [d for d in manifest["layers"]
                   if len(d.get("annotations", {}).get("org.condery.packages", "").split()) > 1]
         assert len(groups) == 1, manifest["layers"]
-        packages = len(groups[0]["annotations"]["org.condery.packages"].split())
+        grouped = groups[0]["annotations"]["org.condery.packages"].split()
+        packages = len(grouped)
+        # Which kind the group is follows from its layers' sizes (their records in the store).
+        sizes = {}
+        for record in (registry.store / "records" / "layers").rglob("*.json"):
+            entry = json.loads(record.read_text())
+            if len(entry.get("packages", [])) == 1:
+                sizes[entry["packages"][0]] = entry["size"]
+        assert worth_concatenating([sizes[name] for name in grouped]) == concatenated
         # Concatenated: the directories' member(s), at least one member per package (each
         # package's entries end on a member boundary), the end member. Recompressed: fewer.
         members = gzip_members((layout / "blobs" / "sha256" / groups[0]["digest"][7:]).read_bytes())
