@@ -8,7 +8,7 @@ that are hardlinks of each other written once plus tar hardlinks to the first na
 compressor (gzip members with no time and no file name, or zstd). The directories end
 on a member (frame) boundary and so do the other entries: a group layer is its
 layers' directories written once, then their other members copied (concat.py). Nothing is held in
-memory beyond tarfile's buffer and the compressor's few chunks in flight.
+memory beyond a piece of one file (1 MiB) and the compressor's few chunks in flight.
 """
 
 from __future__ import annotations
