@@ -371,7 +371,8 @@ class ImageService:
             self.state.outcomes.failed(request.canonical_name, tag, exc)
             raise
         return ImageLook(request.canonical_name, tag, solved, None if record is None else record.ref.oci_digest, layers,
-                         kernels_json(request.kernels, self.config.prefix), changeable_json(meta_settings(self.config, request), self.config.prefix))
+                         kernels_json(request.kernels, self.config.prefix),
+                         changeable_json(meta_settings(self.config, request), self.config.prefix))
 
     async def solve(self, request: ImageRequest, reference: Latest | Snapshot, subdir: str) -> list[rattler.RepoDataRecord]:
         """The records of one platform's solve (`condery solve`)."""

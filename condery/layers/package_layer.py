@@ -661,7 +661,7 @@ def _read_and_plan(record: rattler.RepoDataRecord, archive: Path, spool: Any, *,
     one reading of the archive (blocking)."""
     read = read_archive(archive, limits, spool)
     plan = plan_layer(record, read, spool, prefix=prefix, bytecode=bytecode)
-    scripts = _scripts_of(read, spool)
+    scripts = _scripts_of(plan, read, spool)
     del read
     plan.record = _scrub_record(plan.record, record)
     if _contains_path(plan.record, (str(archive.parent), str(archive.parent.resolve()))):
@@ -669,12 +669,13 @@ def _read_and_plan(record: rattler.RepoDataRecord, archive: Path, spool: Any, *,
     return plan, scripts
 
 
-def _scripts_of(read: Any, spool: Any) -> PackageScripts:
+def _scripts_of(plan: Any, read: Any, spool: Any) -> PackageScripts:
     """What activation_scripts.read_package_scripts reads from the archive, from the reading
-    the layer was planned from: paths.json's paths with their text placeholders, and the
-    activation scripts' bytes as the archive holds them (placeholders not replaced)."""
+    the layer was planned from: paths.json's paths with their text placeholders (as the
+    plan's conda-meta record holds them: paths.json parsed once), and the activation
+    scripts' bytes as the archive holds them (placeholders not replaced)."""
     entries: list[tuple[str, str | None]] = []
-    for raw in json.loads(read.info["info/paths.json"])["paths"]:
+    for raw in plan.record["paths_data"]["paths"]:
         text = raw.get("prefix_placeholder") if raw.get("file_mode") == "text" else None
         entries.append((str(raw["_path"]), text))
     contents = {}
