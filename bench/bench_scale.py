@@ -17,7 +17,8 @@ meta-package `scale-image` depending on all of them. Then, in the same run:
 
 The table gives each time per MB and per package, so linear growth (or not) shows as a
 flat column; a second table shows where the cold build's time went (the phases and steps
-of the server's `build ended` log line; phases overlap, so they do not add up).
+of the server's `build ended` log line; phases overlap, so they do not add up) and the
+CPU seconds the server used meanwhile (from /proc: how close it came to both cores).
 `--quick` runs the small sizes only (10 MB with 5 and 50 packages). The fixed cost per
 package: `--sizes 3 --packages 300` (300 packages of about 10 KB). `--conda-forge` adds
 a conda-forge-shaped image: 300 packages whose sizes are drawn (seeded) from the real
@@ -73,6 +74,7 @@ class Cell:
     warm_s: float
     layer_bytes: int
     layers: int
+    cpu_s: tuple[float, float]  # the server's user and system CPU seconds during the cold build
     phases: dict[str, float]
     baselines: list[Baseline]
 
@@ -116,6 +118,13 @@ def build_ended(log: Path) -> dict[str, float]:
     return {}
 
 
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds process `pid` has used, its threads included."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / ticks, int(fields[12]) / ticks
+
+
 def get_manifest(url: str) -> dict:
     request = urllib.request.Request(url, headers={"Accept": OCI_MANIFEST})
     with urllib.request.urlopen(request, timeout=3600) as answer:
@@ -150,10 +159,12 @@ def measure(work: Path, size_mb: int, packages: int, sizes: list[int] | None = N
     argv, _, port = serve(work / "condery", [str(channel)], "scratch", log_format="json", build_timeout=3600)
     base = f"http://127.0.0.1:{port}"
     log = work / "condery" / "condery.log"
-    with running(argv, url=base + "/v2/", log_path=log, timeout=60):
+    with running(argv, url=base + "/v2/", log_path=log, timeout=60) as server:
+        cpu_before = cpu_seconds(server.pid)
         started = time.perf_counter()
         manifest = get_manifest(f"{base}/v2/{IMAGE}/manifests/latest")
         cold = time.perf_counter() - started
+        cpu_after = cpu_seconds(server.pid)
         digests = [layer["digest"] for layer in manifest["layers"]]
         warm = min(asyncio.run(warm_pull(base, digests)) for _ in range(WARM_ROUNDS))
     layer_bytes = sum(layer["size"] for layer in manifest["layers"])
@@ -161,7 +172,8 @@ def measure(work: Path, size_mb: int, packages: int, sizes: list[int] | None = N
     shutil.rmtree(work / "condery", ignore_errors=True)  # its disk back before the baselines run
     os.sync()
     baselines = asyncio.run(dockerfile_baselines(records, work / "baselines"))
-    return Cell(size_mb, packages, cold, warm, layer_bytes, len(digests), phases, baselines)
+    cpu = (cpu_after[0] - cpu_before[0], cpu_after[1] - cpu_before[1])
+    return Cell(size_mb, packages, cold, warm, layer_bytes, len(digests), cpu, phases, baselines)
 
 
 def print_tables(cells: list[Cell]) -> None:
@@ -197,11 +209,13 @@ def print_tables(cells: list[Cell]) -> None:
     print()
     print("where a cold build's time goes (seconds of wall time in which the phase or step ran)")
     names = [*PHASES, *STEPS]
-    print(f"  {'size':>7} {'pkgs':>4} | " + " ".join(f"{n:>9}" for n in names) + f" | {'gzip -6 install':>15} {'pack':>6}")
+    print(f"  {'size':>7} {'pkgs':>4} | " + " ".join(f"{n:>9}" for n in names)
+          + f" | {'cpu user':>8} {'sys':>5} | {'gzip -6 install':>15} {'pack':>6}")
     for c in cells:
         gzip6 = c.baselines[0]
         print(f"  {c.size_mb:>4} MB {c.packages:>4} | " + " ".join(f"{c.phases.get(n, 0.0):9.2f}" for n in names)
-              + f" | {gzip6.install_seconds:15.2f} {gzip6.pack_seconds:6.2f}")
+              + f" | {c.cpu_s[0]:8.2f} {c.cpu_s[1]:5.2f} | {gzip6.install_seconds:15.2f} {gzip6.pack_seconds:6.2f}")
+    print("  (cpu: the server's CPU seconds during the cold build, all its threads; 2 cores give 2 a second)")
 
 
 def main() -> None:

@@ -180,6 +180,15 @@ async def _serve_app(config: Config) -> web.Application:
     async def close(_: web.Application) -> None:
         await state.close()
 
+    async def warm_workers(_: web.Application):
+        # In the background: the server answers at once, the first build finds them up.
+        task = asyncio.create_task(state.layer_workers.warm())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    app.cleanup_ctx.append(warm_workers)
     if config.gc.interval > 0:
         async def collecting(_: web.Application):
             task = asyncio.create_task(run_every(state.store, config.gc, state.metrics))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from condery.layers.activation_scripts import PackageScripts, read_package_scrip
 from condery.layers.bytecode import HostInterpreters, bytecode_for, plan_bytecode
 from condery.layers.package_layer import build_package_layer, python_site_packages
 from condery.layers.stream_layer import NotStreamable, replace_binary, replace_text
+from condery.layers.workers import LayerWorkers
 from tests.fixtures.channel import ANACONDA_2020, build_fixture_channel
 from tests.fixtures.condapkg import PkgFile, index_channel, write_conda_package
 from tests.fixtures.wheel_packages import wheel_packages
@@ -96,10 +98,19 @@ def records_of(ch: Path) -> list[rattler.RepoDataRecord]:
     return sorted(out, key=lambda r: r.file_name)
 
 
-async def compare_both_paths(records: list[rattler.RepoDataRecord], tmp: Path,
-                             caplog: pytest.LogCaptureFixture) -> tuple[dict[str, str], list[PackageScripts]]:
-    """Build every record both ways; assert identical layers (and streamed ones' activation
-    scripts as read from the archive); return how each went, and those scripts."""
+@pytest.fixture(scope="module")
+def workers() -> Iterator[LayerWorkers]:
+    """Worker processes, as `condery serve` writes streamed layers in (layers/workers.py)."""
+    pool = LayerWorkers(2)
+    yield pool
+    pool.shutdown()
+
+
+async def compare_both_paths(records: list[rattler.RepoDataRecord], tmp: Path, caplog: pytest.LogCaptureFixture,
+                             workers: LayerWorkers) -> tuple[dict[str, str], list[PackageScripts]]:
+    """Build every record both ways (streamed in a worker process, installed by rattler);
+    assert identical layers (and streamed ones' activation scripts as read from the
+    archive); return how each went, and those scripts."""
     python = next(r for r in records if r.name.normalized == "python")
     site = python_site_packages(python)
     plan = await plan_bytecode(python, site, HostInterpreters())
@@ -114,7 +125,8 @@ async def compare_both_paths(records: list[rattler.RepoDataRecord], tmp: Path,
             with caplog.at_level(logging.DEBUG, logger="condery.layers.package_layer"):
                 blobs.append(await build_package_layer(
                     record, python_record=python, prefix=PREFIX, platform="linux-64",
-                    work_dir=tmp / "work", package_cache_dir=tmp / "pkgs", bytecode=bytecode, stream=stream))
+                    work_dir=tmp / "work", package_cache_dir=tmp / "pkgs", bytecode=bytecode, stream=stream,
+                    workers=workers if stream else None))
             if stream:
                 fallback = [r.getMessage() for r in caplog.records if INSTALLED in r.getMessage()]
                 how[record.file_name] = fallback[0].split(": ", 2)[-1] if fallback else "streamed"
@@ -136,9 +148,10 @@ async def compare_both_paths(records: list[rattler.RepoDataRecord], tmp: Path,
 
 
 async def test_fixture_packages_stream_to_the_installed_bytes(everything: Path, tmp_path: Path,
-                                                               caplog: pytest.LogCaptureFixture) -> None:
+                                                               caplog: pytest.LogCaptureFixture,
+                                                               workers: LayerWorkers) -> None:
     records = records_of(everything)
-    how, scripts = await compare_both_paths(records, tmp_path, caplog)
+    how, scripts = await compare_both_paths(records, tmp_path, caplog, workers)
     assert any(s.activate for s in scripts) and any(s.deactivate for s in scripts) and any(s.programs for s in scripts)
     print("\n".join(f"{name}: {way}" for name, way in how.items()))
     streamed = {name for name, way in how.items() if way == "streamed"}
@@ -155,9 +168,10 @@ async def test_fixture_packages_stream_to_the_installed_bytes(everything: Path, 
 
 
 async def test_realistic_wheel_packages_stream_to_the_installed_bytes(wheels: Path, tmp_path: Path,
-                                                                       caplog: pytest.LogCaptureFixture) -> None:
+                                                                       caplog: pytest.LogCaptureFixture,
+                                                                       workers: LayerWorkers) -> None:
     records = records_of(wheels)
-    how, _ = await compare_both_paths(records, tmp_path, caplog)
+    how, _ = await compare_both_paths(records, tmp_path, caplog, workers)
     print("\n".join(f"{name}: {way}" for name, way in how.items()))
     for record in records:
         if not record.noarch.python:

@@ -83,6 +83,7 @@ class LayerBuilder:
                 bytecode=bytecode,
                 compression=self.config.layer_compression,
                 owner=owner,
+                workers=self.state.layer_workers,
             )
             try:
                 scripts = blob.scripts if blob.scripts is not None else await self._package_scripts(record)

@@ -26,6 +26,7 @@ from condery.image.names import ImageRef
 from condery.layers.archive_cache import cap_archive_cache
 from condery.layers.bytecode import HostInterpreters
 from condery.layers.package_layer import channel_client
+from condery.layers.workers import LayerWorkers
 from condery.observability.metrics import Metrics
 from condery.storage import StorageError, Store, os_error_text
 from condery.storage.backends import open_store
@@ -51,6 +52,7 @@ class AppState:
     # What became of builds: definitive solve failures, recent failures, build statuses.
     outcomes: Outcomes
     cpu_slots: PrioritySlots  # concurrent package layer builds (CPU-bound), the largest package first
+    layer_workers: LayerWorkers  # the processes streamed package layers are written in
     download_slots: asyncio.Semaphore  # concurrent package downloads (network-bound)
     owns_work_dir: bool = False  # a private temporary directory, removed on close
     metrics: Metrics = field(default_factory=Metrics)  # this app's own registry (/metrics)
@@ -76,6 +78,7 @@ class AppState:
             await asyncio.to_thread(_remove_orphan_work_dirs)
             work_dir = Path(tempfile.mkdtemp(prefix=f"{WORK_DIR_PREFIX}{os.getpid()}-"))
         config.package_cache_dir.mkdir(parents=True, exist_ok=True)
+        cores = os.cpu_count() or 2
         await _clean_litter(store, config.package_cache_dir, max_age)
         state = cls(
             config=config,
@@ -96,7 +99,10 @@ class AppState:
                 per_client=config.max_builds_per_client,
             ),
             outcomes=Outcomes(config.failed_solve_ttl),
-            cpu_slots=PrioritySlots(os.cpu_count() or 2),
+            cpu_slots=PrioritySlots(cores),
+            # Started on the first layer (or by `condery serve` at start), not here: a CLI
+            # command or a test that builds nothing starts no process.
+            layer_workers=LayerWorkers(config.layer_workers or cores),
             download_slots=asyncio.Semaphore(config.max_concurrent_downloads),
             owns_work_dir=not isinstance(store, FilesystemStore),
         )
@@ -112,6 +118,7 @@ class AppState:
             log.warning("cannot trim the package cache: %s", os_error_text(exc))
 
     async def close(self) -> None:
+        await self.layer_workers.close()
         await self.coordinator.close()
         await self.http.close()
         await self.store.close()

@@ -58,6 +58,14 @@ def _die_with(parent: int, prctl: Callable[..., int]) -> Callable[[], None]:
     return arm
 
 
+def die_with_parent(parent: int) -> None:
+    """Arm the death signal in this process, started by process `parent` (a worker
+    pool's initializer: layers/workers.py); exit now if `parent` is already gone. The
+    same rule as `spawn`'s: the signal comes when the parent's forking *thread* ends."""
+    if _PRCTL is not None:
+        _die_with(parent, _PRCTL)()
+
+
 async def spawn(program: str, *args: str, **kwargs: Any) -> asyncio.subprocess.Process:
     """`asyncio.create_subprocess_exec(program, *args, **kwargs)`, the child killed when
     the server dies.

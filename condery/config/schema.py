@@ -183,6 +183,9 @@ class Config:
     # Package downloads in flight at once, apart from the CPU-bound layer work: a slow
     # channel should not hold the cores, nor the cores the network.
     max_concurrent_downloads: int = 8
+    # Processes that write package layers (layers/workers.py), started once; 0: one per
+    # core. Each holds ~40 MB of its own; fewer make cold builds of many packages slower.
+    layer_workers: int = 0
     # What one package may unpack to. conda-forge's largest packages (CUDA and PyTorch
     # builds) unpack to 3-5 GB and tens of thousands of files; a bomb of 66 KB that
     # inflates to gigabytes is refused from its tar headers. Sizes take 8GiB, 500MB, ...

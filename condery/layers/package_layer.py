@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import errno
 import hashlib
 import json
@@ -48,23 +47,17 @@ import rattler
 import rattler.package_streaming as package_streaming
 from rattler.networking import AuthenticationMiddleware, RetryMiddleware
 
-from condery.common.redact import redact_url, redact_values
+from condery.common.redact import redact_url
 from condery.common.slots import PrioritySlots
 from condery.layers import LayerBlob, PackageError, PackageUnavailable
-from condery.layers.activation_scripts import PackageScripts, scripts_from_paths, wanted_scripts
 from condery.layers.bytecode import BytecodePlan, CompiledFile, compile_bytecode, record_compiled
 from condery.layers.compression import GZIP
+from condery.layers.conda_meta import contains_path, scrub_record
 from condery.layers.members import PackageLimits, verify_archive
-from condery.layers.stream_layer import (
-    NotStreamable,
-    add_compiled,
-    open_spool,
-    plan_layer,
-    read_archive,
-    write_plan,
-    write_scratch_sources,
-)
+from condery.layers.stream_job import StreamJob, build_streamed
+from condery.layers.stream_layer import NotStreamable, PackageIdentity
 from condery.layers.tarball import TreeOwner, check_member_name, write_layer
+from condery.layers.workers import LayerWorkers, WorkerLost
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +67,8 @@ class LayerReport(Protocol):
 
     def timed(self, phase: str) -> ContextManager[None]: ...
 
+    def span(self, phase: str, started: float, ended: float | None = None) -> None: ...
+
     def downloaded(self, size: int) -> None: ...
 
 # Bump when the layer contents change for the same package (scrubbing, tar layout...),
@@ -82,17 +77,6 @@ LAYOUT_VERSION = "v5"  # v2: tar hardlinks, mtime 1980-01-01; v3: python bytecod
 # v4: the tar's end blocks in a gzip member (zstd frame) of their own, so groups concatenate layers;
 # v5: directories first, in members of their own (tarball.layer_order), so a group holds each once
 
-# Keys of rattler's conda-meta record that hold paths of the machine that built the
-# layer, or facts about this one install rather than the package.
-_BUILD_MACHINE_KEYS = (
-    "extracted_package_dir",
-    "package_tarball_full_path",
-    "requested_spec",
-    "requested_specs",
-    "link",
-    "installed_system_menus",
-    "indexed_timestamp",  # when a channel was indexed, not a fact of the package
-)
 _STAGING_ONLY = ("CACHEDIR.TAG", "conda-meta/history")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+!-]*\.(conda|tar\.bz2)$")  # _libgcc_mutex, _openmp_mutex
 _ENTRY_POINT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
@@ -410,32 +394,11 @@ def _host_fault(exc: BaseException, work_dir: Path) -> int | None:
     return None
 
 
-def _scrub_record(data: dict[str, Any], record: rattler.RepoDataRecord) -> dict[str, Any]:
-    for key in _BUILD_MACHINE_KEYS:
-        data.pop(key, None)
-    # The install saw our verified local copy; the image must name the real source.
-    data["url"] = record.url
-    data["channel"] = record.channel
-    data["fn"] = record.file_name
-    # Images are served to anyone: no channel credential may ride along in a URL.
-    return redact_values(data)
-
-
 def public_channel(channel_url: str) -> str:
     """A channel as an error message may name it: no credentials, no server path."""
     if channel_url.startswith("file:"):
         return "a local channel"
     return redact_url(channel_url).rstrip("/")
-
-
-def _contains_path(value: Any, needles: tuple[str, ...]) -> bool:
-    if isinstance(value, str):
-        return any(n in value for n in needles)
-    if isinstance(value, dict):
-        return any(_contains_path(v, needles) for v in value.values())
-    if isinstance(value, list):
-        return any(_contains_path(v, needles) for v in value)
-    return False
 
 
 def _finish_layer(record: rattler.RepoDataRecord, staging: Path, target: Path, *, prefix: str,
@@ -450,11 +413,11 @@ def _finish_layer(record: rattler.RepoDataRecord, staging: Path, target: Path, *
     if [m.name for m in meta_files] != [f"{dist}.json"]:
         raise PackageError(f"{dist}: the installer wrote unexpected records {[m.name for m in meta_files]}")
     meta = meta_files[0]
-    data = _scrub_record(json.loads(meta.read_text()), record)
+    data = scrub_record(json.loads(meta.read_text()), record)
     record_compiled(data, compiled)
     # Both directories are unique to this build, so a hit is a real leak, never a channel URL.
     needles = tuple(str(p) for p in (*hidden, staging))
-    if _contains_path(data, needles):
+    if contains_path(data, needles):
         raise PackageError(f"{dist}: the conda-meta record still holds a local path")
     meta.unlink()  # may be a hardlink into rattler's cache: never write through it
     with open(meta, "w") as handle:
@@ -505,7 +468,8 @@ async def build_package_layer(record: rattler.RepoDataRecord, *, python_record: 
                               client: rattler.Client | None = None,
                               report: LayerReport | None = None,
                               bytecode: BytecodePlan | None = None, compression: str = GZIP,
-                              stream: bool = True, owner: tuple[int, int] | None = None) -> LayerBlob:
+                              stream: bool = True, owner: tuple[int, int] | None = None,
+                              workers: LayerWorkers | None = None) -> LayerBlob:
     """Build the layer of one package at `prefix`; the compressed file is left in `work_dir`.
 
     Package scripts (post-link) run only if `allow_scripts`: they are code from the
@@ -525,6 +489,9 @@ async def build_package_layer(record: rattler.RepoDataRecord, *, python_record: 
 
     `owner` (uid, gid): everything at and below the prefix is theirs (the environment of a
     meta-package's `changeable`, which its user may change); None: root's.
+
+    `workers` (layers/workers.py): the processes a streamed layer is written in; None: a
+    thread of this process.
     """
     _check_prefix(prefix)
     dist = dist_name(record)
@@ -555,7 +522,8 @@ async def build_package_layer(record: rattler.RepoDataRecord, *, python_record: 
                                                  package_cache_dir=Path(package_cache_dir),
                                                  allow_scripts=allow_scripts, limits=limits, report=report,
                                                  bytecode=bytecode, compression=compression, stream=stream,
-                                                 owner=None if owner is None else TreeOwner(prefix.strip("/"), *owner))
+                                                 owner=None if owner is None else TreeOwner(prefix.strip("/"), *owner),
+                                                 workers=workers)
     finally:
         # Once the CPU slot is given back: removing the extracted package and its linked
         # copy (two entries per file) is not the next build's business. Measured with 300
@@ -588,7 +556,8 @@ async def _build_from_archive(record: rattler.RepoDataRecord, archive: Path, scr
                               work_dir: Path, package_cache_dir: Path, allow_scripts: bool,
                               limits: PackageLimits, report: LayerReport | None = None,
                               bytecode: BytecodePlan | None = None, compression: str = GZIP,
-                              stream: bool = True, owner: TreeOwner | None = None) -> LayerBlob:
+                              stream: bool = True, owner: TreeOwner | None = None,
+                              workers: LayerWorkers | None = None) -> LayerBlob:
     """Inspect, install into `scratch` (an empty directory the caller removes), scrub and
     tar a verified archive (the CPU-bound part)."""
     dist = dist_name(record)
@@ -602,7 +571,8 @@ async def _build_from_archive(record: rattler.RepoDataRecord, archive: Path, scr
     if declined is None:
         try:
             return await _stream_layer(record, archive, prefix=prefix, work_dir=work_dir, limits=limits,
-                                       bytecode=bytecode, compression=compression, timed=timed, owner=owner)
+                                       bytecode=bytecode, compression=compression, report=report, owner=owner,
+                                       workers=workers)
         except NotStreamable as exc:
             declined = str(exc)
     log.debug("%s: installed with rattler: %s", dist, declined)
@@ -655,96 +625,31 @@ async def _build_from_archive(record: rattler.RepoDataRecord, archive: Path, scr
         raise
 
 
-def _read_and_plan(record: rattler.RepoDataRecord, archive: Path, spool: Any, *, prefix: str,
-                   limits: PackageLimits, bytecode: BytecodePlan | None) -> tuple[Any, PackageScripts]:
-    """The layer's plan (stream_layer.plan_layer) and the package's part in activation, from
-    one reading of the archive (blocking)."""
-    read = read_archive(archive, limits, spool)
-    plan = plan_layer(record, read, spool, prefix=prefix, bytecode=bytecode)
-    scripts = _scripts_of(plan, read, spool)
-    del read
-    plan.record = _scrub_record(plan.record, record)
-    if _contains_path(plan.record, (str(archive.parent), str(archive.parent.resolve()))):
-        raise NotStreamable("the conda-meta record holds a local path")
-    return plan, scripts
-
-
-def _scripts_of(plan: Any, read: Any, spool: Any) -> PackageScripts:
-    """What activation_scripts.read_package_scripts reads from the archive, from the reading
-    the layer was planned from: paths.json's paths with their text placeholders (as the
-    plan's conda-meta record holds them: paths.json parsed once), and the activation
-    scripts' bytes as the archive holds them (placeholders not replaced)."""
-    entries: list[tuple[str, str | None]] = []
-    for raw in plan.record["paths_data"]["paths"]:
-        text = raw.get("prefix_placeholder") if raw.get("file_mode") == "text" else None
-        entries.append((str(raw["_path"]), text))
-    contents = {}
-    for rel in wanted_scripts(rel for rel, _ in entries):
-        spooled = read.files.get(rel)
-        contents[rel] = spool.read(spooled.offset, spooled.size) if spooled is not None else None
-    return scripts_from_paths(entries, contents)
-
-
-def _read_plan_write(record: rattler.RepoDataRecord, archive: Path, spool: Any, out_path: Path, *, prefix: str,
-                     limits: PackageLimits, bytecode: BytecodePlan | None, compression: str,
-                     timed: Any, owner: TreeOwner | None = None) -> tuple[Any, PackageScripts, LayerBlob | None]:
-    """Read, plan and, unless modules must be compiled first, write the layer: one thread
-    hop for most packages (each hop waits on the event loop, a fixed cost per package)."""
-    with timed("check"):
-        plan, scripts = _read_and_plan(record, archive, spool, prefix=prefix, limits=limits, bytecode=bytecode)
-    if plan.sources and bytecode is not None:
-        return plan, scripts, None
-    with timed("pack"):
-        return plan, scripts, write_plan(plan, spool, out_path, compression, owner)
-
-
 async def _stream_layer(record: rattler.RepoDataRecord, archive: Path, *, prefix: str, work_dir: Path,
                         limits: PackageLimits, bytecode: BytecodePlan | None, compression: str,
-                        timed: Any, owner: TreeOwner | None = None) -> LayerBlob:
-    """The layer written straight from the archive (stream_layer.py), or NotStreamable
-    when the package needs rattler's install, or its verdict (the caller then installs
-    it, and refuses it if it must: this path never refuses a package itself). The blob
-    carries the package's activation scripts, read in the same pass."""
-    dist = dist_name(record)
-    spool = open_spool(work_dir)
-    fd, out_name = tempfile.mkstemp(dir=work_dir, prefix=f"{dist}-", suffix=".tar.gz")
-    os.close(fd)
-    out_path = Path(out_name)
+                        report: LayerReport | None, owner: TreeOwner | None = None,
+                        workers: LayerWorkers | None = None) -> LayerBlob:
+    """The layer written straight from the archive (stream_job.py), in a worker process
+    when there are `workers`, else in a thread; or NotStreamable when the package needs
+    rattler's install, or its verdict (the caller then installs it, and refuses it if it
+    must: this path never refuses a package itself). The blob carries the package's
+    activation scripts, read in the same pass."""
+    job = StreamJob(PackageIdentity.of(record), archive, work_dir, prefix, limits, bytecode, compression, owner)
     try:
-        try:
-            plan, scripts, blob = await asyncio.to_thread(
-                _read_plan_write, record, archive, spool, out_path, prefix=prefix, limits=limits,
-                bytecode=bytecode, compression=compression, timed=timed, owner=owner)
-        except PackageError as exc:  # from write_plan: the install gives the verdict
-            raise NotStreamable(str(exc)) from None
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError, UnicodeError) as exc:
+        if workers is None:
+            outcome = await asyncio.to_thread(build_streamed, job)
+        else:
+            try:
+                outcome = await workers.run(build_streamed, job)
+            except WorkerLost:
+                outcome = await asyncio.to_thread(build_streamed, job)
+    except NotStreamable as exc:
+        if exc.unforeseen:
             # A package this module did not foresee (a bug of ours, not a verdict on it):
             # rattler's install gives the layer, or the refusal.
-            log.warning("%s: not streamed (%s: %s); installing it with rattler", dist, type(exc).__name__, exc)
-            raise NotStreamable(type(exc).__name__) from None
-        if blob is None:
-            with timed("bytecode"):
-                scratch = Path(tempfile.mkdtemp(dir=work_dir, prefix=".pyc-src-"))
-                try:
-                    target = scratch / "prefix"
-                    await asyncio.to_thread(write_scratch_sources, plan, spool, target)
-                    try:
-                        compiled = await compile_bytecode(target, dist, bytecode, prefix=prefix, work_dir=scratch)
-                    except PackageUnavailable:
-                        raise
-                    except PackageError as exc:
-                        raise NotStreamable(str(exc)) from None
-                    await asyncio.to_thread(add_compiled, plan, compiled, target)
-                finally:
-                    await asyncio.to_thread(shutil.rmtree, scratch, True)
-            with timed("pack"):
-                try:
-                    blob = await asyncio.to_thread(write_plan, plan, spool, out_path, compression, owner)
-                except PackageError as exc:
-                    raise NotStreamable(str(exc)) from None
-        return dataclasses.replace(blob, scripts=scripts)
-    except BaseException:
-        out_path.unlink(missing_ok=True)
+            log.warning("%s: not streamed (%s); installing it with rattler", dist_name(record), exc)
         raise
-    finally:
-        spool.close()
+    if report is not None:
+        for step, started, ended in outcome.spans:
+            report.span(step, started, ended)
+    return outcome.blob

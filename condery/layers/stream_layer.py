@@ -74,7 +74,44 @@ _INFO_FILES = ("info/index.json", "info/paths.json", "info/link.json")
 
 
 class NotStreamable(Exception):
-    """This package needs rattler's install (or its verdict); the message says why."""
+    """This package needs rattler's install (or its verdict); the message says why.
+
+    `unforeseen`: not a rule of this module but an error it did not expect (a bug of
+    ours, not a verdict on the package), which the caller logs as a warning. Both travel
+    in `args`, so the exception crosses a process boundary whole (layers/workers.py)."""
+
+    def __init__(self, reason: str, unforeseen: bool = False) -> None:
+        super().__init__(reason, unforeseen)
+
+    @property
+    def unforeseen(self) -> bool:
+        return bool(self.args[1])
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class PackageIdentity:
+    """What a streamed layer needs of a repodata record, as plain data: rattler's records
+    cannot be pickled, and the layer may be written in a worker process."""
+
+    name: str  # normalized
+    version: str
+    build: str
+    url: str
+    channel: str
+    file_name: str
+    record_json: str  # RepoDataRecord.to_json(): the conda-meta record starts from it
+
+    @classmethod
+    def of(cls, record: rattler.RepoDataRecord) -> "PackageIdentity":
+        return cls(record.name.normalized, str(record.version), str(record.build), record.url,
+                   record.channel, record.file_name, record.to_json())
+
+    @property
+    def dist(self) -> str:
+        return f"{self.name}-{self.version}-{self.build}"
 
 
 @dataclass
@@ -259,13 +296,13 @@ class StreamPlan:
     sources: dict[str, tuple[int, int]] = field(default_factory=dict)  # modules to compile
 
 
-def _check_index(record: rattler.RepoDataRecord, index: dict[str, Any]) -> None:
+def _check_index(record: PackageIdentity, index: dict[str, Any]) -> None:
     try:
         found = (rattler.PackageName(index["name"]).normalized, str(rattler.Version(str(index["version"]))),
                  str(index["build"]))
     except Exception:
         raise NotStreamable("an unreadable info/index.json") from None
-    if found != (record.name.normalized, str(record.version), str(record.build)):
+    if found != (record.name, record.version, record.build):
         raise NotStreamable("the archive is not the package the repodata names")
     noarch = index.get("noarch")
     if noarch not in (None, "generic") or index.get("noarch_python"):
@@ -294,13 +331,13 @@ def _pyc_jobs(paths: list[dict[str, Any]], symlinks: set[str], bytecode: Bytecod
     return jobs
 
 
-def plan_layer(record: rattler.RepoDataRecord, read: _Read, spool: _Spool, *, prefix: str,
+def plan_layer(record: PackageIdentity, read: _Read, spool: _Spool, *, prefix: str,
                bytecode: BytecodePlan | None) -> StreamPlan:
     """The layer rattler's install would give, from one reading of the archive (blocking).
 
     `plan.record` is the conda-meta record as rattler writes it (PrefixRecord: the
     repodata record, `files`, `paths_data`), before package_layer scrubs it."""
-    dist = f"{record.name.normalized}-{record.version}-{record.build}"
+    dist = record.dist
     paths_json = read.info.get("info/paths.json")
     index_json = read.info.get("info/index.json")
     if paths_json is None or index_json is None:
@@ -400,7 +437,7 @@ def plan_layer(record: rattler.RepoDataRecord, read: _Read, spool: _Spool, *, pr
     # rattler's installer sorts what it linked by path (component by component: "a/b"
     # before "a-b"), whatever the order of paths.json.
     entries.sort(key=lambda e: e["_path"].split("/"))
-    data = json.loads(record.to_json())
+    data = json.loads(record.record_json)
     data["files"] = [e["_path"] for e in entries]
     data["paths_data"] = {"paths": entries, "paths_version": 1}
     plan.record = data
@@ -489,5 +526,9 @@ def open_spool(work_dir: Path) -> _Spool:
     return _Spool(Path(work_dir))
 
 
-__all__ = ["NotStreamable", "StreamPlan", "add_compiled", "open_spool", "plan_layer", "read_archive",
+Spool = _Spool
+ArchiveRead = _Read
+
+
+__all__ = ["ArchiveRead", "NotStreamable", "PackageIdentity", "Spool", "StreamPlan", "add_compiled", "open_spool", "plan_layer", "read_archive",
            "replace_binary", "replace_text", "write_plan", "write_scratch_sources"]

@@ -77,9 +77,10 @@ class BuildReport:
         return report
 
     # -- filled in by the pipeline ------------------------------------------------
-    def span(self, phase: str, started: float) -> None:
-        """Record that `phase` ran from `started` (time.monotonic()) until now."""
-        self.spans[phase].append((started, time.monotonic()))
+    def span(self, phase: str, started: float, ended: float | None = None) -> None:
+        """Record that `phase` ran from `started` until `ended` or now (time.monotonic(),
+        one clock for every process on the host: a worker process's steps count too)."""
+        self.spans[phase].append((started, time.monotonic() if ended is None else ended))
 
     @contextmanager
     def timed(self, phase: str) -> Iterator[None]:
