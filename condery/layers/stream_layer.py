@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import tarfile
 import tempfile
@@ -41,6 +42,7 @@ import rattler
 from condery.layers import LayerBlob, PackageError
 from condery.layers.bytecode import BytecodePlan, CompiledFile, record_compiled
 from condery.layers.compression import GZIP
+from condery.layers.conda_meta import record_bytes
 from condery.layers.members import (
     Member,
     PackageLimits,
@@ -132,54 +134,85 @@ class _Read:
 
 
 class _Spool:
-    """One append-only store of file contents: memory first, a temporary file past a size."""
+    """One append-only store of file contents: memory first, a temporary file past a size.
+
+    Every read and write names its offset (pread and pwrite on the file, slices of the
+    memory), so nothing seeks: a package's thousands of small files cost a system call
+    each, where seeking a buffered file flushed or dropped its buffer every time (py-spy:
+    a quarter of a large package's layer was SpooledTemporaryFile.seek and read)."""
 
     def __init__(self, work_dir: Path, memory: int = SPOOL_MEMORY) -> None:
-        self._file = tempfile.SpooledTemporaryFile(max_size=memory, dir=work_dir)
+        self._dir, self._memory = work_dir, memory
+        self._buffer = bytearray()
+        self._file: BinaryIO | None = None  # unnamed, unbuffered: gone with the process
         self._end = 0
+
+    def _put(self, data: bytes) -> None:
+        if self._file is None and self._end + len(data) > self._memory:
+            self._file = tempfile.TemporaryFile(dir=self._dir, buffering=0)
+            _pwrite_all(self._file.fileno(), self._buffer, 0)
+            self._buffer = bytearray()
+        if self._file is None:
+            self._buffer += data
+        else:
+            _pwrite_all(self._file.fileno(), data, self._end)
+        self._end += len(data)
 
     def append(self, source: BinaryIO, size: int) -> int:
         offset = self._end
-        self._file.seek(offset)
         left = size
         while left:
             chunk = source.read(min(left, _COPY_CHUNK))
             if not chunk:
                 raise NotStreamable("the archive ends inside a file")
-            self._file.write(chunk)
+            self._put(chunk)
             left -= len(chunk)
-        self._end += size
         return offset
 
     def append_bytes(self, data: bytes) -> int:
         offset = self._end
-        self._file.seek(offset)
-        self._file.write(data)
-        self._end += len(data)
+        self._put(data)
         return offset
 
     def read(self, offset: int, size: int) -> bytes:
-        self._file.seek(offset)
-        return self._file.read(size)
+        if self._file is None:
+            with memoryview(self._buffer) as view:
+                return bytes(view[offset:offset + size])
+        parts = []
+        while size > 0:
+            part = os.pread(self._file.fileno(), size, offset)
+            if not part:
+                break
+            parts.append(part)
+            offset += len(part)
+            size -= len(part)
+        return b"".join(parts)
 
     def reader(self, offset: int, size: int) -> BinaryIO:
-        return _SpoolReader(self._file, offset, size)  # type: ignore[return-value]
+        return _SpoolReader(self, offset, size)  # type: ignore[return-value]
 
     def close(self) -> None:
-        self._file.close()
+        self._buffer = bytearray()
+        if self._file is not None:
+            self._file.close()
+
+
+def _pwrite_all(fd: int, data: bytes | bytearray, offset: int) -> None:
+    done = os.pwrite(fd, data, offset)
+    while done < len(data):  # a short write (a full disk raises instead)
+        done += os.pwrite(fd, memoryview(data)[done:], offset + done)
 
 
 class _SpoolReader:
-    """A file object over one stretch of the spool (what tarfile.addfile reads from)."""
+    """A file object over one stretch of the spool (what the layer writer reads from)."""
 
-    def __init__(self, handle: Any, offset: int, size: int) -> None:
-        self._handle, self._pos, self._left = handle, offset, size
+    def __init__(self, spool: _Spool, offset: int, size: int) -> None:
+        self._spool, self._pos, self._left = spool, offset, size
 
     def read(self, n: int = -1) -> bytes:
         if n < 0 or n > self._left:
             n = self._left
-        self._handle.seek(self._pos)
-        data = self._handle.read(n)
+        data = self._spool.read(self._pos, n)
         self._pos += len(data)
         self._left -= len(data)
         return data
@@ -467,7 +500,7 @@ def write_plan(plan: StreamPlan, spool: _Spool, out_path: Path, compression: str
                owner: TreeOwner | None = None) -> LayerBlob:
     """Write the layer: tarball.write_layer's entries and order for the installed tree
     (with `owner`, its tree owned by that uid:gid, as write_layer's)."""
-    record = (json.dumps(plan.record, indent=2, sort_keys=True) + "\n").encode()
+    record = record_bytes(plan.record)
     entries: dict[str, _Entry] = {}
 
     def add_dir(name: str) -> None:
