@@ -7,7 +7,8 @@ For each size (MB) a generated package (tests/fixtures/condapkg.py write_bulk_pa
 one placeholder) is pulled from a fresh `condery serve` (base `scratch`, filesystem
 store). The server's peak RSS (VmHWM) is reset once the server is up and read after the
 pull, so the figure is what the build added to an idle server; the idle RSS is printed
-beside it. Target: under 300 MB for a 1 GB package, and flat across sizes.
+beside it. Both figures add up the server's process tree (tests/fixtures/procs.py
+peak_rss): its layer worker processes write the layers (condery/layers/workers.py). Target: under 300 MB for a 1 GB package, and flat across sizes.
 """
 
 from __future__ import annotations
