@@ -51,7 +51,7 @@ class AppState:
     builds: BuildQueue[ImageRef]  # image builds: running, queued, per client
     # What became of builds: definitive solve failures, recent failures, build statuses.
     outcomes: Outcomes
-    cpu_slots: PrioritySlots  # concurrent package layer builds (CPU-bound), the largest package first
+    cpu_slots: PrioritySlots  # package layer builds at once (two per layer worker), the largest package first
     layer_workers: LayerWorkers  # the processes streamed package layers are written in
     download_slots: asyncio.Semaphore  # concurrent package downloads (network-bound)
     owns_work_dir: bool = False  # a private temporary directory, removed on close
@@ -78,7 +78,7 @@ class AppState:
             await asyncio.to_thread(_remove_orphan_work_dirs)
             work_dir = Path(tempfile.mkdtemp(prefix=f"{WORK_DIR_PREFIX}{os.getpid()}-"))
         config.package_cache_dir.mkdir(parents=True, exist_ok=True)
-        cores = os.cpu_count() or 2
+        workers = config.layer_workers or os.cpu_count() or 2
         await _clean_litter(store, config.package_cache_dir, max_age)
         state = cls(
             config=config,
@@ -99,10 +99,13 @@ class AppState:
                 per_client=config.max_builds_per_client,
             ),
             outcomes=Outcomes(config.failed_solve_ttl),
-            cpu_slots=PrioritySlots(cores),
+            # Two packages a worker: one being written, one waiting in the pool's queue, so a
+            # worker never idles while the event loop hands it the next package (measured:
+            # 300 packages of 10 KB 1.93 s against 2.0-2.2 s with one a worker).
+            cpu_slots=PrioritySlots(2 * workers),
             # Started on the first layer (or by `condery serve` at start), not here: a CLI
             # command or a test that builds nothing starts no process.
-            layer_workers=LayerWorkers(config.layer_workers or cores),
+            layer_workers=LayerWorkers(workers),
             download_slots=asyncio.Semaphore(config.max_concurrent_downloads),
             owns_work_dir=not isinstance(store, FilesystemStore),
         )

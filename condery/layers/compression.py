@@ -14,10 +14,10 @@ blocks joined by sync flushes) is out of reach; independent 1 MiB members cost ~
 size against one stream (docs/performance.md measures it).
 
 Chunks go to ONE process-wide pool of os.cpu_count() threads (libdeflate releases the
-GIL). Package layers already build in parallel, at most cpu_count at a time
-(AppState.cpu_slots): whatever the number of layers being written, at most cpu_count
-threads compress, and each layer keeps at most `workers + 1` chunks in flight, so a
-layer's memory stays a few MiB whatever its size.
+GIL). Package layers are written in layer worker processes (layers/workers.py), one
+per core, each with such a pool: one large package alone still compresses on every
+core, several at once share them. Each layer keeps at most `workers + 1` chunks in
+flight, so a layer's memory stays a few MiB whatever its size.
 
 zstd layers (layer_compression: zstd) use the zstandard wheel (pinned) at a fixed level,
 single-threaded: zstd's own worker threads give other bytes than its single-threaded
