@@ -23,7 +23,7 @@ import pytest
 import zstandard
 
 from condery.build.image_layers import _concat
-from condery.layers import PackageError
+from condery.layers import PackageError, concat
 from condery.layers.compression import GZIP, ZSTD, open_decompressed
 from condery.layers.concat import NotConcatenable, compress_part, concat_compressed, worth_concatenating
 from condery.layers.tarball import OwnedDir, concat_layers, write_layer
@@ -132,6 +132,23 @@ def test_concatenation_is_stacking_without_recompressing(tmp_path: Path, compres
         for handle in handles:
             handle.close()
     assert from_handles.digest == blob.digest
+
+
+@pytest.mark.parametrize("compression", [GZIP, ZSTD])
+@pytest.mark.parametrize("read,piece", [(1 << 20, 4 << 20), (4096, 1000), (333, 97), (1 << 20, 512)])
+def test_any_read_and_piece_size_gives_the_same_group(tmp_path: Path, compression: str, read: int, piece: int,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Members end inside a read, inside zlib's unconsumed tail, on a read's edge: the
+    compressed bytes of each member are copied once, the group is the same."""
+    layers = three(tmp_path, compression)
+    reference = concat_compressed(layers, tmp_path / "reference", compression)
+    monkeypatch.setattr(concat, "_READ", read)
+    monkeypatch.setattr(concat, "_ZSTD_READ", read)
+    monkeypatch.setattr(concat, "_MAX_PIECE", piece)
+    monkeypatch.setattr(concat, "_LEADING_PIECE", min(piece, 16 << 10))
+    blob = concat_compressed(layers, tmp_path / "group", compression)
+    assert (blob.digest, blob.diff_id, blob.size) == (reference.digest, reference.diff_id, reference.size)
+    assert blob.path.read_bytes() == reference.path.read_bytes()
 
 
 def test_every_gzip_reader_takes_the_whole_group(tmp_path: Path) -> None:
