@@ -281,3 +281,60 @@ def test_small_layers_are_recompressed_large_ones_concatenated(tmp_path: Path) -
     concatenated = concat_compressed(small, tmp_path / "c")
     assert recompressed.diff_id == concatenated.diff_id
     assert recompressed.size < concatenated.size
+
+
+@pytest.mark.parametrize("compression", [GZIP, ZSTD])
+def test_the_group_reads_its_layers_headers_as_tarfile_does(tmp_path: Path, compression: str) -> None:
+    """concat._layer_entries (headers only, contents skipped) against tarfile, on layers of
+    long names (PAX records), non-ASCII names, long link targets, hardlinks and symlinks."""
+    deep = "/".join(f"directory-{i:02d}" for i in range(14))  # past ustar's 100 + 155 bytes
+    root = tmp_path / "odd"
+    files = {f"share/{deep}/file.txt": b"deep\n", "share/caf\u00e9/na\u00efve.txt": b"accents\n",
+             "share/x" * 20 + ".bin": noise(70_000), "lib/plain": b"plain\n"}
+    for rel, content in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(content)
+    os.symlink(f"../share/{deep}/file.txt", root / "lib/long-link")
+    os.link(root / "lib/plain", root / f"share/{deep}/hard")
+    path = write_layer(root, "opt/conda", tmp_path / "odd.layer", compression=compression).path
+    with open(path, "rb") as handle:
+        _, start = concat._leading_dirs(handle, compression)
+        handle.seek(start)
+        parts = concat._Parts(concat._pieces(handle, compression), concat._Null())
+        walked = list(concat._layer_entries(parts))
+        end = parts.entries_end
+    expected = []
+    with tarfile.open(fileobj=io.BytesIO(tar_of(path)), mode="r|") as tar:
+        for member in tar:
+            if not member.isdir():
+                kind = "file" if member.isreg() else "symlink" if member.issym() else "hardlink"
+                expected.append((member.name, kind, member.linkname))
+        tar_end = tar.offset
+    assert walked == expected and len(walked) == 6
+    assert end == tar_end - len(dirs_tar(tar_of(path)))  # both count from the first other entry
+
+
+def test_a_layer_of_other_tar_headers_is_recompressed(tmp_path: Path) -> None:
+    """A GNU long name (not what condery writes): the header reader declines it and the
+    group is built by recompression, as the same tar (diff_id) either way."""
+    ordinary = layer(tmp_path, "a", {"bin/a": b"A" * 70_000})
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name in ("opt", "opt/conda", "opt/conda/share"):
+            info = tarfile.TarInfo(name)
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            tar.addfile(info)
+        dirs_end = raw.tell()
+        long_name = "opt/conda/share/" + "n" * 150
+        info = tarfile.TarInfo(long_name)
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"hello"))
+        entries_end = raw.tell()
+    data = raw.getvalue()
+    gnu = tmp_path / "gnu.layer"
+    gnu.write_bytes(compress_part(data[:dirs_end], GZIP) + compress_part(data[dirs_end:entries_end], GZIP)
+                    + compress_part(data[entries_end:], GZIP))
+    with pytest.raises(NotConcatenable, match="type"):
+        concat_compressed([ordinary, gnu], tmp_path / "group")
+    blob = _concat([ordinary, gnu], tmp_path / "group", GZIP)
+    assert unpacked(blob.path)[long_name] == ("file", b"hello")

@@ -26,6 +26,7 @@ layers makes the group NotConcatenable: concat_layers then keeps the last, as st
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import io
@@ -42,7 +43,7 @@ import zstandard
 
 from condery.layers import LayerBlob, PackageError
 from condery.layers.compression import GZIP, check_compression, compressing_writer
-from condery.layers.tarball import _Entry, _member_entry, tar_info
+from condery.layers.tarball import _Entry, _member_entry, check_member_name, check_symlink, tar_info
 
 _READ = 1 << 20
 # zstd's decompressobj returns all it can: small inputs keep that bounded.
@@ -209,8 +210,13 @@ class _Parts:
                  digest: "hashlib._Hash | None" = None, diff: "hashlib._Hash | None" = None) -> None:
         self._pieces = pieces
         self._out, self._digest, self._diff = out, digest, diff
-        self._buffer = bytearray()
+        # Inflated bytes not read yet: whole pieces (deleting from the front of one buffer
+        # moved all the rest, for every 10 KB tarfile read).
+        self._chunks: collections.deque[memoryview] = collections.deque()
+        self._buffered = 0
         self._done = False
+        self.consumed = 0  # inflated bytes read or skipped
+        self.entries_end: int | None = None  # set by _layer_entries
         self.uncompressed = 0
         self.starts: dict[int, int] = {}  # uncompressed offset -> source offset of a member starting there
         self.mark: tuple[int, int, object, object] | None = None  # out position, uncompressed, hashes
@@ -244,16 +250,139 @@ class _Parts:
             # zeros of every inflated byte was 4 % of a group's time.
             if self.part_zero and (self.part_size > _END_MEMBER_MAX or out.count(0) != len(out)):
                 self.part_zero = False
-            self._buffer += out
+            self._chunks.append(memoryview(out))
+            self._buffered += len(out)
+
+    def _take(self, n: int, keep: bool) -> tuple[list[memoryview], int]:
+        """The next `n` inflated bytes (fewer at the end): as pieces if `keep`, and how many."""
+        while not self._done and self._buffered < n:
+            self._pump()
+        taken: list[memoryview] = []
+        left = n
+        while left and self._chunks:
+            chunk = self._chunks[0]
+            if len(chunk) <= left:
+                self._chunks.popleft()
+            else:
+                self._chunks[0] = chunk[left:]
+                chunk = chunk[:left]
+            if keep:
+                taken.append(chunk)
+            left -= len(chunk)
+        self._buffered -= n - left
+        self.consumed += n - left
+        return taken, n - left
 
     def read(self, n: int = -1) -> bytes:
-        while not self._done and (n < 0 or len(self._buffer) < n):
-            self._pump()
         if n < 0:
-            n = len(self._buffer)
-        data = bytes(self._buffer[:n])
-        del self._buffer[:n]
-        return data
+            while not self._done:
+                self._pump()
+            n = self._buffered
+        return b"".join(self._take(n, keep=True)[0])
+
+    def skip(self, n: int) -> None:
+        """Pass over `n` inflated bytes, or all that is left (still copied and hashed)."""
+        while n > 0:
+            got = self._take(min(n, _MAX_PIECE), keep=False)[1]
+            if not got:
+                return
+            n -= got
+
+
+def _layer_entries(parts: _Parts) -> Iterator[tuple[str, str, str]]:
+    """(name, kind, link target) of each entry of one of condery's own layers, from their
+    headers, file contents skipped; then parts.entries_end is where the end-of-archive
+    blocks start. Checked as tarball._member_entry checks what tarfile reads.
+
+    The group's blobs are condery's own (tarball._LayerWriter: ustar headers, PAX records
+    for long or non-ASCII names), so only that much of tar is read here; anything else
+    (GNU long names, base-256 numbers, sparse files, global headers) is NotConcatenable,
+    and concat_layers, which reads with tarfile, builds the group. What this reader gives
+    for what it reads is tarfile's (tests/test_concat.py compares them).
+    """
+    pax: dict[str, str] = {}
+    while True:
+        block = parts.read(_BLOCK)
+        if len(block) < _BLOCK:
+            raise NotConcatenable("a layer that ends inside a tar header")
+        if block.count(0) == _BLOCK:
+            parts.entries_end = parts.consumed - _BLOCK  # the end blocks' start
+            return
+        stored = _octal(block[148:156])
+        unsigned = 256 + sum(block) - sum(block[148:156])
+        if stored != unsigned:
+            raise NotConcatenable("a tar header with another checksum than condery writes")
+        kind = block[156:157]
+        size = _octal(block[124:136])
+        name = _field(block[0:100])
+        prefix = _field(block[345:500])
+        if prefix:
+            name = f"{prefix}/{name}"
+        linkname = _field(block[157:257])
+        if kind == b"x":
+            pax = _pax_records(parts.read(size))
+            parts.skip(-size % _BLOCK)
+            continue
+        if pax:
+            name = pax.get("path", name)
+            linkname = pax.get("linkpath", linkname)
+            if "size" in pax:
+                size = int(pax["size"])
+            pax = {}
+        if kind in (b"0", b"\0"):
+            kind_name = "dir" if kind == b"\0" and name.endswith("/") else "file"
+        else:
+            kind_name = _KINDS.get(kind, "")
+            if not kind_name:
+                raise NotConcatenable(f"a tar entry of type {kind!r}")
+        name = name.rstrip("/") if kind_name == "dir" else name
+        check_member_name(name)
+        if kind_name == "symlink":
+            check_symlink(name, linkname)
+        elif kind_name == "hardlink":
+            check_member_name(linkname)
+        yield name, kind_name, linkname
+        if kind_name == "file":
+            parts.skip(size + (-size % _BLOCK))
+
+
+_KINDS = {b"5": "dir", b"2": "symlink", b"1": "hardlink"}
+
+
+def _field(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _octal(raw: bytes) -> int:
+    if raw[:1] in (b"\x80", b"\xff"):
+        raise NotConcatenable("a base-256 number in a tar header")
+    try:
+        return int(raw.split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        raise NotConcatenable("an unreadable number in a tar header") from None
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """A PAX extended header's records (`<length> <key>=<value>\\n`), as tarfile reads them."""
+    records: dict[str, str] = {}
+    pos = 0
+    while pos < len(data):
+        if not data[pos:].strip(b"\0"):
+            break  # padding
+        space = data.find(b" ", pos)
+        try:
+            length = int(data[pos:space])
+            key, value = data[space + 1:pos + length - 1].split(b"=", 1)
+            if length <= 0 or data[pos + length - 1:pos + length] != b"\n":
+                raise ValueError
+            text_key, text = key.decode("utf-8"), value.decode("utf-8")
+        except ValueError:  # UnicodeDecodeError too
+            raise NotConcatenable("an unreadable PAX header") from None
+        if text_key in ("hdrcharset", "GNU.sparse.map") or text_key.startswith("GNU.sparse"):
+            raise NotConcatenable(f"a PAX {text_key!r} record")
+        records[text_key] = text
+        pos += length
+    return records
 
 
 def _end_blocks(size: int) -> bytes:
@@ -361,24 +490,21 @@ def concat_compressed(layers: Sequence[LayerSource], out_path: Path, compression
             for li in range(len(layers)):
                 parts = _Parts(ahead.pieces(li), out, digest, diff)
                 try:
-                    with tarfile.open(fileobj=parts, mode="r|") as tar:  # type: ignore[call-overload]
-                        for member in tar:
-                            entry = _member_entry(member)
-                            if entry.kind == "dir":
-                                raise NotConcatenable(f"the directory {entry.name!r} after other entries "
-                                                      "(a layer before layout v5)")
-                            if entry.name in dirs:
-                                raise PackageError(f"{entry.name!r} is a dir in one layer "
-                                                   f"and a {entry.kind} in another")
-                            if entry.name in final:
-                                raise NotConcatenable(f"{entry.name!r} is in two layers (podman refuses "
-                                                      "a path twice in one layer)")
-                            final[entry.name] = li
-                            if entry.kind == "hardlink":
-                                links.append((li, entry.name, entry.linkname))
-                        entries_end = tar.offset
-                    parts.read()  # the rest: the end blocks' member
-                except (tarfile.TarError, EOFError, zlib.error, zstandard.ZstdError) as exc:
+                    for name, kind, linkname in _layer_entries(parts):
+                        if kind == "dir":
+                            raise NotConcatenable(f"the directory {name!r} after other entries "
+                                                  "(a layer before layout v5)")
+                        if name in dirs:
+                            raise PackageError(f"{name!r} is a dir in one layer and a {kind} in another")
+                        if name in final:
+                            raise NotConcatenable(f"{name!r} is in two layers (podman refuses "
+                                                  "a path twice in one layer)")
+                        final[name] = li
+                        if kind == "hardlink":
+                            links.append((li, name, linkname))
+                    entries_end = parts.entries_end
+                    parts.skip(1 << 62)  # the rest: the end blocks' member
+                except (zlib.error, zstandard.ZstdError) as exc:
                     raise NotConcatenable(f"unreadable layer ({type(exc).__name__})") from None
                 if parts.mark is None or not parts.part_zero or parts.part_size < 2 * _BLOCK:
                     raise NotConcatenable("a layer without an end member")
