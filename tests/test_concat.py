@@ -314,12 +314,13 @@ def test_the_group_reads_its_layers_headers_as_tarfile_does(tmp_path: Path, comp
     assert end == tar_end - len(dirs_tar(tar_of(path)))  # both count from the first other entry
 
 
-def test_a_layer_of_other_tar_headers_is_recompressed(tmp_path: Path) -> None:
-    """A GNU long name (not what condery writes): the header reader declines it and the
-    group is built by recompression, as the same tar (diff_id) either way."""
-    ordinary = layer(tmp_path, "a", {"bin/a": b"A" * 70_000})
+def gnu_layer(path: Path, xattr: bool = False) -> str:
+    """A layer as another tar writer might give it: GNU long names (or PAX records with an
+    extended attribute), in layout v5's members (directories, other entries, end blocks).
+    Its long name."""
     raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as tar:
+    fmt = tarfile.PAX_FORMAT if xattr else tarfile.GNU_FORMAT
+    with tarfile.open(fileobj=raw, mode="w", format=fmt) as tar:
         for name in ("opt", "opt/conda", "opt/conda/share"):
             info = tarfile.TarInfo(name)
             info.type, info.mode = tarfile.DIRTYPE, 0o755
@@ -328,13 +329,34 @@ def test_a_layer_of_other_tar_headers_is_recompressed(tmp_path: Path) -> None:
         long_name = "opt/conda/share/" + "n" * 150
         info = tarfile.TarInfo(long_name)
         info.size = 5
+        if xattr:
+            info.pax_headers = {"SCHILY.xattr.user.note": "x"}
         tar.addfile(info, io.BytesIO(b"hello"))
+        link = tarfile.TarInfo("opt/conda/share/link")
+        link.type, link.linkname = tarfile.SYMTYPE, "n" * 150
+        tar.addfile(link)
         entries_end = raw.tell()
     data = raw.getvalue()
+    path.write_bytes(compress_part(data[:dirs_end], GZIP) + compress_part(data[dirs_end:entries_end], GZIP)
+                     + compress_part(data[entries_end:], GZIP))
+    return long_name
+
+
+def test_gnu_long_names_concatenate_and_other_headers_recompress(tmp_path: Path) -> None:
+    """GNU long names and link names (Rust's tar writes them) are read as tarfile reads
+    them; a header the reader leaves to tarfile (an extended attribute) makes the group
+    recompressed."""
+    ordinary = layer(tmp_path, "a", {"bin/a": b"A" * 70_000})
     gnu = tmp_path / "gnu.layer"
-    gnu.write_bytes(compress_part(data[:dirs_end], GZIP) + compress_part(data[dirs_end:entries_end], GZIP)
-                    + compress_part(data[entries_end:], GZIP))
-    with pytest.raises(NotConcatenable, match="type"):
-        concat_compressed([ordinary, gnu], tmp_path / "group")
-    blob = _concat([ordinary, gnu], tmp_path / "group", GZIP)
+    long_name = gnu_layer(gnu)
+    blob = concat_compressed([ordinary, gnu], tmp_path / "group")
     assert unpacked(blob.path)[long_name] == ("file", b"hello")
+    assert unpacked(blob.path)["opt/conda/share/link"] == ("link", "n" * 150)
+    # concat_layers writes the entries anew (as condery writes them): the same files.
+    assert unpacked(blob.path) == unpacked(concat_layers([ordinary, gnu], tmp_path / "merged").path)
+    odd = tmp_path / "global.layer"
+    gnu_layer(odd, xattr=True)
+    with pytest.raises(NotConcatenable, match="SCHILY"):
+        concat_compressed([ordinary, odd], tmp_path / "group2")
+    recompressed = _concat([ordinary, odd], tmp_path / "group3", GZIP)
+    assert unpacked(recompressed.path)[long_name] == ("file", b"hello")

@@ -16,6 +16,7 @@ import rattler
 
 from condery.layers.activation_scripts import PackageScripts, read_package_scripts
 from condery.layers.bytecode import HostInterpreters, bytecode_for, plan_bytecode
+from condery.layers.members import PackageLimits, UnusualArchive, iter_archive
 from condery.layers.package_layer import build_package_layer, python_site_packages
 from condery.layers.stream_layer import NotStreamable, replace_binary, replace_text
 from condery.layers.workers import LayerWorkers
@@ -199,3 +200,23 @@ def test_binary_replacement_keeps_lengths() -> None:
     assert out == b"\0/opt/conda/lib:/opt/conda/x" + b"\0" * (2 * (len(old) - len(new))) + b"\0rest"
     with pytest.raises(NotStreamable):
         replace_binary(data, new, old)
+
+
+def members_and_bytes(archive: Path, lean: bool) -> list[tuple]:
+    out = []
+    for member, content, mode in iter_archive(archive, PackageLimits(), lean=lean):
+        out.append((member, mode, content.read(member.size) if content is not None else None))
+    return out
+
+
+def test_the_lean_tar_reader_reads_every_fixture_archive_as_tarfile_does(everything: Path, wheels: Path) -> None:
+    """members.iter_archive(lean=True) (tarstream.py) against tarfile on every real and
+    generated archive the streaming tests use: members, modes and bytes."""
+    archives = sorted({*everything.glob("*/*.conda"), *everything.glob("*/*.tar.bz2"), *wheels.glob("*/*.conda")})
+    assert len(archives) > 40
+    for archive in archives:
+        try:
+            lean = members_and_bytes(archive, lean=True)
+        except UnusualArchive as exc:
+            raise AssertionError(f"{archive.name}: the lean reader declined it ({exc})") from None
+        assert lean == members_and_bytes(archive, lean=False), archive.name

@@ -44,6 +44,7 @@ import zstandard
 from condery.layers import LayerBlob, PackageError
 from condery.layers.compression import GZIP, check_compression, compressing_writer
 from condery.layers.tarball import _Entry, _member_entry, check_member_name, check_symlink, tar_info
+from condery.layers.tarstream import TarReader, UnusualTar
 
 _READ = 1 << 20
 # zstd's decompressobj returns all it can: small inputs keep that bounded.
@@ -291,98 +292,22 @@ class _Parts:
 
 def _layer_entries(parts: _Parts) -> Iterator[tuple[str, str, str]]:
     """(name, kind, link target) of each entry of one of condery's own layers, from their
-    headers, file contents skipped; then parts.entries_end is where the end-of-archive
-    blocks start. Checked as tarball._member_entry checks what tarfile reads.
-
-    The group's blobs are condery's own (tarball._LayerWriter: ustar headers, PAX records
-    for long or non-ASCII names), so only that much of tar is read here; anything else
-    (GNU long names, base-256 numbers, sparse files, global headers) is NotConcatenable,
-    and concat_layers, which reads with tarfile, builds the group. What this reader gives
-    for what it reads is tarfile's (tests/test_concat.py compares them).
-    """
-    pax: dict[str, str] = {}
-    while True:
-        block = parts.read(_BLOCK)
-        if len(block) < _BLOCK:
-            raise NotConcatenable("a layer that ends inside a tar header")
-        if block.count(0) == _BLOCK:
-            parts.entries_end = parts.consumed - _BLOCK  # the end blocks' start
-            return
-        stored = _octal(block[148:156])
-        unsigned = 256 + sum(block) - sum(block[148:156])
-        if stored != unsigned:
-            raise NotConcatenable("a tar header with another checksum than condery writes")
-        kind = block[156:157]
-        size = _octal(block[124:136])
-        name = _field(block[0:100])
-        prefix = _field(block[345:500])
-        if prefix:
-            name = f"{prefix}/{name}"
-        linkname = _field(block[157:257])
-        if kind == b"x":
-            pax = _pax_records(parts.read(size))
-            parts.skip(-size % _BLOCK)
-            continue
-        if pax:
-            name = pax.get("path", name)
-            linkname = pax.get("linkpath", linkname)
-            if "size" in pax:
-                size = int(pax["size"])
-            pax = {}
-        if kind in (b"0", b"\0"):
-            kind_name = "dir" if kind == b"\0" and name.endswith("/") else "file"
-        else:
-            kind_name = _KINDS.get(kind, "")
-            if not kind_name:
-                raise NotConcatenable(f"a tar entry of type {kind!r}")
-        name = name.rstrip("/") if kind_name == "dir" else name
-        check_member_name(name)
-        if kind_name == "symlink":
-            check_symlink(name, linkname)
-        elif kind_name == "hardlink":
-            check_member_name(linkname)
-        yield name, kind_name, linkname
-        if kind_name == "file":
-            parts.skip(size + (-size % _BLOCK))
-
-
-_KINDS = {b"5": "dir", b"2": "symlink", b"1": "hardlink"}
-
-
-def _field(raw: bytes) -> str:
-    return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-
-
-def _octal(raw: bytes) -> int:
-    if raw[:1] in (b"\x80", b"\xff"):
-        raise NotConcatenable("a base-256 number in a tar header")
+    headers (tarstream.py: contents skipped, not read), checked as tarball._member_entry
+    checks what tarfile reads; then parts.entries_end is where the end-of-archive blocks
+    start. A tar feature condery does not write is NotConcatenable: concat_layers, which
+    reads with tarfile, builds the group."""
+    reader = TarReader(parts)
     try:
-        return int(raw.split(b"\0", 1)[0].strip() or b"0", 8)
-    except ValueError:
-        raise NotConcatenable("an unreadable number in a tar header") from None
-
-
-def _pax_records(data: bytes) -> dict[str, str]:
-    """A PAX extended header's records (`<length> <key>=<value>\\n`), as tarfile reads them."""
-    records: dict[str, str] = {}
-    pos = 0
-    while pos < len(data):
-        if not data[pos:].strip(b"\0"):
-            break  # padding
-        space = data.find(b" ", pos)
-        try:
-            length = int(data[pos:space])
-            key, value = data[space + 1:pos + length - 1].split(b"=", 1)
-            if length <= 0 or data[pos + length - 1:pos + length] != b"\n":
-                raise ValueError
-            text_key, text = key.decode("utf-8"), value.decode("utf-8")
-        except ValueError:  # UnicodeDecodeError too
-            raise NotConcatenable("an unreadable PAX header") from None
-        if text_key in ("hdrcharset", "GNU.sparse.map") or text_key.startswith("GNU.sparse"):
-            raise NotConcatenable(f"a PAX {text_key!r} record")
-        records[text_key] = text
-        pos += length
-    return records
+        for entry in reader.entries():
+            if entry.kind == "symlink":
+                check_symlink(entry.name, entry.linkname)
+            elif entry.kind == "hardlink":
+                check_member_name(entry.linkname)
+            check_member_name(entry.name)
+            yield entry.name, entry.kind, entry.linkname
+    except UnusualTar as exc:
+        raise NotConcatenable(str(exc)) from None
+    parts.entries_end = reader.end
 
 
 def _end_blocks(size: int) -> bytes:

@@ -23,16 +23,18 @@ Anything else refuses the package with a PackageError naming it.
 
 from __future__ import annotations
 
+import bz2
 import json
 import shlex
 import tarfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator, Mapping
+from typing import IO, Iterator, Mapping, Protocol
 
 from condery.layers import PackageError
 from condery.layers.tarball import check_member_name, check_symlink
+from condery.layers.tarstream import TarReader, UnusualTar
 
 # Extended headers (PAX, GNU long names) are read into memory whole by tarfile: a hostile
 # header declaring gigabytes would be allocated. Real ones are a few hundred bytes.
@@ -89,39 +91,91 @@ def _kind(info: tarfile.TarInfo) -> str:
     raise PackageError(f"{info.name!r} is a device, fifo or other special file")
 
 
+class Content(Protocol):
+    """A member's bytes, read before the next member is asked for (up to `n` a call)."""
+
+    def read(self, n: int) -> bytes: ...
+
+
+class UnusualArchive(PackageError):
+    """A tar feature the lean reader (tarstream.py) leaves to tarfile: the stream is not
+    refused for it, only read again by the member check's own reader."""
+
+
+def _counted(budget: list[int], limits: PackageLimits, size: int | None) -> None:
+    """Count one member (and a file's bytes) against the package's bounds."""
+    budget[1] -= 1
+    if budget[1] < 0:
+        raise PackageError(f"holds more than {limits.max_files} files")
+    if size is not None:
+        budget[0] -= size
+        if budget[0] < 0:
+            raise PackageError(f"unpacks to more than {limits.max_unpacked_bytes} bytes")
+
+
 def _tar_entries(stream: IO[bytes], mode: str, budget: list[int],
-                 limits: PackageLimits) -> Iterator[tuple[Member, tarfile.TarFile, tarfile.TarInfo]]:
-    """Members of one tar stream, each with its tar and header (so a caller may read a
-    file's bytes before asking for the next); budget = [bytes left, members left],
-    shared across streams."""
+                 limits: PackageLimits) -> Iterator[tuple[Member, Content | None, int]]:
+    """Members of one tar stream, read by tarfile: each with its content (files) and mode;
+    budget = [bytes left, members left], shared across streams."""
     try:
         with tarfile.open(fileobj=stream, mode=mode, tarinfo=_BoundedTarInfo) as tar:  # type: ignore[call-overload]
             for info in tar:
-                budget[1] -= 1
-                if budget[1] < 0:
-                    raise PackageError(f"holds more than {limits.max_files} files")
-                if info.isreg():
-                    budget[0] -= info.size
-                    if budget[0] < 0:
-                        raise PackageError(f"unpacks to more than {limits.max_unpacked_bytes} bytes")
+                _counted(budget, limits, info.size if info.isreg() else None)
                 name = info.name.rstrip("/") if info.isdir() else info.name
-                yield Member(name, _kind(info), info.size if info.isreg() else 0, info.linkname), tar, info
+                member = Member(name, _kind(info), info.size if info.isreg() else 0, info.linkname)
+                content = None
+                if info.isreg():
+                    # The stream stands at the file's bytes: read them from it (what extractfile
+                    # does, without an object per file); tarfile skips the padding itself.
+                    content = tar.fileobj if tar.fileobj.tell() == info.offset_data else tar.extractfile(info)
+                yield member, content, info.mode
     except PackageError:
         raise
     except (tarfile.TarError, EOFError, OSError, ValueError, UnicodeError) as exc:
         raise PackageError(f"its archive is not a readable tar stream ({type(exc).__name__})") from None
 
 
-def iter_archive(archive: Path, limits: PackageLimits) -> Iterator[tuple[Member, tarfile.TarFile, tarfile.TarInfo]]:
+def _lean_entries(stream: IO[bytes], budget: list[int],
+                  limits: PackageLimits) -> Iterator[tuple[Member, Content | None, int]]:
+    """The same members as _tar_entries gives, through tarstream.TarReader (headers
+    parsed directly, contents read once); UnusualArchive where that reader declines."""
+    reader = TarReader(stream, max_extended=_MAX_EXTENDED_HEADER)
+
+    class _Current:
+        read = staticmethod(reader.read_content)
+
+    try:
+        for entry in reader.entries():
+            _counted(budget, limits, entry.size if entry.kind == "file" else None)
+            member = Member(entry.name, entry.kind, entry.size, entry.linkname)
+            yield member, _Current if entry.kind == "file" else None, entry.mode
+    except UnusualTar as exc:
+        raise UnusualArchive(str(exc)) from None
+    except (OSError, ValueError, EOFError) as exc:
+        raise PackageError(f"its archive is not a readable tar stream ({type(exc).__name__})") from None
+
+
+def iter_archive(archive: Path, limits: PackageLimits,
+                 lean: bool = False) -> Iterator[tuple[Member, Content | None, int]]:
     """Every member of a `.tar.bz2` or `.conda` archive, in archive order (blocking), each
-    with its tar and header: the one reading of an archive, for the member check
-    (read_members) and for layers written straight from the archive (stream_layer.py).
-    A `.conda`'s info tarball comes before its pkg tarball. The bounds of `limits` are
-    checked from the headers before any content is read."""
+    with its content (a file's bytes, read before the next member is asked for) and its
+    mode: the one reading of an archive, for the member check (read_members) and for
+    layers written straight from the archive (stream_layer.py). A `.conda`'s info tarball
+    comes before its pkg tarball. The bounds of `limits` are checked from the headers
+    before any content is read.
+
+    `lean`: read with tarstream.py rather than tarfile (a third of a large package's
+    layer went into tarfile's stream reading); a feature it leaves to tarfile raises
+    UnusualArchive, and the caller reads the archive with tarfile instead.
+    """
     budget = [limits.max_unpacked_bytes, limits.max_files]
     if archive.name.endswith(".tar.bz2"):
         with open(archive, "rb") as raw:
-            yield from _tar_entries(raw, "r|bz2", budget, limits)
+            if lean:
+                with bz2.BZ2File(raw) as unpacked:
+                    yield from _lean_entries(unpacked, budget, limits)  # type: ignore[arg-type]
+            else:
+                yield from _tar_entries(raw, "r|bz2", budget, limits)
         return
     if not archive.name.endswith(".conda"):
         raise PackageError("is neither a .conda nor a .tar.bz2 archive")
@@ -135,7 +189,10 @@ def iter_archive(archive: Path, limits: PackageLimits) -> Iterator[tuple[Member,
             for name in sorted(inner):
                 with zf.open(name) as compressed:
                     reader = zstandard.ZstdDecompressor().stream_reader(compressed)
-                    yield from _tar_entries(reader, "r|", budget, limits)
+                    if lean:
+                        yield from _lean_entries(reader, budget, limits)
+                    else:
+                        yield from _tar_entries(reader, "r|", budget, limits)
     except (zipfile.BadZipFile, zstandard.ZstdError, OSError) as exc:
         raise PackageError(f"its archive is not a readable .conda file ({type(exc).__name__})") from None
 

@@ -35,7 +35,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Iterator
 
 import rattler
 
@@ -44,8 +44,10 @@ from condery.layers.bytecode import BytecodePlan, CompiledFile, record_compiled
 from condery.layers.compression import GZIP
 from condery.layers.conda_meta import record_bytes
 from condery.layers.members import (
+    Content,
     Member,
     PackageLimits,
+    UnusualArchive,
     check_members,
     iter_archive,
     parse_paths_json,
@@ -158,7 +160,7 @@ class _Spool:
             _pwrite_all(self._file.fileno(), data, self._end)
         self._end += len(data)
 
-    def append(self, source: BinaryIO, size: int) -> int:
+    def append(self, source: Content, size: int) -> int:
         offset = self._end
         left = size
         while left:
@@ -220,29 +222,34 @@ class _SpoolReader:
 
 def read_archive(archive: Path, limits: PackageLimits, spool: _Spool) -> _Read:
     """Every member of the archive (members.iter_archive: the member check's bounds and
-    refusals), the info files the layer needs, and every other file's bytes in `spool`."""
-    read = _Read()
+    refusals), the info files the layer needs, and every other file's bytes in `spool`.
+    Read by the lean tar reader, or by tarfile where that one declines (UnusualArchive)."""
     try:
-        for member, tar, info in iter_archive(archive, limits):
-            read.members.append(member)
-            if member.kind == "file":
-                # The stream stands at the file's bytes: read them from it (what extractfile
-                # does, without an object per file); tarfile skips the padding itself.
-                handle = tar.fileobj if tar.fileobj.tell() == info.offset_data else tar.extractfile(info)
-                assert handle is not None
-                if member.name.startswith("info/"):
-                    if member.name in _INFO_FILES:
-                        read.info[member.name] = handle.read(member.size)
-                elif member.name not in read.files:  # a second copy is refused by the check
-                    read.files[member.name] = _Spooled(spool.append(handle, member.size), member.size, info.mode)
-            elif member.kind == "symlink":
-                read.links.setdefault(member.name, member.linkname)
-            elif member.kind == "hardlink" and not member.name.startswith("info/"):
-                raise NotStreamable("tar hardlinks")
+        try:
+            return _read_members(iter_archive(archive, limits, lean=True), spool)
+        except UnusualArchive:
+            return _read_members(iter_archive(archive, limits), spool)
     except PackageError as exc:
         raise NotStreamable(f"refused by the member check: {exc}") from None
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
         raise NotStreamable(f"unreadable archive ({type(exc).__name__})") from None
+
+
+def _read_members(members: Iterator[tuple[Member, Content | None, int]], spool: _Spool) -> _Read:
+    read = _Read()
+    for member, content, mode in members:
+        read.members.append(member)
+        if member.kind == "file":
+            assert content is not None
+            if member.name.startswith("info/"):
+                if member.name in _INFO_FILES:
+                    read.info[member.name] = content.read(member.size)
+            elif member.name not in read.files:  # a second copy is refused by the check
+                read.files[member.name] = _Spooled(spool.append(content, member.size), member.size, mode)
+        elif member.kind == "symlink":
+            read.links.setdefault(member.name, member.linkname)
+        elif member.kind == "hardlink" and not member.name.startswith("info/"):
+            raise NotStreamable("tar hardlinks")
     return read
 
 
