@@ -84,6 +84,9 @@ async def test_concurrent_writers_on_two_replicas_keep_every_tag(store: Store) -
     await asyncio.gather(*(
         replicas[i % 2].put_image(image_record_key(NUMPY, tag, "f" * 32), record()) for i, tag in enumerate(tags)
     ))
+    # Each write lands at once; the check that no other replica's write dropped it runs
+    # after the pull is answered.
+    await asyncio.gather(*(replica.settled() for replica in replicas))
     assert await replicas[0].tags(NUMPY) == set(tags)
     assert await replicas[1].tags(NUMPY) == set(tags)
 

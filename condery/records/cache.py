@@ -49,6 +49,7 @@ class RecordCache:
         self._recent: OrderedDict[str, tuple[float, ImageRecord]] = OrderedDict()
         self._served: dict[str, float] = {}  # image key -> monotonic time of its last `served` record
         self._index_lock = asyncio.Lock()
+        self._settling: set[asyncio.Future[None]] = set()  # tags index checks after an image write
 
     def _remember(self, key: str, record: ImageRecord) -> None:
         self._recent[key] = (time.monotonic() + RECENT_SECONDS, record)
@@ -96,11 +97,30 @@ class RecordCache:
         if parsed is None:  # every key is made by ImageKey: a bug, not a store fault
             raise ValueError(f"not an image key: {key!r}")
         name, tag = parsed.name, parsed.tag
+        tags = {tag: time.time()}
         try:
-            await self._index_tags(name, {tag: time.time()})
+            await self._index_tags(name, tags, settle=False)
         except StorageError as exc:
             # The image is stored and served; only its listing waits for the next write.
             log.warning("tags index of %s: not updated: %s", name, exc)
+            return
+        # The check that another replica's write did not drop ours waits _INDEX_SETTLE: after
+        # the answer, not before it (it held every cold pull 0.1-0.2 s).
+        task = asyncio.ensure_future(self._settle_tags(name, tags))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def settled(self) -> None:
+        """Wait for the tags index checks that image writes left running."""
+        while self._settling:
+            await asyncio.gather(*list(self._settling), return_exceptions=True)
+
+    async def _settle_tags(self, name: str, tags: Mapping[str, float]) -> None:
+        await asyncio.sleep(_INDEX_SETTLE * random.uniform(1, 2))
+        try:
+            await self._index_tags(name, tags)
+        except StorageError as exc:
+            log.warning("tags index of %s: not checked: %s", name, exc)
 
     async def note_served(self, key: str, record: ImageRecord) -> None:
         """Tell gc the image is in use: a record write at most once per SERVED_EVERY per process."""
@@ -131,8 +151,9 @@ class RecordCache:
             found = set(await self._index_tags(name, {tag: now for tag in found}))
         return found
 
-    async def _index_tags(self, name: str, tags: Mapping[str, float]) -> dict[str, float]:
-        """Merge `tags` into the name's index; the index as written.
+    async def _index_tags(self, name: str, tags: Mapping[str, float], settle: bool = True) -> dict[str, float]:
+        """Merge `tags` into the name's index; the index as written (`settle` false: once,
+        without the check after the write).
 
         Replicas share the store, which only offers last-writer-wins on a whole record, so
         a plain read-modify-write by two replicas at once could drop the tag of the one
@@ -143,14 +164,16 @@ class RecordCache:
         from the index (not from the store: the image record is there and is served) until
         the next write for that tag. `latest` is listed whatever the index says, and a date
         tag is indexed again when its image is next written. A store with conditional
-        writes (S3 If-Match) would close it; the filesystem backend has none.
+        writes (S3 If-Match) would close it; the filesystem backend has none. After an image
+        write the check runs once the pull is answered (put_image): until then, a tag another
+        replica wrote at the same moment may be missing (`settled` waits for the checks).
         """
         # One update at a time in this process (index writes come once per build: rare),
         # so that only other replicas can contend.
         async with self._index_lock:
-            return await self._merge_tags(name, tags)
+            return await self._merge_tags(name, tags, settle)
 
-    async def _merge_tags(self, name: str, tags: Mapping[str, float]) -> dict[str, float]:
+    async def _merge_tags(self, name: str, tags: Mapping[str, float], settle: bool = True) -> dict[str, float]:
         merged: dict[str, float] = {}
         for attempt in range(_INDEX_ATTEMPTS + 1):
             if attempt > 0:
@@ -167,6 +190,8 @@ class RecordCache:
             for tag, at in tags.items():
                 merged[tag] = max(at, merged.get(tag, at))
             await self.store.put_record(kinds.TAGS, name, TagsIndex(merged).as_record())
+            if not settle:
+                return merged
         log.warning("tags index of %s: still contended after %d writes", name, _INDEX_ATTEMPTS)
         return merged
 
