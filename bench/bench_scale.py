@@ -7,8 +7,9 @@ For every image size (MB unpacked) and package count, a channel of generated pac
 incompressible, a quarter of the bytes in 2 KiB text files, one placeholder each) and a
 meta-package `scale-image` depending on all of them. Then, in the same run:
 
-- cold: a fresh `condery serve` (base `scratch`, empty store and package cache) answers
-  the manifest GET of `scale-image`: solve, fetch, build, store every layer;
+- cold: a fresh `condery serve` (base `scratch`, empty store and package cache), its layer
+  worker processes up, answers the manifest GET of `scale-image`: solve, fetch, build,
+  store every layer;
 - warm: the same server answers a whole pull again (manifest and every blob, three at a
   time like docker's default), bodies read and dropped;
 - baselines (bench/baselines.py): py-rattler install of the same records plus
@@ -52,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 from bench.baselines import Baseline, dockerfile_baselines  # noqa: E402
 from condery.observability.build_report import PHASES, STEPS  # noqa: E402
 from tests.fixtures.condapkg import index_channel, write_bulk_package, write_conda_package  # noqa: E402
-from tests.fixtures.procs import running  # noqa: E402
+from tests.fixtures.procs import process_tree, running  # noqa: E402
 from tests.test_e2e import serve  # noqa: E402
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -118,6 +119,20 @@ def build_ended(log: Path) -> dict[str, float]:
     return {}
 
 
+def wait_for_layer_workers(pid: int, timeout: float = 10.0) -> None:
+    """Until the server's layer worker processes (condery/layers/workers.py, one per core)
+    are up, as on any server that has run for a second: the cold build measured is the
+    image's, not the server's start."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        workers = [p for p in process_tree(pid)[1:]
+                   if b"multiprocessing.spawn" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        if len(workers) >= (os.cpu_count() or 2):
+            time.sleep(0.5)  # their imports done
+            return
+        time.sleep(0.05)
+
+
 def cpu_seconds(pid: int) -> tuple[float, float]:
     """(user, system) CPU seconds process `pid` has used, its threads included."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -160,6 +175,7 @@ def measure(work: Path, size_mb: int, packages: int, sizes: list[int] | None = N
     base = f"http://127.0.0.1:{port}"
     log = work / "condery" / "condery.log"
     with running(argv, url=base + "/v2/", log_path=log, timeout=60) as server:
+        wait_for_layer_workers(server.pid)
         cpu_before = cpu_seconds(server.pid)
         started = time.perf_counter()
         manifest = get_manifest(f"{base}/v2/{IMAGE}/manifests/latest")
