@@ -156,26 +156,25 @@ class _Ahead:
         self._pool = ThreadPoolExecutor(max_workers=layers, thread_name_prefix="condery-inflate")
         self._next = 0
 
+    def _put(self, sink: queue.Queue, item: object) -> bool:
+        """Hand `item` on once there is room; False if the consumer closed meanwhile."""
+        while not self._stop.is_set():
+            try:
+                sink.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def _run(self, index: int, sink: queue.Queue) -> None:
         try:
             for piece in self._producers[index]():
-                while not self._stop.is_set():
-                    try:
-                        sink.put(piece, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
+                if not self._put(sink, piece):
                     return
             item: object = self._DONE
         except BaseException as exc:  # handed to the consumer, raised there
             item = exc
-        while not self._stop.is_set():
-            try:
-                sink.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+        self._put(sink, item)
 
     def _launch_until(self, index: int) -> None:
         while self._next < len(self._producers) and self._next <= index + self._layers - 1:
