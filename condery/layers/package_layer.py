@@ -23,6 +23,9 @@ Steps, each of which can refuse the package with a PackageError:
 5. scrub and tar (in a thread): staging-only files go, the conda-meta record loses every
    build-machine path, and the tree becomes a reproducible layer at the prefix.
 
+Most packages skip steps 3 to 5: their layer is written straight from the archive
+(stream_layer.py, one job of stream_job.py), in a layer worker process (workers.py).
+
 rattler's own extraction cache is a fresh directory per build, so two channels that
 publish different archives under one name-version-build cannot poison each other.
 """
