@@ -119,18 +119,21 @@ def build_ended(log: Path) -> dict[str, float]:
     return {}
 
 
-def wait_for_layer_workers(pid: int, timeout: float = 10.0) -> None:
+def wait_for_layer_workers(pid: int, timeout: float = 20.0) -> None:
     """Until the server's layer worker processes (condery/layers/workers.py, one per core)
-    are up, as on any server that has run for a second: the cold build measured is the
-    image's, not the server's start."""
+    are up and have imported what they run (their CPU time stands still), as on any
+    server that has run for a few seconds: the cold build measured is the image's, not
+    the server's start."""
     deadline = time.monotonic() + timeout
+    last: tuple[float, ...] = ()
     while time.monotonic() < deadline:
         workers = [p for p in process_tree(pid)[1:]
                    if b"multiprocessing.spawn" in Path(f"/proc/{p}/cmdline").read_bytes()]
-        if len(workers) >= (os.cpu_count() or 2):
-            time.sleep(0.5)  # their imports done
+        used = tuple(sum(cpu_seconds(p)) for p in workers)
+        if len(workers) >= (os.cpu_count() or 2) and used == last:
             return
-        time.sleep(0.05)
+        last = used
+        time.sleep(0.3)
 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:

@@ -26,6 +26,7 @@ from condery.image.names import ImageRef
 from condery.layers.archive_cache import cap_archive_cache
 from condery.layers.bytecode import HostInterpreters
 from condery.layers.package_layer import channel_client
+from condery.layers.stream_job import build_streamed
 from condery.layers.workers import LayerWorkers
 from condery.observability.metrics import Metrics
 from condery.storage import StorageError, Store, os_error_text
@@ -105,7 +106,7 @@ class AppState:
             cpu_slots=PrioritySlots(2 * workers),
             # Started on the first layer (or by `condery serve` at start), not here: a CLI
             # command or a test that builds nothing starts no process.
-            layer_workers=LayerWorkers(workers),
+            layer_workers=LayerWorkers(workers, preload=(build_streamed.__module__,)),
             download_slots=asyncio.Semaphore(config.max_concurrent_downloads),
             owns_work_dir=not isinstance(store, FilesystemStore),
         )
