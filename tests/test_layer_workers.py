@@ -5,6 +5,7 @@ server."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -83,6 +84,35 @@ async def test_a_job_that_kills_its_worker_raises_worker_lost(workers: LayerWork
         await workers.run(os._exit, 3)
     # The next job gets a new pool.
     assert await workers.run(os.getpid) != os.getpid()
+
+
+def write_after(path: str, delay: float) -> str:
+    time.sleep(delay)
+    Path(path).write_text("a layer nobody will store")
+    return path
+
+
+async def test_an_abandoned_job_is_cleaned_up_when_it_ends(tmp_path: Path, workers: LayerWorkers) -> None:
+    """A started job cannot be stopped: when its caller is cancelled, what it leaves is
+    removed once it ends (a build that timed out must not leave its layer file behind)."""
+    await workers.warm()
+    left = tmp_path / "layer.tar.gz"
+    cleaned: list[str] = []
+
+    def discard(path: str) -> None:
+        Path(path).unlink()
+        cleaned.append(path)
+
+    job = asyncio.ensure_future(workers.run(write_after, str(left), 1.0, abandoned=discard))
+    await asyncio.sleep(0.3)  # running in a worker by now
+    job.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+    deadline = time.monotonic() + 10
+    while not cleaned and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert cleaned == [str(left)] and not left.exists()  # the job ended, its file went
+    assert await workers.run(os.getpid) in workers.pids()  # the pool carries on
 
 
 async def test_a_killed_worker_is_replaced_and_its_package_built_in_a_thread(

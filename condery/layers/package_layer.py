@@ -58,7 +58,7 @@ from condery.layers.bytecode import BytecodePlan, CompiledFile, compile_bytecode
 from condery.layers.compression import GZIP
 from condery.layers.conda_meta import contains_path, record_bytes, scrub_record
 from condery.layers.members import PackageLimits, verify_archive
-from condery.layers.stream_job import StreamJob, build_streamed
+from condery.layers.stream_job import StreamJob, StreamOutcome, build_streamed
 from condery.layers.stream_layer import NotStreamable, PackageIdentity
 from condery.layers.tarball import TreeOwner, check_member_name, write_layer
 from condery.layers.workers import LayerWorkers, WorkerLost
@@ -333,6 +333,11 @@ def _fetch_local(source: Path, path: Path, sha: str, dist: str, limit: int) -> i
         return _publish(tmp, path, sha, dist, _copy_hashed(source, tmp))
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _discard(outcome: StreamOutcome) -> None:
+    """The layer file of a streamed job whose build was abandoned meanwhile."""
+    outcome.blob.path.unlink(missing_ok=True)
 
 
 def _publish(tmp: Path, path: Path, sha: str, dist: str, hashed: str | None) -> int:
@@ -683,7 +688,7 @@ async def _stream_layer(record: rattler.RepoDataRecord, archive: Path, *, prefix
             outcome = await asyncio.to_thread(build_streamed, job)
         else:
             try:
-                outcome = await workers.run(build_streamed, job)
+                outcome = await workers.run(build_streamed, job, abandoned=_discard)
             except WorkerLost:
                 outcome = await asyncio.to_thread(build_streamed, job)
     except NotStreamable as exc:

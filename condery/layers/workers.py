@@ -25,7 +25,7 @@ import logging
 import multiprocessing
 import os
 import signal
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, TypeVar
 
@@ -54,6 +54,16 @@ def _ready() -> int:
     return os.getpid()
 
 
+def _clean_up(abandoned: Callable[[Any], None], future: Future) -> None:
+    """An abandoned job's result to `abandoned` (in the pool's thread, when it ends)."""
+    if future.cancelled() or future.exception() is not None:
+        return
+    try:
+        abandoned(future.result())
+    except Exception:  # a cleanup that fails leaves litter for the start-up cleanup
+        log.warning("could not clean up after an abandoned layer job", exc_info=True)
+
+
 class LayerWorkers:
     """A pool of `processes` worker processes for blocking, picklable layer jobs."""
 
@@ -74,17 +84,34 @@ class LayerWorkers:
             )
         return self._pool
 
-    async def run(self, fn: Callable[..., _T], *args: Any) -> _T:
-        """`fn(*args)` in a worker process. Raises what `fn` raises, or WorkerLost."""
+    async def run(self, fn: Callable[..., _T], *args: Any,
+                  abandoned: Callable[[_T], None] | None = None) -> _T:
+        """`fn(*args)` in a worker process. Raises what `fn` raises, or WorkerLost.
+
+        A job that has started cannot be stopped: when the caller is cancelled (its build
+        timed out or was abandoned), the job runs on, and `abandoned` gets its result when
+        it ends, to remove what it left (a layer file nobody will store)."""
         pool = self._executor()
         try:
-            return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
+            future = pool.submit(fn, *args)
         except BrokenProcessPool:
-            if self._pool is pool:
-                log.warning("a layer worker process died; starting new ones")
-                self._pool = None
-                pool.shutdown(wait=False, cancel_futures=True)
+            self._lost(pool)
             raise WorkerLost from None
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            if abandoned is not None:
+                future.add_done_callback(functools.partial(_clean_up, abandoned))
+            raise
+        except BrokenProcessPool:
+            self._lost(pool)
+            raise WorkerLost from None
+
+    def _lost(self, pool: ProcessPoolExecutor) -> None:
+        if self._pool is pool:
+            log.warning("a layer worker process died; starting new ones")
+            self._pool = None
+            pool.shutdown(wait=False, cancel_futures=True)
 
     async def warm(self) -> None:
         """Start every worker now (each imports condery's layer modules once), so that the
