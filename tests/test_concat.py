@@ -360,3 +360,27 @@ def test_gnu_long_names_concatenate_and_other_headers_recompress(tmp_path: Path)
         concat_compressed([ordinary, odd], tmp_path / "group2")
     recompressed = _concat([ordinary, odd], tmp_path / "group3", GZIP)
     assert unpacked(recompressed.path)[long_name] == ("file", b"hello")
+
+
+@pytest.mark.parametrize("compression", [GZIP, ZSTD])
+def test_recompressed_groups_read_by_either_reader_are_the_same(tmp_path: Path, compression: str) -> None:
+    """tarball.concat_layers reads condery's layers with the lean tar reader, and with
+    tarfile where that one declines: both give the same group, owners (a changeable
+    environment's, in its layers' headers) and hardlinks included."""
+    from condery.layers import tarball
+    from condery.layers.tarball import TreeOwner
+
+    layers = three(tmp_path, compression)
+    root = tmp_path / "owned-tree"
+    (root / "lib").mkdir(parents=True)
+    (root / "lib" / "mine").write_bytes(b"the user's\n")
+    owned = write_layer(root, "opt/conda", tmp_path / "owned.layer", compression=compression,
+                        owner=TreeOwner("opt/conda", 1000, 100)).path
+    sources = [*layers, owned]
+    lean = tarball._concat_layers(sources, tmp_path / "lean", compression, lean=True)
+    full = tarball._concat_layers(sources, tmp_path / "tarfile", compression, lean=False)
+    assert lean.path.read_bytes() == full.path.read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(tar_of(lean.path)), mode="r|") as tar:
+        mine = next(m for m in tar if m.name == "opt/conda/lib/mine")
+        assert (mine.uid, mine.gid) == (1000, 100)
+    assert unpacked(lean.path)["opt/conda/g"] == ("hardlink", "opt/conda/f")

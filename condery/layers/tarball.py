@@ -23,10 +23,11 @@ import stat
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator, Sequence
+from typing import IO, Any, BinaryIO, Iterator, Sequence
 
 from condery.layers import LayerBlob, PackageError
 from condery.layers.compression import GZIP, check_compression, compressing_writer, open_decompressed
+from condery.layers.tarstream import TarReader, UnusualTar
 
 _DIR_MODE = 0o755
 _FILE_MODE = 0o644
@@ -407,29 +408,32 @@ def write_layer(root: Path, arcname_prefix: str, out_path: Path, *,
 def _member_entry(member: tarfile.TarInfo) -> _Entry:
     """Validate a member read back from a layer and describe it as an _Entry (its owner
     kept: the layers of a changeable environment are their user's)."""
-    name = member.name.rstrip("/")
+    kind = ("dir" if member.isdir() else "symlink" if member.issym() else "file" if member.isreg()
+            else "hardlink" if member.islnk() else "")
+    return _checked_entry(member.name, kind, member.mode, member.size, member.linkname, member.uid, member.gid)
+
+
+def _checked_entry(name: str, kind: str, mode: int, size: int, linkname: str, uid: int, gid: int) -> _Entry:
+    name = name.rstrip("/")
     check_member_name(name)
-    owner = {"uid": member.uid, "gid": member.gid}
-    if member.isdir():
+    owner = {"uid": uid, "gid": gid}
+    if kind == "dir":
         return _Entry(name, "dir", **owner)
-    if member.issym():
-        check_symlink(name, member.linkname)
-        return _Entry(name, "symlink", _LINK_MODE, linkname=member.linkname, **owner)
-    if member.isreg():
-        return _Entry(name, "file", _normal_mode(member.mode), member.size, **owner)
-    if member.islnk():
-        check_member_name(member.linkname)
-        return _Entry(name, "hardlink", _normal_mode(member.mode), linkname=member.linkname, **owner)
+    if kind == "symlink":
+        check_symlink(name, linkname)
+        return _Entry(name, "symlink", _LINK_MODE, linkname=linkname, **owner)
+    if kind == "file":
+        return _Entry(name, "file", _normal_mode(mode), size, **owner)
+    if kind == "hardlink":
+        check_member_name(linkname)
+        return _Entry(name, "hardlink", _normal_mode(mode), linkname=linkname, **owner)
     raise PackageError(f"{name!r} in a layer is not a file, directory, symlink or hardlink")
 
 
 @contextlib.contextmanager
-def _read_layer(source: Path | BinaryIO) -> Iterator[tarfile.TarFile]:
-    """A streaming reader of a layer written by _LayerWriter (gzip members or zstd), from
-    its path or a seekable file object (read from its start).
-
-    Not tarfile's own "r|gz": it reads the first gzip member only.
-    """
+def _layer_stream(source: Path | BinaryIO) -> Iterator[IO[bytes]]:
+    """The tar stream of a layer written by _LayerWriter (gzip members or zstd), from its
+    path or a seekable file object (read from its start)."""
     with contextlib.ExitStack() as stack:
         if isinstance(source, Path):
             handle: BinaryIO = stack.enter_context(open(source, "rb"))
@@ -437,8 +441,24 @@ def _read_layer(source: Path | BinaryIO) -> Iterator[tarfile.TarFile]:
             handle = source
             handle.seek(0)
         with open_decompressed(handle) as stream:
-            with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
-                yield tar
+            yield stream
+
+
+def _layer_entries(source: Path | BinaryIO, lean: bool) -> Iterator[tuple[_Entry, Any]]:
+    """Each entry of a layer, checked (_checked_entry), with a reader of a file's content.
+    `lean`: read by tarstream.py (headers parsed directly: UnusualTar where it declines),
+    else by tarfile."""
+    with _layer_stream(source) as stream:
+        if lean:
+            reader = TarReader(stream)
+            for item in reader.entries():
+                entry = _checked_entry(item.name, item.kind, item.mode, item.size, item.linkname, item.uid, item.gid)
+                yield entry, reader.content() if entry.kind == "file" else None
+            return
+        with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
+            for member in tar:
+                entry = _member_entry(member)
+                yield entry, tar.extractfile(member) if entry.kind == "file" else None
 
 
 def concat_layers(layers: Sequence[Path | BinaryIO], out_path: Path, compression: str = GZIP) -> LayerBlob:
@@ -451,37 +471,42 @@ def concat_layers(layers: Sequence[Path | BinaryIO], out_path: Path, compression
     occurrence of each path to keep, the second copies. A group without a path in two
     layers gets the same tar (diff_id) as concat.concat_compressed gives it.
     """
+    # Our own layers are read with the lean tar reader (tarstream.py: tarfile read every
+    # file's bytes to pass over them); one it declines is read with tarfile, from the start.
+    try:
+        return _concat_layers(layers, out_path, compression, lean=True)
+    except UnusualTar:
+        return _concat_layers(layers, out_path, compression, lean=False)
+
+
+def _concat_layers(layers: Sequence[Path | BinaryIO], out_path: Path, compression: str, lean: bool) -> LayerBlob:
     kinds: dict[str, str] = {}
     dirs: dict[str, _Entry] = {}
     keep: dict[str, tuple[int, int]] = {}  # path -> (layer index, member index) to write
     for li, layer in enumerate(layers):
-        with _read_layer(layer) as tar:
-            for mi, member in enumerate(tar):
-                entry = _member_entry(member)
-                seen = kinds.get(entry.name)
-                if seen is not None and (seen == "dir") != (entry.kind == "dir"):
-                    raise PackageError(f"{entry.name!r} is a {seen} in one layer and a {entry.kind} in another")
-                kinds[entry.name] = entry.kind
-                if entry.kind == "dir":
-                    dirs.setdefault(entry.name, entry)
-                else:
-                    keep[entry.name] = (li, mi)
+        for mi, (entry, _) in enumerate(_layer_entries(layer, lean)):
+            seen = kinds.get(entry.name)
+            if seen is not None and (seen == "dir") != (entry.kind == "dir"):
+                raise PackageError(f"{entry.name!r} is a {seen} in one layer and a {entry.kind} in another")
+            kinds[entry.name] = entry.kind
+            if entry.kind == "dir":
+                dirs.setdefault(entry.name, entry)
+            else:
+                keep[entry.name] = (li, mi)
     wanted = set(keep.values())
     writer = _LayerWriter(Path(out_path), compression)
     try:
         for name in sorted(dirs):
             writer.add(dirs[name])
         for li, layer in enumerate(layers):
-            with _read_layer(layer) as tar:
-                for mi, member in enumerate(tar):
-                    if (li, mi) not in wanted:
-                        continue
-                    entry = _member_entry(member)
-                    if entry.kind == "hardlink" and keep.get(entry.linkname, (-1, mi))[0] != li:
-                        # Its target was replaced by a later layer: stacking would keep the
-                        # old bytes under this name, which one merged layer cannot express.
-                        raise PackageError(f"the hardlink {entry.name!r} points at a file another layer replaces")
-                    writer.add(entry, tar.extractfile(member) if entry.kind == "file" else None)
+            for mi, (entry, content) in enumerate(_layer_entries(layer, lean)):
+                if (li, mi) not in wanted:
+                    continue
+                if entry.kind == "hardlink" and keep.get(entry.linkname, (-1, mi))[0] != li:
+                    # Its target was replaced by a later layer: stacking would keep the
+                    # old bytes under this name, which one merged layer cannot express.
+                    raise PackageError(f"the hardlink {entry.name!r} points at a file another layer replaces")
+                writer.add(entry, content)
         return writer.close()
     except BaseException:
         writer.abort()

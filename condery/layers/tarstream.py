@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from typing import Iterator, Protocol
 
 BLOCK = 512
-# PAX records that do not change what an entry is for condery (tarfile applies them to
-# the owner and times, which layers set themselves).
-_IGNORED_PAX = frozenset({"mtime", "atime", "ctime", "uid", "gid", "uname", "gname", "comment"})
+# PAX records that do not change what an entry is for condery (times and owner names,
+# which layers set themselves); uid and gid are read (a changeable environment's owner).
+_IGNORED_PAX = frozenset({"mtime", "atime", "ctime", "uname", "gname", "comment"})
 _KINDS = {b"0": "file", b"\0": "file", b"5": "dir", b"2": "symlink", b"1": "hardlink"}
 
 
@@ -43,6 +43,8 @@ class TarEntry:
     size: int  # a file's content bytes; 0 for anything else
     linkname: str
     mode: int
+    uid: int = 0
+    gid: int = 0
 
 
 class TarReader:
@@ -80,11 +82,15 @@ class TarReader:
             self._read(step)
             n -= step
 
-    def read_content(self, n: int) -> bytes:
-        """Up to `n` more bytes of the current file's content."""
-        n = min(n, self._left)
+    def read_content(self, n: int = -1) -> bytes:
+        """Up to `n` more bytes of the current file's content (all of it: -1)."""
+        n = self._left if n < 0 else min(n, self._left)
         self._left -= n
         return self._read(n) if n else b""
+
+    def content(self) -> "_Content":
+        """The current file's content as a file object (what a writer reads from)."""
+        return _Content(self)
 
     def _extended(self, size: int) -> bytes:
         if size > self._max_extended:
@@ -145,12 +151,24 @@ class TarReader:
                         size = int(pax["size"])
                     except ValueError:
                         raise UnusualTar("an unreadable PAX size") from None
+            uid, gid = _number(block[108:116]), _number(block[116:124])
+            try:
+                uid, gid = int(pax.get("uid", uid)), int(pax.get("gid", gid))
+            except ValueError:
+                raise UnusualTar("an unreadable PAX uid or gid") from None
             pax, long_name, long_link = {}, None, None
             if what != "file" and size:
                 raise UnusualTar(f"content behind a {what}")
             mode = _number(block[100:108])
             self._left, self._padding = size, -size % BLOCK
-            yield TarEntry(name, what, size if what == "file" else 0, linkname, mode)
+            yield TarEntry(name, what, size if what == "file" else 0, linkname, mode, uid, gid)
+
+
+class _Content:
+    """A file object over the current entry's content."""
+
+    def __init__(self, reader: TarReader) -> None:
+        self.read = reader.read_content
 
 
 def _high_bytes(block: bytes) -> int:
@@ -187,7 +205,7 @@ def _pax_records(data: bytes) -> dict[str, str]:
             text_key, text = key.decode("utf-8"), value.decode("utf-8")
         except ValueError:  # UnicodeDecodeError too
             raise UnusualTar("an unreadable PAX header") from None
-        if text_key not in ("path", "linkpath", "size") and text_key not in _IGNORED_PAX:
+        if text_key not in ("path", "linkpath", "size", "uid", "gid") and text_key not in _IGNORED_PAX:
             raise UnusualTar(f"a PAX {text_key!r} record")
         records[text_key] = text
         pos += length
