@@ -8,10 +8,10 @@ a header block, and then exactly the bytes it is asked for.
 It reads what condery's layer writer and conda's packagers write (ustar headers, PAX
 `path`/`linkpath`/`size` records, GNU long names and link names) and gives for them what
 tarfile gives. Anything else raises UnusualTar, and the caller reads the stream with
-tarfile instead, which stays the judge of an archive (members.py's member check for
-rattler's install, tarball.concat_layers for groups): global or sparse headers, base-256
-numbers, other PAX records that would change an entry, contents behind a link or a
-directory, a stream that ends without its end block.
+tarfile instead (global or sparse headers, base-256 numbers, other PAX records that would
+change an entry, contents behind a link or a directory, a stream that ends without its
+end block). tarfile stays the judge of a package: the member check of rattler's install
+path (members.verify_archive), which gives the verdict on whatever this reader declines.
 """
 
 from __future__ import annotations
