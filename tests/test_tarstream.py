@@ -116,6 +116,7 @@ def rechecked(data: bytes) -> bytes:
     ("checksum", "checksum"),
     ("truncated", "ends"),
     ("symlink-content", "content behind"),
+    ("endless-pax", "extended headers"),
 ])
 def test_what_it_leaves_to_tarfile(change: str, reason: str) -> None:
     if change == "xattr":
@@ -135,6 +136,11 @@ def test_what_it_leaves_to_tarfile(change: str, reason: str) -> None:
     elif change == "checksum":
         data = archive(tarfile.PAX_FORMAT)
         data = data[:148] + b"0000001\0" + data[156:]
+    elif change == "endless-pax":  # PAX headers without an entry after them
+        one = archive(tarfile.PAX_FORMAT, {"comment": "x"})
+        start = next(i for i in range(0, len(one), BLOCK) if one[i + 156:i + 157] == b"x")
+        pax = one[start:start + 2 * BLOCK]
+        data = pax * 20 + bytes(2 * BLOCK)
     elif change == "truncated":
         data = archive(tarfile.PAX_FORMAT)[:BLOCK * 5 + 100]
     else:

@@ -140,15 +140,11 @@ def _lean_entries(stream: IO[bytes], budget: list[int],
     """The same members as _tar_entries gives, through tarstream.TarReader (headers
     parsed directly, contents read once); UnusualArchive where that reader declines."""
     reader = TarReader(stream, max_extended=_MAX_EXTENDED_HEADER)
-
-    class _Current:
-        read = staticmethod(reader.read_content)
-
     try:
         for entry in reader.entries():
             _counted(budget, limits, entry.size if entry.kind == "file" else None)
             member = Member(entry.name, entry.kind, entry.size, entry.linkname)
-            yield member, _Current if entry.kind == "file" else None, entry.mode
+            yield member, reader.content() if entry.kind == "file" else None, entry.mode
     except UnusualTar as exc:
         raise UnusualArchive(str(exc)) from None
     except (OSError, ValueError, EOFError) as exc:

@@ -24,6 +24,9 @@ BLOCK = 512
 # which layers set themselves); uid and gid are read (a changeable environment's owner).
 _IGNORED_PAX = frozenset({"mtime", "atime", "ctime", "uname", "gname", "comment"})
 _KINDS = {b"0": "file", b"\0": "file", b"5": "dir", b"2": "symlink", b"1": "hardlink"}
+# Extended headers (PAX, GNU long name and link name) before one entry: a stream of them
+# without end would be read for as long as it decompresses, counted against no bound.
+_MAX_EXTENDED_IN_A_ROW = 8
 
 
 class UnusualTar(Exception):
@@ -102,6 +105,7 @@ class TarReader:
     def entries(self) -> Iterator[TarEntry]:
         pax: dict[str, str] = {}
         long_name = long_link = None
+        extended = 0
         while True:
             self.skip(self._left + self._padding)
             self._left = self._padding = 0
@@ -115,6 +119,12 @@ class TarReader:
                 raise UnusualTar("a tar header with a bad checksum")
             kind = block[156:157]
             size = _number(block[124:136])
+            if kind in (b"x", b"L", b"K"):
+                extended += 1
+                if extended > _MAX_EXTENDED_IN_A_ROW:
+                    raise UnusualTar(f"more than {_MAX_EXTENDED_IN_A_ROW} extended headers before an entry")
+            else:
+                extended = 0
             if kind == b"x":
                 pax = _pax_records(self._extended(size))
                 continue
